@@ -1,0 +1,13 @@
+//! The microkernel plugin host: loads service plugins (`cdylib`s built against `plugin-api`),
+//! runs each service on its own executor thread, routes requests and events between them,
+//! persists their state encrypted, and replaces a running service with a new version of its
+//! plugin without losing a request or its state.
+//!
+//! This crate is the engine behind the `microkernel` binary. Plugin authors do not need it:
+//! they depend on `plugin-api` only. Its API is used by the binary and the test suite and is
+//! not stable.
+//!
+//! See `ARCHITECTURE.md` at the repository root for the code map and the invariants.
+
+pub mod loader;
+pub mod state;

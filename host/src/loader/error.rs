@@ -1,0 +1,102 @@
+use std::path::PathBuf;
+
+/// Why a plugin file could not be loaded. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read or copied to its shadow path.
+    #[error("failed to read plugin {path}")]
+    Read {
+        /// The plugin file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file has no ELF header: it is not a shared library at all.
+    #[error("failed to load plugin {path}: not a shared library (no ELF header)")]
+    NotSharedLibrary {
+        /// The plugin file.
+        path: PathBuf,
+    },
+    /// The file is an ELF file shorter than its own headers say: it was cut off, for example
+    /// by a copy that had not finished.
+    #[error("failed to load plugin {path}: truncated shared library ({len} bytes, its headers need {needed})")]
+    Truncated {
+        /// The plugin file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The length its ELF headers describe.
+        needed: u64,
+    },
+    /// `dlopen` refused the file.
+    #[error("failed to load plugin {path}: {reason}")]
+    Open {
+        /// The plugin file.
+        path: PathBuf,
+        /// The dynamic loader's message.
+        reason: String,
+    },
+    /// The library does not export a plugin root module.
+    #[error("failed to load plugin {path}: not a microkernel plugin (it does not export `{symbol}`; plugins call `plugin_api::export_service!`)")]
+    NotAPlugin {
+        /// The plugin file.
+        path: PathBuf,
+        /// The missing symbol.
+        symbol: String,
+    },
+    /// The plugin was built against a `plugin-api` whose version is incompatible with the
+    /// host's.
+    #[error("failed to load plugin {path}: built against plugin-api {plugin}, but this host uses plugin-api {host}; rebuild the plugin against plugin-api {host}")]
+    VersionMismatch {
+        /// The plugin file.
+        path: PathBuf,
+        /// The host's `plugin-api` version.
+        host: String,
+        /// The plugin's `plugin-api` version.
+        plugin: String,
+    },
+    /// The layout of the plugin's types differs from the host's.
+    #[error("failed to load plugin {path}: ABI mismatch: {summary}")]
+    AbiMismatch {
+        /// The plugin file.
+        path: PathBuf,
+        /// The first mismatch, in one line.
+        summary: String,
+        /// abi_stable's whole report (long; logged at debug level).
+        report: String,
+    },
+    /// The plugin's root module failed to initialize.
+    #[error("failed to load plugin {path}: its root module failed to initialize: {reason}")]
+    Init {
+        /// The plugin file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The plugin's manifest is invalid (service name, version or dependency).
+    #[error("failed to load plugin {path}: invalid manifest: {reason}")]
+    InvalidManifest {
+        /// The plugin file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl LoadError {
+    /// The plugin file the error is about.
+    pub fn path(&self) -> &std::path::Path {
+        match self {
+            LoadError::Read { path, .. }
+            | LoadError::NotSharedLibrary { path }
+            | LoadError::Truncated { path, .. }
+            | LoadError::Open { path, .. }
+            | LoadError::NotAPlugin { path, .. }
+            | LoadError::VersionMismatch { path, .. }
+            | LoadError::AbiMismatch { path, .. }
+            | LoadError::Init { path, .. }
+            | LoadError::InvalidManifest { path, .. } => path,
+        }
+    }
+}

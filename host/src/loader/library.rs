@@ -1,0 +1,352 @@
+use std::{
+    fs,
+    io::Write,
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use abi_stable::{
+    abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals},
+    library::{AbiHeaderRef, LibHeader, RootModule, ROOT_MODULE_LOADER_NAME_WITH_NUL},
+    sabi_types::{VersionNumber, VersionStrings},
+    StableAbi,
+};
+use libloading::os::unix::{Library as RawLibrary, RTLD_LOCAL, RTLD_NOW};
+use plugin_api::abi::PluginModRef;
+use sha2::{Digest, Sha256};
+
+use super::{LoadError, Manifest};
+
+/// Opens plugin files. Owns the private directory that holds the shadow copies.
+///
+/// One per kernel; lives as long as the kernel.
+#[derive(Debug)]
+pub struct Loader {
+    shadow_dir: tempfile::TempDir,
+    next_id: AtomicU64,
+    opened: AtomicU64,
+}
+
+impl Loader {
+    /// Creates a loader whose shadow copies go to a new private directory inside `parent`
+    /// (the system's temporary directory when `None`). That file system must allow executable
+    /// mappings (not `noexec`).
+    pub fn new(parent: Option<&Path>) -> std::io::Result<Self> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("microkernel-shadow-");
+        let shadow_dir = match parent {
+            Some(parent) => builder.tempdir_in(parent)?,
+            None => builder.tempdir()?,
+        };
+        Ok(Loader {
+            shadow_dir,
+            next_id: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+        })
+    }
+
+    /// How many libraries this loader has opened (`dlopen` calls that succeeded).
+    pub fn libraries_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Loads the plugin at `path`: copies it to a shadow path, opens the copy, checks its
+    /// ABI and its `plugin-api` version, initializes its root module and reads its manifest.
+    pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
+        let read_err = |source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let bytes = fs::read(path).map_err(read_err)?;
+        check_elf(path, &bytes)?;
+        let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+
+        // A unique private copy: `dlopen` of a path (or inode) that is already open returns
+        // the library already loaded, and overwriting a mapped file crashes the process.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin");
+        let shadow = self
+            .shadow_dir
+            .path()
+            .join(format!("{stem}-{}-{id}.so", std::process::id()));
+        fs::File::create(&shadow)
+            .and_then(|mut f| f.write_all(&bytes))
+            .map_err(read_err)?;
+
+        // SAFETY: opening a library runs its initializers. Plugin files are code the operator
+        // chose to run in this process; Rust cdylibs built with `export_service!` have no
+        // initializers beyond the standard library's.
+        let opened = unsafe { RawLibrary::open(Some(&shadow), RTLD_NOW | RTLD_LOCAL) };
+        // The mapping keeps the file's content alive; the name is no longer needed.
+        let _ = fs::remove_file(&shadow);
+        let raw = opened.map_err(|e| LoadError::Open {
+            path: path.to_owned(),
+            reason: libloading_reason(&e),
+        })?;
+        self.opened.fetch_add(1, Ordering::Relaxed);
+
+        // From here on, errors are turned into strings before `raw` is closed (it is dropped,
+        // and so closed, when this function returns an error).
+        let module = check_and_init(path, &raw)?;
+        let manifest = Manifest::from_raw(&(module.manifest())()).map_err(|reason| {
+            LoadError::InvalidManifest {
+                path: path.to_owned(),
+                reason,
+            }
+        })?;
+        Ok(Library {
+            path: path.to_owned(),
+            shadow,
+            sha256,
+            manifest,
+            module,
+            raw: Some(raw),
+        })
+    }
+}
+
+/// Refuses files that are not ELF, and ELF files cut short (their section header table must
+/// fit in the file), before the dynamic loader sees them.
+fn check_elf(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    if bytes.len() < 4 || &bytes[..4] != b"\x7fELF" {
+        return Err(LoadError::NotSharedLibrary {
+            path: path.to_owned(),
+        });
+    }
+    // Only 64-bit little-endian ELF (x86_64, aarch64) is inspected further.
+    if bytes.len() < 64 || bytes[4] != 2 || bytes[5] != 1 {
+        return Ok(());
+    }
+    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+    let u16_at = |at: usize| u64::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
+    let section_headers_end = u64_at(0x28) + u16_at(0x3A) * u16_at(0x3C);
+    let program_headers_end = u64_at(0x20) + u16_at(0x36) * u16_at(0x38);
+    let needed = section_headers_end.max(program_headers_end);
+    let len = bytes.len() as u64;
+    if needed > len {
+        return Err(LoadError::Truncated {
+            path: path.to_owned(),
+            len,
+            needed,
+        });
+    }
+    Ok(())
+}
+
+/// libloading's `Display` says only "dlopen failed"; the loader's message is in the source.
+fn libloading_reason(error: &libloading::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => source.to_string(),
+        None => error.to_string(),
+    }
+}
+
+fn version_string(strings: VersionStrings) -> String {
+    match VersionNumber::new(strings) {
+        Ok(v) => format!("{}.{}.{}", v.major, v.minor, v.patch),
+        Err(_) => "(unparsable)".to_owned(),
+    }
+}
+
+/// Whether a plugin built against `plugin` can be used by a host built against `host`:
+/// same `0.x` minor, or same major from 1.0 on.
+fn api_compatible(host: VersionNumber, plugin: VersionNumber) -> bool {
+    host.major == plugin.major && (host.major != 0 || host.minor == plugin.minor)
+}
+
+fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadError> {
+    let symbol = ROOT_MODULE_LOADER_NAME_WITH_NUL;
+    // SAFETY: a plugin exports its `LibHeader` static under this name; the symbol's address
+    // is read as a reference to it (which is what `AbiHeaderRef` is), and `upgrade` checks
+    // abi_stable's magic bytes and version before reading further. The reference does not
+    // outlive `raw`: it is used in this function only.
+    let header: AbiHeaderRef = match unsafe { raw.get::<AbiHeaderRef>(symbol.as_bytes()) } {
+        Ok(symbol) => *symbol,
+        Err(_) => {
+            return Err(LoadError::NotAPlugin {
+                path: path.to_owned(),
+                symbol: symbol.trim_end_matches('\0').to_owned(),
+            })
+        }
+    };
+    let lib_header: &LibHeader = header.upgrade().map_err(|e| LoadError::AbiMismatch {
+        path: path.to_owned(),
+        summary: format!("incompatible abi_stable: {e}"),
+        report: format!("{e:#?}"),
+    })?;
+
+    let host_api = <PluginModRef as RootModule>::VERSION_STRINGS;
+    let plugin_api = lib_header.version_strings();
+    match (VersionNumber::new(host_api), VersionNumber::new(plugin_api)) {
+        (Ok(host), Ok(plugin)) if api_compatible(host, plugin) => {}
+        _ => {
+            return Err(LoadError::VersionMismatch {
+                path: path.to_owned(),
+                host: version_string(host_api),
+                plugin: version_string(plugin_api),
+            })
+        }
+    }
+
+    let Some(found) = lib_header.layout() else {
+        return Err(LoadError::AbiMismatch {
+            path: path.to_owned(),
+            summary: "the plugin exports no layout information".to_owned(),
+            report: String::new(),
+        });
+    };
+    // A fresh checker every time: the process-wide one keeps pointers into every library it
+    // has checked, which dangle once a library is closed.
+    let checker = CheckingGlobals::new();
+    if let Err(errors) = check_layout_compatibility_with_globals(
+        <PluginModRef as StableAbi>::LAYOUT,
+        found,
+        &checker,
+    ) {
+        let summary = errors
+            .errors
+            .last()
+            .map(|error| {
+                let at: Vec<String> = error
+                    .stack_trace
+                    .iter()
+                    .map(|step| one_line(&step.expected.to_string()))
+                    .collect();
+                let what: Vec<String> = error
+                    .errs
+                    .iter()
+                    .map(|e| one_line(&format!("{e:?}")))
+                    .collect();
+                format!("at `{}`: {}", at.join(" -> "), what.join("; "))
+            })
+            .unwrap_or_else(|| "the layouts differ".to_owned());
+        return Err(LoadError::AbiMismatch {
+            path: path.to_owned(),
+            summary,
+            report: errors.to_string(),
+        });
+    }
+
+    // SAFETY: the layout of the plugin's root module was checked against `PluginModRef` just
+    // above, with the same checker abi_stable itself would use.
+    unsafe { lib_header.init_root_module_with_unchecked_layout::<PluginModRef>() }.map_err(|e| {
+        LoadError::Init {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        }
+    })
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// One opened plugin file: its manifest and its root module.
+///
+/// Shared as `Arc<Library>` by the kernel (which keeps the service's current library) and by
+/// every [`super::Instance`] created from it. Closed by [`Library::close`], or on drop.
+pub struct Library {
+    path: PathBuf,
+    shadow: PathBuf,
+    sha256: [u8; 32],
+    manifest: Manifest,
+    /// Points into `raw`; never handed out.
+    module: PluginModRef,
+    /// `None` once closed.
+    raw: Option<RawLibrary>,
+}
+
+impl std::fmt::Debug for Library {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Library")
+            .field("path", &self.path)
+            .field("service", &self.manifest.name)
+            .field("version", &self.manifest.version.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Library {
+    /// The plugin file this library was loaded from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The SHA-256 of the file's content, as loaded.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The private path the library was opened from (already unlinked). `/proc/self/maps`
+    /// names the mapping after it.
+    pub fn shadow_path(&self) -> &Path {
+        &self.shadow
+    }
+
+    pub(super) fn module(&self) -> PluginModRef {
+        self.module
+    }
+
+    /// Closes the library. Returns `true` when it is really gone from the address space,
+    /// `false` (and logs a warning naming the plugin) when something still pins it, such as
+    /// a thread-local destructor of the plugin pending on a live thread.
+    ///
+    /// Call it once nothing else holds the library: the executor thread of its last
+    /// instance has exited.
+    pub fn close(mut self) -> bool {
+        self.close_inner()
+    }
+
+    fn close_inner(&mut self) -> bool {
+        let Some(raw) = self.raw.take() else {
+            return true;
+        };
+        if let Err(e) = raw.close() {
+            tracing::warn!(plugin = %self.path.display(), error = %libloading_reason(&e), "dlclose failed");
+        }
+        let unmapped = !is_mapped(&self.shadow);
+        if !unmapped {
+            tracing::warn!(
+                plugin = %self.path.display(),
+                service = %self.manifest.name,
+                "library still mapped after close (a leak, not a crash): a thread-local destructor or a thread started by the plugin pins it"
+            );
+        }
+        unmapped
+    }
+}
+
+impl Drop for Library {
+    fn drop(&mut self) {
+        self.close_inner();
+    }
+}
+
+/// Whether a file of that path is mapped into this process (per `/proc/self/maps`).
+pub fn is_mapped(path: &Path) -> bool {
+    let Ok(maps) = fs::read_to_string("/proc/self/maps") else {
+        return false;
+    };
+    let needle = path.to_string_lossy();
+    maps.lines().any(|line| {
+        line.split_once('/')
+            .map(|(_, rest)| {
+                let mapped = format!("/{rest}");
+                mapped == needle || mapped.strip_suffix(" (deleted)") == Some(&*needle)
+            })
+            .unwrap_or(false)
+    })
+}
+
+#[cfg(test)]
+pub(super) fn check_elf_for_tests(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
+    check_elf(path, bytes)
+}

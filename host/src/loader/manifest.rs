@@ -1,0 +1,50 @@
+use plugin_api::{abi::RManifest, is_valid_service_name};
+
+/// A plugin's manifest, copied into host memory and validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Manifest {
+    /// The service name (validated: `[a-z0-9][a-z0-9_-]{0,63}`).
+    pub name: String,
+    /// The implementation's version.
+    pub version: semver::Version,
+    /// Services that must run before this one (validated names, no duplicates, not itself).
+    pub dependencies: Vec<String>,
+}
+
+impl Manifest {
+    /// Copies and validates a manifest that came from a plugin.
+    pub(crate) fn from_raw(raw: &RManifest) -> Result<Self, String> {
+        let name = raw.name.to_string();
+        if !is_valid_service_name(&name) {
+            return Err(format!(
+                "service name {name:?} is invalid: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
+            ));
+        }
+        let version = semver::Version::parse(raw.version.as_str()).map_err(|e| {
+            format!(
+                "service `{name}` has version {:?}, which is not semver: {e}",
+                raw.version.as_str()
+            )
+        })?;
+        let mut dependencies: Vec<String> = Vec::new();
+        for dep in raw.dependencies.iter() {
+            let dep = dep.to_string();
+            if !is_valid_service_name(&dep) {
+                return Err(format!(
+                    "service `{name}` depends on {dep:?}, which is not a valid service name"
+                ));
+            }
+            if dep == name {
+                return Err(format!("service `{name}` depends on itself"));
+            }
+            if !dependencies.contains(&dep) {
+                dependencies.push(dep);
+            }
+        }
+        Ok(Manifest {
+            name,
+            version,
+            dependencies,
+        })
+    }
+}

@@ -1,0 +1,32 @@
+//! Loading, checking and unloading plugin libraries. **All of the host's `unsafe` is here.**
+//!
+//! - [`Loader`] opens plugin files. It copies each file to a private shadow path before
+//!   `dlopen` (so that the plugins directory can be overwritten while a version runs, and two
+//!   versions of a service can be loaded side by side), checks the ABI with a fresh
+//!   `abi_stable` checker, and reads the manifest.
+//! - [`Library`] is one opened plugin file: the costly, shareable thing. It is shared as an
+//!   `Arc` by the kernel and by the instance created from it, and closed explicitly with
+//!   [`Library::close`] once nothing else holds it.
+//! - [`Instance`] is one service instance created by a library: the cheap, per-run thing.
+//!   It is `!Send`: it is created, called and dropped on its service's executor thread.
+//! - [`host_handle`] turns a host-side [`HostServices`] implementation into the
+//!   [`plugin_api::abi::HostHandle`] a plugin receives.
+//!
+//! **Invariant:** no pointer into a plugin's library outlives the library. Every value that
+//! comes out of a plugin is copied into host memory before the call returns; instances hold
+//! an `Arc<Library>`; the root module reference lives inside the `Library` it points into.
+
+mod error;
+mod host_handle;
+mod instance;
+mod library;
+mod manifest;
+
+pub use error::LoadError;
+pub use host_handle::HostServices;
+pub use instance::Instance;
+pub use library::{is_mapped, Library, Loader};
+pub use manifest::Manifest;
+
+#[cfg(test)]
+mod tests;

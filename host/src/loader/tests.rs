@@ -1,0 +1,32 @@
+use std::path::Path;
+
+use super::{library::check_elf_for_tests, LoadError};
+
+#[test]
+fn a_file_without_elf_magic_is_not_a_shared_library() {
+    let err = check_elf_for_tests(Path::new("x.so"), b"#!/bin/sh\necho hi\n").unwrap_err();
+    assert!(matches!(err, LoadError::NotSharedLibrary { .. }), "{err}");
+}
+
+#[test]
+fn an_elf_header_whose_tables_lie_past_the_end_is_truncated() {
+    let mut header = vec![0u8; 64];
+    header[..4].copy_from_slice(b"\x7fELF");
+    header[4] = 2; // 64-bit
+    header[5] = 1; // little-endian
+    header[0x28..0x30].copy_from_slice(&4096u64.to_le_bytes()); // e_shoff
+    header[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
+    header[0x3C..0x3E].copy_from_slice(&10u16.to_le_bytes()); // e_shnum
+    let err = check_elf_for_tests(Path::new("x.so"), &header).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::Truncated {
+                len: 64,
+                needed: 4736,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}

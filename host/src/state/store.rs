@@ -1,0 +1,340 @@
+//! One sealed file per service: `<state-dir>/<service>.state`.
+//!
+//! Format (version 1), all integers little-endian:
+//!
+//! | bytes | content |
+//! |---|---|
+//! | 8 | magic `MKSTATE\0` |
+//! | 2 | format version (`1`) |
+//! | 8 | key id: first 8 bytes of SHA-256 of the key that sealed the file |
+//! | 1 + n | service name: length, then UTF-8 |
+//! | 1 + n | version of the plugin that exported the state: length, then UTF-8 |
+//! | 12 | nonce, fresh for every write |
+//! | rest | AES-256-GCM ciphertext of the exported bytes, then the 16-byte tag |
+//!
+//! The associated data is everything before the ciphertext, so editing any header field, or
+//! presenting the file as another service's, makes it fail to open.
+
+use std::{
+    fs,
+    io::{self, Write},
+    os::unix::fs::{DirBuilderExt, PermissionsExt},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use super::{
+    cipher::{self, NONCE_LEN, TAG_LEN},
+    keys::{KeyRing, KEY_ID_LEN},
+};
+
+const MAGIC: &[u8; 8] = b"MKSTATE\0";
+const FORMAT_VERSION: u16 = 1;
+
+/// Why a state file could not be written or opened. Every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A file-system operation failed.
+    #[error("state file {path}: {op} failed")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// What was being done.
+        op: &'static str,
+        /// What the operating system said.
+        #[source]
+        source: io::Error,
+    },
+    /// The file does not start with the state magic.
+    #[error("state file {path} is not a microkernel state file (bad magic)")]
+    NotAStateFile {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file is shorter than its header says.
+    #[error("state file {path} is truncated ({len} bytes)")]
+    Truncated {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// The file has a format version this host does not know.
+    #[error(
+        "state file {path} has format version {found}; this host reads version {FORMAT_VERSION}"
+    )]
+    UnsupportedFormat {
+        /// The file.
+        path: PathBuf,
+        /// Its format version.
+        found: u16,
+    },
+    /// The file was sealed for another service (renamed or copied).
+    #[error("state file {path} belongs to service `{found}`, not `{expected}` (was it renamed?)")]
+    WrongService {
+        /// The file.
+        path: PathBuf,
+        /// The service it was opened for.
+        expected: String,
+        /// The service named in its header.
+        found: String,
+    },
+    /// None of the configured keys sealed the file.
+    #[error("state file {path} was sealed with key {key_id}, which is neither the current key ({current}) nor an old key (--old-key-file)")]
+    UnknownKey {
+        /// The file.
+        path: PathBuf,
+        /// The id of the key that sealed it.
+        key_id: String,
+        /// The id of the current key.
+        current: String,
+    },
+    /// Decryption failed: the content or the header was modified.
+    #[error("state file {path} failed authentication: it was modified or damaged")]
+    Tampered {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// The clear-text header of a state file.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StateHeader {
+    /// Format version.
+    pub format: u16,
+    /// Hex id of the key that sealed it.
+    pub key_id: String,
+    /// The service it belongs to.
+    pub service: String,
+    /// The version of the plugin that exported the state.
+    pub exported_by: String,
+    /// Hex nonce.
+    pub nonce: String,
+    /// Length of the ciphertext with its tag.
+    pub sealed_len: usize,
+}
+
+/// State read back from a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SavedState {
+    /// The version of the plugin that exported it.
+    pub version: String,
+    /// The exported bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// Reads and writes the state files of one state directory. Lives as long as the kernel.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+    keys: KeyRing,
+}
+
+impl StateStore {
+    /// Uses `dir` (created with mode 0700 if missing) and `keys`.
+    pub fn new(dir: &Path, keys: KeyRing) -> Result<Self, StateError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StateError::Io {
+                path: dir.to_owned(),
+                op: "creating the state directory",
+                source,
+            })?;
+        Ok(StateStore {
+            dir: dir.to_owned(),
+            keys,
+        })
+    }
+
+    /// The keys this store seals and opens with.
+    pub fn keys(&self) -> &KeyRing {
+        &self.keys
+    }
+
+    /// The state directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where `service`'s state lives.
+    pub fn path(&self, service: &str) -> PathBuf {
+        self.dir.join(format!("{service}.state"))
+    }
+
+    /// Seals `bytes`, exported by `version` of `service`, and replaces the service's file
+    /// atomically and durably: temporary file in the same directory, write, fsync, rename,
+    /// fsync of the directory. Either the old file or the new one survives a crash.
+    pub fn save(&self, service: &str, version: &str, bytes: &[u8]) -> Result<(), StateError> {
+        let path = self.path(service);
+        let sealed = seal(&self.keys, service, version, bytes);
+        let io = |op, source| StateError::Io {
+            path: path.clone(),
+            op,
+            source,
+        };
+        let mut file = tempfile::Builder::new()
+            .prefix(&format!(".{service}.state."))
+            .tempfile_in(&self.dir)
+            .map_err(|e| io("creating a temporary file", e))?;
+        file.as_file()
+            .set_permissions(fs::Permissions::from_mode(0o600))
+            .map_err(|e| io("setting permissions", e))?;
+        file.write_all(&sealed).map_err(|e| io("writing", e))?;
+        file.as_file().sync_all().map_err(|e| io("fsync", e))?;
+        file.persist(&path)
+            .map_err(|e| io("renaming into place", e.error))?;
+        fs::File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(|e| io("fsync of the state directory", e))?;
+        Ok(())
+    }
+
+    /// Opens `service`'s state, if it has a file.
+    pub fn load(&self, service: &str) -> Result<Option<SavedState>, StateError> {
+        let path = self.path(service);
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Io {
+                    path,
+                    op: "reading",
+                    source,
+                })
+            }
+        };
+        let (header, bytes) = open(&self.keys, &path, &data, Some(service))?;
+        Ok(Some(SavedState {
+            version: header.exported_by,
+            bytes,
+        }))
+    }
+
+    /// Moves `service`'s file aside to `<service>.state.bad-<unix seconds>` and returns the
+    /// new path. The file is kept, never deleted.
+    pub fn quarantine(&self, service: &str) -> Result<PathBuf, StateError> {
+        let path = self.path(service);
+        let stamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut target = self.dir.join(format!("{service}.state.bad-{stamp}"));
+        let mut n = 1;
+        while target.exists() {
+            target = self.dir.join(format!("{service}.state.bad-{stamp}-{n}"));
+            n += 1;
+        }
+        fs::rename(&path, &target).map_err(|source| StateError::Io {
+            path: path.clone(),
+            op: "moving aside",
+            source,
+        })?;
+        Ok(target)
+    }
+}
+
+/// Opens any state file (for `inspect-state`): returns its header and content.
+pub fn inspect(keys: &KeyRing, path: &Path) -> Result<(StateHeader, Vec<u8>), StateError> {
+    let data = fs::read(path).map_err(|source| StateError::Io {
+        path: path.to_owned(),
+        op: "reading",
+        source,
+    })?;
+    open(keys, path, &data, None)
+}
+
+fn seal(keys: &KeyRing, service: &str, version: &str, bytes: &[u8]) -> Vec<u8> {
+    let key = keys.current();
+    let nonce = cipher::fresh_nonce();
+    let mut out = Vec::with_capacity(64 + bytes.len() + TAG_LEN);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+    out.extend_from_slice(&key.id());
+    for field in [service, version] {
+        let len = u8::try_from(field.len()).expect("service names and versions are short");
+        out.push(len);
+        out.extend_from_slice(field.as_bytes());
+    }
+    out.extend_from_slice(&nonce);
+    let sealed = cipher::seal(key.bytes(), &nonce, &out, bytes);
+    out.extend_from_slice(&sealed);
+    out
+}
+
+fn open(
+    keys: &KeyRing,
+    path: &Path,
+    data: &[u8],
+    expected_service: Option<&str>,
+) -> Result<(StateHeader, Vec<u8>), StateError> {
+    let truncated = || StateError::Truncated {
+        path: path.to_owned(),
+        len: data.len(),
+    };
+    if data.len() < MAGIC.len() || &data[..MAGIC.len()] != MAGIC {
+        return Err(if data.len() < MAGIC.len() && MAGIC.starts_with(data) {
+            truncated()
+        } else {
+            StateError::NotAStateFile {
+                path: path.to_owned(),
+            }
+        });
+    }
+    let mut at = MAGIC.len();
+    let mut take = |n: usize| -> Result<&[u8], StateError> {
+        let slice = data.get(at..at + n).ok_or_else(truncated)?;
+        at += n;
+        Ok(slice)
+    };
+    let format = u16::from_le_bytes(take(2)?.try_into().expect("2 bytes"));
+    if format != FORMAT_VERSION {
+        return Err(StateError::UnsupportedFormat {
+            path: path.to_owned(),
+            found: format,
+        });
+    }
+    let key_id: [u8; KEY_ID_LEN] = take(KEY_ID_LEN)?.try_into().expect("key id");
+    let mut text = || -> Result<String, StateError> {
+        let len = usize::from(take(1)?[0]);
+        Ok(String::from_utf8_lossy(take(len)?).into_owned())
+    };
+    let service = text()?;
+    let exported_by = text()?;
+    let nonce: [u8; NONCE_LEN] = take(NONCE_LEN)?.try_into().expect("nonce");
+    let header_len = at;
+    let sealed = &data[header_len..];
+    if sealed.len() < TAG_LEN {
+        return Err(truncated());
+    }
+    if let Some(expected) = expected_service {
+        if service != expected {
+            return Err(StateError::WrongService {
+                path: path.to_owned(),
+                expected: expected.to_owned(),
+                found: service,
+            });
+        }
+    }
+    let key = keys.find(&key_id).ok_or_else(|| StateError::UnknownKey {
+        path: path.to_owned(),
+        key_id: hex::encode(key_id),
+        current: keys.current().id_hex(),
+    })?;
+    let bytes =
+        cipher::open(key.bytes(), &nonce, &data[..header_len], sealed).ok_or_else(|| {
+            StateError::Tampered {
+                path: path.to_owned(),
+            }
+        })?;
+    let header = StateHeader {
+        format,
+        key_id: hex::encode(key_id),
+        service,
+        exported_by,
+        nonce: hex::encode(nonce),
+        sealed_len: sealed.len(),
+    };
+    Ok((header, bytes))
+}

@@ -1,0 +1,185 @@
+use std::{fs, os::unix::fs::PermissionsExt};
+
+use super::{store::inspect, KeyError, KeyRing, StateError, StateKey, StateStore};
+
+fn ring() -> KeyRing {
+    KeyRing::new(StateKey::generate(), Vec::new())
+}
+
+#[test]
+fn saved_state_opens_with_its_version_and_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(&dir.path().join("state"), ring()).unwrap();
+    store
+        .save("kv", "1.2.3", b"{\"marker\":\"PLAINTEXT-MARKER\"}")
+        .unwrap();
+    let saved = store.load("kv").unwrap().unwrap();
+    assert_eq!(saved.version, "1.2.3");
+    assert_eq!(saved.bytes, b"{\"marker\":\"PLAINTEXT-MARKER\"}");
+
+    let raw = fs::read(store.path("kv")).unwrap();
+    assert!(!raw.windows(16).any(|w| w == b"PLAINTEXT-MARKER"));
+    let mode = fs::metadata(store.path("kv")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let dir_mode = fs::metadata(store.dir()).unwrap().permissions().mode() & 0o777;
+    assert_eq!(dir_mode, 0o700);
+    assert!(store.load("echo").unwrap().is_none());
+}
+
+#[test]
+fn every_write_uses_a_fresh_nonce() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    store.save("kv", "1.0.0", b"same").unwrap();
+    let first = fs::read(store.path("kv")).unwrap();
+    store.save("kv", "1.0.0", b"same").unwrap();
+    let second = fs::read(store.path("kv")).unwrap();
+    assert_ne!(first, second);
+}
+
+#[test]
+fn a_flipped_bit_anywhere_fails_authentication() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    store.save("kv", "1.0.0", b"hello world").unwrap();
+    let good = fs::read(store.path("kv")).unwrap();
+    // The exporter's version (header) and the ciphertext.
+    let version_at = 8 + 2 + 8 + 1 + 2 + 1;
+    for at in [version_at, good.len() - 1, good.len() - 20] {
+        let mut bad = good.clone();
+        bad[at] ^= 1;
+        fs::write(store.path("kv"), &bad).unwrap();
+        let err = store.load("kv").unwrap_err();
+        assert!(
+            matches!(err, StateError::Tampered { .. }),
+            "byte {at}: {err}"
+        );
+    }
+}
+
+#[test]
+fn a_file_renamed_to_another_service_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    store.save("kv", "1.0.0", b"x").unwrap();
+    fs::rename(store.path("kv"), store.path("echo")).unwrap();
+    let err = store.load("echo").unwrap_err();
+    assert!(
+        matches!(&err, StateError::WrongService { expected, found, .. } if expected == "echo" && found == "kv"),
+        "{err}"
+    );
+}
+
+#[test]
+fn old_keys_open_files_and_unknown_keys_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_hex = "11".repeat(32);
+    let old = || StateKey::from_hex(&old_hex, "test").unwrap();
+    StateStore::new(dir.path(), KeyRing::new(old(), vec![]))
+        .unwrap()
+        .save("kv", "1.0.0", b"sealed with the old key")
+        .unwrap();
+
+    let rotated =
+        StateStore::new(dir.path(), KeyRing::new(StateKey::generate(), vec![old()])).unwrap();
+    assert_eq!(
+        rotated.load("kv").unwrap().unwrap().bytes,
+        b"sealed with the old key"
+    );
+
+    let stranger = StateStore::new(dir.path(), ring()).unwrap();
+    let err = stranger.load("kv").unwrap_err();
+    assert!(
+        matches!(&err, StateError::UnknownKey { key_id, .. } if *key_id == old().id_hex()),
+        "{err}"
+    );
+}
+
+#[test]
+fn truncated_and_foreign_files_are_told_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    store.save("kv", "1.0.0", b"hello").unwrap();
+    let good = fs::read(store.path("kv")).unwrap();
+    fs::write(store.path("kv"), &good[..30]).unwrap();
+    assert!(matches!(
+        store.load("kv").unwrap_err(),
+        StateError::Truncated { .. }
+    ));
+    fs::write(store.path("kv"), b"{\"not\":\"sealed\"}").unwrap();
+    assert!(matches!(
+        store.load("kv").unwrap_err(),
+        StateError::NotAStateFile { .. }
+    ));
+}
+
+#[test]
+fn quarantine_moves_the_file_aside_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    fs::write(store.path("kv"), b"garbage").unwrap();
+    let moved = store.quarantine("kv").unwrap();
+    assert!(!store.path("kv").exists());
+    assert!(moved
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .starts_with("kv.state.bad-"));
+    assert_eq!(fs::read(moved).unwrap(), b"garbage");
+}
+
+#[test]
+fn inspect_reads_the_header_and_content() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = ring();
+    let id = keys.current().id_hex();
+    let store = StateStore::new(dir.path(), keys).unwrap();
+    store.save("echo", "2.0.0", b"{\"count\":3}").unwrap();
+    let keys = KeyRing::new(StateKey::from_hex(&"00".repeat(32), "t").unwrap(), vec![]);
+    assert!(inspect(&keys, &store.path("echo")).is_err());
+    let (header, bytes) = inspect(&store_keys(&store), &store.path("echo")).unwrap();
+    assert_eq!(
+        (header.service.as_str(), header.exported_by.as_str()),
+        ("echo", "2.0.0")
+    );
+    assert_eq!(header.key_id, id);
+    assert_eq!(bytes, b"{\"count\":3}");
+}
+
+fn store_keys(store: &StateStore) -> &KeyRing {
+    store.keys()
+}
+
+#[test]
+fn key_files_must_be_private_and_well_formed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.key");
+    let key = StateKey::write_new(&path).unwrap();
+    assert_eq!(
+        fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(StateKey::from_file(&path).unwrap().id(), key.id());
+    assert!(matches!(
+        StateKey::write_new(&path).unwrap_err(),
+        KeyError::Exists { .. }
+    ));
+
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+    let err = StateKey::from_file(&path).unwrap_err();
+    assert!(
+        matches!(err, KeyError::Permissions { mode: 0o644, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("chmod 600"));
+
+    assert!(matches!(
+        StateKey::from_hex("abcd", "env").unwrap_err(),
+        KeyError::Format { .. }
+    ));
+    assert!(matches!(
+        StateKey::from_hex(&"zz".repeat(32), "env").unwrap_err(),
+        KeyError::Format { .. }
+    ));
+}

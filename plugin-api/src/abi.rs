@@ -1,0 +1,235 @@
+//! The types that cross the library boundary.
+//!
+//! Everything here is `#[repr(C)]` and derives [`StableAbi`], so the host can check, when it
+//! loads a plugin, that both sides agree on the layout of every type. Plugin authors never
+//! touch these types: the SDK ([`crate::Service`] and [`crate::export_service!`]) converts
+//! them to and from plain Rust types.
+//!
+//! Ownership rules, which the host relies on:
+//! - A value created by one side and handed to the other is dropped by the receiver, through
+//!   the drop function stored in the value (`RString`, `RVec`), which lives in the library
+//!   that allocated it. The host therefore copies every value it receives from a plugin into
+//!   host-owned memory right away, before the plugin's library can be closed.
+//! - [`RawService::this`] is owned by the plugin and freed through [`ServiceVTable::drop`].
+//! - [`HostHandle::ctx`] is owned by the host and released through [`HostVTable::drop`].
+
+use std::ffi::c_void;
+
+use abi_stable::{
+    declare_root_module_statics,
+    library::RootModule,
+    package_version_strings,
+    sabi_types::VersionStrings,
+    std_types::{ROption, RResult, RSlice, RStr, RString, RVec},
+    StableAbi,
+};
+
+/// Severity of a log line sent by a plugin to the host.
+#[repr(u8)]
+#[derive(StableAbi, Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum LogLevel {
+    /// Something failed.
+    Error = 1,
+    /// Something looks wrong but the service carries on.
+    Warn = 2,
+    /// Normal operation worth recording.
+    Info = 3,
+    /// Detail for the plugin's author.
+    Debug = 4,
+    /// Very verbose detail.
+    Trace = 5,
+}
+
+/// What a plugin says about itself, before any instance exists.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RManifest {
+    /// Service name, `[a-z0-9][a-z0-9_-]{0,63}`; the host validates it.
+    pub name: RString,
+    /// Semantic version of this implementation of the service.
+    pub version: RString,
+    /// Names of the services that must be running before this one starts.
+    pub dependencies: RVec<RString>,
+}
+
+/// A request or an event, as it crosses the boundary.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RMessage {
+    /// The sending service, or `kernel`, or `external` for requests from outside the host.
+    pub from: RString,
+    /// The receiving service.
+    pub to: RString,
+    /// What is asked or announced; each service documents the kinds it understands.
+    pub kind: RString,
+    /// Opaque bytes; JSON by convention.
+    pub payload: RVec<u8>,
+}
+
+/// The answer to a request, as it crosses the boundary.
+#[repr(C)]
+#[derive(StableAbi, Debug, Clone)]
+pub struct RReply {
+    /// `0` for success, otherwise one of [`crate::codes`] or a service-specific code.
+    pub code: u32,
+    /// Human-readable explanation; empty on success.
+    pub message: RString,
+    /// Opaque bytes; JSON by convention.
+    pub data: RVec<u8>,
+}
+
+/// Result type of the fallible calls into a plugin: the error is a message.
+pub type RCallResult<T> = RResult<T, RString>;
+
+/// The functions of a service instance, implemented by the plugin.
+///
+/// Every function takes the instance pointer [`RawService::this`]. Every function catches
+/// panics and reports them as errors (or as a 500 reply), so none unwinds into the host.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct ServiceVTable {
+    /// Starts the service.
+    pub start: unsafe extern "C" fn(this: *mut c_void) -> RCallResult<()>,
+    /// Stops the service; it must join every thread it started.
+    pub stop: unsafe extern "C" fn(this: *mut c_void) -> RCallResult<()>,
+    /// Handles one request and returns the reply.
+    pub handle: unsafe extern "C" fn(this: *mut c_void, request: RMessage) -> RReply,
+    /// Handles one event.
+    pub on_event: unsafe extern "C" fn(this: *mut c_void, event: RMessage) -> RCallResult<()>,
+    /// Serializes the service's state.
+    pub export_state: unsafe extern "C" fn(this: *mut c_void) -> RCallResult<RVec<u8>>,
+    /// Replaces the service's state with one exported by `from_version` of the service.
+    pub import_state: unsafe extern "C" fn(
+        this: *mut c_void,
+        from_version: RStr<'_>,
+        state: RSlice<'_, u8>,
+    ) -> RCallResult<()>,
+    /// Frees the instance.
+    pub drop: unsafe extern "C" fn(this: *mut c_void),
+}
+
+/// A service instance created by a plugin: an opaque pointer and its functions.
+///
+/// Both pointers point into the plugin's library. The host's loader wraps this in a type
+/// that keeps the library open for as long as the instance lives.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct RawService {
+    /// The instance, owned by the plugin.
+    pub this: *mut c_void,
+    /// The instance's functions, a static of the plugin.
+    pub vtable: &'static ServiceVTable,
+}
+
+/// The functions the host offers to a plugin.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+pub struct HostVTable {
+    /// Returns a new reference to the same context.
+    pub clone: unsafe extern "C" fn(ctx: *const c_void) -> *const c_void,
+    /// Releases one reference to the context.
+    pub drop: unsafe extern "C" fn(ctx: *const c_void),
+    /// Writes a log line attributed to the service; `target` is the plugin's module path.
+    pub log: unsafe extern "C" fn(
+        ctx: *const c_void,
+        level: LogLevel,
+        target: RStr<'_>,
+        message: RStr<'_>,
+    ),
+    /// Sends a request to a service (or to `kernel`) and waits at most `timeout_ms` for the reply.
+    pub request: unsafe extern "C" fn(
+        ctx: *const c_void,
+        to: RStr<'_>,
+        kind: RStr<'_>,
+        payload: RSlice<'_, u8>,
+        timeout_ms: u64,
+    ) -> RReply,
+    /// Queues an event for a service (or for `kernel`); fails if its mailbox is full.
+    pub emit: unsafe extern "C" fn(
+        ctx: *const c_void,
+        to: RStr<'_>,
+        kind: RStr<'_>,
+        payload: RSlice<'_, u8>,
+    ) -> RCallResult<()>,
+}
+
+/// The handle to the host that a plugin receives when one of its instances is created.
+///
+/// The context is owned by the host; the vtable is a static of the host, which outlives
+/// every plugin. Cloning and dropping go through the vtable.
+#[repr(C)]
+#[derive(StableAbi)]
+pub struct HostHandle {
+    /// Host-owned context (which service this handle belongs to, and the kernel).
+    pub ctx: *const c_void,
+    /// The host's functions.
+    pub vtable: &'static HostVTable,
+}
+
+// SAFETY: the host implements every function of `HostVTable` for any thread, and the context
+// it points to is reference-counted and thread-safe on the host side.
+unsafe impl Send for HostHandle {}
+// SAFETY: as above; no function takes the context mutably.
+unsafe impl Sync for HostHandle {}
+
+impl Clone for HostHandle {
+    fn clone(&self) -> Self {
+        // SAFETY: `ctx` is a live context of this vtable for as long as `self` exists.
+        let ctx = unsafe { (self.vtable.clone)(self.ctx) };
+        HostHandle {
+            ctx,
+            vtable: self.vtable,
+        }
+    }
+}
+
+impl Drop for HostHandle {
+    fn drop(&mut self) {
+        // SAFETY: `self` owns one reference to `ctx`, released exactly once here.
+        unsafe { (self.vtable.drop)(self.ctx) }
+    }
+}
+
+impl std::fmt::Debug for HostHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostHandle").finish_non_exhaustive()
+    }
+}
+
+/// The root module every plugin exports, checked by the host when it loads the library.
+///
+/// New fields may only be added after the last prefix field, so that a plugin built against
+/// a newer `plugin-api` still loads into an older host.
+#[repr(C)]
+#[derive(StableAbi, Debug)]
+#[sabi(kind(Prefix(prefix_ref = PluginModRef)))]
+#[sabi(missing_field(panic))]
+pub struct PluginMod {
+    /// Describes the service this library implements.
+    pub manifest: extern "C" fn() -> RManifest,
+    /// Creates a service instance, given a handle to the host and the plugin's configuration.
+    #[sabi(last_prefix_field)]
+    pub new_service:
+        extern "C" fn(host: HostHandle, config: ROption<RString>) -> RCallResult<RawService>,
+}
+
+impl RootModule for PluginModRef {
+    declare_root_module_statics! {PluginModRef}
+    const BASE_NAME: &'static str = "microkernel_plugin";
+    const NAME: &'static str = "microkernel_plugin";
+    const VERSION_STRINGS: VersionStrings = package_version_strings!();
+}
+
+impl std::fmt::Debug for PluginModRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginModRef").finish_non_exhaustive()
+    }
+}
+
+/// The symbol under which every plugin exports its root module (see [`crate::export_service!`]).
+///
+/// The export macro has to spell this name as a literal; a test checks that it is abi_stable's.
+pub const ROOT_MODULE_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
+
+/// The version of `plugin-api` this crate is, as compiled into hosts and plugins.
+pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");

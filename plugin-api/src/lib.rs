@@ -1,0 +1,52 @@
+//! The contract between the `microkernel` host and its service plugins, and the SDK that
+//! plugin authors use.
+//!
+//! **If you are writing a plugin**, you need three things from this crate: the [`Service`]
+//! trait, the [`export_service!`] macro, and the logging macros ([`info!`], [`warn!`], ...).
+//! Everything else is plumbing:
+//!
+//! ```ignore
+//! use plugin_api::{export_service, BoxError, Host, Reply, Request, Service};
+//!
+//! struct Hello { host: Host }
+//!
+//! impl Service for Hello {
+//!     const NAME: &'static str = "hello";
+//!     const VERSION: &'static str = env!("CARGO_PKG_VERSION");
+//!
+//!     fn new(host: Host, _config: Option<&str>) -> Result<Self, BoxError> {
+//!         Ok(Hello { host })
+//!     }
+//!
+//!     fn handle(&mut self, request: Request) -> Result<Reply, BoxError> {
+//!         Ok(Reply::ok(request.payload))
+//!     }
+//! }
+//!
+//! export_service!(Hello);
+//! ```
+//!
+//! **If you are writing a host**, [`abi`] holds the `#[repr(C)]` types that cross the library
+//! boundary and the root module ([`abi::PluginModRef`]) a host checks when it loads a plugin.
+//!
+//! # Stability
+//!
+//! The ABI is checked by `abi_stable` when a plugin is loaded: a plugin loads into a host when
+//! both were built against the same `0.x` minor version of this crate and the layouts of every
+//! type in [`abi`] match. Anything else is refused with an error naming the first mismatch.
+
+pub mod abi;
+/// Re-exported so that a plugin can build and parse JSON payloads with no other dependency.
+pub use serde_json;
+mod sdk;
+
+#[doc(hidden)]
+pub mod __private;
+
+pub use sdk::{
+    codes, export_parts, is_valid_service_name, BoxError, Event, Host, Message, Reply, Request,
+    Service, DEFAULT_REQUEST_TIMEOUT,
+};
+
+#[cfg(test)]
+mod tests;
