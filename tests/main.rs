@@ -1,1 +1,7 @@
-//! Integration tests (filled in below).
+//! The integration tests: one binary, one module per area. The plugin fixtures are built once
+//! per run (see `support`).
+
+mod support;
+
+mod loading;
+mod services;

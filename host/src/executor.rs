@@ -100,7 +100,11 @@ impl Mailbox {
             }
         }
         if dropped_events > 0 {
-            tracing::warn!(service, dropped_events, "events discarded: the service is not running");
+            tracing::warn!(
+                service,
+                dropped_events,
+                "events discarded: the service is not running"
+            );
         }
     }
 }
@@ -146,7 +150,10 @@ pub(crate) struct Launch {
 /// Starts an executor thread: it creates the instance, imports the state, starts it, and
 /// then serves `mailbox`. Returns once the instance runs, or with the reason it did not (the
 /// thread has then exited and been joined).
-pub(crate) fn launch(launch: Launch, mailbox: Receiver<Envelope>) -> Result<JoinHandle<()>, InstanceError> {
+pub(crate) fn launch(
+    launch: Launch,
+    mailbox: Receiver<Envelope>,
+) -> Result<JoinHandle<()>, InstanceError> {
     let (ready_tx, ready_rx) = bounded::<Result<(), InstanceError>>(1);
     let name = format!("svc-{}", launch.service);
     let thread = thread::Builder::new()

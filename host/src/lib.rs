@@ -9,5 +9,13 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the code map and the invariants.
 
+pub mod kernel;
 pub mod loader;
 pub mod state;
+
+mod executor;
+
+pub use kernel::{
+    BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo, Status,
+};
+pub mod reload;

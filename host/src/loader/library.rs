@@ -53,13 +53,21 @@ impl Loader {
     /// Loads the plugin at `path`: copies it to a shadow path, opens the copy, checks its
     /// ABI and its `plugin-api` version, initializes its root module and reads its manifest.
     pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
+        let bytes = fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        self.load_bytes(path, &bytes)
+    }
+
+    /// Like [`Loader::load`], for a file whose content the caller has already read.
+    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Library, LoadError> {
         let read_err = |source| LoadError::Read {
             path: path.to_owned(),
             source,
         };
-        let bytes = fs::read(path).map_err(read_err)?;
-        check_elf(path, &bytes)?;
-        let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+        check_elf(path, bytes)?;
+        let sha256: [u8; 32] = Sha256::digest(bytes).into();
 
         // A unique private copy: `dlopen` of a path (or inode) that is already open returns
         // the library already loaded, and overwriting a mapped file crashes the process.
@@ -73,7 +81,7 @@ impl Loader {
             .path()
             .join(format!("{stem}-{}-{id}.so", std::process::id()));
         fs::File::create(&shadow)
-            .and_then(|mut f| f.write_all(&bytes))
+            .and_then(|mut f| f.write_all(bytes))
             .map_err(read_err)?;
 
         // SAFETY: opening a library runs its initializers. Plugin files are code the operator

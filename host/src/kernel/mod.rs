@@ -1,0 +1,880 @@
+//! The kernel: the registry of services, their lifecycles, and the routing of requests and
+//! events between them.
+//!
+//! Each registered service has a [`ServiceSlot`]: its current library, its mailbox (which
+//! outlives versions), its executor thread when running, and what `list` shows. Operations
+//! that change a service (start, stop, checkpoint, replace) hold the slot's operation lock,
+//! so they never interleave; requests never take that lock: they read the status and post to
+//! the mailbox.
+
+mod deps;
+mod routing;
+mod swap;
+
+use std::{
+    collections::BTreeMap,
+    path::PathBuf,
+    sync::{Arc, Mutex, MutexGuard, RwLock},
+    thread::JoinHandle,
+    time::{Duration, SystemTime},
+};
+
+use crossbeam_channel::bounded;
+use plugin_api::Reply;
+use sha2::{Digest, Sha256};
+
+pub use deps::DependencyError;
+pub use swap::{SwapError, SwapReport};
+
+use crate::{
+    executor::{self, Envelope, InstanceError, Launch, Mailbox},
+    loader::{Library, LoadError, Loader},
+    state::{StateError, StateStore},
+};
+
+/// The life of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Loaded, never started.
+    Registered,
+    /// Its instance is being created, its state imported, `start` called.
+    Starting,
+    /// Serving requests.
+    Running,
+    /// Being stopped.
+    Stopping,
+    /// Stopped; its library stays loaded so that it can be started again.
+    Stopped,
+    /// Could not start, or its instance was lost; see the last error.
+    Failed,
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let text = serde_json::to_value(self).ok();
+        f.write_str(text.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+    }
+}
+
+/// What to do with a state file that cannot be opened or imported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BadStatePolicy {
+    /// Leave the file untouched and do not start the service.
+    #[default]
+    Refuse,
+    /// Move the file aside to `<service>.state.bad-<timestamp>` and start the service fresh.
+    Quarantine,
+}
+
+/// How a kernel is set up.
+#[derive(Debug)]
+pub struct KernelConfig {
+    /// Capacity of each service's mailbox.
+    pub mailbox_capacity: usize,
+    /// Timeout of requests that do not name one (external requests).
+    pub request_timeout: Duration,
+    /// Where the shadow copies of plugin files go (the temporary directory if `None`).
+    pub shadow_dir: Option<PathBuf>,
+    /// Where state is persisted; `None` runs without persistence.
+    pub state: Option<StateStore>,
+    /// What to do with a state file that cannot be used.
+    pub on_bad_state: BadStatePolicy,
+}
+
+impl Default for KernelConfig {
+    fn default() -> Self {
+        KernelConfig {
+            mailbox_capacity: 1024,
+            request_timeout: Duration::from_secs(5),
+            shadow_dir: None,
+            state: None,
+            on_bad_state: BadStatePolicy::Refuse,
+        }
+    }
+}
+
+/// Why a kernel operation failed. Every variant names the service or file.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// A plugin file could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Two plugin files provide the same service.
+    #[error("service `{service}` is provided by both {first} and {second}")]
+    DuplicateService {
+        /// The service.
+        service: String,
+        /// The file already registered.
+        first: PathBuf,
+        /// The other file.
+        second: PathBuf,
+    },
+    /// No service of that name is registered.
+    #[error("no service `{0}`")]
+    UnknownService(String),
+    /// Dependency order forbids starting the service.
+    #[error(transparent)]
+    Dependency(#[from] DependencyError),
+    /// A dependency of the service is registered but not running.
+    #[error("service `{service}` depends on `{dependency}`, which is not running")]
+    DependencyNotRunning {
+        /// The dependent service.
+        service: String,
+        /// The dependency.
+        dependency: String,
+    },
+    /// The service's instance did not come up.
+    #[error("service `{service}` failed to start: {cause}")]
+    StartFailed {
+        /// The service.
+        service: String,
+        /// Why.
+        cause: String,
+    },
+    /// The service's state could not be read or written.
+    #[error("service `{service}`: {source}")]
+    State {
+        /// The service.
+        service: String,
+        /// What went wrong with its file.
+        #[source]
+        source: StateError,
+    },
+    /// The service's instance refused or failed an operation.
+    #[error("service `{service}`: {cause}")]
+    Instance {
+        /// The service.
+        service: String,
+        /// Why.
+        cause: String,
+    },
+    /// A hot replace did not happen (the old version keeps serving) or had to roll back.
+    #[error(transparent)]
+    Swap(#[from] SwapError),
+}
+
+/// What `list` shows about a service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceInfo {
+    /// Service name.
+    pub name: String,
+    /// Version of the loaded library.
+    pub version: String,
+    /// Lifecycle status.
+    pub status: Status,
+    /// Services it depends on.
+    pub dependencies: Vec<String>,
+    /// The plugin file.
+    pub path: PathBuf,
+    /// SHA-256 of the plugin file, hex.
+    pub sha256: String,
+    /// When the current library was loaded (seconds since the Unix epoch).
+    pub loaded_since: u64,
+    /// How many hot replaces it went through.
+    pub swaps: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+}
+
+/// Counters, for operators and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct KernelStats {
+    /// Libraries opened since the kernel started.
+    pub libraries_opened: u64,
+    /// State files written since the kernel started.
+    pub state_writes: u64,
+}
+
+/// What a checkpoint did for one service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checkpoint {
+    /// The state changed and was written.
+    Written,
+    /// The state was the one last written: nothing was written.
+    Unchanged,
+}
+
+/// The kernel. Dropping it stops every service (saving their state) and closes every library.
+#[derive(Debug)]
+pub struct Kernel {
+    inner: Arc<KernelInner>,
+}
+
+#[derive(Debug)]
+pub(crate) struct KernelInner {
+    me: std::sync::Weak<KernelInner>,
+    pub(crate) loader: Loader,
+    pub(crate) config: KernelConfig,
+    services: RwLock<BTreeMap<String, Arc<ServiceSlot>>>,
+    started_at: SystemTime,
+    state_writes: std::sync::atomic::AtomicU64,
+}
+
+/// A registered service. Lives from registration until the kernel shuts down.
+pub(crate) struct ServiceSlot {
+    name: String,
+    mailbox: Mailbox,
+    /// Held by every operation that changes the service.
+    ops: Mutex<SlotOps>,
+    /// What requests and `list` read; never held across a call into a plugin.
+    info: RwLock<ServiceInfo>,
+}
+
+impl std::fmt::Debug for ServiceSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServiceSlot")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+struct SlotOps {
+    library: Arc<Library>,
+    executor: Option<JoinHandle<()>>,
+    config: Option<String>,
+    /// (version, SHA-256) of the state last written or read, to skip unchanged checkpoints.
+    last_saved: Option<(String, [u8; 32])>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+impl ServiceSlot {
+    fn status(&self) -> Status {
+        self.info.read().unwrap_or_else(|p| p.into_inner()).status
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ServiceInfo)) {
+        f(&mut self.info.write().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    fn set_status(&self, status: Status) {
+        self.update(|info| info.status = status);
+    }
+
+    fn fail(&self, error: &str) {
+        self.update(|info| {
+            info.status = Status::Failed;
+            info.last_error = Some(error.to_owned());
+        });
+    }
+}
+
+fn describe(library: &Library) -> (String, Vec<String>, PathBuf, String) {
+    let manifest = library.manifest();
+    (
+        manifest.version.to_string(),
+        manifest.dependencies.clone(),
+        library.path().to_owned(),
+        hex::encode(library.sha256()),
+    )
+}
+
+impl Kernel {
+    /// A kernel with no services.
+    pub fn new(config: KernelConfig) -> std::io::Result<Self> {
+        let loader = Loader::new(config.shadow_dir.as_deref())?;
+        Ok(Kernel {
+            inner: Arc::new_cyclic(|me| KernelInner {
+                me: me.clone(),
+                loader,
+                config,
+                services: RwLock::new(BTreeMap::new()),
+                started_at: SystemTime::now(),
+                state_writes: Default::default(),
+            }),
+        })
+    }
+
+    /// The loader, to load plugin files for [`Kernel::register`] and [`Kernel::replace`].
+    pub fn loader(&self) -> &Loader {
+        &self.inner.loader
+    }
+
+    /// The state store, if the kernel persists state.
+    pub fn state_store(&self) -> Option<&StateStore> {
+        self.inner.config.state.as_ref()
+    }
+
+    /// Registers a loaded library as a new service (not started). `config` is handed to
+    /// each instance the service creates.
+    pub fn register(&self, library: Library, config: Option<String>) -> Result<(), KernelError> {
+        let name = library.manifest().name.clone();
+        let mut services = self
+            .inner
+            .services
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(existing) = services.get(&name) {
+            return Err(KernelError::DuplicateService {
+                service: name,
+                first: lock(&existing.ops).library.path().to_owned(),
+                second: library.path().to_owned(),
+            });
+        }
+        let (version, dependencies, path, sha256) = describe(&library);
+        tracing::info!(service = %name, %version, plugin = %path.display(), "registered");
+        let slot = ServiceSlot {
+            name: name.clone(),
+            mailbox: Mailbox::new(self.inner.config.mailbox_capacity),
+            info: RwLock::new(ServiceInfo {
+                name: name.clone(),
+                version,
+                status: Status::Registered,
+                dependencies,
+                path,
+                sha256,
+                loaded_since: unix_now(),
+                swaps: 0,
+                last_error: None,
+            }),
+            ops: Mutex::new(SlotOps {
+                library: Arc::new(library),
+                executor: None,
+                config,
+                last_saved: None,
+            }),
+        };
+        services.insert(name, Arc::new(slot));
+        Ok(())
+    }
+
+    /// Loads the plugin file at `path` and registers it.
+    pub fn load(
+        &self,
+        path: &std::path::Path,
+        config: Option<String>,
+    ) -> Result<String, KernelError> {
+        let library = self.inner.loader.load(path)?;
+        let name = library.manifest().name.clone();
+        self.register(library, config)?;
+        Ok(name)
+    }
+
+    /// Starts every registered service that is not running, dependencies first (ties broken
+    /// by name). Returns the services that could not start, with the reason; the others run.
+    pub fn start_all(&self) -> Vec<(String, KernelError)> {
+        let all: Vec<String> = self
+            .inner
+            .slots()
+            .iter()
+            .filter(|slot| slot.status() != Status::Running)
+            .map(|slot| slot.name.clone())
+            .collect();
+        self.start_new(&all)
+    }
+
+    /// Starts the given services (newly registered ones) in dependency order. Returns those
+    /// that could not start.
+    pub fn start_new(&self, services: &[String]) -> Vec<(String, KernelError)> {
+        let plan = deps::plan(&self.inner.graph());
+        let mut failures = Vec::new();
+        for (service, error) in plan.blocked {
+            if services.contains(&service) {
+                if let Some(slot) = self.inner.slot(&service) {
+                    slot.fail(&error.to_string());
+                }
+                failures.push((service, KernelError::Dependency(error)));
+            }
+        }
+        for service in plan.order.iter().filter(|s| services.contains(s)) {
+            if let Err(error) = self.start(service) {
+                failures.push((service.clone(), error));
+            }
+        }
+        for (service, error) in &failures {
+            tracing::error!(service, error = %error, "not started");
+        }
+        failures
+    }
+
+    /// Starts one service: its dependencies must be running. Restores its state first.
+    pub fn start(&self, service: &str) -> Result<(), KernelError> {
+        self.inner.start(service)
+    }
+
+    /// Stops one service, saving its state; running services that depend on it are stopped
+    /// first.
+    pub fn stop(&self, service: &str) -> Result<(), KernelError> {
+        self.inner.stop_with_dependents(service)
+    }
+
+    /// Stops every running service in reverse dependency order, saving each one's state.
+    /// Returns the services whose state could not be saved or whose `stop` failed.
+    pub fn stop_all(&self) -> Vec<(String, KernelError)> {
+        self.inner.stop_all()
+    }
+
+    /// Sends a request from outside the host (`from` = `external`) and waits for the reply,
+    /// at most `timeout` (the kernel's default when `None`).
+    pub fn request(
+        &self,
+        to: &str,
+        kind: &str,
+        payload: &[u8],
+        timeout: Option<Duration>,
+    ) -> Reply {
+        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
+        self.inner
+            .route_request("external", Vec::new(), to, kind, payload, timeout)
+    }
+
+    /// Queues an event from outside the host.
+    pub fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String> {
+        self.inner.route_event("external", to, kind, payload)
+    }
+
+    /// Every registered service, by name.
+    pub fn list(&self) -> Vec<ServiceInfo> {
+        self.inner.list()
+    }
+
+    /// One service's information.
+    pub fn info(&self, service: &str) -> Option<ServiceInfo> {
+        self.inner
+            .slot(service)
+            .map(|slot| slot.info.read().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> KernelStats {
+        KernelStats {
+            libraries_opened: self.inner.loader.libraries_opened(),
+            state_writes: self
+                .inner
+                .state_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        }
+    }
+
+    /// Checkpoints every running service through its mailbox: exports its state and writes
+    /// it when it differs from the last state written. Does nothing without a state store.
+    pub fn checkpoint(&self) -> Vec<(String, Result<Checkpoint, KernelError>)> {
+        self.inner.checkpoint_all()
+    }
+
+    /// Replaces a registered service by a new version of its plugin (see [`swap`]).
+    pub fn replace(
+        &self,
+        library: Library,
+        config: Option<String>,
+    ) -> Result<SwapReport, KernelError> {
+        self.inner.replace(library, config)
+    }
+
+    /// Stops everything (saving state) and closes every library. Idempotent; also run on drop.
+    pub fn shutdown(&self) -> Vec<(String, KernelError)> {
+        let failures = self.inner.stop_all();
+        let slots: Vec<Arc<ServiceSlot>> = {
+            let mut services = self
+                .inner
+                .services
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *services).into_values().collect()
+        };
+        for slot in slots {
+            slot.mailbox.drain(&slot.name);
+            match Arc::try_unwrap(slot) {
+                Ok(slot) => {
+                    let ops = slot.ops.into_inner().unwrap_or_else(|p| p.into_inner());
+                    close_library(ops.library);
+                }
+                Err(slot) => {
+                    tracing::warn!(service = %slot.name, "service still referenced at shutdown; its library stays open")
+                }
+            }
+        }
+        failures
+    }
+}
+
+impl Drop for Kernel {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Closes a library that nothing else should hold any more; logs when something does.
+pub(crate) fn close_library(library: Arc<Library>) -> bool {
+    match Arc::try_unwrap(library) {
+        Ok(library) => library.close(),
+        Err(library) => {
+            tracing::warn!(plugin = %library.path().display(), "library still referenced; not closed");
+            false
+        }
+    }
+}
+
+impl KernelInner {
+    fn weak_self(&self) -> std::sync::Weak<KernelInner> {
+        self.me.clone()
+    }
+
+    pub(crate) fn slot(&self, service: &str) -> Option<Arc<ServiceSlot>> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+    }
+
+    fn slots(&self) -> Vec<Arc<ServiceSlot>> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn graph(&self) -> BTreeMap<String, Vec<String>> {
+        self.slots()
+            .iter()
+            .map(|slot| {
+                let info = slot.info.read().unwrap_or_else(|p| p.into_inner());
+                (info.name.clone(), info.dependencies.clone())
+            })
+            .collect()
+    }
+
+    pub(crate) fn list(&self) -> Vec<ServiceInfo> {
+        self.slots()
+            .iter()
+            .map(|slot| slot.info.read().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect()
+    }
+
+    pub(crate) fn uptime(&self) -> Duration {
+        self.started_at.elapsed().unwrap_or_default()
+    }
+
+    fn require_running_dependencies(
+        &self,
+        service: &str,
+        dependencies: &[String],
+    ) -> Result<(), KernelError> {
+        for dependency in dependencies {
+            let running = self
+                .slot(dependency)
+                .map(|slot| slot.status() == Status::Running);
+            match running {
+                Some(true) => {}
+                Some(false) => {
+                    return Err(KernelError::DependencyNotRunning {
+                        service: service.to_owned(),
+                        dependency: dependency.clone(),
+                    })
+                }
+                None => {
+                    return Err(DependencyError::Missing {
+                        service: service.to_owned(),
+                        dependency: dependency.clone(),
+                    }
+                    .into())
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads the service's saved state, applying the bad-state policy.
+    fn restore(&self, slot: &ServiceSlot) -> Result<Option<(String, Vec<u8>)>, KernelError> {
+        let Some(store) = &self.config.state else {
+            return Ok(None);
+        };
+        match store.load(&slot.name) {
+            Ok(saved) => Ok(saved.map(|s| (s.version, s.bytes))),
+            Err(source) if self.config.on_bad_state == BadStatePolicy::Quarantine => {
+                self.quarantine(slot, &source).map(|()| None)
+            }
+            Err(source) => Err(KernelError::State {
+                service: slot.name.clone(),
+                source,
+            }),
+        }
+    }
+
+    /// Moves an unusable state file aside (it is kept) so that the service starts fresh.
+    fn quarantine(
+        &self,
+        slot: &ServiceSlot,
+        reason: &dyn std::fmt::Display,
+    ) -> Result<(), KernelError> {
+        let store = self
+            .config
+            .state
+            .as_ref()
+            .expect("a state file implies a store");
+        let moved = store
+            .quarantine(&slot.name)
+            .map_err(|source| KernelError::State {
+                service: slot.name.clone(),
+                source,
+            })?;
+        tracing::warn!(
+            service = %slot.name,
+            error = %reason,
+            moved_to = %moved.display(),
+            "state file unusable: moved aside, starting with fresh state"
+        );
+        Ok(())
+    }
+
+    fn launch(
+        &self,
+        slot: &ServiceSlot,
+        ops: &SlotOps,
+        library: Arc<Library>,
+        state: Option<(String, Vec<u8>)>,
+    ) -> Result<JoinHandle<()>, InstanceError> {
+        let services = routing::context(&slot.name, self);
+        executor::launch(
+            Launch {
+                service: slot.name.clone(),
+                library,
+                services,
+                config: ops.config.clone(),
+                state,
+            },
+            slot.mailbox.rx.clone(),
+        )
+    }
+
+    fn start(&self, service: &str) -> Result<(), KernelError> {
+        let slot = self
+            .slot(service)
+            .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
+        let mut ops = lock(&slot.ops);
+        if matches!(slot.status(), Status::Running) {
+            return Ok(());
+        }
+        let dependencies = ops.library.manifest().dependencies.clone();
+        let result = self
+            .require_running_dependencies(service, &dependencies)
+            .and_then(|()| self.start_locked(&slot, &mut ops));
+        if let Err(error) = &result {
+            slot.fail(&error.to_string());
+            slot.mailbox.drain(service);
+        }
+        result
+    }
+
+    fn start_locked(&self, slot: &ServiceSlot, ops: &mut SlotOps) -> Result<(), KernelError> {
+        let _span = tracing::info_span!("start", service = %slot.name).entered();
+        let state = self.restore(slot)?;
+        slot.set_status(Status::Starting);
+        let restored = state
+            .as_ref()
+            .map(|(version, bytes)| (version.clone(), digest(bytes)));
+        let launched = match self.launch(slot, ops, ops.library.clone(), state) {
+            Err(InstanceError::Import(cause))
+                if self.config.on_bad_state == BadStatePolicy::Quarantine =>
+            {
+                self.quarantine(slot, &format!("import_state refused it: {cause}"))?;
+                self.launch(slot, ops, ops.library.clone(), None)
+                    .map(|thread| (thread, None))
+            }
+            other => other.map(|thread| (thread, restored)),
+        };
+        match launched {
+            Ok((thread, restored)) => {
+                ops.executor = Some(thread);
+                ops.last_saved = restored;
+                slot.update(|info| {
+                    info.status = Status::Running;
+                    info.last_error = None;
+                });
+                tracing::info!(service = %slot.name, version = %ops.library.manifest().version, "running");
+                Ok(())
+            }
+            Err(InstanceError::Import(cause)) => Err(KernelError::StartFailed {
+                service: slot.name.clone(),
+                cause: format!(
+                    "import_state refused the state in {}: {cause}",
+                    self.config
+                        .state
+                        .as_ref()
+                        .map(|s| s.path(&slot.name).display().to_string())
+                        .unwrap_or_default()
+                ),
+            }),
+            Err(error) => Err(KernelError::StartFailed {
+                service: slot.name.clone(),
+                cause: error.to_string(),
+            }),
+        }
+    }
+
+    /// Running services that depend on `service`, directly or not, dependents last.
+    fn running_dependents(&self, service: &str) -> Vec<String> {
+        let graph = self.graph();
+        let plan = deps::plan(&graph);
+        let mut affected = std::collections::BTreeSet::from([service.to_owned()]);
+        for name in &plan.order {
+            if graph[name].iter().any(|d| affected.contains(d)) {
+                affected.insert(name.clone());
+            }
+        }
+        plan.order
+            .into_iter()
+            .filter(|name| name != service && affected.contains(name))
+            .filter(|name| {
+                self.slot(name)
+                    .is_some_and(|s| s.status() == Status::Running)
+            })
+            .collect()
+    }
+
+    fn stop_with_dependents(&self, service: &str) -> Result<(), KernelError> {
+        let slot = self
+            .slot(service)
+            .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
+        for dependent in self.running_dependents(service).into_iter().rev() {
+            if let Some(dependent) = self.slot(&dependent) {
+                tracing::info!(service = %dependent.name, because = service, "stopping a dependent first");
+                self.stop_one(&dependent)?;
+            }
+        }
+        self.stop_one(&slot)
+    }
+
+    fn stop_all(&self) -> Vec<(String, KernelError)> {
+        let plan = deps::plan(&self.graph());
+        let mut order = plan.order;
+        // Services that could not be planned may still run (started before a cycle appeared).
+        order.extend(plan.blocked.into_keys());
+        let mut failures = Vec::new();
+        for service in order.into_iter().rev() {
+            if let Some(slot) = self.slot(&service) {
+                if let Err(error) = self.stop_one(&slot) {
+                    tracing::error!(service, error = %format!("{error:#}"), "stop failed");
+                    failures.push((service, error));
+                }
+            }
+        }
+        failures
+    }
+
+    /// Stops one service's instance, saving its state; leaves its library loaded.
+    fn stop_one(&self, slot: &ServiceSlot) -> Result<(), KernelError> {
+        let mut ops = lock(&slot.ops);
+        let Some(thread) = ops.executor.take() else {
+            return Ok(());
+        };
+        let _span = tracing::info_span!("stop", service = %slot.name).entered();
+        slot.set_status(Status::Stopping);
+        let (tx, rx) = bounded(1);
+        let outcome = slot
+            .mailbox
+            .tx
+            .send(Envelope::Stop {
+                export: self.config.state.is_some(),
+                reply: tx,
+            })
+            .ok()
+            .and_then(|()| rx.recv().ok());
+        let _ = thread.join();
+        slot.set_status(Status::Stopped);
+        slot.mailbox.drain(&slot.name);
+        let Some(outcome) = outcome else {
+            return Err(KernelError::Instance {
+                service: slot.name.clone(),
+                cause: "the executor exited without stopping the instance".into(),
+            });
+        };
+        let mut result = outcome.stopped.map_err(|cause| KernelError::Instance {
+            service: slot.name.clone(),
+            cause: format!("stop failed: {cause}"),
+        });
+        if let Some(state) = outcome.state {
+            let version = ops.library.manifest().version.to_string();
+            let saved = state
+                .map_err(|cause| KernelError::Instance {
+                    service: slot.name.clone(),
+                    cause: format!("export_state failed, state not saved: {cause}"),
+                })
+                .and_then(|bytes| self.save(slot, &mut ops, &version, &bytes));
+            result = saved.and(result);
+        }
+        if let Err(error) = &result {
+            slot.update(|info| info.last_error = Some(error.to_string()));
+        }
+        tracing::info!(service = %slot.name, "stopped");
+        result
+    }
+
+    fn save(
+        &self,
+        slot: &ServiceSlot,
+        ops: &mut SlotOps,
+        version: &str,
+        bytes: &[u8],
+    ) -> Result<(), KernelError> {
+        let Some(store) = &self.config.state else {
+            return Ok(());
+        };
+        store
+            .save(&slot.name, version, bytes)
+            .map_err(|source| KernelError::State {
+                service: slot.name.clone(),
+                source,
+            })?;
+        self.state_writes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ops.last_saved = Some((version.to_owned(), digest(bytes)));
+        Ok(())
+    }
+
+    fn checkpoint_all(&self) -> Vec<(String, Result<Checkpoint, KernelError>)> {
+        if self.config.state.is_none() {
+            return Vec::new();
+        }
+        self.slots()
+            .iter()
+            .filter(|slot| slot.status() == Status::Running)
+            .map(|slot| (slot.name.clone(), self.checkpoint(slot)))
+            .collect()
+    }
+
+    fn checkpoint(&self, slot: &ServiceSlot) -> Result<Checkpoint, KernelError> {
+        let mut ops = lock(&slot.ops);
+        if ops.executor.is_none() {
+            return Ok(Checkpoint::Unchanged);
+        }
+        let failed = |cause: String| KernelError::Instance {
+            service: slot.name.clone(),
+            cause: format!("checkpoint failed: {cause}"),
+        };
+        let (tx, rx) = bounded(1);
+        slot.mailbox
+            .tx
+            .send_timeout(Envelope::Export { reply: tx }, self.config.request_timeout)
+            .map_err(|_| failed("the mailbox stayed full".into()))?;
+        let bytes = rx
+            .recv()
+            .map_err(|_| failed("the executor did not answer".into()))?
+            .map_err(|cause| failed(format!("export_state: {cause}")))?;
+        let version = ops.library.manifest().version.to_string();
+        if ops.last_saved.as_ref() == Some(&(version.clone(), digest(&bytes))) {
+            return Ok(Checkpoint::Unchanged);
+        }
+        self.save(slot, &mut ops, &version, &bytes)?;
+        Ok(Checkpoint::Written)
+    }
+}

@@ -1,0 +1,205 @@
+//! Requests and events: from plugins (through their host handle), from outside, and to the
+//! kernel itself.
+
+use std::{
+    sync::{Arc, Weak},
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError, TrySendError};
+use plugin_api::{abi::LogLevel, codes, Message, Reply};
+
+use super::{KernelInner, Status};
+use crate::{
+    executor::{self, Envelope},
+    loader::HostServices,
+};
+
+/// The name under which the kernel answers requests and receives events.
+pub const KERNEL: &str = "kernel";
+
+/// What one service's instances see of the host: the service's name and a weak handle to
+/// the kernel (a plugin holding its handle must not keep the kernel alive).
+struct ServiceContext {
+    service: String,
+    kernel: Weak<KernelInner>,
+}
+
+pub(super) fn context(service: &str, kernel: &KernelInner) -> Arc<dyn HostServices> {
+    Arc::new(ServiceContext {
+        service: service.to_owned(),
+        kernel: kernel.weak_self(),
+    })
+}
+
+impl HostServices for ServiceContext {
+    fn log(&self, level: LogLevel, target: &str, message: &str) {
+        let service = self.service.as_str();
+        match level {
+            LogLevel::Error => {
+                tracing::error!(target: "plugin", service, module = target, "{message}")
+            }
+            LogLevel::Warn => {
+                tracing::warn!(target: "plugin", service, module = target, "{message}")
+            }
+            LogLevel::Info => {
+                tracing::info!(target: "plugin", service, module = target, "{message}")
+            }
+            LogLevel::Debug => {
+                tracing::debug!(target: "plugin", service, module = target, "{message}")
+            }
+            LogLevel::Trace => {
+                tracing::trace!(target: "plugin", service, module = target, "{message}")
+            }
+        }
+    }
+
+    fn request(&self, to: &str, kind: &str, payload: &[u8], timeout: Duration) -> Reply {
+        match self.kernel.upgrade() {
+            Some(kernel) => kernel.route_request(
+                &self.service,
+                executor::current_chain(),
+                to,
+                kind,
+                payload,
+                timeout,
+            ),
+            None => Reply::error(codes::NOT_FOUND, "the kernel is shutting down"),
+        }
+    }
+
+    fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String> {
+        match self.kernel.upgrade() {
+            Some(kernel) => kernel.route_event(&self.service, to, kind, payload),
+            None => Err("the kernel is shutting down".into()),
+        }
+    }
+}
+
+impl KernelInner {
+    /// Routes a request and waits for its reply, at most `timeout` in all (waiting for room
+    /// in a full mailbox included). `chain` lists the services waiting on this request.
+    pub(crate) fn route_request(
+        &self,
+        from: &str,
+        chain: Vec<String>,
+        to: &str,
+        kind: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Reply {
+        if to == KERNEL {
+            return self.kernel_request(kind, payload);
+        }
+        if chain.iter().any(|waiting| waiting == to) {
+            return Reply::error(
+                codes::LOOP,
+                format!("call loop: {} -> {to}", chain.join(" -> ")),
+            );
+        }
+        let Some(slot) = self.slot(to) else {
+            return Reply::error(codes::NOT_FOUND, format!("no service `{to}`"));
+        };
+        let status = slot.status();
+        if !matches!(status, Status::Running | Status::Starting) {
+            return Reply::error(
+                codes::NOT_FOUND,
+                format!("service `{to}` is not running ({status})"),
+            );
+        }
+        let deadline = Instant::now() + timeout;
+        let (reply_tx, reply_rx) = bounded(1);
+        let envelope = Envelope::Request {
+            message: Message {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                kind: kind.to_owned(),
+                payload: payload.to_vec(),
+            },
+            chain,
+            reply: reply_tx,
+        };
+        match slot.mailbox.tx.send_timeout(envelope, timeout) {
+            Ok(()) => {}
+            Err(SendTimeoutError::Timeout(_)) => {
+                return Reply::error(
+                    codes::TIMEOUT,
+                    format!("the mailbox of `{to}` stayed full for {timeout:?}"),
+                )
+            }
+            Err(SendTimeoutError::Disconnected(_)) => {
+                return Reply::error(codes::NOT_FOUND, format!("service `{to}` is gone"))
+            }
+        }
+        match reply_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => Reply::error(
+                codes::TIMEOUT,
+                format!("`{to}` did not reply to `{kind}` within {timeout:?}"),
+            ),
+            Err(RecvTimeoutError::Disconnected) => Reply::error(
+                codes::NOT_FOUND,
+                format!("service `{to}` stopped before replying"),
+            ),
+        }
+    }
+
+    /// Queues an event; fails when the target does not run or its mailbox is full.
+    pub(crate) fn route_event(
+        &self,
+        from: &str,
+        to: &str,
+        kind: &str,
+        payload: &[u8],
+    ) -> Result<(), String> {
+        if to == KERNEL {
+            tracing::info!(
+                target: "kernel",
+                from,
+                kind,
+                payload = %String::from_utf8_lossy(&payload[..payload.len().min(256)]),
+                "event for the kernel"
+            );
+            return Ok(());
+        }
+        let slot = self.slot(to).ok_or_else(|| format!("no service `{to}`"))?;
+        let status = slot.status();
+        if !matches!(status, Status::Running | Status::Starting) {
+            return Err(format!("service `{to}` is not running ({status})"));
+        }
+        let envelope = Envelope::Event {
+            message: Message {
+                from: from.to_owned(),
+                to: to.to_owned(),
+                kind: kind.to_owned(),
+                payload: payload.to_vec(),
+            },
+        };
+        slot.mailbox.tx.try_send(envelope).map_err(|e| match e {
+            TrySendError::Full(_) => format!(
+                "the mailbox of `{to}` is full ({} messages); event `{kind}` not queued",
+                self.config.mailbox_capacity
+            ),
+            TrySendError::Disconnected(_) => format!("service `{to}` is gone"),
+        })
+    }
+
+    /// Requests addressed to `kernel`.
+    fn kernel_request(&self, kind: &str, _payload: &[u8]) -> Reply {
+        match kind {
+            "ping" => Reply::json(&serde_json::json!({
+                "pong": true,
+                "uptime_ms": u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
+            })),
+            "list" => Reply::json(&self.list()),
+            "version" => Reply::json(&serde_json::json!({
+                "host": env!("CARGO_PKG_VERSION"),
+                "plugin_api": plugin_api::abi::API_VERSION,
+            })),
+            other => Reply::error(
+                codes::BAD_REQUEST,
+                format!("the kernel understands `ping`, `list` and `version`, not `{other}`"),
+            ),
+        }
+    }
+}

@@ -1,0 +1,274 @@
+//! Rescanning the plugins directory: what changed, and what to do about it.
+//!
+//! Each `*.so` file is identified by the SHA-256 of its content. A file whose digest is
+//! known is skipped without being opened. Changed and new files are loaded; then, service by
+//! service, the highest version among the directory's files wins:
+//! - a new service is registered and started (dependencies first);
+//! - a running service whose winner is a file just loaded is hot-replaced;
+//! - two files with the same version of a service and different contents are an error that
+//!   names both, and the service is left as it is.
+//!
+//! A removed file leaves its service running, with a warning.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::{
+    kernel::{Kernel, KernelError, SwapReport},
+    loader::{Library, LoadError},
+};
+
+/// What the reloader knows of a file it has seen.
+#[derive(Debug, Clone)]
+struct KnownFile {
+    sha256: [u8; 32],
+    /// Service and version it provides; `None` when it failed to load.
+    provides: Option<(String, semver::Version)>,
+}
+
+/// Why a file or a service was left alone during a rescan.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The plugins directory could not be listed.
+    #[error("plugins directory {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Two files provide the same version of a service with different contents.
+    #[error("service `{service}` version {version} is provided by both {first} and {second}, with different contents; remove one")]
+    SameVersion {
+        /// The service.
+        service: String,
+        /// The version.
+        version: String,
+        /// One file.
+        first: PathBuf,
+        /// The other file.
+        second: PathBuf,
+    },
+    /// The kernel refused the change (a replace rolled back, a start failed...).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// What one rescan did.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    /// Services registered (and started, unless listed in `errors`).
+    pub added: Vec<String>,
+    /// Hot replaces that happened.
+    pub replaced: Vec<SwapReport>,
+    /// Files skipped because their content was already known.
+    pub unchanged: usize,
+    /// What went wrong, file by file or service by service. Nothing listed here changed a
+    /// running service.
+    pub errors: Vec<ReloadError>,
+}
+
+/// Watches one plugins directory on behalf of a kernel. Owned by the daemon's main loop.
+#[derive(Debug)]
+pub struct Reloader {
+    dir: PathBuf,
+    known: HashMap<PathBuf, KnownFile>,
+}
+
+impl Reloader {
+    /// A reloader for `dir` that has seen nothing yet: its first scan loads everything.
+    pub fn new(dir: &Path) -> Self {
+        Reloader {
+            dir: dir.to_owned(),
+            known: HashMap::new(),
+        }
+    }
+
+    /// The plugins directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The configuration text of a service: `<plugins-dir>/<service>.conf`, if present.
+    pub fn config_of(&self, service: &str) -> Option<String> {
+        fs::read_to_string(self.dir.join(format!("{service}.conf"))).ok()
+    }
+
+    /// Rescans the directory and applies what changed; `only` limits the changes to one
+    /// service.
+    pub fn scan(&mut self, kernel: &Kernel, only: Option<&str>) -> ScanReport {
+        let _span = tracing::info_span!("rescan", dir = %self.dir.display()).entered();
+        let mut report = ScanReport::default();
+        let files = match plugin_files(&self.dir) {
+            Ok(files) => files,
+            Err(source) => {
+                report.errors.push(ReloadError::Dir {
+                    path: self.dir.clone(),
+                    source,
+                });
+                return report;
+            }
+        };
+
+        // Removed files: their services keep running.
+        let present: BTreeSet<&PathBuf> = files.iter().collect();
+        let removed: Vec<PathBuf> = self
+            .known
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for path in removed {
+            if let Some(KnownFile {
+                provides: Some((service, _)),
+                ..
+            }) = self.known.remove(&path)
+            {
+                if kernel.info(&service).is_some_and(|info| info.path == path) {
+                    tracing::warn!(service, plugin = %path.display(), "plugin file removed; the service keeps running");
+                }
+            }
+        }
+
+        // Changed and new files are loaded; known ones are not even opened.
+        let mut loaded: BTreeMap<PathBuf, Library> = BTreeMap::new();
+        for path in files {
+            let bytes = match fs::read(&path) {
+                Ok(bytes) => bytes,
+                Err(source) => {
+                    report.errors.push(LoadError::Read { path, source }.into());
+                    continue;
+                }
+            };
+            let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+            if self.known.get(&path).is_some_and(|k| k.sha256 == sha256) {
+                report.unchanged += 1;
+                continue;
+            }
+            match kernel.loader().load_bytes(&path, &bytes) {
+                Ok(library) => {
+                    let manifest = library.manifest();
+                    if only.is_some_and(|only| manifest.name != only) {
+                        // Not recorded as known: a later full rescan applies it.
+                        continue;
+                    }
+                    let provides = Some((manifest.name.clone(), manifest.version.clone()));
+                    self.known
+                        .insert(path.clone(), KnownFile { sha256, provides });
+                    loaded.insert(path, library);
+                }
+                Err(error) => {
+                    tracing::error!(error = %error, "plugin not loaded");
+                    if let LoadError::AbiMismatch { report, .. } = &error {
+                        tracing::debug!(plugin = %path.display(), %report, "abi_stable's layout report");
+                    }
+                    self.known.insert(
+                        path,
+                        KnownFile {
+                            sha256,
+                            provides: None,
+                        },
+                    );
+                    report.errors.push(error.into());
+                }
+            }
+        }
+
+        // Per service: the highest version among all its files wins.
+        let mut by_service: BTreeMap<String, Vec<(&PathBuf, &KnownFile)>> = BTreeMap::new();
+        for (path, known) in &self.known {
+            if let Some((service, _)) = &known.provides {
+                by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .push((path, known));
+            }
+        }
+        let mut added = Vec::new();
+        for (service, mut candidates) in by_service {
+            candidates.sort_by(|a, b| version_of(b.1).cmp(version_of(a.1)).then(a.0.cmp(b.0)));
+            let (winner, best) = candidates[0];
+            if let Some((other, _)) = candidates[1..]
+                .iter()
+                .find(|(_, k)| version_of(k) == version_of(best) && k.sha256 != best.sha256)
+            {
+                if candidates
+                    .iter()
+                    .any(|(path, _)| loaded.contains_key(*path))
+                {
+                    report.errors.push(ReloadError::SameVersion {
+                        service: service.clone(),
+                        version: version_of(best).to_string(),
+                        first: winner.clone(),
+                        second: (*other).clone(),
+                    });
+                }
+                continue;
+            }
+            let Some(library) = loaded.remove(winner) else {
+                continue;
+            };
+            let config = self.config_of(&service);
+            if kernel.info(&service).is_none() {
+                match kernel.register(library, config) {
+                    Ok(()) => added.push(service),
+                    Err(error) => report.errors.push(error.into()),
+                }
+            } else {
+                match kernel.replace(library, config) {
+                    Ok(swap) => report.replaced.push(swap),
+                    Err(error) => {
+                        tracing::error!(error = %error, "hot replace failed; the old version keeps serving");
+                        report.errors.push(error.into());
+                    }
+                }
+            }
+        }
+        // Files that lost (older versions, other services filtered out) are closed now.
+        drop(loaded);
+
+        for (service, error) in kernel.start_new(&added) {
+            report.errors.push(ReloadError::Kernel(error));
+            added.retain(|s| *s != service);
+        }
+        report.added = added;
+        tracing::info!(
+            added = report.added.len(),
+            replaced = report.replaced.len(),
+            unchanged = report.unchanged,
+            errors = report.errors.len(),
+            "rescan done"
+        );
+        report
+    }
+}
+
+fn version_of(known: &KnownFile) -> &semver::Version {
+    &known
+        .provides
+        .as_ref()
+        .expect("only files that provide a service")
+        .1
+}
+
+/// The `*.so` files of `dir`, sorted.
+fn plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "so") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}

@@ -1,0 +1,196 @@
+//! Loading, checking and really unloading plugin libraries.
+
+use std::{fs, path::Path};
+
+use host::{
+    kernel::DependencyError,
+    loader::{is_mapped, LoadError, Loader},
+    KernelError,
+};
+
+use crate::support::*;
+
+fn load_error(path: &Path) -> LoadError {
+    let loader = Loader::new(None).unwrap();
+    loader.load(path).expect_err("the load should fail")
+}
+
+#[test]
+fn a_file_that_is_not_a_shared_library_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("notes.so");
+    fs::write(&path, "just some text\n")?;
+    let error = load_error(&path);
+    assert!(
+        matches!(&error, LoadError::NotSharedLibrary { path: p } if *p == path),
+        "{error}"
+    );
+    assert!(error.to_string().contains("notes.so"));
+    Ok(())
+}
+
+#[test]
+fn a_truncated_library_is_refused() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let bytes = fs::read(fixture("echo"))?;
+    let path = dir.path().join("libecho.so");
+    fs::write(&path, &bytes[..bytes.len() / 2])?;
+    let error = load_error(&path);
+    assert!(matches!(error, LoadError::Truncated { .. }), "{error}");
+    assert!(error.to_string().contains("libecho.so"), "{error}");
+    Ok(())
+}
+
+#[test]
+fn a_shared_library_that_is_not_a_plugin_is_refused() -> TestResult {
+    // The C library is a shared library that exports no plugin root module.
+    let libc = [
+        "/lib/x86_64-linux-gnu/libm.so.6",
+        "/lib/aarch64-linux-gnu/libm.so.6",
+        "/usr/lib64/libm.so.6",
+    ]
+    .into_iter()
+    .map(Path::new)
+    .find(|p| p.exists())
+    .expect("libm is installed");
+    let error = load_error(libc);
+    assert!(
+        matches!(&error, LoadError::NotAPlugin { symbol, .. } if symbol == plugin_api::abi::ROOT_MODULE_SYMBOL),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_plugin_with_a_mismatching_abi_is_refused_naming_the_mismatch() -> TestResult {
+    let error = load_error(&fixture("fixture-abi-mismatch"));
+    let LoadError::AbiMismatch {
+        summary, report, ..
+    } = &error
+    else {
+        panic!("expected an ABI mismatch, got {error}");
+    };
+    assert!(
+        summary.contains("manifest"),
+        "the summary should name the field: {summary}"
+    );
+    assert!(report.len() > summary.len());
+    assert!(error.to_string().contains("libfixture_abi_mismatch.so"));
+    Ok(())
+}
+
+#[test]
+fn a_plugin_built_against_an_older_plugin_api_is_refused_naming_both_versions() -> TestResult {
+    let error = load_error(&fixture("fixture-old-api"));
+    assert!(
+        matches!(&error, LoadError::VersionMismatch { host, plugin, .. } if host == plugin_api::abi::API_VERSION && plugin == "0.0.5"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_plugin_with_an_invalid_service_name_is_refused() -> TestResult {
+    let error = load_error(&fixture("fixture-bad-name"));
+    assert!(
+        matches!(&error, LoadError::InvalidManifest { reason, .. } if reason.contains("\"Bad Name\"")),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn two_plugins_with_the_same_name_are_refused() -> TestResult {
+    let kernel = kernel();
+    let dir = plugin_dir(&["echo"]);
+    let first = dir.path().join("libecho.so");
+    let second = dir.path().join("libecho-copy.so");
+    fs::copy(&first, &second)?;
+    kernel.load(&first, None)?;
+    let error = kernel.load(&second, None).unwrap_err();
+    assert!(
+        matches!(&error, KernelError::DuplicateService { service, first: f, second: s } if service == "echo" && *f == first && *s == second),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_dependency_cycle_is_refused_naming_the_cycle() -> TestResult {
+    let kernel = kernel();
+    let dir = plugin_dir(&["fixture-cycle-a", "fixture-cycle-b", "kv"]);
+    for file in fs::read_dir(dir.path())? {
+        kernel.load(&file?.path(), None)?;
+    }
+    let failures = kernel.start_all();
+    assert_eq!(failures.len(), 2, "{failures:?}");
+    let cycle = vec![
+        "cycle-a".to_owned(),
+        "cycle-b".to_owned(),
+        "cycle-a".to_owned(),
+    ];
+    for (_, error) in &failures {
+        assert!(
+            matches!(error, KernelError::Dependency(DependencyError::Cycle { cycle: c }) if *c == cycle),
+            "{error}"
+        );
+    }
+    assert_eq!(kernel.info("kv").unwrap().status, host::Status::Running);
+    assert_eq!(kernel.info("cycle-a").unwrap().status, host::Status::Failed);
+    Ok(())
+}
+
+#[test]
+fn a_missing_dependency_is_refused_naming_both_services() -> TestResult {
+    let kernel = kernel();
+    kernel.load(&fixture("logger"), None)?;
+    let failures = kernel.start_all();
+    assert!(
+        matches!(&failures[..], [(s, KernelError::Dependency(DependencyError::Missing { service, dependency }))]
+            if s == "logger" && service == "logger" && dependency == "echo"),
+        "{failures:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_closed_library_is_gone_from_the_address_space() -> TestResult {
+    let loader = Loader::new(None)?;
+    let library = loader.load(&fixture("echo"))?;
+    let shadow = library.shadow_path().to_owned();
+    assert!(
+        is_mapped(&shadow),
+        "the library should be mapped while open"
+    );
+    assert!(library.close(), "close reports the library unmapped");
+    assert!(!is_mapped(&shadow));
+    Ok(())
+}
+
+fn mappings_under(dir: &Path) -> usize {
+    let maps = fs::read_to_string("/proc/self/maps").unwrap();
+    let dir = dir.to_string_lossy();
+    maps.lines().filter(|line| line.contains(&*dir)).count()
+}
+
+#[test]
+fn a_thousand_load_run_unload_cycles_leave_no_mapping_behind() -> TestResult {
+    let shadow_parent = tempfile::tempdir()?;
+    let kernel = host::Kernel::new(host::KernelConfig {
+        shadow_dir: Some(shadow_parent.path().to_owned()),
+        ..Default::default()
+    })?;
+    let plugin = fixture("fixture-relay");
+    let bytes = fs::read(&plugin)?;
+    assert_eq!(mappings_under(shadow_parent.path()), 0);
+    for _ in 0..1000 {
+        let library = kernel.loader().load_bytes(&plugin, &bytes)?;
+        kernel.register(library, None)?;
+        kernel.start("relay")?;
+        let failures = kernel.shutdown();
+        assert!(failures.is_empty(), "{failures:?}");
+    }
+    assert_eq!(mappings_under(shadow_parent.path()), 0);
+    assert_eq!(kernel.stats().libraries_opened, 1000);
+    Ok(())
+}

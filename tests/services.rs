@@ -1,0 +1,1 @@
+//! Services at work: dependency order, requests through the kernel, failures of plugins.

@@ -1,0 +1,218 @@
+//! Shared test support: the plugin fixtures (built once per test run), plugin directories,
+//! kernels, and a capture of every log line.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Mutex, OnceLock},
+};
+
+use host::{Kernel, KernelConfig};
+use tracing_subscriber::{layer::SubscriberExt, util::SubscriberInitExt, Layer};
+
+pub type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+/// The workspace root.
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// The target directory of this test run (fixtures are built into it too).
+pub fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+/// Every plugin crate the tests load, by package name.
+const PACKAGES: &[&str] = &[
+    "echo",
+    "echo-v2",
+    "logger",
+    "kv",
+    "fixture-echo-faulty",
+    "fixture-relay",
+    "fixture-bad-name",
+    "fixture-cycle-a",
+    "fixture-cycle-b",
+];
+
+/// Workspaces under `tests/fixtures-isolated` (see the README there).
+const ISOLATED: &[&str] = &["old-api", "abi-mismatch"];
+
+/// A `cargo` command without the variables of the cargo that runs the tests, so that the
+/// nested build behaves like one from a shell.
+pub fn cargo() -> Command {
+    let mut command = Command::new(env!("CARGO"));
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_") && key != "CARGO_HOME" || key == "RUSTFLAGS" {
+            command.env_remove(&*key);
+        }
+    }
+    command.arg("--quiet").arg("--color=never");
+    command
+}
+
+fn run(mut command: Command) {
+    let output = command.output().expect("cargo runs");
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Builds every fixture once per test run; returns the directory holding the `.so` files.
+pub fn fixture_dir() -> &'static Path {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let target = target_dir();
+        let mut build = cargo();
+        build
+            .current_dir(workspace())
+            .arg("build")
+            .arg("--target-dir")
+            .arg(&target);
+        for package in PACKAGES {
+            build.args(["-p", package]);
+        }
+        run(build);
+        for isolated in ISOLATED {
+            let mut build = cargo();
+            build
+                .current_dir(workspace().join("tests/fixtures-isolated").join(isolated))
+                .args(["build", "--target-dir"])
+                .arg(&target);
+            run(build);
+        }
+        target.join("debug")
+    })
+}
+
+/// The built `.so` of a plugin package.
+pub fn fixture(package: &str) -> PathBuf {
+    fixture_dir().join(format!("lib{}.so", package.replace('-', "_")))
+}
+
+/// A fresh plugins directory holding copies of the given packages' libraries.
+pub fn plugin_dir(packages: &[&str]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for package in packages {
+        add_plugin(dir.path(), package);
+    }
+    dir
+}
+
+/// Copies a package's library into `dir`, returns its path there.
+pub fn add_plugin(dir: &Path, package: &str) -> PathBuf {
+    let source = fixture(package);
+    let target = dir.join(source.file_name().unwrap());
+    std::fs::copy(&source, &target).unwrap();
+    target
+}
+
+/// A kernel with default settings and no state.
+pub fn kernel() -> Kernel {
+    capture_logs();
+    Kernel::new(KernelConfig::default()).unwrap()
+}
+
+/// A log line seen by the subscriber.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub target: String,
+    pub level: tracing::Level,
+    pub service: Option<String>,
+    pub message: String,
+}
+
+static LINES: Mutex<Vec<LogLine>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+#[derive(Default)]
+struct Fields {
+    service: Option<String>,
+    message: String,
+}
+
+impl tracing::field::Visit for Fields {
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        match field.name() {
+            "service" => self.service = Some(value.to_owned()),
+            "message" => self.message = value.to_owned(),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        match field.name() {
+            "service" => self.service = Some(format!("{value:?}")),
+            "message" => self.message = format!("{value:?}"),
+            _ => {}
+        }
+    }
+}
+
+impl<S: tracing::Subscriber> Layer<S> for Capture {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        LINES.lock().unwrap().push(LogLine {
+            target: event.metadata().target().to_owned(),
+            level: *event.metadata().level(),
+            service: fields.service,
+            message: fields.message,
+        });
+    }
+}
+
+/// Installs the process-wide subscriber (once): captures every line, prints with the test
+/// writer when `RUST_LOG` is set.
+pub fn capture_logs() {
+    static INSTALLED: OnceLock<()> = OnceLock::new();
+    INSTALLED.get_or_init(|| {
+        let print = std::env::var_os("RUST_LOG").map(|_| {
+            tracing_subscriber::fmt::layer()
+                .with_test_writer()
+                .with_filter(tracing_subscriber::EnvFilter::from_default_env())
+        });
+        tracing_subscriber::registry()
+            .with(Capture)
+            .with(print)
+            .init();
+    });
+}
+
+/// Every captured line so far matching `predicate`.
+pub fn logged(predicate: impl Fn(&LogLine) -> bool) -> Vec<LogLine> {
+    LINES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| predicate(l))
+        .cloned()
+        .collect()
+}
+
+/// A unique token for a test to look for in shared output.
+pub fn token(label: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The reply data of a request as JSON, after asserting success.
+pub fn json(reply: &plugin_api::Reply) -> serde_json::Value {
+    assert!(reply.is_ok(), "expected success, got {reply}");
+    serde_json::from_slice(&reply.data).unwrap()
+}
