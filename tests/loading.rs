@@ -187,8 +187,8 @@ fn a_thousand_load_run_unload_cycles_leave_no_mapping_behind() -> TestResult {
         let library = kernel.loader().load_bytes(&plugin, &bytes)?;
         kernel.register(library, None)?;
         kernel.start("relay")?;
-        let failures = kernel.shutdown();
-        assert!(failures.is_empty(), "{failures:?}");
+        let report = kernel.shutdown();
+        assert!(report.failures.is_empty(), "{:?}", report.failures);
     }
     assert_eq!(mappings_under(shadow_parent.path()), 0);
     assert_eq!(kernel.stats().libraries_opened, 1000);

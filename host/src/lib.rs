@@ -16,6 +16,7 @@ pub mod state;
 mod executor;
 
 pub use kernel::{
-    BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo, Status,
+    BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo,
+    Status, StopReport,
 };
 pub mod reload;

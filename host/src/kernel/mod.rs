@@ -186,6 +186,16 @@ pub struct KernelStats {
     pub state_writes: u64,
 }
 
+/// What stopping every service did.
+#[derive(Debug, Default)]
+pub struct StopReport {
+    /// The services stopped, in the order they were stopped.
+    pub stopped: Vec<String>,
+    /// Those whose `stop` failed or whose state could not be saved (they are stopped all
+    /// the same).
+    pub failures: Vec<(String, KernelError)>,
+}
+
 /// What a checkpoint did for one service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checkpoint {
@@ -415,8 +425,7 @@ impl Kernel {
     }
 
     /// Stops every running service in reverse dependency order, saving each one's state.
-    /// Returns the services whose state could not be saved or whose `stop` failed.
-    pub fn stop_all(&self) -> Vec<(String, KernelError)> {
+    pub fn stop_all(&self) -> StopReport {
         self.inner.stop_all()
     }
 
@@ -478,8 +487,8 @@ impl Kernel {
     }
 
     /// Stops everything (saving state) and closes every library. Idempotent; also run on drop.
-    pub fn shutdown(&self) -> Vec<(String, KernelError)> {
-        let failures = self.inner.stop_all();
+    pub fn shutdown(&self) -> StopReport {
+        let report = self.inner.stop_all();
         let slots: Vec<Arc<ServiceSlot>> = {
             let mut services = self
                 .inner
@@ -500,7 +509,7 @@ impl Kernel {
                 }
             }
         }
-        failures
+        report
     }
 }
 
@@ -754,21 +763,26 @@ impl KernelInner {
         self.stop_one(&slot)
     }
 
-    fn stop_all(&self) -> Vec<(String, KernelError)> {
+    fn stop_all(&self) -> StopReport {
         let plan = deps::plan(&self.graph());
         let mut order = plan.order;
         // Services that could not be planned may still run (started before a cycle appeared).
         order.extend(plan.blocked.into_keys());
-        let mut failures = Vec::new();
+        let mut report = StopReport::default();
         for service in order.into_iter().rev() {
-            if let Some(slot) = self.slot(&service) {
-                if let Err(error) = self.stop_one(&slot) {
-                    tracing::error!(service, error = %format!("{error:#}"), "stop failed");
-                    failures.push((service, error));
-                }
+            let Some(slot) = self.slot(&service) else {
+                continue;
+            };
+            if slot.status() != Status::Running {
+                continue;
             }
+            if let Err(error) = self.stop_one(&slot) {
+                tracing::error!(service, error = %error, "stop failed");
+                report.failures.push((service.clone(), error));
+            }
+            report.stopped.push(service);
         }
-        failures
+        report
     }
 
     /// Stops one service's instance, saving its state; leaves its library loaded.
