@@ -19,4 +19,7 @@ pub use kernel::{
     BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo,
     Status, StopReport,
 };
+pub mod cli;
+pub mod control;
+pub mod daemon;
 pub mod reload;

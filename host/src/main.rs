@@ -1,1 +1,181 @@
-fn main() {}
+//! `microkernel`: the plugin host's command line. See `microkernel --help`.
+
+use std::{
+    io::{IsTerminal, Write},
+    process::ExitCode,
+};
+
+use anyhow::Context;
+use clap::Parser;
+use host::{
+    cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs},
+    control::{self, Request, Response},
+    daemon,
+    state::{self, StateKey},
+};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&cli.log_level))
+        .unwrap_or_else(|e| {
+            eprintln!("microkernel: invalid --log-level {:?}: {e}", cli.log_level);
+            std::process::exit(2);
+        });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("microkernel: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run(args) => daemon::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Keygen { out } => {
+            let key = StateKey::write_new(&out)?;
+            println!(
+                "wrote a new state key to {} (id {}, mode 0600)",
+                out.display(),
+                key.id_hex()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Reload { pid_file } => {
+            let pid = daemon::signal_reload(&pid_file)?;
+            println!("sent SIGHUP to {pid}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Ctl(args) => ctl(args),
+        Command::InspectState(args) => inspect(args),
+    }
+}
+
+fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
+    let socket = args.socket_path();
+    let request = match &args.command {
+        CtlCommand::List { .. } => Request::List,
+        CtlCommand::Send {
+            service,
+            payload,
+            kind,
+            timeout,
+        } => Request::Send {
+            service: service.clone(),
+            kind: kind.clone(),
+            payload: hex::encode(payload),
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        },
+        CtlCommand::Reload { service } => Request::Reload {
+            service: service.clone(),
+        },
+        CtlCommand::Checkpoint => Request::Checkpoint,
+        CtlCommand::Stop { service } => Request::Stop {
+            service: service.clone(),
+        },
+        CtlCommand::Start { service } => Request::Start {
+            service: service.clone(),
+        },
+    };
+    let response = control::call(&socket, &request)?;
+    let mut out = std::io::stdout().lock();
+    match response {
+        Response::Services { services } => {
+            if matches!(args.command, CtlCommand::List { json: true }) {
+                writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5}  LAST ERROR",
+                    "NAME", "VERSION", "STATUS", "SHA256", "LOADED SINCE", "SWAPS"
+                )?;
+                for s in services {
+                    writeln!(
+                        out,
+                        "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5}  {}",
+                        s.name,
+                        s.version,
+                        s.status.to_string(),
+                        &s.sha256[..12],
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.loaded_since)
+                        )
+                        .to_string(),
+                        s.swaps,
+                        s.last_error.unwrap_or_default()
+                    )?;
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Response::Reply {
+            code,
+            message,
+            data,
+        } => {
+            if code == plugin_api::codes::OK {
+                let mut data = hex::decode(data).context("reply data")?;
+                if !data.ends_with(b"\n") {
+                    data.push(b'\n');
+                }
+                out.write_all(&data)?;
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("error {code}: {message}");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Response::Done { lines, failed } => {
+            for line in lines {
+                writeln!(out, "{line}")?;
+            }
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Response::Error { message } => anyhow::bail!("{message}"),
+    }
+}
+
+fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let keys = daemon::key_ring(&args.keys)?;
+    let (header, content) = state::inspect(&keys, &args.state_file)?;
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(&content).ok();
+    if args.json {
+        let content = parsed.unwrap_or_else(|| serde_json::json!({ "hex": hex::encode(&content) }));
+        let value = serde_json::json!({
+            "file": args.state_file,
+            "header": header,
+            "content": content,
+        });
+        println!("{}", serde_json::to_string_pretty(&value)?);
+    } else {
+        println!("file:        {}", args.state_file.display());
+        println!("format:      {}", header.format);
+        println!("service:     {}", header.service);
+        println!("exported by: version {}", header.exported_by);
+        println!("key id:      {}", header.key_id);
+        println!("nonce:       {}", header.nonce);
+        println!(
+            "sealed:      {} bytes (state {} bytes)",
+            header.sealed_len,
+            content.len()
+        );
+        println!("content:");
+        match parsed {
+            Some(value) => println!("{}", serde_json::to_string_pretty(&value)?),
+            None => println!("{}", hex::encode(&content)),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

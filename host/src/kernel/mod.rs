@@ -33,7 +33,7 @@ use crate::{
 };
 
 /// The life of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Loaded, never started.
@@ -155,7 +155,7 @@ pub enum KernelError {
 }
 
 /// What `list` shows about a service.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceInfo {
     /// Service name.
     pub name: String,

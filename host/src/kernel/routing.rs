@@ -37,19 +37,19 @@ impl HostServices for ServiceContext {
         let service = self.service.as_str();
         match level {
             LogLevel::Error => {
-                tracing::error!(target: "plugin", service, module = target, "{message}")
+                tracing::error!(target: "plugin", service = %service, module = %target, "{message}")
             }
             LogLevel::Warn => {
-                tracing::warn!(target: "plugin", service, module = target, "{message}")
+                tracing::warn!(target: "plugin", service = %service, module = %target, "{message}")
             }
             LogLevel::Info => {
-                tracing::info!(target: "plugin", service, module = target, "{message}")
+                tracing::info!(target: "plugin", service = %service, module = %target, "{message}")
             }
             LogLevel::Debug => {
-                tracing::debug!(target: "plugin", service, module = target, "{message}")
+                tracing::debug!(target: "plugin", service = %service, module = %target, "{message}")
             }
             LogLevel::Trace => {
-                tracing::trace!(target: "plugin", service, module = target, "{message}")
+                tracing::trace!(target: "plugin", service = %service, module = %target, "{message}")
             }
         }
     }

@@ -1,0 +1,199 @@
+//! The command line of `microkernel`.
+
+use std::{path::PathBuf, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::BadStatePolicy;
+
+/// A plugin host that runs services from shared libraries and replaces them while they run.
+#[derive(Debug, Parser)]
+#[command(name = "microkernel", version, propagate_version = true)]
+pub struct Cli {
+    /// Log level (error, warn, info, debug, trace) or a filter like `info,plugin=debug`;
+    /// `RUST_LOG`, when set, takes precedence.
+    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
+    pub log_level: String,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the host: load every plugin of a directory, start the services, serve until
+    /// SIGINT or SIGTERM. SIGHUP rescans the directory and hot-replaces changed services.
+    Run(RunArgs),
+    /// Write a new random state key (64 hex digits) to a file with mode 0600.
+    Keygen {
+        /// The file to create; an existing file is never overwritten.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Ask a running host to rescan its plugins directory (sends SIGHUP).
+    Reload {
+        /// The PID file the host was started with (`run --pid-file`).
+        #[arg(long, value_name = "PATH")]
+        pid_file: PathBuf,
+    },
+    /// Talk to a running host through its control socket.
+    Ctl(CtlArgs),
+    /// Decrypt a state file and print its header and content.
+    InspectState(InspectArgs),
+}
+
+/// Where state keys come from.
+#[derive(Debug, Args)]
+pub struct KeyArgs {
+    /// The state key file (64 hex digits, mode 0600; see `keygen`). Without it, the key is
+    /// read from the environment variable MICROKERNEL_STATE_KEY.
+    #[arg(long, value_name = "FILE")]
+    pub key_file: Option<PathBuf>,
+    /// An earlier key, still accepted for reading state files (repeat for several). Files
+    /// are rewritten with the current key at the next save.
+    #[arg(long = "old-key-file", value_name = "FILE")]
+    pub old_key_files: Vec<PathBuf>,
+}
+
+/// `microkernel run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The plugins directory: every `*.so` in it is loaded. `<service>.conf` next to them is
+    /// handed to that service as its configuration.
+    #[arg(long, value_name = "DIR", env = "MICROKERNEL_PLUGINS")]
+    pub plugins: PathBuf,
+    /// Where state files (`<service>.state`) and the control socket live; created with mode
+    /// 0700.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MICROKERNEL_STATE_DIR",
+        default_value = "state"
+    )]
+    pub state_dir: PathBuf,
+    /// State keys.
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// Run without persisting state (no key needed).
+    #[arg(long, conflicts_with_all = ["key_file", "old_key_files"])]
+    pub no_state: bool,
+    /// What to do with a state file that cannot be opened or imported: `refuse` leaves it
+    /// untouched and does not start the service; `quarantine` moves it aside and starts the
+    /// service fresh.
+    #[arg(long, value_enum, default_value_t = BadStatePolicy::Refuse)]
+    pub on_bad_state: BadStatePolicy,
+    /// How often each service's state is checkpointed (`250ms`, `10s`, `1m`; `0` disables).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub checkpoint_interval: Duration,
+    /// Write the host's PID to this file (removed at exit).
+    #[arg(long, value_name = "PATH")]
+    pub pid_file: Option<PathBuf>,
+    /// The control socket [default: <state-dir>/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Also rescan when a `.so` in the plugins directory changes (debounced).
+    #[arg(long)]
+    pub watch: bool,
+    /// Capacity of each service's mailbox.
+    #[arg(long, value_name = "N", default_value_t = 1024)]
+    pub mailbox_capacity: usize,
+    /// Timeout of requests sent from outside (`ctl send`).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Where the private copies of plugin files are opened from [default: the temporary
+    /// directory]. Must allow executable mappings (not `noexec`).
+    #[arg(long, value_name = "DIR")]
+    pub shadow_dir: Option<PathBuf>,
+}
+
+/// `microkernel ctl`.
+#[derive(Debug, Args)]
+pub struct CtlArgs {
+    /// The control socket [default: <state-dir>/control.sock].
+    #[arg(long, value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// The host's state directory, to find the socket in.
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MICROKERNEL_STATE_DIR",
+        default_value = "state"
+    )]
+    pub state_dir: PathBuf,
+    /// What to ask.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// The control commands.
+#[derive(Debug, Subcommand)]
+pub enum CtlCommand {
+    /// List the services: name, version, status, library digest, loaded since, swaps, last
+    /// error.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a request to a service and print the reply's data; exits 1 with the reply's code
+    /// and message when the reply is an error.
+    Send {
+        /// The service (or `kernel`).
+        service: String,
+        /// The payload (JSON by convention).
+        payload: String,
+        /// The request kind.
+        #[arg(long, default_value = "request")]
+        kind: String,
+        /// How long to wait for the reply [default: the host's --request-timeout].
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        timeout: Option<Duration>,
+    },
+    /// Rescan the plugins directory now (all services, or only one).
+    Reload {
+        /// Only this service.
+        service: Option<String>,
+    },
+    /// Checkpoint every running service now.
+    Checkpoint,
+    /// Stop a service (and the services that depend on it), saving its state.
+    Stop {
+        /// The service.
+        service: String,
+    },
+    /// Start a stopped service.
+    Start {
+        /// The service.
+        service: String,
+    },
+}
+
+/// `microkernel inspect-state`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// State keys.
+    #[command(flatten)]
+    pub keys: KeyArgs,
+    /// The state file.
+    pub state_file: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Parses `250ms`, `10s`, `1m`, `1h 30m`, or `0`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("{e} (write durations like 250ms, 10s, 1m, or 0)"))
+}
+
+impl CtlArgs {
+    /// The socket to connect to.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("control.sock"))
+    }
+}

@@ -1,0 +1,288 @@
+//! The control socket: a Unix domain socket (mode 0600, peers of another uid refused) that
+//! speaks one JSON object per line each way. `microkernel ctl` is its client.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::{
+        fs::PermissionsExt,
+        net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use anyhow::{bail, Context};
+use crossbeam_channel::{bounded, Sender};
+use serde::{Deserialize, Serialize};
+
+use crate::{daemon::Event, Checkpoint, Kernel, ServiceInfo};
+
+/// A command sent to the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The services.
+    List,
+    /// A request to a service.
+    Send {
+        /// Target service.
+        service: String,
+        /// Request kind.
+        kind: String,
+        /// Payload, hex.
+        payload: String,
+        /// Timeout in milliseconds; the host's default when absent.
+        timeout_ms: Option<u64>,
+    },
+    /// A rescan.
+    Reload {
+        /// Limit to one service.
+        service: Option<String>,
+    },
+    /// A checkpoint of every service.
+    Checkpoint,
+    /// Stop a service.
+    Stop {
+        /// The service.
+        service: String,
+    },
+    /// Start a service.
+    Start {
+        /// The service.
+        service: String,
+    },
+}
+
+/// The host's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Response {
+    /// `list`.
+    Services {
+        /// Every service.
+        services: Vec<ServiceInfo>,
+    },
+    /// `send`.
+    Reply {
+        /// Reply code.
+        code: u32,
+        /// Reply message.
+        message: String,
+        /// Reply data, hex.
+        data: String,
+    },
+    /// What was done, line by line (`reload`, `checkpoint`, `start`, `stop`); `failed` when
+    /// any line is an error.
+    Done {
+        /// One line per action.
+        lines: Vec<String>,
+        /// Whether something failed.
+        failed: bool,
+    },
+    /// The command could not be carried out.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// The listening side. Removes its socket file when dropped.
+#[derive(Debug)]
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Binds the socket (refusing to steal one a live host listens on), then serves each
+    /// connection on its own thread.
+    pub fn start(path: &Path, kernel: Arc<Kernel>, events: Sender<Event>) -> anyhow::Result<Self> {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "another host is already listening on control socket {}",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("removing stale control socket {}", path.display()))?;
+        }
+        let listener = UnixListener::bind(path)
+            .with_context(|| format!("binding control socket {}", path.display()))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting the mode of control socket {}", path.display()))?;
+        let owner = nix::unistd::getuid();
+        thread::Builder::new()
+            .name("control".into())
+            .spawn(move || {
+                for stream in listener.incoming() {
+                    let Ok(stream) = stream else { continue };
+                    let kernel = kernel.clone();
+                    let events = events.clone();
+                    let _ = thread::Builder::new()
+                        .name("control-conn".into())
+                        .spawn(move || serve(stream, owner, &kernel, &events));
+                }
+            })
+            .context("starting the control thread")?;
+        tracing::info!(socket = %path.display(), "control socket listening");
+        Ok(ControlServer {
+            path: path.to_owned(),
+        })
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn serve(stream: UnixStream, owner: nix::unistd::Uid, kernel: &Kernel, events: &Sender<Event>) {
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
+    let mut writer = match stream.try_clone() {
+        Ok(writer) => writer,
+        Err(_) => return,
+    };
+    let respond = |writer: &mut UnixStream, response: &Response| {
+        let mut line = serde_json::to_string(response).unwrap_or_default();
+        line.push('\n');
+        writer.write_all(line.as_bytes())
+    };
+    match peer {
+        Ok(credentials) if credentials.uid() == owner.as_raw() => {}
+        Ok(credentials) => {
+            tracing::warn!(
+                uid = credentials.uid(),
+                "control connection from another user refused"
+            );
+            let _ = respond(
+                &mut writer,
+                &Response::Error {
+                    message: format!(
+                        "refused: uid {} is not the host's uid {owner}",
+                        credentials.uid()
+                    ),
+                },
+            );
+            return;
+        }
+        Err(error) => {
+            tracing::warn!(%error, "control connection refused: peer credentials unavailable");
+            return;
+        }
+    }
+    for line in BufReader::new(stream).lines() {
+        let Ok(line) = line else { return };
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => handle(request, kernel, events),
+            Err(e) => Response::Error {
+                message: format!("bad control request: {e}"),
+            },
+        };
+        if respond(&mut writer, &response).is_err() {
+            return;
+        }
+    }
+}
+
+fn done(lines: Vec<(String, bool)>) -> Response {
+    let failed = lines.iter().any(|(_, failed)| *failed);
+    Response::Done {
+        lines: lines.into_iter().map(|(line, _)| line).collect(),
+        failed,
+    }
+}
+
+fn handle(request: Request, kernel: &Kernel, events: &Sender<Event>) -> Response {
+    match request {
+        Request::List => Response::Services {
+            services: kernel.list(),
+        },
+        Request::Send {
+            service,
+            kind,
+            payload,
+            timeout_ms,
+        } => match hex::decode(&payload) {
+            Ok(payload) => {
+                let reply = kernel.request(
+                    &service,
+                    &kind,
+                    &payload,
+                    timeout_ms.map(Duration::from_millis),
+                );
+                Response::Reply {
+                    code: reply.code,
+                    message: reply.message,
+                    data: hex::encode(reply.data),
+                }
+            }
+            Err(e) => Response::Error {
+                message: format!("payload is not hex: {e}"),
+            },
+        },
+        Request::Reload { service } => {
+            let (tx, rx) = bounded(1);
+            if events
+                .send(Event::Reload {
+                    service,
+                    reply: Some(tx),
+                })
+                .is_err()
+            {
+                return Response::Error {
+                    message: "the host is shutting down".into(),
+                };
+            }
+            match rx.recv() {
+                Ok(lines) => done(lines),
+                Err(_) => Response::Error {
+                    message: "the host is shutting down".into(),
+                },
+            }
+        }
+        Request::Checkpoint => {
+            let lines = kernel
+                .checkpoint()
+                .into_iter()
+                .map(|(service, result)| match result {
+                    Ok(Checkpoint::Written) => (format!("{service}: written"), false),
+                    Ok(Checkpoint::Unchanged) => (format!("{service}: unchanged"), false),
+                    Err(e) => (format!("{service}: {e}"), true),
+                })
+                .collect();
+            done(lines)
+        }
+        Request::Stop { service } => match kernel.stop(&service) {
+            Ok(()) => done(vec![(format!("{service}: stopped"), false)]),
+            Err(e) => done(vec![(e.to_string(), true)]),
+        },
+        Request::Start { service } => match kernel.start(&service) {
+            Ok(()) => done(vec![(format!("{service}: running"), false)]),
+            Err(e) => done(vec![(e.to_string(), true)]),
+        },
+    }
+}
+
+/// Sends one command to the host listening on `path` and returns its response.
+pub fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
+        format!("cannot connect to control socket {} (is the host running? see --socket and --state-dir)", path.display())
+    })?;
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes())?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .with_context(|| format!("reading from control socket {}", path.display()))?;
+    if answer.is_empty() {
+        bail!(
+            "the host closed control socket {} without answering",
+            path.display()
+        );
+    }
+    serde_json::from_str(&answer).with_context(|| format!("bad answer from the host: {answer}"))
+}

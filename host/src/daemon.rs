@@ -1,0 +1,366 @@
+//! `microkernel run`: the daemon's main loop.
+//!
+//! One thread (this one) owns the [`Reloader`] and applies every rescan, so rescans never
+//! overlap; signals, the control socket and the directory watcher only send it [`Event`]s.
+//! Reload requests that arrive during a rescan are coalesced into one more rescan. The same
+//! loop runs the periodic checkpoints.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{bail, Context};
+use crossbeam_channel::{never, select, tick, unbounded, Receiver, Sender};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+
+use crate::{
+    cli::{KeyArgs, RunArgs},
+    control::ControlServer,
+    reload::{Reloader, ScanReport},
+    state::{KeyRing, StateKey, StateStore},
+    Checkpoint, Kernel, KernelConfig,
+};
+
+/// The environment variable that may hold the state key (64 hex digits).
+pub const KEY_ENV: &str = "MICROKERNEL_STATE_KEY";
+
+/// What the main loop is asked to do.
+#[derive(Debug)]
+pub enum Event {
+    /// Rescan the plugins directory (or one service's files); the lines of the outcome go to
+    /// `reply` when given.
+    Reload {
+        /// Only this service.
+        service: Option<String>,
+        /// Where the outcome goes (`(line, is_error)`).
+        reply: Option<Sender<Vec<(String, bool)>>>,
+    },
+    /// Stop every service and exit.
+    Shutdown(&'static str),
+}
+
+/// Reads the current key (file, or environment) and the old keys.
+pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
+    let current = match (&keys.key_file, std::env::var(KEY_ENV)) {
+        (Some(path), _) => StateKey::from_file(path)?,
+        (None, Ok(hex)) => StateKey::from_hex(&hex, &format!("environment variable {KEY_ENV}"))?,
+        (None, Err(_)) => bail!(
+            "no state key: pass --key-file FILE or set {KEY_ENV} (create a key with `microkernel keygen --out FILE`), or run with --no-state"
+        ),
+    };
+    let old = keys
+        .old_key_files
+        .iter()
+        .map(|path| StateKey::from_file(path))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(KeyRing::new(current, old))
+}
+
+/// Runs the host until SIGINT or SIGTERM. Returns an error when the host could not start, or
+/// when some state could not be saved at shutdown.
+pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    if !args.plugins.is_dir() {
+        bail!(
+            "plugins directory {} does not exist or is not a directory",
+            args.plugins.display()
+        );
+    }
+    let state = if args.no_state {
+        tracing::warn!("running with --no-state: service state is not persisted");
+        None
+    } else {
+        Some(StateStore::new(&args.state_dir, key_ring(&args.keys)?)?)
+    };
+    std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&args.state_dir)
+        .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
+    let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
+
+    let kernel = Arc::new(Kernel::new(KernelConfig {
+        mailbox_capacity: args.mailbox_capacity.max(1),
+        request_timeout: args.request_timeout,
+        shadow_dir: args.shadow_dir.clone(),
+        state,
+        on_bad_state: args.on_bad_state,
+    })?);
+
+    let (events_tx, events) = unbounded();
+    let signals = spawn_signal_thread(events_tx.clone())?;
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| args.state_dir.join("control.sock"));
+    let control = ControlServer::start(&socket, kernel.clone(), events_tx.clone())?;
+    if args.watch {
+        spawn_watcher(args.plugins.clone(), events_tx.clone())?;
+    }
+
+    let mut reloader = Reloader::new(&args.plugins);
+    log_report(&reloader.scan(&kernel, None));
+    tracing::info!(
+        plugins = %args.plugins.display(),
+        services = kernel.list().len(),
+        pid = std::process::id(),
+        "host running: SIGHUP rescans, SIGINT/SIGTERM stop"
+    );
+
+    let checkpoints = if args.checkpoint_interval.is_zero() {
+        never()
+    } else {
+        tick(args.checkpoint_interval)
+    };
+    let signal = main_loop(&kernel, &mut reloader, &events, &checkpoints);
+
+    tracing::info!(signal, "stopping every service");
+    drop(control);
+    signals.close();
+    let report = kernel.shutdown();
+    if report.failures.is_empty() {
+        tracing::info!(
+            stopped = report.stopped.len(),
+            "all services stopped, state saved"
+        );
+        Ok(())
+    } else {
+        let services: Vec<String> = report
+            .failures
+            .iter()
+            .map(|(s, e)| format!("{s} ({e})"))
+            .collect();
+        bail!(
+            "stopped, but these services failed to stop cleanly: {}",
+            services.join(", ")
+        )
+    }
+}
+
+fn main_loop(
+    kernel: &Kernel,
+    reloader: &mut Reloader,
+    events: &Receiver<Event>,
+    checkpoints: &Receiver<Instant>,
+) -> &'static str {
+    loop {
+        select! {
+            recv(events) -> event => {
+                let Ok(event) = event else { return "shutdown" };
+                let mut pending = vec![event];
+                // Everything that arrived meanwhile is served by the same rescan.
+                pending.extend(events.try_iter());
+                if let Some(signal) = pending.iter().find_map(|e| match e {
+                    Event::Shutdown(signal) => Some(*signal),
+                    Event::Reload { .. } => None,
+                }) {
+                    return signal;
+                }
+                let only = common_service(&pending);
+                let report = reloader.scan(kernel, only.as_deref());
+                log_report(&report);
+                let lines = report_lines(&report);
+                for event in pending {
+                    if let Event::Reload { reply: Some(reply), .. } = event {
+                        let _ = reply.send(lines.clone());
+                    }
+                }
+            }
+            recv(checkpoints) -> _ => {
+                for (service, result) in kernel.checkpoint() {
+                    match result {
+                        Ok(Checkpoint::Written) => tracing::debug!(service, "checkpoint written"),
+                        Ok(Checkpoint::Unchanged) => tracing::trace!(service, "checkpoint unchanged"),
+                        Err(error) => tracing::error!(service, %error, "checkpoint failed; retrying at the next tick"),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The one service every pending reload names, or `None` (a full rescan) when any names
+/// none or they differ.
+fn common_service(pending: &[Event]) -> Option<String> {
+    let mut only: Option<&String> = None;
+    for event in pending {
+        match event {
+            Event::Reload {
+                service: Some(service),
+                ..
+            } if only.is_none_or(|o| o == service) => only = Some(service),
+            _ => return None,
+        }
+    }
+    only.cloned()
+}
+
+fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
+    let mut lines = Vec::new();
+    for service in &report.added {
+        lines.push((format!("added {service}"), false));
+    }
+    for swap in &report.replaced {
+        lines.push((
+            format!(
+                "replaced {} {} -> {} (requests held {:.2} ms)",
+                swap.service,
+                swap.from,
+                swap.to,
+                swap.held.as_secs_f64() * 1e3
+            ),
+            false,
+        ));
+    }
+    for error in &report.errors {
+        lines.push((format!("{error}"), true));
+    }
+    lines.push((format!("{} unchanged", report.unchanged), false));
+    lines
+}
+
+fn log_report(report: &ScanReport) {
+    for error in &report.errors {
+        tracing::error!(error = %error, "rescan");
+    }
+}
+
+fn spawn_signal_thread(events: Sender<Event>) -> anyhow::Result<signal_hook::iterator::Handle> {
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    let handle = signals.handle();
+    thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for signal in signals.forever() {
+                let event = match signal {
+                    SIGHUP => {
+                        tracing::info!("SIGHUP: rescanning the plugins directory");
+                        Event::Reload {
+                            service: None,
+                            reply: None,
+                        }
+                    }
+                    SIGINT => Event::Shutdown("SIGINT"),
+                    _ => Event::Shutdown("SIGTERM"),
+                };
+                if events.send(event).is_err() {
+                    return;
+                }
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(handle)
+}
+
+/// Polls the plugins directory; after a change, waits until it has been quiet for the
+/// debounce period, then asks for a rescan.
+fn spawn_watcher(dir: PathBuf, events: Sender<Event>) -> anyhow::Result<()> {
+    const POLL: Duration = Duration::from_millis(250);
+    const QUIET: Duration = Duration::from_millis(500);
+    thread::Builder::new()
+        .name("watch".into())
+        .spawn(move || {
+            let mut seen = snapshot(&dir);
+            let mut changed_at: Option<Instant> = None;
+            loop {
+                thread::sleep(POLL);
+                let now = snapshot(&dir);
+                if now != seen {
+                    seen = now;
+                    changed_at = Some(Instant::now());
+                } else if changed_at.is_some_and(|at| at.elapsed() >= QUIET) {
+                    changed_at = None;
+                    tracing::info!(dir = %dir.display(), "plugins changed: rescanning");
+                    if events
+                        .send(Event::Reload {
+                            service: None,
+                            reply: None,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        })
+        .context("starting the watcher")?;
+    Ok(())
+}
+
+fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    let mut files: Vec<_> = fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "so"))
+        .filter_map(|e| {
+            let meta = e.metadata().ok()?;
+            Some((e.path(), meta.len(), meta.modified().ok()))
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// A PID file, removed when dropped.
+#[derive(Debug)]
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(path: &Path) -> anyhow::Result<Self> {
+        if let Ok(text) = fs::read_to_string(path) {
+            if let Ok(pid) = text.trim().parse::<i32>() {
+                let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+                if alive && pid != std::process::id() as i32 {
+                    bail!("PID file {} names process {pid}, which is running: is another host using it?", path.display());
+                }
+            }
+        }
+        let dir = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let mut file = tempfile::NamedTempFile::new_in(dir)
+            .with_context(|| format!("writing PID file {}", path.display()))?;
+        std::io::Write::write_all(&mut file, format!("{}\n", std::process::id()).as_bytes())?;
+        file.persist(path)
+            .with_context(|| format!("writing PID file {}", path.display()))?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
+}
+
+/// `microkernel reload --pid-file`: sends SIGHUP to the host named in the PID file.
+pub fn signal_reload(pid_file: &Path) -> anyhow::Result<i32> {
+    let text = fs::read_to_string(pid_file).with_context(|| {
+        format!(
+            "reading PID file {} (is the host running with --pid-file?)",
+            pid_file.display()
+        )
+    })?;
+    let pid: i32 = text.trim().parse().with_context(|| {
+        format!(
+            "PID file {} does not hold a process id: {:?}",
+            pid_file.display(),
+            text.trim()
+        )
+    })?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .with_context(|| {
+        format!(
+            "sending SIGHUP to process {pid} from {}",
+            pid_file.display()
+        )
+    })?;
+    Ok(pid)
+}
