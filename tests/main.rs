@@ -4,4 +4,6 @@
 mod support;
 
 mod loading;
+mod reload;
 mod services;
+mod state;

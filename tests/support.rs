@@ -216,3 +216,71 @@ pub fn json(reply: &plugin_api::Reply) -> serde_json::Value {
     assert!(reply.is_ok(), "expected success, got {reply}");
     serde_json::from_slice(&reply.data).unwrap()
 }
+
+/// A state directory and a key, kept for the life of a test, to build kernels that persist.
+pub struct Persisted {
+    pub dir: tempfile::TempDir,
+    pub key_hex: String,
+}
+
+impl Persisted {
+    pub fn new() -> Self {
+        Persisted {
+            dir: tempfile::tempdir().unwrap(),
+            key_hex: hex_key(),
+        }
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    pub fn state_file(&self, service: &str) -> PathBuf {
+        self.state_dir().join(format!("{service}.state"))
+    }
+
+    pub fn config(&self, policy: host::BadStatePolicy) -> KernelConfig {
+        self.config_with_key(&self.key_hex, policy)
+    }
+
+    pub fn config_with_key(&self, key_hex: &str, policy: host::BadStatePolicy) -> KernelConfig {
+        let key = host::state::StateKey::from_hex(key_hex, "test").unwrap();
+        let keys = host::state::KeyRing::new(key, Vec::new());
+        KernelConfig {
+            state: Some(host::state::StateStore::new(&self.state_dir(), keys).unwrap()),
+            on_bad_state: policy,
+            ..Default::default()
+        }
+    }
+
+    /// A kernel persisting here, running what `plugins` holds.
+    pub fn kernel(&self, plugins: &Path) -> (Kernel, host::reload::ScanReport) {
+        self.kernel_with(plugins, self.config(host::BadStatePolicy::Refuse))
+    }
+
+    pub fn kernel_with(
+        &self,
+        plugins: &Path,
+        config: KernelConfig,
+    ) -> (Kernel, host::reload::ScanReport) {
+        capture_logs();
+        let kernel = Kernel::new(config).unwrap();
+        let report = host::reload::Reloader::new(plugins).scan(&kernel, None);
+        (kernel, report)
+    }
+}
+
+/// A random key, hex.
+pub fn hex_key() -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k");
+    host::state::StateKey::write_new(&path).unwrap();
+    std::fs::read_to_string(path).unwrap().trim().to_owned()
+}
+
+/// The count in an echo reply.
+pub fn echo_count(kernel: &Kernel) -> u64 {
+    json(&kernel.request("echo", "echo", b"", None))["count"]
+        .as_u64()
+        .unwrap()
+}

@@ -217,8 +217,16 @@ impl Reloader {
             let Some(library) = loaded.remove(winner) else {
                 continue;
             };
+            let running = kernel.info(&service);
+            if running
+                .as_ref()
+                .is_some_and(|info| info.sha256 == hex::encode(library.sha256()))
+            {
+                // The very library that is loaded already (seen by an earlier reloader).
+                continue;
+            }
             let config = self.config_of(&service);
-            if kernel.info(&service).is_none() {
+            if running.is_none() {
                 match kernel.register(library, config) {
                     Ok(()) => added.push(service),
                     Err(error) => report.errors.push(error.into()),

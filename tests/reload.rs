@@ -1,0 +1,223 @@
+//! Hot replace: no request lost, state migrated, rollback at every failing step, rescans.
+
+use std::{
+    fs,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use host::{
+    kernel::SwapError,
+    loader::LoadError,
+    reload::{ReloadError, Reloader},
+    KernelError, Status,
+};
+
+use crate::support::*;
+
+#[test]
+fn echo_is_replaced_under_load_without_losing_a_request() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo", "logger"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    let before = echo_count(&kernel); // logger's greeting, and this one
+    let sent = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let v2_seen = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let report = std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| {
+                while !done.load(Ordering::Relaxed) {
+                    let reply = kernel.request("echo", "echo", b"load", None);
+                    sent.fetch_add(1, Ordering::Relaxed);
+                    if !reply.is_ok() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    } else if json(&reply)["version"] == "2.0.0" {
+                        v2_seen.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        add_plugin(plugins.path(), "echo-v2");
+        let report = reloader.scan(&kernel, None);
+        std::thread::sleep(Duration::from_millis(200));
+        done.store(true, Ordering::Relaxed);
+        report
+    });
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let swap = &report.replaced[0];
+    assert_eq!((swap.from.as_str(), swap.to.as_str()), ("1.0.0", "2.0.0"));
+    assert!(swap.unmapped, "the old library is still mapped");
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    assert!(v2_seen.load(Ordering::Relaxed) > 0);
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent > 100, "only {sent} requests were sent");
+    assert_eq!(echo_count(&kernel), before + sent + 1);
+    assert_eq!(kernel.info("echo").unwrap().swaps, 1);
+    assert_eq!(kernel.info("logger").unwrap().status, Status::Running);
+    Ok(())
+}
+
+/// echo v1 running with 3 requests counted; then `prepare` puts a new version in place;
+/// the rescan must fail with an error for which `expected` holds, and v1 keeps its count.
+fn rolls_back(
+    prepare: impl FnOnce(&std::path::Path, &Persisted),
+    expected: impl Fn(&ReloadError) -> bool,
+) -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    for _ in 0..3 {
+        echo_count(&kernel);
+    }
+    prepare(plugins.path(), &persisted);
+    let report = reloader.scan(&kernel, None);
+    assert!(report.replaced.is_empty());
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert!(
+        expected(&report.errors[0]),
+        "unexpected error: {}",
+        report.errors[0]
+    );
+    let info = kernel.info("echo").unwrap();
+    assert_eq!(
+        (info.version.as_str(), info.status),
+        ("1.0.0", Status::Running)
+    );
+    let reply = json(&kernel.request("echo", "echo", b"", None));
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("1.0.0"), Some(4))
+    );
+    Ok(())
+}
+
+fn faulty_with(conf: &'static str) -> impl FnOnce(&std::path::Path, &Persisted) {
+    move |dir, _| {
+        fs::write(dir.join("echo.conf"), conf).unwrap();
+        add_plugin(dir, "fixture-echo-faulty");
+    }
+}
+
+fn rolled_back(error: &ReloadError, cause: &str) -> bool {
+    matches!(error, ReloadError::Kernel(KernelError::Swap(SwapError::RolledBack { old, new, cause: c, .. }))
+        if old == "1.0.0" && new == "9.0.0" && c.contains(cause))
+}
+
+#[test]
+fn a_new_version_that_cannot_be_loaded_changes_nothing() -> TestResult {
+    rolls_back(
+        |dir, _| {
+            let bytes = fs::read(fixture("echo-v2")).unwrap();
+            fs::write(dir.join("libecho_v2.so"), &bytes[..bytes.len() / 3]).unwrap();
+        },
+        |e| matches!(e, ReloadError::Load(LoadError::Truncated { path, .. }) if path.ends_with("libecho_v2.so")),
+    )
+}
+
+#[test]
+fn a_new_version_whose_import_refuses_the_state_rolls_back() -> TestResult {
+    rolls_back(faulty_with(r#"{"import":"fail"}"#), |e| {
+        rolled_back(e, "import refused on purpose")
+    })
+}
+
+#[test]
+fn a_new_version_whose_import_panics_rolls_back() -> TestResult {
+    rolls_back(faulty_with(r#"{"import":"panic"}"#), |e| {
+        rolled_back(e, "import panicked on purpose")
+    })
+}
+
+#[test]
+fn a_new_version_whose_start_fails_rolls_back() -> TestResult {
+    rolls_back(faulty_with(r#"{"start":"fail"}"#), |e| {
+        rolled_back(e, "start refused on purpose")
+    })
+}
+
+#[test]
+fn a_state_that_cannot_be_written_keeps_the_old_version_running() -> TestResult {
+    rolls_back(
+        |dir, persisted| {
+            // Even root cannot write into a directory that is a file.
+            fs::remove_dir_all(persisted.state_dir()).unwrap();
+            fs::write(persisted.state_dir(), b"not a directory").unwrap();
+            add_plugin(dir, "echo-v2");
+        },
+        |e| matches!(e, ReloadError::Kernel(KernelError::Swap(SwapError::Persist { service, .. })) if service == "echo"),
+    )
+}
+
+#[test]
+fn a_rescan_with_nothing_changed_opens_no_library() -> TestResult {
+    let plugins = plugin_dir(&["echo", "kv", "logger"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    let opened = kernel.stats().libraries_opened;
+    assert_eq!(opened, 3);
+    let report = reloader.scan(&kernel, None);
+    assert_eq!((report.unchanged, report.errors.len()), (3, 0));
+    assert_eq!(kernel.stats().libraries_opened, opened);
+    Ok(())
+}
+
+#[test]
+fn the_highest_version_wins_and_a_removed_file_leaves_its_service_running() -> TestResult {
+    let plugins = plugin_dir(&["echo", "echo-v2"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(kernel.info("echo").unwrap().version, "2.0.0");
+    fs::remove_file(plugins.path().join("libecho_v2.so"))?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty() && report.replaced.is_empty());
+    assert_eq!(kernel.info("echo").unwrap().version, "2.0.0");
+    assert!(kernel.request("echo", "echo", b"", None).is_ok());
+    Ok(())
+}
+
+#[test]
+fn the_same_version_with_different_contents_is_an_error_naming_both_files() -> TestResult {
+    let plugins = plugin_dir(&["echo"]);
+    let mut altered = fs::read(plugins.path().join("libecho.so"))?;
+    altered.extend_from_slice(b"trailing bytes change the digest, not the library");
+    fs::write(plugins.path().join("libecho-rebuilt.so"), altered)?;
+    let kernel = kernel();
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(
+        matches!(&report.errors[..], [ReloadError::SameVersion { service, first, second, .. }]
+            if service == "echo" && first.ends_with("libecho-rebuilt.so") && second.ends_with("libecho.so")),
+        "{:?}",
+        report.errors
+    );
+    let message = report.errors[0].to_string();
+    assert!(
+        message.contains("libecho.so") && message.contains("libecho-rebuilt.so"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_new_service_dropped_in_is_started_after_its_dependencies() -> TestResult {
+    let plugins = plugin_dir(&["kv"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    add_plugin(plugins.path(), "logger");
+    add_plugin(plugins.path(), "echo");
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.added, ["echo", "logger"]);
+    assert_eq!(kernel.info("logger").unwrap().status, Status::Running);
+    Ok(())
+}
