@@ -3,6 +3,7 @@
 
 mod support;
 
+mod cli;
 mod loading;
 mod reload;
 mod services;

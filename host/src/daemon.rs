@@ -78,6 +78,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
         .create(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
+    let _lock = lock_state_dir(&args.state_dir)?;
     let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
 
     let kernel = Arc::new(Kernel::new(KernelConfig {
@@ -94,13 +95,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| args.state_dir.join("control.sock"));
+    let mut reloader = Reloader::new(&args.plugins);
+    log_report(&reloader.scan(&kernel, None));
+    // The socket answers once the services are up: scripts can wait for it.
     let control = ControlServer::start(&socket, kernel.clone(), events_tx.clone())?;
     if args.watch {
         spawn_watcher(args.plugins.clone(), events_tx.clone())?;
     }
-
-    let mut reloader = Reloader::new(&args.plugins);
-    log_report(&reloader.scan(&kernel, None));
     tracing::info!(
         plugins = %args.plugins.display(),
         services = kernel.list().len(),
@@ -302,6 +303,26 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
         .collect();
     files.sort();
     files
+}
+
+/// Makes sure no other host uses the same state directory (two hosts would overwrite each
+/// other's state). The lock is held until the returned file is dropped.
+fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    let path = dir.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening lock file {}", path.display()))?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
+        |(_, errno)| {
+            anyhow::anyhow!(
+                "state directory {} is in use by another host ({errno})",
+                dir.display()
+            )
+        },
+    )
 }
 
 /// A PID file, removed when dropped.

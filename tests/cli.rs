@@ -1,0 +1,312 @@
+//! The `microkernel` binary as an operator uses it: daemon, signals, control socket, keys.
+
+use std::{
+    fs,
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_microkernel");
+
+fn microkernel(args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("MICROKERNEL_STATE_KEY")
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("microkernel runs")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// A host running as a child process, in its own directory.
+struct Daemon {
+    child: Child,
+    root: PathBuf,
+}
+
+impl Daemon {
+    fn start(root: &Path) -> Daemon {
+        let log = fs::File::create(root.join("host.log")).unwrap();
+        let p = |name: &str| root.join(name).to_string_lossy().into_owned();
+        let child = Command::new(BIN)
+            .args([
+                "run",
+                "--plugins",
+                &p("plugins"),
+                "--state-dir",
+                &p("state"),
+                "--key-file",
+                &p("key"),
+            ])
+            .args(["--pid-file", &p("host.pid"), "--checkpoint-interval", "0"])
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            root: root.to_owned(),
+        };
+        daemon.wait_for(
+            |d| d.ctl(&["list"]).status.success(),
+            "the control socket to answer",
+        );
+        daemon
+    }
+
+    fn ctl(&self, args: &[&str]) -> Output {
+        let socket = self.root.join("state/control.sock");
+        let mut all = vec!["ctl", "--socket", socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        microkernel(&all)
+    }
+
+    fn send(&self, service: &str, payload: &str) -> serde_json::Value {
+        let output = self.ctl(&["send", service, payload]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        serde_json::from_slice(&output.stdout).unwrap()
+    }
+
+    fn services(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.ctl(&["list", "--json"]).stdout).unwrap_or_default()
+    }
+
+    fn wait_for(&self, done: impl Fn(&Daemon) -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done(self) {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; host log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(self.root.join("host.log")).unwrap_or_default()
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn setup(packages: &[&str]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    fs::create_dir(root.path().join("plugins")).unwrap();
+    for package in packages {
+        add_plugin(&root.path().join("plugins"), package);
+    }
+    let key = root.path().join("key");
+    let output = microkernel(&["keygen", "--out", key.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    root
+}
+
+#[test]
+fn the_daemon_serves_hot_replaces_on_sighup_and_stops_cleanly_with_its_state() -> TestResult {
+    let root = setup(&["echo", "logger", "kv"]);
+    let daemon = Daemon::start(root.path());
+    assert_eq!(daemon.services().as_array().map(Vec::len), Some(3));
+    assert_eq!(daemon.send("echo", "hi")["count"], 2);
+
+    let missing = daemon.ctl(&["send", "nope", "x"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(
+        stderr(&missing).contains("error 404"),
+        "{}",
+        stderr(&missing)
+    );
+
+    add_plugin(&root.path().join("plugins"), "echo-v2");
+    let pid_file = root.path().join("host.pid");
+    let reload = microkernel(&["reload", "--pid-file", pid_file.to_str().unwrap()]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+    daemon.wait_for(|d| d.services()[0]["version"] == "2.0.0", "echo 2.0.0");
+    let reply = daemon.send("echo", "after");
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("2.0.0"), Some(3))
+    );
+    assert_eq!(daemon.services()[0]["swaps"], 1);
+
+    let checkpoint = daemon.ctl(&["checkpoint"]);
+    assert!(
+        stdout(&checkpoint).contains("echo: written"),
+        "{}",
+        stdout(&checkpoint)
+    );
+    let state_file = root.path().join("state/echo.state");
+    let key = root.path().join("key");
+    let inspect = microkernel(&[
+        "inspect-state",
+        "--key-file",
+        key.to_str().unwrap(),
+        state_file.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(inspect.status.success(), "{}", stderr(&inspect));
+    let inspected: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    assert_eq!(inspected["header"]["service"], "echo");
+    assert_eq!(inspected["header"]["exported_by"], "2.0.0");
+    assert_eq!(inspected["content"]["requests"], 3);
+    let text = microkernel(&[
+        "inspect-state",
+        "--key-file",
+        key.to_str().unwrap(),
+        state_file.to_str().unwrap(),
+    ]);
+    assert!(
+        stdout(&text).contains("\"requests\": 3"),
+        "{}",
+        stdout(&text)
+    );
+
+    let status = daemon.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(!pid_file.exists(), "the PID file is removed at exit");
+    assert!(!root.path().join("state/control.sock").exists());
+    for service in ["echo", "logger", "kv"] {
+        assert!(
+            root.path().join(format!("state/{service}.state")).exists(),
+            "{service} saved"
+        );
+    }
+
+    // A restarted host picks up where the first left off: v2 (the highest version) with its
+    // count, plus the restarted logger's greeting.
+    let daemon = Daemon::start(root.path());
+    let reply = daemon.send("echo", "again");
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("2.0.0"), Some(5))
+    );
+    assert!(daemon.terminate().success());
+    Ok(())
+}
+
+#[test]
+fn ctl_stops_and_starts_services_with_their_dependents() -> TestResult {
+    let root = setup(&["echo", "logger"]);
+    let daemon = Daemon::start(root.path());
+    let stop = daemon.ctl(&["stop", "echo"]);
+    assert!(stop.status.success(), "{}", stderr(&stop));
+    let services = daemon.services();
+    assert_eq!(services[0]["status"], "stopped");
+    assert_eq!(services[1]["status"], "stopped");
+    let refused = daemon.ctl(&["start", "logger"]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stdout(&refused).contains("depends on `echo`, which is not running"),
+        "{}",
+        stdout(&refused)
+    );
+    assert!(daemon.ctl(&["start", "echo"]).status.success());
+    assert!(daemon.ctl(&["start", "logger"]).status.success());
+    let table = stdout(&daemon.ctl(&["list"]));
+    assert!(table.lines().next().unwrap().starts_with("NAME"), "{table}");
+    assert!(
+        table.contains("logger") && table.contains("running"),
+        "{table}"
+    );
+    assert!(daemon.terminate().success());
+    Ok(())
+}
+
+#[test]
+fn run_refuses_a_key_file_others_can_read_and_says_how_to_fix_it() -> TestResult {
+    let root = setup(&["echo"]);
+    let key = root.path().join("key");
+    fs::set_permissions(&key, fs::Permissions::from_mode(0o644))?;
+    let plugins = root.path().join("plugins");
+    let output = microkernel(&[
+        "run",
+        "--plugins",
+        plugins.to_str().unwrap(),
+        "--key-file",
+        key.to_str().unwrap(),
+    ]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("chmod 600"), "{}", stderr(&output));
+    Ok(())
+}
+
+#[test]
+fn run_without_a_key_says_where_to_get_one() -> TestResult {
+    let root = setup(&["echo"]);
+    let plugins = root.path().join("plugins");
+    let output = microkernel(&["run", "--plugins", plugins.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let message = stderr(&output);
+    assert!(
+        message.contains("MICROKERNEL_STATE_KEY") && message.contains("keygen"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn keygen_never_overwrites_a_key() -> TestResult {
+    let root = setup(&[]);
+    let key = root.path().join("key");
+    let before = fs::read(&key)?;
+    let output = microkernel(&["keygen", "--out", key.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("refusing to overwrite"),
+        "{}",
+        stderr(&output)
+    );
+    assert_eq!(fs::read(&key)?, before);
+    Ok(())
+}
+
+#[test]
+fn a_second_host_on_the_same_state_directory_is_refused() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let p = |name: &str| root.path().join(name).to_string_lossy().into_owned();
+    let second = microkernel(&[
+        "run",
+        "--plugins",
+        &p("plugins"),
+        "--state-dir",
+        &p("state"),
+        "--key-file",
+        &p("key"),
+    ]);
+    assert_eq!(second.status.code(), Some(2));
+    assert!(
+        stderr(&second).contains("in use by another host"),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(daemon.send("echo", "still")["count"], 1);
+    assert!(daemon.terminate().success());
+    Ok(())
+}
