@@ -138,17 +138,13 @@ fn inspect_reads_the_header_and_content() {
     store.save("echo", "2.0.0", b"{\"count\":3}").unwrap();
     let keys = KeyRing::new(StateKey::from_hex(&"00".repeat(32), "t").unwrap(), vec![]);
     assert!(inspect(&keys, &store.path("echo")).is_err());
-    let (header, bytes) = inspect(&store_keys(&store), &store.path("echo")).unwrap();
+    let (header, bytes) = inspect(store.keys(), &store.path("echo")).unwrap();
     assert_eq!(
         (header.service.as_str(), header.exported_by.as_str()),
         ("echo", "2.0.0")
     );
     assert_eq!(header.key_id, id);
     assert_eq!(bytes, b"{\"count\":3}");
-}
-
-fn store_keys(store: &StateStore) -> &KeyRing {
-    store.keys()
 }
 
 #[test]
