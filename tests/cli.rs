@@ -37,6 +37,10 @@ struct Daemon {
 
 impl Daemon {
     fn start(root: &Path) -> Daemon {
+        Daemon::start_with(root, &[])
+    }
+
+    fn start_with(root: &Path, extra: &[&str]) -> Daemon {
         let log = fs::File::create(root.join("host.log")).unwrap();
         let p = |name: &str| root.join(name).to_string_lossy().into_owned();
         let child = Command::new(BIN)
@@ -50,6 +54,7 @@ impl Daemon {
                 &p("key"),
             ])
             .args(["--pid-file", &p("host.pid"), "--checkpoint-interval", "0"])
+            .args(extra)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
             .stderr(log)
@@ -307,6 +312,21 @@ fn a_second_host_on_the_same_state_directory_is_refused() -> TestResult {
         stderr(&second)
     );
     assert_eq!(daemon.send("echo", "still")["count"], 1);
+    assert!(daemon.terminate().success());
+    Ok(())
+}
+
+#[test]
+fn with_watch_a_new_plugin_file_is_picked_up_without_a_signal() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start_with(root.path(), &["--watch"]);
+    assert_eq!(daemon.send("echo", "one")["count"], 1);
+    add_plugin(&root.path().join("plugins"), "echo-v2");
+    daemon.wait_for(
+        |d| d.services()[0]["version"] == "2.0.0",
+        "the watcher to replace echo",
+    );
+    assert_eq!(daemon.send("echo", "two")["count"], 2);
     assert!(daemon.terminate().success());
     Ok(())
 }

@@ -5,7 +5,7 @@
 //! trait, the [`export_service!`] macro, and the logging macros ([`info!`], [`warn!`], ...).
 //! Everything else is plumbing:
 //!
-//! ```ignore
+//! ```no_run
 //! use plugin_api::{export_service, BoxError, Host, Reply, Request, Service};
 //!
 //! struct Hello { host: Host }

@@ -343,7 +343,7 @@ macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::abi::LogLevel::Trac
 ///
 /// Write it once, at the crate root of a `cdylib` crate:
 ///
-/// ```ignore
+/// ```text
 /// plugin_api::export_service!(MyService);
 /// ```
 ///

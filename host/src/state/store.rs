@@ -142,6 +142,12 @@ impl StateStore {
                 op: "creating the state directory",
                 source,
             })?;
+        if let Ok(meta) = fs::metadata(dir) {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o077 != 0 {
+                tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"), "the state directory is accessible to other users; run `chmod 700` on it");
+            }
+        }
         Ok(StateStore {
             dir: dir.to_owned(),
             keys,
