@@ -217,3 +217,34 @@ fn a_full_mailbox_makes_requesters_wait_and_emitters_fail() -> TestResult {
     assert!(kernel.request("echo", "echo", b"", None).is_ok());
     Ok(())
 }
+
+#[test]
+fn a_library_whose_plugin_panicked_is_still_unmapped_at_unload() -> TestResult {
+    let shadow_parent = tempfile::tempdir()?;
+    let kernel = Kernel::new(KernelConfig {
+        shadow_dir: Some(shadow_parent.path().to_owned()),
+        ..Default::default()
+    })?;
+    kernel.load(&fixture("fixture-echo-faulty"), None)?;
+    assert!(kernel.start_all().is_empty());
+    assert_eq!(
+        kernel.request("echo", "panic", b"", None).code,
+        codes::FAILED
+    );
+    let shadow_dir = fs::read_dir(shadow_parent.path())?.next().unwrap()?.path();
+    let mapped = || {
+        fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&*shadow_dir.to_string_lossy()))
+            .count()
+    };
+    assert!(mapped() > 0);
+    kernel.shutdown();
+    assert_eq!(
+        mapped(),
+        0,
+        "the panic's thread-locals must not pin the library"
+    );
+    Ok(())
+}
