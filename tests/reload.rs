@@ -221,3 +221,35 @@ fn a_new_service_dropped_in_is_started_after_its_dependencies() -> TestResult {
     assert_eq!(kernel.info("logger").unwrap().status, Status::Running);
     Ok(())
 }
+
+#[test]
+fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_version() -> TestResult
+{
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["fixture-echo-faulty"]);
+    let mut config = persisted.config(host::BadStatePolicy::Refuse);
+    config.operation_timeout = Duration::from_millis(100);
+    let (kernel, _) = persisted.kernel_with(plugins.path(), config);
+    std::thread::scope(|s| {
+        s.spawn(|| kernel.request("echo", "sleep", b"800", None));
+        std::thread::sleep(Duration::from_millis(50));
+        let checkpoint = kernel.checkpoint();
+        assert!(
+            matches!(&checkpoint[..], [(_, Err(KernelError::Instance { cause, .. }))] if cause.contains("did not get to it")),
+            "{checkpoint:?}"
+        );
+        let library = kernel
+            .loader()
+            .load(&fixture("fixture-echo-faulty"))
+            .unwrap();
+        let error = kernel.replace(library, None).unwrap_err();
+        assert!(
+            matches!(&error, KernelError::Swap(SwapError::Export { cause, .. }) if cause.contains("did not get to it")),
+            "{error}"
+        );
+    });
+    // Once the sleep is over, the same instance serves: nothing was held or stopped.
+    assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], 1);
+    assert_eq!(kernel.info("echo").unwrap().swaps, 0);
+    Ok(())
+}

@@ -248,3 +248,27 @@ fn a_library_whose_plugin_panicked_is_still_unmapped_at_unload() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn a_service_stuck_in_plugin_code_is_reported_at_stop_and_restartable_once_free() -> TestResult {
+    let kernel = Kernel::new(KernelConfig {
+        operation_timeout: Duration::from_millis(100),
+        ..Default::default()
+    })?;
+    kernel.load(&fixture("fixture-echo-faulty"), None)?;
+    assert!(kernel.start_all().is_empty());
+    std::thread::scope(|s| {
+        s.spawn(|| kernel.request("echo", "sleep", b"600", None));
+        std::thread::sleep(Duration::from_millis(50));
+        let error = kernel.stop("echo").unwrap_err();
+        assert!(error.to_string().contains("did not stop within"), "{error}");
+        assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);
+        let refused = kernel.start("echo").unwrap_err();
+        assert!(refused.to_string().contains("still stuck"), "{refused}");
+    });
+    // The sleep is over and the old instance has stopped by itself: a fresh start works.
+    std::thread::sleep(Duration::from_millis(100));
+    kernel.start("echo")?;
+    assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], 1);
+    Ok(())
+}

@@ -84,6 +84,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let kernel = Arc::new(Kernel::new(KernelConfig {
         mailbox_capacity: args.mailbox_capacity.max(1),
         request_timeout: args.request_timeout,
+        operation_timeout: args.operation_timeout,
         shadow_dir: args.shadow_dir.clone(),
         state,
         on_bad_state: args.on_bad_state,

@@ -11,6 +11,7 @@ use std::{
     cell::RefCell,
     sync::Arc,
     thread::{self, JoinHandle},
+    time::Instant,
 };
 
 use crossbeam_channel::{bounded, Receiver, Sender};
@@ -34,9 +35,10 @@ pub(crate) enum Envelope {
         reply: Sender<Result<Vec<u8>, String>>,
     },
     /// Export the state, then wait for a verdict without serving anything else: stop (the
-    /// state is safe, the instance is being replaced) or resume.
+    /// state is safe, the instance is being replaced) or resume. The export comes with the
+    /// moment the executor stopped serving.
     Suspend {
-        exported: Sender<Result<Vec<u8>, String>>,
+        exported: Sender<(Instant, Result<Vec<u8>, String>)>,
         verdict: Receiver<Verdict>,
     },
     /// Optionally export the state, then stop the instance and exit.
@@ -89,7 +91,10 @@ impl Mailbox {
                     let _ = reply.send(Err(format!("service `{service}` is not running")));
                 }
                 Envelope::Suspend { exported, .. } => {
-                    let _ = exported.send(Err(format!("service `{service}` is not running")));
+                    let _ = exported.send((
+                        Instant::now(),
+                        Err(format!("service `{service}` is not running")),
+                    ));
                 }
                 Envelope::Stop { reply, .. } => {
                     let _ = reply.send(StopOutcome {
@@ -231,7 +236,12 @@ fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>) {
                 let _ = reply.send(instance.export_state());
             }
             Envelope::Suspend { exported, verdict } => {
-                if exported.send(instance.export_state()).is_err() {
+                let held_since = Instant::now();
+                // The kernel may have given up waiting: then there is nothing to hold for.
+                if exported
+                    .send((held_since, instance.export_state()))
+                    .is_err()
+                {
                     continue;
                 }
                 // Without a verdict (the kernel went away), resuming loses nothing.

@@ -74,6 +74,10 @@ pub struct KernelConfig {
     pub mailbox_capacity: usize,
     /// Timeout of requests that do not name one (external requests).
     pub request_timeout: Duration,
+    /// How long the kernel waits for a service to reach a checkpoint, a hot replace or a
+    /// stop (it first finishes the requests queued before). A service stuck longer is
+    /// reported, and left as it is.
+    pub operation_timeout: Duration,
     /// Where the shadow copies of plugin files go (the temporary directory if `None`).
     pub shadow_dir: Option<PathBuf>,
     /// Where state is persisted; `None` runs without persistence.
@@ -87,6 +91,7 @@ impl Default for KernelConfig {
         KernelConfig {
             mailbox_capacity: 1024,
             request_timeout: Duration::from_secs(5),
+            operation_timeout: Duration::from_secs(30),
             shadow_dir: None,
             state: None,
             on_bad_state: BadStatePolicy::Refuse,
@@ -242,6 +247,8 @@ impl std::fmt::Debug for ServiceSlot {
 struct SlotOps {
     library: Arc<Library>,
     executor: Option<JoinHandle<()>>,
+    /// The thread of an instance that did not stop in time, until it finishes.
+    stuck: Option<JoinHandle<()>>,
     config: Option<String>,
     /// (version, SHA-256) of the state last written or read, to skip unchanged checkpoints.
     last_saved: Option<(String, [u8; 32])>,
@@ -356,6 +363,7 @@ impl Kernel {
             ops: Mutex::new(SlotOps {
                 library: Arc::new(library),
                 executor: None,
+                stuck: None,
                 config,
                 last_saved: None,
             }),
@@ -679,13 +687,27 @@ impl KernelInner {
             .and_then(|()| self.start_locked(&slot, &mut ops));
         if let Err(error) = &result {
             slot.fail(&error.to_string());
-            slot.mailbox.drain(service);
+            // Nothing will serve what queued meanwhile, unless a stuck instance still owns
+            // the mailbox (it has a Stop to read there).
+            if ops.stuck.is_none() {
+                slot.mailbox.drain(service);
+            }
         }
         result
     }
 
     fn start_locked(&self, slot: &ServiceSlot, ops: &mut SlotOps) -> Result<(), KernelError> {
         let _span = tracing::info_span!("start", service = %slot.name).entered();
+        if let Some(stuck) = ops.stuck.take() {
+            if !stuck.is_finished() {
+                ops.stuck = Some(stuck);
+                return Err(KernelError::Instance {
+                    service: slot.name.clone(),
+                    cause: "its previous instance is still stuck in plugin code".into(),
+                });
+            }
+            let _ = stuck.join();
+        }
         let state = self.restore(slot)?;
         slot.set_status(Status::Starting);
         let restored = state
@@ -793,16 +815,34 @@ impl KernelInner {
         };
         let _span = tracing::info_span!("stop", service = %slot.name).entered();
         slot.set_status(Status::Stopping);
+        let deadline = std::time::Instant::now() + self.config.operation_timeout;
         let (tx, rx) = bounded(1);
         let outcome = slot
             .mailbox
             .tx
-            .send(Envelope::Stop {
-                export: self.config.state.is_some(),
-                reply: tx,
-            })
+            .send_deadline(
+                Envelope::Stop {
+                    export: self.config.state.is_some(),
+                    reply: tx,
+                },
+                deadline,
+            )
             .ok()
-            .and_then(|()| rx.recv().ok());
+            .and_then(|()| rx.recv_deadline(deadline).ok());
+        if outcome.is_none() && !thread.is_finished() {
+            // Stuck in plugin code: the thread cannot be joined, and its library stays
+            // loaded (the instance holds it) so that nothing is unmapped under it.
+            let error = format!(
+                "did not stop within {:?}; its thread and library are left as they are",
+                self.config.operation_timeout
+            );
+            slot.fail(&error);
+            ops.stuck = Some(thread);
+            return Err(KernelError::Instance {
+                service: slot.name.clone(),
+                cause: error,
+            });
+        }
         let _ = thread.join();
         slot.set_status(Status::Stopped);
         slot.mailbox.drain(&slot.name);
@@ -875,14 +915,16 @@ impl KernelInner {
             service: slot.name.clone(),
             cause: format!("checkpoint failed: {cause}"),
         };
+        let timeout = self.config.operation_timeout;
+        let deadline = std::time::Instant::now() + timeout;
         let (tx, rx) = bounded(1);
         slot.mailbox
             .tx
-            .send_timeout(Envelope::Export { reply: tx }, self.config.request_timeout)
-            .map_err(|_| failed("the mailbox stayed full".into()))?;
+            .send_deadline(Envelope::Export { reply: tx }, deadline)
+            .map_err(|_| failed(format!("the mailbox stayed full for {timeout:?}")))?;
         let bytes = rx
-            .recv()
-            .map_err(|_| failed("the executor did not answer".into()))?
+            .recv_deadline(deadline)
+            .map_err(|_| failed(format!("the service did not get to it within {timeout:?}")))?
             .map_err(|cause| failed(format!("export_state: {cause}")))?;
         let version = ops.library.manifest().version.to_string();
         if ops.last_saved.as_ref() == Some(&(version.clone(), digest(&bytes))) {

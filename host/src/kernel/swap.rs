@@ -95,8 +95,9 @@ pub struct SwapReport {
     pub from: String,
     /// The version now serving.
     pub to: String,
-    /// How long the mailbox was held: from the old instance's export to the new instance
-    /// serving. Requests arriving meanwhile waited this long at most.
+    /// How long the mailbox was held: from the moment the old instance stopped serving (to
+    /// export its state) to the new instance serving. Requests arriving meanwhile waited
+    /// this long at most.
     pub held: Duration,
     /// Whether the old library is gone from the address space.
     pub unmapped: bool,
@@ -159,14 +160,19 @@ impl KernelInner {
                 verdict: verdict_rx,
             })
             .is_ok();
-        let exported = if suspended {
-            exported_rx
-                .recv()
-                .unwrap_or_else(|_| Err("the executor exited".into()))
+        let timeout = self.config.operation_timeout;
+        let (held_since, exported) = if suspended {
+            exported_rx.recv_timeout(timeout).unwrap_or_else(|_| {
+                // Dropping `exported_rx` tells the executor not to hold when it gets there.
+                (
+                    Instant::now(),
+                    Err(format!("the service did not get to it within {timeout:?}")),
+                )
+            })
         } else {
-            Err("the mailbox is closed".into())
+            (Instant::now(), Err("the mailbox is closed".into()))
         };
-        let held_since = Instant::now();
+        drop(exported_rx);
         let bytes = match exported {
             Ok(bytes) => bytes,
             Err(cause) => {
