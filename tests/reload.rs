@@ -253,3 +253,16 @@ fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_ve
     assert_eq!(kernel.info("echo").unwrap().swaps, 0);
     Ok(())
 }
+
+#[test]
+fn a_new_version_whose_dependencies_do_not_run_is_refused_before_anything_stops() -> TestResult {
+    rolls_back(
+        |dir, _| {
+            add_plugin(dir, "fixture-echo-needs-kv");
+        },
+        |e| {
+            matches!(e, ReloadError::Kernel(KernelError::Dependency(host::kernel::DependencyError::Missing { service, dependency }))
+                if service == "echo" && dependency == "kv")
+        },
+    )
+}

@@ -39,6 +39,7 @@ const PACKAGES: &[&str] = &[
     "fixture-bad-name",
     "fixture-cycle-a",
     "fixture-cycle-b",
+    "fixture-echo-needs-kv",
 ];
 
 /// Workspaces under `tests/fixtures-isolated` (see the README there).
