@@ -90,7 +90,7 @@ pub struct RunArgs {
     /// Write the host's PID to this file (removed at exit).
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
-    /// The control socket [default: <state-dir>/control.sock].
+    /// The control socket [default: STATE_DIR/control.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// Also rescan when a `.so` in the plugins directory changes (debounced).
@@ -115,7 +115,7 @@ pub struct RunArgs {
 /// `microkernel ctl`.
 #[derive(Debug, Args)]
 pub struct CtlArgs {
-    /// The control socket [default: <state-dir>/control.sock].
+    /// The control socket [default: STATE_DIR/control.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
     /// The host's state directory, to find the socket in.

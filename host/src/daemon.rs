@@ -47,7 +47,10 @@ pub enum Event {
 pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
     let current = match (&keys.key_file, std::env::var(KEY_ENV)) {
         (Some(path), _) => StateKey::from_file(path)?,
-        (None, Ok(hex)) => StateKey::from_hex(&hex, &format!("environment variable {KEY_ENV}"))?,
+        (None, Ok(hex)) => {
+            let hex = zeroize::Zeroizing::new(hex);
+            StateKey::from_hex(&hex, &format!("environment variable {KEY_ENV}"))?
+        }
         (None, Err(_)) => bail!(
             "no state key: pass --key-file FILE or set {KEY_ENV} (create a key with `microkernel keygen --out FILE`), or run with --no-state"
         ),
@@ -69,16 +72,30 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             args.plugins.display()
         );
     }
-    let state = if args.no_state {
+    // Keys first: a missing or unsafe key is the most common mistake, reported before
+    // anything is created.
+    let keys = if args.no_state {
         tracing::warn!("running with --no-state: service state is not persisted");
         None
     } else {
-        Some(StateStore::new(&args.state_dir, key_ring(&args.keys)?)?)
+        Some(key_ring(&args.keys)?)
     };
     std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
         .create(&args.state_dir)
         .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
     let _lock = lock_state_dir(&args.state_dir)?;
+    let state = match keys {
+        Some(keys) => {
+            let store = StateStore::new(&args.state_dir, keys)?;
+            // Only this host writes here (it holds the lock): a temporary file is what a
+            // crash in the middle of a save left behind.
+            for leftover in store.remove_leftovers() {
+                tracing::info!(file = %leftover.display(), "removed a partial state write left by a crash");
+            }
+            Some(store)
+        }
+        None => None,
+    };
     let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
 
     let kernel = Arc::new(Kernel::new(KernelConfig {

@@ -1,7 +1,7 @@
 //! The kernel: the registry of services, their lifecycles, and the routing of requests and
 //! events between them.
 //!
-//! Each registered service has a [`ServiceSlot`]: its current library, its mailbox (which
+//! Each registered service has a `ServiceSlot`: its current library, its mailbox (which
 //! outlives versions), its executor thread when running, and what `list` shows. Operations
 //! that change a service (start, stop, checkpoint, replace) hold the slot's operation lock,
 //! so they never interleave; requests never take that lock: they read the status and post to
@@ -485,7 +485,7 @@ impl Kernel {
         self.inner.checkpoint_all()
     }
 
-    /// Replaces a registered service by a new version of its plugin (see [`swap`]).
+    /// Replaces a registered service by a new version of its plugin (the steps are in `kernel/swap.rs`).
     pub fn replace(
         &self,
         library: Library,

@@ -29,16 +29,6 @@ use crate::{
 /// Why a hot replace did not happen, or rolled back. In every case the old version serves.
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
-    /// The new library provides another service.
-    #[error("{path} provides service `{found}`, not `{expected}`")]
-    WrongService {
-        /// The new plugin file.
-        path: std::path::PathBuf,
-        /// The service being replaced.
-        expected: String,
-        /// The service the file provides.
-        found: String,
-    },
     /// The old version could not export its state: it keeps serving.
     #[error("service `{service}` not replaced: export_state of version {version} failed: {cause}")]
     Export {

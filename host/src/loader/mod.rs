@@ -9,7 +9,7 @@
 //!   [`Library::close`] once nothing else holds it.
 //! - [`Instance`] is one service instance created by a library: the cheap, per-run thing.
 //!   It is `!Send`: it is created, called and dropped on its service's executor thread.
-//! - [`host_handle`] turns a host-side [`HostServices`] implementation into the
+//! - `host_handle` turns a host-side [`HostServices`] implementation into the
 //!   [`plugin_api::abi::HostHandle`] a plugin receives.
 //!
 //! **Invariant:** no pointer into a plugin's library outlives the library. Every value that

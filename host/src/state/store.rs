@@ -197,6 +197,23 @@ impl StateStore {
         Ok(())
     }
 
+    /// Removes the temporary files of saves that never completed (a crash between creating
+    /// and renaming). Call it only when no save can be running. Returns what it removed.
+    pub fn remove_leftovers(&self) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.')
+                && name.contains(".state.")
+                && fs::remove_file(entry.path()).is_ok()
+            {
+                removed.push(entry.path());
+            }
+        }
+        removed
+    }
+
     /// Opens `service`'s state, if it has a file.
     pub fn load(&self, service: &str) -> Result<Option<SavedState>, StateError> {
         let path = self.path(service);

@@ -179,3 +179,16 @@ fn key_files_must_be_private_and_well_formed() {
         KeyError::Format { .. }
     ));
 }
+
+#[test]
+fn leftovers_of_interrupted_saves_are_removed_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    store.save("kv", "1.0.0", b"x").unwrap();
+    fs::write(dir.path().join(".kv.state.Ab12Cd"), b"half a write").unwrap();
+    fs::write(dir.path().join(".lock"), b"").unwrap();
+    let removed = store.remove_leftovers();
+    assert_eq!(removed, vec![dir.path().join(".kv.state.Ab12Cd")]);
+    assert!(store.load("kv").unwrap().is_some());
+    assert!(dir.path().join(".lock").exists());
+}
