@@ -232,7 +232,7 @@ fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_ve
     let (kernel, _) = persisted.kernel_with(plugins.path(), config);
     std::thread::scope(|s| {
         s.spawn(|| kernel.request("echo", "sleep", b"800", None));
-        std::thread::sleep(Duration::from_millis(50));
+        wait_until_busy(&kernel, "echo");
         let checkpoint = kernel.checkpoint();
         assert!(
             matches!(&checkpoint[..], [(_, Err(KernelError::Instance { cause, .. }))] if cause.contains("did not get to it")),

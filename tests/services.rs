@@ -202,12 +202,20 @@ fn a_full_mailbox_makes_requesters_wait_and_emitters_fail() -> TestResult {
     assert!(kernel.start_all().is_empty());
     std::thread::scope(|s| {
         // Keeps the executor busy...
-        let busy = s.spawn(|| kernel.request("echo", "sleep", b"400", None));
-        std::thread::sleep(Duration::from_millis(100));
-        // ...fills the one slot of the mailbox...
-        kernel.emit("echo", "tick", b"").unwrap();
-        // ...so the next event is refused, and a request waits, then times out.
-        let refused = kernel.emit("echo", "tick", b"").unwrap_err();
+        let busy = s.spawn(|| kernel.request("echo", "sleep", b"1000", None));
+        wait_until_busy(&kernel, "echo");
+        // ...so the one slot of the mailbox fills up (it may hold the probe already)...
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let refused = loop {
+            match kernel.emit("echo", "tick", b"") {
+                Ok(()) => assert!(
+                    std::time::Instant::now() < deadline,
+                    "the mailbox never filled"
+                ),
+                Err(refused) => break refused,
+            }
+        };
+        // ...so an event is refused, and a request waits, then times out.
         assert!(refused.contains("full"), "{refused}");
         let waited = kernel.request("echo", "echo", b"", Some(Duration::from_millis(50)));
         assert_eq!(waited.code, codes::TIMEOUT, "{waited}");
@@ -259,16 +267,19 @@ fn a_service_stuck_in_plugin_code_is_reported_at_stop_and_restartable_once_free(
     assert!(kernel.start_all().is_empty());
     std::thread::scope(|s| {
         s.spawn(|| kernel.request("echo", "sleep", b"600", None));
-        std::thread::sleep(Duration::from_millis(50));
+        wait_until_busy(&kernel, "echo");
         let error = kernel.stop("echo").unwrap_err();
         assert!(error.to_string().contains("did not stop within"), "{error}");
         assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);
         let refused = kernel.start("echo").unwrap_err();
         assert!(refused.to_string().contains("still stuck"), "{refused}");
     });
-    // The sleep is over and the old instance has stopped by itself: a fresh start works.
-    std::thread::sleep(Duration::from_millis(100));
-    kernel.start("echo")?;
+    // The sleep is over and the old instance stops by itself: then a fresh start works.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(error) = kernel.start("echo") {
+        assert!(std::time::Instant::now() < deadline, "{error}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], 1);
     Ok(())
 }

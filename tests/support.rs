@@ -285,3 +285,24 @@ pub fn echo_count(kernel: &Kernel) -> u64 {
         .as_u64()
         .unwrap()
 }
+
+/// Blocks until `service` (an echo-faulty fixture) is busy in a request it was sent on
+/// another thread: a probe that does nothing times out. Panics after 10 seconds.
+pub fn wait_until_busy(kernel: &Kernel, service: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let probe = kernel.request(
+            service,
+            "sleep",
+            b"0",
+            Some(std::time::Duration::from_millis(20)),
+        );
+        if probe.code == plugin_api::codes::TIMEOUT {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{service} never got busy"
+        );
+    }
+}
