@@ -46,6 +46,15 @@ pub enum ReloadError {
     /// A file could not be loaded.
     #[error(transparent)]
     Load(#[from] LoadError),
+    /// A service's configuration file exists but cannot be read.
+    #[error("configuration file {path}: {source}")]
+    Config {
+        /// The `.conf` file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// Two files provide the same version of a service with different contents.
     #[error("service `{service}` version {version} is provided by both {first} and {second}, with different contents; remove one")]
     SameVersion {
@@ -99,8 +108,13 @@ impl Reloader {
     }
 
     /// The configuration text of a service: `<plugins-dir>/<service>.conf`, if present.
-    pub fn config_of(&self, service: &str) -> Option<String> {
-        fs::read_to_string(self.dir.join(format!("{service}.conf"))).ok()
+    pub fn config_of(&self, service: &str) -> Result<Option<String>, ReloadError> {
+        let path = self.dir.join(format!("{service}.conf"));
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ReloadError::Config { path, source }),
+        }
     }
 
     /// Rescans the directory and applies what changed; `only` limits the changes to one
@@ -108,18 +122,29 @@ impl Reloader {
     pub fn scan(&mut self, kernel: &Kernel, only: Option<&str>) -> ScanReport {
         let _span = tracing::info_span!("rescan", dir = %self.dir.display()).entered();
         let mut report = ScanReport::default();
-        let files = match plugin_files(&self.dir) {
-            Ok(files) => files,
-            Err(source) => {
-                report.errors.push(ReloadError::Dir {
-                    path: self.dir.clone(),
-                    source,
-                });
-                return report;
+        match plugin_files(&self.dir) {
+            Ok(files) => {
+                self.forget_removed(kernel, &files);
+                let loaded = self.load_changed(kernel, files, only, &mut report);
+                self.apply(kernel, loaded, &mut report);
             }
-        };
+            Err(source) => report.errors.push(ReloadError::Dir {
+                path: self.dir.clone(),
+                source,
+            }),
+        }
+        tracing::info!(
+            added = report.added.len(),
+            replaced = report.replaced.len(),
+            unchanged = report.unchanged,
+            errors = report.errors.len(),
+            "rescan done"
+        );
+        report
+    }
 
-        // Removed files: their services keep running.
+    /// Forgets the files that are gone; their services keep running.
+    fn forget_removed(&mut self, kernel: &Kernel, files: &[PathBuf]) {
         let present: BTreeSet<&PathBuf> = files.iter().collect();
         let removed: Vec<PathBuf> = self
             .known
@@ -128,19 +153,28 @@ impl Reloader {
             .cloned()
             .collect();
         for path in removed {
-            if let Some(KnownFile {
+            let Some(KnownFile {
                 provides: Some((service, _)),
                 ..
             }) = self.known.remove(&path)
-            {
-                if kernel.info(&service).is_some_and(|info| info.path == path) {
-                    tracing::warn!(service, plugin = %path.display(), "plugin file removed; the service keeps running");
-                }
+            else {
+                continue;
+            };
+            if kernel.info(&service).is_some_and(|info| info.path == path) {
+                tracing::warn!(service, plugin = %path.display(), "plugin file removed; the service keeps running");
             }
         }
+    }
 
-        // Changed and new files are loaded; known ones are not even opened.
-        let mut loaded: BTreeMap<PathBuf, Library> = BTreeMap::new();
+    /// Loads the files whose content is new; files already known are not even opened.
+    fn load_changed(
+        &mut self,
+        kernel: &Kernel,
+        files: Vec<PathBuf>,
+        only: Option<&str>,
+        report: &mut ScanReport,
+    ) -> BTreeMap<PathBuf, Library> {
+        let mut loaded = BTreeMap::new();
         for path in files {
             let bytes = match fs::read(&path) {
                 Ok(bytes) => bytes,
@@ -171,42 +205,45 @@ impl Reloader {
                     if let LoadError::AbiMismatch { report, .. } = &error {
                         tracing::debug!(plugin = %path.display(), %report, "abi_stable's layout report");
                     }
-                    self.known.insert(
-                        path,
-                        KnownFile {
-                            sha256,
-                            provides: None,
-                        },
-                    );
+                    let provides = None;
+                    self.known.insert(path, KnownFile { sha256, provides });
                     report.errors.push(error.into());
                 }
             }
         }
+        loaded
+    }
 
-        // Per service: the highest version among all its files wins.
-        let mut by_service: BTreeMap<String, Vec<(&PathBuf, &KnownFile)>> = BTreeMap::new();
+    /// Per service, the highest version among all its files wins; a winner just loaded is
+    /// registered (new service) or hot-replaces the running version. The libraries that
+    /// lose are closed.
+    fn apply(
+        &self,
+        kernel: &Kernel,
+        mut loaded: BTreeMap<PathBuf, Library>,
+        report: &mut ScanReport,
+    ) {
+        let mut by_service: BTreeMap<&str, Vec<(&PathBuf, &KnownFile)>> = BTreeMap::new();
         for (path, known) in &self.known {
             if let Some((service, _)) = &known.provides {
-                by_service
-                    .entry(service.clone())
-                    .or_default()
-                    .push((path, known));
+                by_service.entry(service).or_default().push((path, known));
             }
         }
         let mut added = Vec::new();
         for (service, mut candidates) in by_service {
             candidates.sort_by(|a, b| version_of(b.1).cmp(version_of(a.1)).then(a.0.cmp(b.0)));
             let (winner, best) = candidates[0];
-            if let Some((other, _)) = candidates[1..]
+            let twin = candidates[1..]
                 .iter()
-                .find(|(_, k)| version_of(k) == version_of(best) && k.sha256 != best.sha256)
-            {
+                .find(|(_, k)| version_of(k) == version_of(best) && k.sha256 != best.sha256);
+            if let Some((other, _)) = twin {
+                // Reported when one of them is new; left alone either way.
                 if candidates
                     .iter()
                     .any(|(path, _)| loaded.contains_key(*path))
                 {
                     report.errors.push(ReloadError::SameVersion {
-                        service: service.clone(),
+                        service: service.to_owned(),
                         version: version_of(best).to_string(),
                         first: winner.clone(),
                         second: (*other).clone(),
@@ -217,7 +254,7 @@ impl Reloader {
             let Some(library) = loaded.remove(winner) else {
                 continue;
             };
-            let running = kernel.info(&service);
+            let running = kernel.info(service);
             if running
                 .as_ref()
                 .is_some_and(|info| info.sha256 == hex::encode(library.sha256()))
@@ -225,23 +262,27 @@ impl Reloader {
                 // The very library that is loaded already (seen by an earlier reloader).
                 continue;
             }
-            let config = self.config_of(&service);
-            if running.is_none() {
-                match kernel.register(library, config) {
-                    Ok(()) => added.push(service),
-                    Err(error) => report.errors.push(error.into()),
+            let config = match self.config_of(service) {
+                Ok(config) => config,
+                Err(error) => {
+                    report.errors.push(error);
+                    continue;
                 }
+            };
+            let outcome = if running.is_none() {
+                kernel
+                    .register(library, config)
+                    .map(|()| added.push(service.to_owned()))
             } else {
-                match kernel.replace(library, config) {
-                    Ok(swap) => report.replaced.push(swap),
-                    Err(error) => {
-                        tracing::error!(error = %error, "hot replace failed; the old version keeps serving");
-                        report.errors.push(error.into());
-                    }
-                }
+                kernel
+                    .replace(library, config)
+                    .map(|swap| report.replaced.push(swap))
+            };
+            if let Err(error) = outcome {
+                tracing::error!(error = %error, "not applied; the running version, if any, keeps serving");
+                report.errors.push(error.into());
             }
         }
-        // Files that lost (older versions, other services filtered out) are closed now.
         drop(loaded);
 
         for (service, error) in kernel.start_new(&added) {
@@ -249,14 +290,6 @@ impl Reloader {
             added.retain(|s| *s != service);
         }
         report.added = added;
-        tracing::info!(
-            added = report.added.len(),
-            replaced = report.replaced.len(),
-            unchanged = report.unchanged,
-            errors = report.errors.len(),
-            "rescan done"
-        );
-        report
     }
 }
 
