@@ -70,9 +70,9 @@ fn a_plugin_with_a_mismatching_abi_is_refused_naming_the_mismatch() -> TestResul
     else {
         panic!("expected an ABI mismatch, got {error}");
     };
-    assert!(
-        summary.contains("manifest"),
-        "the summary should name the field: {summary}"
+    assert_eq!(
+        summary,
+        "the return type of `manifest`: expected type `RManifest`, found `RString`"
     );
     assert!(report.len() > summary.len());
     assert!(error.to_string().contains("libfixture_abi_mismatch.so"));

@@ -114,7 +114,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| args.state_dir.join("control.sock"));
     let mut reloader = Reloader::new(&args.plugins);
-    log_report(&reloader.scan(&kernel, None));
+    reloader.scan(&kernel, None);
     // The socket answers once the services are up: scripts can wait for it.
     let control = ControlServer::start(&socket, kernel.clone(), events_tx.clone())?;
     if args.watch {
@@ -141,7 +141,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     if report.failures.is_empty() {
         tracing::info!(
             stopped = report.stopped.len(),
-            "all services stopped, state saved"
+            saved = kernel.state_store().is_some(),
+            "all services stopped"
         );
         Ok(())
     } else {
@@ -178,7 +179,6 @@ fn main_loop(
                 }
                 let only = common_service(&pending);
                 let report = reloader.scan(kernel, only.as_deref());
-                log_report(&report);
                 let lines = report_lines(&report);
                 for event in pending {
                     if let Event::Reload { reply: Some(reply), .. } = event {
@@ -237,12 +237,6 @@ fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
     }
     lines.push((format!("{} unchanged", report.unchanged), false));
     lines
-}
-
-fn log_report(report: &ScanReport) {
-    for error in &report.errors {
-        tracing::error!(error = %error, "rescan");
-    }
 }
 
 fn spawn_signal_thread(events: Sender<Event>) -> anyhow::Result<signal_hook::iterator::Handle> {

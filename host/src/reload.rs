@@ -128,10 +128,14 @@ impl Reloader {
                 let loaded = self.load_changed(kernel, files, only, &mut report);
                 self.apply(kernel, loaded, &mut report);
             }
-            Err(source) => report.errors.push(ReloadError::Dir {
-                path: self.dir.clone(),
-                source,
-            }),
+            Err(source) => {
+                let error = ReloadError::Dir {
+                    path: self.dir.clone(),
+                    source,
+                };
+                tracing::error!(error = %error, "rescan failed");
+                report.errors.push(error);
+            }
         }
         tracing::info!(
             added = report.added.len(),
@@ -201,7 +205,6 @@ impl Reloader {
                     loaded.insert(path, library);
                 }
                 Err(error) => {
-                    tracing::error!(error = %error, "plugin not loaded");
                     if let LoadError::AbiMismatch { report, .. } = &error {
                         tracing::debug!(plugin = %path.display(), %report, "abi_stable's layout report");
                     }
@@ -279,12 +282,15 @@ impl Reloader {
                     .map(|swap| report.replaced.push(swap))
             };
             if let Err(error) = outcome {
-                tracing::error!(error = %error, "not applied; the running version, if any, keeps serving");
                 report.errors.push(error.into());
             }
         }
         drop(loaded);
 
+        // Everything else is logged here, once; `start_new` logs its own failures.
+        for error in &report.errors {
+            tracing::error!(error = %error, "rescan: not applied; what ran keeps running");
+        }
         for (service, error) in kernel.start_new(&added) {
             report.errors.push(ReloadError::Kernel(error));
             added.retain(|s| *s != service);

@@ -6,9 +6,13 @@ use std::{
 };
 
 use abi_stable::{
-    abi_stability::abi_checking::{check_layout_compatibility_with_globals, CheckingGlobals},
+    abi_stability::abi_checking::{
+        check_layout_compatibility_with_globals, AbiInstability, AbiInstabilityError,
+        CheckingGlobals,
+    },
     library::{AbiHeaderRef, LibHeader, RootModule, ROOT_MODULE_LOADER_NAME_WITH_NUL},
     sabi_types::{VersionNumber, VersionStrings},
+    type_layout::TLFieldOrFunction,
     StableAbi,
 };
 use libloading::os::unix::{Library as RawLibrary, RTLD_LOCAL, RTLD_NOW};
@@ -217,19 +221,7 @@ fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadErr
         let summary = errors
             .errors
             .last()
-            .map(|error| {
-                let at: Vec<String> = error
-                    .stack_trace
-                    .iter()
-                    .map(|step| one_line(&step.expected.to_string()))
-                    .collect();
-                let what: Vec<String> = error
-                    .errs
-                    .iter()
-                    .map(|e| one_line(&format!("{e:?}")))
-                    .collect();
-                format!("at `{}`: {}", at.join(" -> "), what.join("; "))
-            })
+            .map(summarize_mismatch)
             .unwrap_or_else(|| "the layouts differ".to_owned());
         return Err(LoadError::AbiMismatch {
             path: path.to_owned(),
@@ -250,6 +242,45 @@ fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadErr
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The innermost mismatch in one line: where (`PluginMod.manifest.__returns`) and what.
+fn summarize_mismatch(error: &AbiInstabilityError) -> String {
+    let at = error
+        .stack_trace
+        .iter()
+        .map(|step| match &step.expected {
+            TLFieldOrFunction::Field(field) => field.name(),
+            TLFieldOrFunction::Function(function) => function.name.as_str(),
+        })
+        .filter(|name| !name.is_empty() && *name != "0")
+        .collect();
+    let mut at: Vec<&str> = at;
+    // A function pointer is named after its field: `manifest.manifest` says it twice.
+    at.dedup();
+    let returns = at.last() == Some(&"__returns");
+    if returns {
+        at.pop();
+    }
+    let what: Vec<String> = error
+        .errs
+        .iter()
+        .map(|e| match e {
+            AbiInstability::Name(types) => {
+                format!(
+                    "expected type `{}`, found `{}`",
+                    types.expected, types.found
+                )
+            }
+            other => one_line(&format!("{other:?}")),
+        })
+        .collect();
+    let at = match (at.is_empty(), returns) {
+        (true, _) => "the root module".to_owned(),
+        (false, false) => format!("field `{}`", at.join(".")),
+        (false, true) => format!("the return type of `{}`", at.join(".")),
+    };
+    format!("{at}: {}", what.join("; "))
 }
 
 /// One opened plugin file: its manifest and its root module.
