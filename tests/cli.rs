@@ -29,6 +29,22 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// `run` with the plugins, state directory and key of a test's root directory.
+fn run_args(root: &Path) -> Vec<String> {
+    let p = |name: &str| root.join(name).to_string_lossy().into_owned();
+    [
+        "run",
+        "--plugins",
+        &p("plugins"),
+        "--state-dir",
+        &p("state"),
+        "--key-file",
+        &p("key"),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 /// A host running as a child process, in its own directory.
 struct Daemon {
     child: Child,
@@ -44,15 +60,7 @@ impl Daemon {
         let log = fs::File::create(root.join("host.log")).unwrap();
         let p = |name: &str| root.join(name).to_string_lossy().into_owned();
         let child = Command::new(BIN)
-            .args([
-                "run",
-                "--plugins",
-                &p("plugins"),
-                "--state-dir",
-                &p("state"),
-                "--key-file",
-                &p("key"),
-            ])
+            .args(run_args(root))
             .args(["--pid-file", &p("host.pid"), "--checkpoint-interval", "0"])
             .args(extra)
             .env_remove("RUST_LOG")
@@ -295,16 +303,8 @@ fn keygen_never_overwrites_a_key() -> TestResult {
 fn a_second_host_on_the_same_state_directory_is_refused() -> TestResult {
     let root = setup(&["echo"]);
     let daemon = Daemon::start(root.path());
-    let p = |name: &str| root.path().join(name).to_string_lossy().into_owned();
-    let second = microkernel(&[
-        "run",
-        "--plugins",
-        &p("plugins"),
-        "--state-dir",
-        &p("state"),
-        "--key-file",
-        &p("key"),
-    ]);
+    let args = run_args(root.path());
+    let second = microkernel(&args.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(second.status.code(), Some(2));
     assert!(
         stderr(&second).contains("in use by another host"),

@@ -57,6 +57,27 @@ pub struct KeyArgs {
     pub old_key_files: Vec<PathBuf>,
 }
 
+/// The state directory, shared by `run` and `ctl`.
+#[derive(Debug, Args)]
+pub struct StateDirArg {
+    /// Where state files (`<service>.state`) and the control socket live; created with mode
+    /// 0700.
+    #[arg(
+        long = "state-dir",
+        value_name = "DIR",
+        env = "MICROKERNEL_STATE_DIR",
+        default_value = "state"
+    )]
+    pub dir: PathBuf,
+}
+
+impl StateDirArg {
+    /// The control socket's default path.
+    pub fn default_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
 /// `microkernel run`.
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -64,15 +85,9 @@ pub struct RunArgs {
     /// handed to that service as its configuration.
     #[arg(long, value_name = "DIR", env = "MICROKERNEL_PLUGINS")]
     pub plugins: PathBuf,
-    /// Where state files (`<service>.state`) and the control socket live; created with mode
-    /// 0700.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MICROKERNEL_STATE_DIR",
-        default_value = "state"
-    )]
-    pub state_dir: PathBuf,
+    /// The state directory.
+    #[command(flatten)]
+    pub state: StateDirArg,
     /// State keys.
     #[command(flatten)]
     pub keys: KeyArgs,
@@ -118,14 +133,9 @@ pub struct CtlArgs {
     /// The control socket [default: STATE_DIR/control.sock].
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// The host's state directory, to find the socket in.
-    #[arg(
-        long,
-        value_name = "DIR",
-        env = "MICROKERNEL_STATE_DIR",
-        default_value = "state"
-    )]
-    pub state_dir: PathBuf,
+    /// The state directory, where the socket is by default.
+    #[command(flatten)]
+    pub state: StateDirArg,
     /// What to ask.
     #[command(subcommand)]
     pub command: CtlCommand,
@@ -198,6 +208,6 @@ impl CtlArgs {
     pub fn socket_path(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(|| self.state_dir.join("control.sock"))
+            .unwrap_or_else(|| self.state.default_socket())
     }
 }

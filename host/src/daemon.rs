@@ -81,12 +81,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Some(key_ring(&args.keys)?)
     };
     std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
-        .create(&args.state_dir)
-        .with_context(|| format!("creating state directory {}", args.state_dir.display()))?;
-    let _lock = lock_state_dir(&args.state_dir)?;
+        .create(&args.state.dir)
+        .with_context(|| format!("creating state directory {}", args.state.dir.display()))?;
+    let _lock = lock_state_dir(&args.state.dir)?;
     let state = match keys {
         Some(keys) => {
-            let store = StateStore::new(&args.state_dir, keys)?;
+            let store = StateStore::new(&args.state.dir, keys)?;
             // Only this host writes here (it holds the lock): a temporary file is what a
             // crash in the middle of a save left behind.
             for leftover in store.remove_leftovers() {
@@ -112,7 +112,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let socket = args
         .socket
         .clone()
-        .unwrap_or_else(|| args.state_dir.join("control.sock"));
+        .unwrap_or_else(|| args.state.default_socket());
     let mut reloader = Reloader::new(&args.plugins);
     reloader.scan(&kernel, None);
     // The socket answers once the services are up: scripts can wait for it.
