@@ -226,7 +226,7 @@ fn the_daemon_serves_hot_replaces_on_sighup_and_stops_cleanly_with_its_state() -
 #[test]
 fn ctl_stops_and_starts_services_with_their_dependents() -> TestResult {
     let root = setup(&["echo", "logger"]);
-    let daemon = Daemon::start(root.path());
+    let daemon = Daemon::start_with(root.path(), &["--log-format", "json"]);
     let stop = daemon.ctl(&["stop", "echo"]);
     assert!(stop.status.success(), "{}", stderr(&stop));
     let services = daemon.services();
@@ -248,6 +248,19 @@ fn ctl_stops_and_starts_services_with_their_dependents() -> TestResult {
         "{table}"
     );
     assert!(daemon.terminate().success());
+
+    // Every log line is JSON; the plugins' lines carry their service.
+    let log = fs::read_to_string(root.path().join("host.log"))?;
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["target"] == "plugin" && l["fields"]["service"] == "logger"),
+        "{log}"
+    );
     Ok(())
 }
 

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context;
 use clap::Parser;
 use host::{
-    cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs},
+    cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs, LogFormat},
     control::{self, Request, Response},
     daemon,
     state::{self, StateKey},
@@ -23,11 +23,13 @@ fn main() -> ExitCode {
             eprintln!("microkernel: invalid --log-level {:?}: {e}", cli.log_level);
             std::process::exit(2);
         });
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     match execute(cli.command) {
         Ok(code) => code,
         Err(error) => {
