@@ -266,3 +266,57 @@ fn a_new_version_whose_dependencies_do_not_run_is_refused_before_anything_stops(
         },
     )
 }
+
+#[test]
+fn when_both_versions_fail_the_service_is_down_but_its_state_is_on_disk() -> TestResult {
+    let persisted = Persisted::new();
+    // This echo refuses any state it is given; at its first start it is given none.
+    let plugins = plugin_dir(&["fixture-echo-faulty"]);
+    fs::write(plugins.path().join("echo.conf"), r#"{"import":"fail"}"#)?;
+    let (kernel, _) = persisted.kernel(plugins.path());
+    assert_eq!(echo_count(&kernel), 1);
+    assert_eq!(echo_count(&kernel), 2);
+
+    let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let error = kernel
+        .replace(again, Some(r#"{"import":"fail"}"#.into()))
+        .unwrap_err();
+    assert!(
+        matches!(&error, KernelError::Swap(SwapError::RollbackFailed { cause, rollback, .. })
+            if cause.contains("import refused") && rollback.contains("import refused")),
+        "{error}"
+    );
+    assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);
+    assert_eq!(
+        kernel.request("echo", "echo", b"", None).code,
+        plugin_api::codes::NOT_FOUND
+    );
+    drop(kernel);
+
+    // The state written before the old version stopped is intact: a host whose echo can
+    // import it carries on from there.
+    fs::remove_file(plugins.path().join("echo.conf"))?;
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(echo_count(&kernel), 3);
+    Ok(())
+}
+
+#[test]
+fn a_rollback_brings_the_old_version_back_with_its_own_configuration() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["fixture-echo-faulty"]);
+    // The running version accepts state; the one replacing it is told to refuse it.
+    let (kernel, _) = persisted.kernel(plugins.path());
+    echo_count(&kernel);
+    let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let error = kernel
+        .replace(again, Some(r#"{"import":"fail"}"#.into()))
+        .unwrap_err();
+    assert!(
+        matches!(&error, KernelError::Swap(SwapError::RolledBack { .. })),
+        "{error}"
+    );
+    assert_eq!(echo_count(&kernel), 2);
+    Ok(())
+}

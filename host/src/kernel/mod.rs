@@ -485,7 +485,8 @@ impl Kernel {
         self.inner.checkpoint_all()
     }
 
-    /// Replaces a registered service by a new version of its plugin (the steps are in `kernel/swap.rs`).
+    /// Replaces a registered service by a new version of its plugin, which gets `config` (the
+    /// old version keeps its own if it has to come back). The steps are in `kernel/swap.rs`.
     pub fn replace(
         &self,
         library: Library,
@@ -656,8 +657,8 @@ impl KernelInner {
     fn launch(
         &self,
         slot: &ServiceSlot,
-        ops: &SlotOps,
         library: Arc<Library>,
+        config: Option<String>,
         state: Option<(String, Vec<u8>)>,
     ) -> Result<JoinHandle<()>, InstanceError> {
         let services = routing::context(&slot.name, self);
@@ -666,7 +667,7 @@ impl KernelInner {
                 service: slot.name.clone(),
                 library,
                 services,
-                config: ops.config.clone(),
+                config,
                 state,
             },
             slot.mailbox.rx.clone(),
@@ -713,12 +714,12 @@ impl KernelInner {
         let restored = state
             .as_ref()
             .map(|(version, bytes)| (version.clone(), digest(bytes)));
-        let launched = match self.launch(slot, ops, ops.library.clone(), state) {
+        let launched = match self.launch(slot, ops.library.clone(), ops.config.clone(), state) {
             Err(InstanceError::Import(cause))
                 if self.config.on_bad_state == BadStatePolicy::Quarantine =>
             {
                 self.quarantine(slot, &format!("import_state refused it: {cause}"))?;
-                self.launch(slot, ops, ops.library.clone(), None)
+                self.launch(slot, ops.library.clone(), ops.config.clone(), None)
                     .map(|thread| (thread, None))
             }
             other => other.map(|thread| (thread, restored)),

@@ -115,14 +115,12 @@ impl KernelInner {
             close_library(new);
             return Err(error);
         }
-        if config.is_some() {
-            ops.config = config;
-        }
 
         if ops.executor.is_none() {
             // Not running: swap the library, and start the new version unless the service
             // was stopped on purpose.
             let old = std::mem::replace(&mut ops.library, new);
+            ops.config = config;
             set_library(&slot, &ops.library);
             let unmapped = close_library(old);
             let status = slot.status();
@@ -198,10 +196,11 @@ impl KernelInner {
 
         // 6. The new version, or 7. the old one again.
         let state = Some((from.clone(), bytes));
-        match self.launch(&slot, &ops, new.clone(), state.clone()) {
+        match self.launch(&slot, new.clone(), config.clone(), state.clone()) {
             Ok(thread) => {
                 let held = held_since.elapsed();
                 ops.executor = Some(thread);
+                ops.config = config;
                 ops.last_saved = None;
                 let old = std::mem::replace(&mut ops.library, new);
                 set_library(&slot, &ops.library);
@@ -224,7 +223,8 @@ impl KernelInner {
                 let cause = failure.to_string();
                 close_library(new);
                 tracing::error!(%cause, "new version failed; rolling back");
-                match self.launch(&slot, &ops, ops.library.clone(), state) {
+                // The old version comes back as it ran: its library, its configuration.
+                match self.launch(&slot, ops.library.clone(), ops.config.clone(), state) {
                     Ok(thread) => {
                         ops.executor = Some(thread);
                         let error = SwapError::RolledBack {
