@@ -5,6 +5,7 @@ mod support;
 
 mod cli;
 mod loading;
+mod markers;
 mod out_of_tree;
 mod reload;
 mod services;

@@ -354,7 +354,6 @@ macro_rules! export_service {
     ($service:ty) => {
         /// The root module of this plugin, read by the host when it loads the library.
         #[unsafe(no_mangle)]
-        #[allow(non_upper_case_globals)]
         pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::__private::LibHeader = {
             fn __microkernel_root_module() -> $crate::abi::PluginModRef {
                 static MODULE: $crate::__private::WithMetadata<$crate::abi::PluginMod> =
