@@ -168,21 +168,14 @@ fn main_loop(
         select! {
             recv(events) -> event => {
                 let Ok(event) = event else { return "shutdown" };
-                let mut pending = vec![event];
                 // Everything that arrived meanwhile is served by the same rescan.
-                pending.extend(events.try_iter());
-                if let Some(signal) = pending.iter().find_map(|e| match e {
-                    Event::Shutdown(signal) => Some(*signal),
-                    Event::Reload { .. } => None,
-                }) {
-                    return signal;
-                }
-                let only = common_service(&pending);
-                let report = reloader.scan(kernel, only.as_deref());
-                let lines = report_lines(&report);
-                for event in pending {
-                    if let Event::Reload { reply: Some(reply), .. } = event {
-                        let _ = reply.send(lines.clone());
+                match Batch::of(event, events.try_iter()) {
+                    Batch::Shutdown(signal) => return signal,
+                    Batch::Reload { only, replies } => {
+                        let lines = report_lines(&reloader.scan(kernel, only.as_deref()));
+                        for reply in replies {
+                            let _ = reply.send(lines.clone());
+                        }
                     }
                 }
             }
@@ -199,20 +192,43 @@ fn main_loop(
     }
 }
 
-/// The one service every pending reload names, or `None` (a full rescan) when any names
-/// none or they differ.
-fn common_service(pending: &[Event]) -> Option<String> {
-    let mut only: Option<&String> = None;
-    for event in pending {
-        match event {
-            Event::Reload {
-                service: Some(service),
-                ..
-            } if only.is_none_or(|o| o == service) => only = Some(service),
-            _ => return None,
+/// What the events waiting in the queue amount to.
+#[derive(Debug)]
+enum Batch {
+    /// A signal asked to stop: nothing else matters.
+    Shutdown(&'static str),
+    /// One rescan serves every waiting reload request.
+    Reload {
+        /// The one service every request names, or `None` (a full rescan) when any names
+        /// none or they differ.
+        only: Option<String>,
+        /// Where the outcome goes.
+        replies: Vec<Sender<Vec<(String, bool)>>>,
+    },
+}
+
+impl Batch {
+    fn of(first: Event, rest: impl Iterator<Item = Event>) -> Batch {
+        let mut only: Option<Option<String>> = None;
+        let mut replies = Vec::new();
+        for event in std::iter::once(first).chain(rest) {
+            match event {
+                Event::Shutdown(signal) => return Batch::Shutdown(signal),
+                Event::Reload { service, reply } => {
+                    only = match only {
+                        None => Some(service),
+                        Some(previous) if previous == service => Some(previous),
+                        Some(_) => Some(None),
+                    };
+                    replies.extend(reply);
+                }
+            }
+        }
+        Batch::Reload {
+            only: only.flatten(),
+            replies,
         }
     }
-    only.cloned()
 }
 
 fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
@@ -396,4 +412,48 @@ pub fn signal_reload(pid_file: &Path) -> anyhow::Result<i32> {
         )
     })?;
     Ok(pid)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Batch, Event};
+
+    fn reload(service: Option<&str>) -> Event {
+        Event::Reload {
+            service: service.map(str::to_owned),
+            reply: None,
+        }
+    }
+
+    fn only(batch: Batch) -> Option<String> {
+        match batch {
+            Batch::Reload { only, .. } => only,
+            Batch::Shutdown(signal) => panic!("unexpected shutdown by {signal}"),
+        }
+    }
+
+    #[test]
+    fn reloads_waiting_together_become_one_rescan() {
+        let events = vec![reload(Some("echo")), reload(Some("echo"))];
+        assert_eq!(
+            only(Batch::of(reload(Some("echo")), events.into_iter())),
+            Some("echo".into())
+        );
+        let mixed = vec![reload(Some("kv"))];
+        assert_eq!(
+            only(Batch::of(reload(Some("echo")), mixed.into_iter())),
+            None
+        );
+        let full = vec![reload(Some("echo"))];
+        assert_eq!(only(Batch::of(reload(None), full.into_iter())), None);
+    }
+
+    #[test]
+    fn a_stop_signal_wins_over_waiting_reloads() {
+        let events = vec![Event::Shutdown("SIGTERM"), reload(None)];
+        assert!(matches!(
+            Batch::of(reload(None), events.into_iter()),
+            Batch::Shutdown("SIGTERM")
+        ));
+    }
 }
