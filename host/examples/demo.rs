@@ -14,7 +14,12 @@ use std::{
 type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 fn say(text: &str) {
-    println!("\n\x1b[1;36m==> {text}\x1b[0m");
+    use std::io::IsTerminal;
+    if std::io::stdout().is_terminal() {
+        println!("\n\x1b[1;36m==> {text}\x1b[0m");
+    } else {
+        println!("\n==> {text}");
+    }
 }
 
 fn workspace() -> PathBuf {
