@@ -61,7 +61,7 @@ impl Daemon {
         let p = |name: &str| root.join(name).to_string_lossy().into_owned();
         let child = Command::new(BIN)
             .args(run_args(root))
-            .args(["--pid-file", &p("host.pid"), "--checkpoint-interval", "0"])
+            .args(["--pid-file", &p("host.pid")])
             .args(extra)
             .env_remove("RUST_LOG")
             .stdout(Stdio::null())
@@ -340,6 +340,27 @@ fn with_watch_a_new_plugin_file_is_picked_up_without_a_signal() -> TestResult {
         "the watcher to replace echo",
     );
     assert_eq!(daemon.send("echo", "two")["count"], 2);
+    assert!(daemon.terminate().success());
+    Ok(())
+}
+
+#[test]
+fn a_running_host_checkpoints_state_that_changed() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "100ms"]);
+    let state = root.path().join("state/echo.state");
+    daemon.send("echo", "one");
+    daemon.wait_for(|_| state.exists(), "a checkpoint of echo");
+    let key = root.path().join("key");
+    let inspect = microkernel(&[
+        "inspect-state",
+        "--key-file",
+        key.to_str().unwrap(),
+        state.to_str().unwrap(),
+        "--json",
+    ]);
+    let inspected: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    assert_eq!(inspected["content"]["count"], 1);
     assert!(daemon.terminate().success());
     Ok(())
 }

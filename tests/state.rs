@@ -222,3 +222,35 @@ fn quarantine_mode_moves_a_bad_file_aside_and_starts_fresh() -> TestResult {
         .any(|l| l.service.as_deref() == Some("echo")));
     Ok(())
 }
+
+#[test]
+fn rotating_the_key_reads_old_files_and_reseals_them_with_the_new_key() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    {
+        let (kernel, _) = persisted.kernel(plugins.path());
+        echo_count(&kernel);
+    }
+    let old_id = host::state::StateKey::from_hex(&persisted.key_hex, "old")?.id();
+    let new_hex = hex_key();
+    let new_key = host::state::StateKey::from_hex(&new_hex, "new")?;
+    let new_id = new_key.id();
+    let keys = host::state::KeyRing::new(
+        new_key,
+        vec![host::state::StateKey::from_hex(&persisted.key_hex, "old")?],
+    );
+    let config = host::KernelConfig {
+        state: Some(host::state::StateStore::new(&persisted.state_dir(), keys)?),
+        ..Default::default()
+    };
+    {
+        let (kernel, report) = persisted.kernel_with(plugins.path(), config);
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        assert_eq!(echo_count(&kernel), 2);
+    }
+    // Saved at stop with the new key: its id is in the header (bytes 10..18).
+    let sealed = fs::read(persisted.state_file("echo"))?;
+    assert_eq!(sealed[10..18], new_id);
+    assert_ne!(sealed[10..18], old_id);
+    Ok(())
+}

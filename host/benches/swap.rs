@@ -6,7 +6,8 @@
 //!   seal and durable write of the state, stop, new instance, import, start, close the old
 //!   library), and how long requests were held meanwhile;
 //! - a request/reply through the kernel;
-//! - sealing and durably writing a state of 1 KiB and 1 MiB.
+//! - sealing and durably writing a state of 1 KiB and 1 MiB;
+//! - how resident memory grows over many swaps (a leak would show here).
 
 use std::{
     path::{Path, PathBuf},
@@ -61,6 +62,16 @@ fn quantiles(label: &str, mut samples: Vec<Duration>) {
     );
 }
 
+/// The process's resident memory, in KiB.
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 fn store(dir: &Path) -> StateStore {
     StateStore::new(dir, KeyRing::new(StateKey::generate(), Vec::new())).unwrap()
 }
@@ -89,7 +100,11 @@ fn main() {
 
     let (mut loads, mut swaps, mut held) = (Vec::new(), Vec::new(), Vec::new());
     let bytes = std::fs::read(&v2).unwrap();
-    for round in 0..500 {
+    let mut rss_after_warmup = 0;
+    for round in 0..2000 {
+        if round == 100 {
+            rss_after_warmup = rss_kib();
+        }
         let started = Instant::now();
         let library = if round == 0 {
             kernel.loader().load(&v2).unwrap()
@@ -104,6 +119,13 @@ fn main() {
         held.push(report.held);
         assert!(report.unmapped, "the old library stayed mapped");
     }
+    let rss_growth = rss_kib().saturating_sub(rss_after_warmup);
+    println!(
+        "{:<44} {} KiB over the last 1900 swaps ({} bytes a swap)",
+        "resident memory growth",
+        rss_growth,
+        rss_growth * 1024 / 1900
+    );
     quantiles("load + check a new echo (shadow copy, dlopen)", loads);
     quantiles("hot replace (export .. close old library)", swaps);
     quantiles("requests held during the replace", held);
