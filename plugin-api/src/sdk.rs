@@ -433,19 +433,40 @@ pub mod export_parts {
         config: ROption<RString>,
     ) -> RCallResult<RawService> {
         let host = Host { raw: host };
-        guard("new", || {
-            let service = S::new(
-                host.clone(),
-                config.as_ref().map(|c| c.as_str()).into_option(),
-            )?;
-            let mut sink = lock_sink();
-            sink.instances += 1;
-            sink.host = Some(host);
+        // The logging macros work from `new` on.
+        register_instance(host.clone());
+        let created = guard("new", || {
+            let service = S::new(host, config.as_ref().map(|c| c.as_str()).into_option())?;
             Ok(RawService {
                 this: Box::into_raw(Box::new(service)).cast::<c_void>(),
                 vtable: Glue::<S>::VTABLE_REF,
             })
-        })
+        });
+        if created.is_err() {
+            unregister_instance();
+        }
+        created
+    }
+
+    /// Counts a live instance and makes `host` the destination of the logging macros.
+    fn register_instance(host: Host) {
+        let mut sink = lock_sink();
+        sink.instances += 1;
+        sink.host = Some(host);
+    }
+
+    /// Forgets an instance; the last one releases the host handle.
+    fn unregister_instance() {
+        let host = {
+            let mut sink = lock_sink();
+            sink.instances = sink.instances.saturating_sub(1);
+            if sink.instances == 0 {
+                sink.host.take()
+            } else {
+                None
+            }
+        };
+        drop(host);
     }
 
     struct Glue<S>(PhantomData<S>);
@@ -528,21 +549,12 @@ pub mod export_parts {
             drop(unsafe { Box::from_raw(this.cast::<S>()) });
         }));
         if let Err(panic) = dropped {
-            eprintln!(
+            crate::error!(
                 "{} panicked while being dropped: {}",
                 S::NAME,
                 panic_message(&*panic)
             );
         }
-        let host = {
-            let mut sink = lock_sink();
-            sink.instances = sink.instances.saturating_sub(1);
-            if sink.instances == 0 {
-                sink.host.take()
-            } else {
-                None
-            }
-        };
-        drop(host);
+        unregister_instance();
     }
 }
