@@ -320,3 +320,31 @@ fn a_rollback_brings_the_old_version_back_with_its_own_configuration() -> TestRe
     assert_eq!(echo_count(&kernel), 2);
     Ok(())
 }
+
+#[test]
+fn a_new_version_stuck_in_start_is_given_up_and_never_serves() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    let mut config = persisted.config(host::BadStatePolicy::Refuse);
+    config.operation_timeout = Duration::from_millis(100);
+    let (kernel, _) = persisted.kernel_with(plugins.path(), config);
+    assert_eq!(echo_count(&kernel), 1);
+    let stuck = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let error = kernel
+        .replace(stuck, Some(r#"{"start":"sleep","sleep_ms":400}"#.into()))
+        .unwrap_err();
+    assert!(
+        matches!(&error, KernelError::Swap(SwapError::RolledBack { cause, .. }) if cause.contains("took longer than")),
+        "{error}"
+    );
+    // Long after the stuck start has returned, every request is still served by version 1.
+    std::thread::sleep(Duration::from_millis(600));
+    for expected in 2..12 {
+        let reply = json(&kernel.request("echo", "echo", b"", None));
+        assert_eq!(
+            (reply["version"].as_str(), reply["count"].as_u64()),
+            (Some("1.0.0"), Some(expected))
+        );
+    }
+    Ok(())
+}

@@ -130,8 +130,8 @@ pub struct RunArgs {
     /// Timeout of requests sent from outside (`ctl send`).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: Duration,
-    /// How long to wait for a service to reach a checkpoint, a hot replace or a stop before
-    /// reporting it stuck.
+    /// How long to wait for a service to start, or to reach a checkpoint, a hot replace or a
+    /// stop, before reporting it stuck.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub operation_timeout: Duration,
     /// Where the private copies of plugin files are opened from [default: the temporary

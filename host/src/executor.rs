@@ -11,10 +11,10 @@ use std::{
     cell::RefCell,
     sync::Arc,
     thread::{self, JoinHandle},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use plugin_api::{codes, Message, Reply};
 
 use crate::loader::{HostServices, Instance, Library};
@@ -140,6 +140,8 @@ pub(crate) enum InstanceError {
     Start(String),
     #[error("the executor thread could not be started: {0}")]
     Thread(String),
+    #[error("creating, importing and starting the instance took longer than {0:?}")]
+    Timeout(Duration),
 }
 
 /// Everything needed to bring up an instance.
@@ -150,6 +152,8 @@ pub(crate) struct Launch {
     pub config: Option<String>,
     /// State to import before `start`: the version that exported it, and the bytes.
     pub state: Option<(String, Vec<u8>)>,
+    /// How long creating, importing and starting may take.
+    pub timeout: Duration,
 }
 
 /// Starts an executor thread: it creates the instance, imports the state, starts it, and
@@ -161,17 +165,24 @@ pub(crate) fn launch(
 ) -> Result<JoinHandle<()>, InstanceError> {
     let (ready_tx, ready_rx) = bounded::<Result<(), InstanceError>>(1);
     let name = format!("svc-{}", launch.service);
+    let timeout = launch.timeout;
     let thread = thread::Builder::new()
         .name(name)
         .spawn(move || run(launch, mailbox, ready_tx))
         .map_err(|e| InstanceError::Thread(e.to_string()))?;
-    match ready_rx.recv() {
+    match ready_rx.recv_timeout(timeout) {
         Ok(Ok(())) => Ok(thread),
         Ok(Err(error)) => {
             let _ = thread.join();
             Err(error)
         }
-        Err(_) => {
+        Err(RecvTimeoutError::Timeout) => {
+            // Stuck in plugin code. Dropping `ready_rx` tells the thread, if it ever gets
+            // out, to stop its instance instead of serving; it is left to finish alone and
+            // keeps its library loaded meanwhile.
+            Err(InstanceError::Timeout(timeout))
+        }
+        Err(RecvTimeoutError::Disconnected) => {
             let _ = thread.join();
             Err(InstanceError::Thread("the executor thread exited".into()))
         }
@@ -185,6 +196,7 @@ fn run(launch: Launch, mailbox: Receiver<Envelope>, ready: Sender<Result<(), Ins
         services,
         config,
         state,
+        timeout: _,
     } = launch;
     set_chain(vec![service.clone()]);
     let mut instance = match Instance::new(library, services, config.as_deref()) {
@@ -205,7 +217,11 @@ fn run(launch: Launch, mailbox: Receiver<Envelope>, ready: Sender<Result<(), Ins
         let _ = ready.send(Err(InstanceError::Start(e)));
         return;
     }
-    let _ = ready.send(Ok(()));
+    if ready.send(Ok(())).is_err() {
+        // The kernel gave up waiting (see `launch`): this instance must not serve.
+        stop(&service, &mut instance);
+        return;
+    }
     serve(&service, &mut instance, &mailbox);
     set_chain(Vec::new());
     // `instance` is dropped here, on this thread, before the thread exits.

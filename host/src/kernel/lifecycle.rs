@@ -152,6 +152,7 @@ impl KernelInner {
                 services,
                 config,
                 state,
+                timeout: self.config.operation_timeout,
             },
             slot.mailbox.rx.clone(),
         )
