@@ -74,9 +74,9 @@ pub struct KernelConfig {
     pub mailbox_capacity: usize,
     /// Timeout of requests that do not name one (external requests).
     pub request_timeout: Duration,
-    /// How long the kernel waits for a service to reach a checkpoint, a hot replace or a
-    /// stop (it first finishes the requests queued before). A service stuck longer is
-    /// reported, and left as it is.
+    /// How long the kernel waits for an instance to start (create, import, start), or for a
+    /// service to reach a checkpoint, a hot replace or a stop (it first finishes the requests
+    /// queued before). A service stuck longer is reported, and left as it is.
     pub operation_timeout: Duration,
     /// Where the shadow copies of plugin files go (the temporary directory if `None`).
     pub shadow_dir: Option<PathBuf>,
