@@ -117,7 +117,13 @@ impl ControlServer {
             .name("control".into())
             .spawn(move || {
                 for stream in listener.incoming() {
-                    let Ok(stream) = stream else { continue };
+                    let stream = match stream {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::warn!(%error, "control socket: accept failed");
+                            continue;
+                        }
+                    };
                     let kernel = kernel.clone();
                     let events = events.clone();
                     let _ = thread::Builder::new()

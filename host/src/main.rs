@@ -106,7 +106,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         s.name,
                         s.version,
                         s.status.to_string(),
-                        &s.sha256[..12],
+                        s.sha256.get(..12).unwrap_or(&s.sha256),
                         humantime::format_rfc3339_seconds(
                             std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.loaded_since)
                         )

@@ -38,10 +38,13 @@ impl Loader {
     pub fn new(parent: Option<&Path>) -> std::io::Result<Self> {
         let mut builder = tempfile::Builder::new();
         builder.prefix("microkernel-shadow-");
-        let shadow_dir = match parent {
-            Some(parent) => builder.tempdir_in(parent)?,
-            None => builder.tempdir()?,
-        };
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
+        let shadow_dir = builder.tempdir_in(&parent).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!("creating a shadow directory in {}: {e}", parent.display()),
+            )
+        })?;
         Ok(Loader {
             shadow_dir,
             next_id: AtomicU64::new(0),
@@ -134,9 +137,12 @@ fn check_elf(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
     }
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let u16_at = |at: usize| u64::from(u16::from_le_bytes([bytes[at], bytes[at + 1]]));
-    let section_headers_end = u64_at(0x28) + u16_at(0x3A) * u16_at(0x3C);
-    let program_headers_end = u64_at(0x20) + u16_at(0x36) * u16_at(0x38);
-    let needed = section_headers_end.max(program_headers_end);
+    // Offsets come from the file: a garbage header must not overflow (saturate instead, and
+    // the file is reported as shorter than it claims).
+    let table_end = |offset: usize, entry_size: usize, count: usize| {
+        u64_at(offset).saturating_add(u16_at(entry_size) * u16_at(count))
+    };
+    let needed = table_end(0x28, 0x3A, 0x3C).max(table_end(0x20, 0x36, 0x38));
     let len = bytes.len() as u64;
     if needed > len {
         return Err(LoadError::Truncated {
@@ -351,15 +357,21 @@ impl Library {
         if let Err(e) = raw.close() {
             tracing::warn!(plugin = %self.path.display(), error = %libloading_reason(&e), "dlclose failed");
         }
-        let unmapped = !is_mapped(&self.shadow);
-        if !unmapped {
-            tracing::warn!(
-                plugin = %self.path.display(),
-                service = %self.manifest.name,
-                "library still mapped after close (a leak, not a crash): a thread-local destructor or a thread started by the plugin pins it"
-            );
+        match is_mapped(&self.shadow) {
+            Ok(false) => true,
+            Ok(true) => {
+                tracing::warn!(
+                    plugin = %self.path.display(),
+                    service = %self.manifest.name,
+                    "library still mapped after close (a leak, not a crash): a thread-local destructor or a thread started by the plugin pins it"
+                );
+                false
+            }
+            Err(error) => {
+                tracing::warn!(plugin = %self.path.display(), %error, "cannot tell whether the library was unmapped: /proc/self/maps is unreadable");
+                false
+            }
         }
-        unmapped
     }
 }
 
@@ -370,19 +382,17 @@ impl Drop for Library {
 }
 
 /// Whether a file of that path is mapped into this process (per `/proc/self/maps`).
-pub fn is_mapped(path: &Path) -> bool {
-    let Ok(maps) = fs::read_to_string("/proc/self/maps") else {
-        return false;
-    };
+pub fn is_mapped(path: &Path) -> std::io::Result<bool> {
+    let maps = fs::read_to_string("/proc/self/maps")?;
     let needle = path.to_string_lossy();
-    maps.lines().any(|line| {
+    Ok(maps.lines().any(|line| {
         line.split_once('/')
             .map(|(_, rest)| {
                 let mapped = format!("/{rest}");
                 mapped == needle || mapped.strip_suffix(" (deleted)") == Some(&*needle)
             })
             .unwrap_or(false)
-    })
+    }))
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 use plugin_api::{abi::RManifest, is_valid_service_name};
 
+/// The longest version string accepted (it is stored in state file headers).
+pub const MAX_VERSION_LEN: usize = 128;
+
 /// A plugin's manifest, copied into host memory and validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Manifest {
@@ -18,6 +21,11 @@ impl Manifest {
         if !is_valid_service_name(&name) {
             return Err(format!(
                 "service name {name:?} is invalid: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
+            ));
+        }
+        if raw.version.len() > MAX_VERSION_LEN {
+            return Err(format!(
+                "service `{name}` has a version longer than {MAX_VERSION_LEN} bytes"
             ));
         }
         let version = semver::Version::parse(raw.version.as_str()).map_err(|e| {

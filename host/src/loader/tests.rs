@@ -1,6 +1,9 @@
 use std::path::Path;
 
-use super::{library::check_elf_for_tests, LoadError};
+use abi_stable::std_types::RVec;
+use plugin_api::abi::RManifest;
+
+use super::{library::check_elf_for_tests, LoadError, Manifest};
 
 #[test]
 fn a_file_without_elf_magic_is_not_a_shared_library() {
@@ -29,4 +32,44 @@ fn an_elf_header_whose_tables_lie_past_the_end_is_truncated() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn an_elf_header_with_absurd_offsets_is_truncated_not_a_panic() {
+    let mut header = vec![0u8; 64];
+    header[..4].copy_from_slice(b"\x7fELF");
+    header[4] = 2;
+    header[5] = 1;
+    header[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes()); // e_shoff
+    header[0x3A..0x3C].copy_from_slice(&u16::MAX.to_le_bytes());
+    header[0x3C..0x3E].copy_from_slice(&u16::MAX.to_le_bytes());
+    let err = check_elf_for_tests(Path::new("x.so"), &header).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            LoadError::Truncated {
+                needed: u64::MAX,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+fn manifest(name: &str, version: &str) -> RManifest {
+    RManifest {
+        name: name.into(),
+        version: version.into(),
+        dependencies: RVec::new(),
+    }
+}
+
+#[test]
+fn a_manifest_version_must_be_short_semver() {
+    assert!(Manifest::from_raw(&manifest("echo", "1.2.3-rc.1+build.7")).is_ok());
+    let error = Manifest::from_raw(&manifest("echo", "one")).unwrap_err();
+    assert!(error.contains("not semver"), "{error}");
+    let long = format!("1.0.0-{}", "a".repeat(200));
+    let error = Manifest::from_raw(&manifest("echo", &long)).unwrap_err();
+    assert!(error.contains("longer than"), "{error}");
 }

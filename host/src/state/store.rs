@@ -45,6 +45,14 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    /// The service name or the version is too long for the header (255 bytes at most).
+    #[error("state file {path}: the {field} is longer than 255 bytes")]
+    HeaderField {
+        /// The file.
+        path: PathBuf,
+        /// Which field.
+        field: &'static str,
+    },
     /// The file does not start with the state magic.
     #[error("state file {path} is not a microkernel state file (bad magic)")]
     NotAStateFile {
@@ -174,7 +182,11 @@ impl StateStore {
     /// fsync of the directory. Either the old file or the new one survives a crash.
     pub fn save(&self, service: &str, version: &str, bytes: &[u8]) -> Result<(), StateError> {
         let path = self.path(service);
-        let sealed = seal(&self.keys, service, version, bytes);
+        let sealed =
+            seal(&self.keys, service, version, bytes).map_err(|field| StateError::HeaderField {
+                path: path.clone(),
+                field,
+            })?;
         let io = |op, source| StateError::Io {
             path: path.clone(),
             op,
@@ -268,22 +280,29 @@ pub fn inspect(keys: &KeyRing, path: &Path) -> Result<(StateHeader, Vec<u8>), St
     open(keys, path, &data, None)
 }
 
-fn seal(keys: &KeyRing, service: &str, version: &str, bytes: &[u8]) -> Vec<u8> {
+/// Seals `bytes`; fails (naming the field) when the service name or version does not fit
+/// its one-byte length.
+fn seal(
+    keys: &KeyRing,
+    service: &str,
+    version: &str,
+    bytes: &[u8],
+) -> Result<Vec<u8>, &'static str> {
     let key = keys.current();
     let nonce = cipher::fresh_nonce();
     let mut out = Vec::with_capacity(64 + bytes.len() + TAG_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&key.id());
-    for field in [service, version] {
-        let len = u8::try_from(field.len()).expect("service names and versions are short");
+    for (name, field) in [("service name", service), ("version", version)] {
+        let len = u8::try_from(field.len()).map_err(|_| name)?;
         out.push(len);
         out.extend_from_slice(field.as_bytes());
     }
     out.extend_from_slice(&nonce);
     let sealed = cipher::seal(key.bytes(), &nonce, &out, bytes);
     out.extend_from_slice(&sealed);
-    out
+    Ok(out)
 }
 
 fn open(

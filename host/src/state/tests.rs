@@ -192,3 +192,21 @@ fn leftovers_of_interrupted_saves_are_removed_and_nothing_else() {
     assert!(store.load("kv").unwrap().is_some());
     assert!(dir.path().join(".lock").exists());
 }
+
+#[test]
+fn a_version_too_long_for_the_header_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = StateStore::new(dir.path(), ring()).unwrap();
+    let err = store.save("kv", &"9".repeat(300), b"x").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StateError::HeaderField {
+                field: "version",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(!store.path("kv").exists());
+}
