@@ -4,7 +4,7 @@ use std::{fs, path::Path};
 
 use host::{
     kernel::DependencyError,
-    loader::{is_mapped, LoadError, Loader},
+    loader::{is_mapped, LoadError, Loader, PluginFile},
     KernelError,
 };
 
@@ -181,10 +181,10 @@ fn a_thousand_load_run_unload_cycles_leave_no_mapping_behind() -> TestResult {
         ..Default::default()
     })?;
     let plugin = fixture("fixture-relay");
-    let bytes = fs::read(&plugin)?;
+    let file = PluginFile::read(&plugin)?;
     assert_eq!(mappings_under(shadow_parent.path()), 0);
     for _ in 0..1000 {
-        let library = kernel.loader().load_bytes(&plugin, &bytes)?;
+        let library = kernel.loader().load_file(&file)?;
         kernel.register(library, None)?;
         kernel.start("relay")?;
         let report = kernel.shutdown();

@@ -16,6 +16,7 @@ use std::{
 };
 
 use host::{
+    loader::PluginFile,
     state::{KeyRing, StateKey, StateStore},
     Kernel, KernelConfig,
 };
@@ -99,7 +100,7 @@ fn main() {
     quantiles("request/reply through the kernel", requests);
 
     let (mut loads, mut swaps, mut held) = (Vec::new(), Vec::new(), Vec::new());
-    let bytes = std::fs::read(&v2).unwrap();
+    let file = PluginFile::read(&v2).unwrap();
     let mut rss_after_warmup = 0;
     for round in 0..2000 {
         if round == 100 {
@@ -109,7 +110,7 @@ fn main() {
         let library = if round == 0 {
             kernel.loader().load(&v2).unwrap()
         } else {
-            kernel.loader().load_bytes(&v2, &bytes).unwrap()
+            kernel.loader().load_file(&file).unwrap()
         };
         let loaded = started.elapsed();
         let swap_started = Instant::now();

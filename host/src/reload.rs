@@ -16,11 +16,9 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use sha2::{Digest, Sha256};
-
 use crate::{
     kernel::{Kernel, KernelError, SwapReport},
-    loader::{Library, LoadError},
+    loader::{Library, LoadError, PluginFile},
 };
 
 /// What the reloader knows of a file it has seen.
@@ -102,11 +100,6 @@ impl Reloader {
         }
     }
 
-    /// The plugins directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// The configuration text of a service: `<plugins-dir>/<service>.conf`, if present.
     pub fn config_of(&self, service: &str) -> Result<Option<String>, ReloadError> {
         let path = self.dir.join(format!("{service}.conf"));
@@ -180,19 +173,19 @@ impl Reloader {
     ) -> BTreeMap<PathBuf, Library> {
         let mut loaded = BTreeMap::new();
         for path in files {
-            let bytes = match fs::read(&path) {
-                Ok(bytes) => bytes,
-                Err(source) => {
-                    report.errors.push(LoadError::Read { path, source }.into());
+            let file = match PluginFile::read(&path) {
+                Ok(file) => file,
+                Err(error) => {
+                    report.errors.push(error.into());
                     continue;
                 }
             };
-            let sha256: [u8; 32] = Sha256::digest(&bytes).into();
+            let sha256 = *file.sha256();
             if self.known.get(&path).is_some_and(|k| k.sha256 == sha256) {
                 report.unchanged += 1;
                 continue;
             }
-            match kernel.loader().load_bytes(&path, &bytes) {
+            match kernel.loader().load_file(&file) {
                 Ok(library) => {
                     let manifest = library.manifest();
                     if only.is_some_and(|only| manifest.name != only) {

@@ -45,17 +45,14 @@ impl KernelInner {
         self.slots()
             .iter()
             .map(|slot| {
-                let info = slot.info.read().unwrap_or_else(|p| p.into_inner());
+                let info = slot.read_info();
                 (info.name.clone(), info.dependencies.clone())
             })
             .collect()
     }
 
     pub(crate) fn list(&self) -> Vec<ServiceInfo> {
-        self.slots()
-            .iter()
-            .map(|slot| slot.info.read().unwrap_or_else(|p| p.into_inner()).clone())
-            .collect()
+        self.slots().iter().map(|slot| slot.info()).collect()
     }
 
     pub(crate) fn uptime(&self) -> Duration {

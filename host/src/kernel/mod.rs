@@ -33,10 +33,11 @@ use crate::{
 };
 
 /// The life of a service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     /// Loaded, never started.
+    #[default]
     Registered,
     /// Its instance is being created, its state imported, `start` called.
     Starting,
@@ -160,7 +161,7 @@ pub enum KernelError {
 }
 
 /// What `list` shows about a service.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServiceInfo {
     /// Service name.
     pub name: String,
@@ -272,8 +273,16 @@ fn digest(bytes: &[u8]) -> [u8; 32] {
 }
 
 impl ServiceSlot {
+    fn read_info(&self) -> std::sync::RwLockReadGuard<'_, ServiceInfo> {
+        self.info.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn info(&self) -> ServiceInfo {
+        self.read_info().clone()
+    }
+
     fn status(&self) -> Status {
-        self.info.read().unwrap_or_else(|p| p.into_inner()).status
+        self.read_info().status
     }
 
     fn update(&self, f: impl FnOnce(&mut ServiceInfo)) {
@@ -292,14 +301,16 @@ impl ServiceSlot {
     }
 }
 
-fn describe(library: &Library) -> (String, Vec<String>, PathBuf, String) {
-    let manifest = library.manifest();
-    (
-        manifest.version.to_string(),
-        manifest.dependencies.clone(),
-        library.path().to_owned(),
-        hex::encode(library.sha256()),
-    )
+impl ServiceInfo {
+    /// Takes what `list` shows of a library that was just loaded for the service.
+    fn describe(&mut self, library: &Library) {
+        let manifest = library.manifest();
+        self.version = manifest.version.to_string();
+        self.dependencies = manifest.dependencies.clone();
+        self.path = library.path().to_owned();
+        self.sha256 = hex::encode(library.sha256());
+        self.loaded_since = unix_now();
+    }
 }
 
 impl Kernel {
@@ -338,28 +349,24 @@ impl Kernel {
             .write()
             .unwrap_or_else(|p| p.into_inner());
         if let Some(existing) = services.get(&name) {
+            // Not the operations lock: it may be held for a long time, and routing waits
+            // on the registry meanwhile.
             return Err(KernelError::DuplicateService {
                 service: name,
-                first: lock(&existing.ops).library.path().to_owned(),
+                first: existing.info().path,
                 second: library.path().to_owned(),
             });
         }
-        let (version, dependencies, path, sha256) = describe(&library);
-        tracing::info!(service = %name, %version, plugin = %path.display(), "registered");
+        let mut info = ServiceInfo {
+            name: name.clone(),
+            ..ServiceInfo::default()
+        };
+        info.describe(&library);
+        tracing::info!(service = %name, version = %info.version, plugin = %info.path.display(), "registered");
         let slot = ServiceSlot {
             name: name.clone(),
             mailbox: Mailbox::new(self.inner.config.mailbox_capacity),
-            info: RwLock::new(ServiceInfo {
-                name: name.clone(),
-                version,
-                status: Status::Registered,
-                dependencies,
-                path,
-                sha256,
-                loaded_since: unix_now(),
-                swaps: 0,
-                last_error: None,
-            }),
+            info: RwLock::new(info),
             ops: Mutex::new(SlotOps {
                 library: Arc::new(library),
                 executor: None,
@@ -463,9 +470,7 @@ impl Kernel {
 
     /// One service's information.
     pub fn info(&self, service: &str) -> Option<ServiceInfo> {
-        self.inner
-            .slot(service)
-            .map(|slot| slot.info.read().unwrap_or_else(|p| p.into_inner()).clone())
+        self.inner.slot(service).map(|slot| slot.info())
     }
 
     /// Counters.

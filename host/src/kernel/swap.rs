@@ -18,9 +18,7 @@ use std::{sync::Arc, time::Duration, time::Instant};
 
 use crossbeam_channel::bounded;
 
-use super::{
-    close_library, describe, lock, unix_now, KernelError, KernelInner, ServiceSlot, Status,
-};
+use super::{close_library, lock, KernelError, KernelInner, ServiceSlot, Status};
 use crate::{
     executor::{Envelope, Verdict},
     loader::Library,
@@ -255,12 +253,5 @@ impl KernelInner {
 }
 
 fn set_library(slot: &ServiceSlot, library: &Library) {
-    let (version, dependencies, path, sha256) = describe(library);
-    slot.update(|info| {
-        info.version = version;
-        info.dependencies = dependencies;
-        info.path = path;
-        info.sha256 = sha256;
-        info.loaded_since = unix_now();
-    });
+    slot.update(|info| info.describe(library));
 }

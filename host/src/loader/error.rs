@@ -83,20 +83,3 @@ pub enum LoadError {
         reason: String,
     },
 }
-
-impl LoadError {
-    /// The plugin file the error is about.
-    pub fn path(&self) -> &std::path::Path {
-        match self {
-            LoadError::Read { path, .. }
-            | LoadError::NotSharedLibrary { path }
-            | LoadError::Truncated { path, .. }
-            | LoadError::Open { path, .. }
-            | LoadError::NotAPlugin { path, .. }
-            | LoadError::VersionMismatch { path, .. }
-            | LoadError::AbiMismatch { path, .. }
-            | LoadError::Init { path, .. }
-            | LoadError::InvalidManifest { path, .. } => path,
-        }
-    }
-}

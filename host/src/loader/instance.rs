@@ -47,11 +47,6 @@ impl Instance {
         Ok(Instance { raw, library })
     }
 
-    /// The library this instance was created by.
-    pub fn library(&self) -> &Arc<Library> {
-        &self.library
-    }
-
     /// Calls the plugin's `start`.
     pub fn start(&mut self) -> Result<(), String> {
         // SAFETY: `raw.this` is live until `drop`, and `&mut self` makes this the only call.

@@ -60,21 +60,22 @@ impl Loader {
     /// Loads the plugin at `path`: copies it to a shadow path, opens the copy, checks its
     /// ABI and its `plugin-api` version, initializes its root module and reads its manifest.
     pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
-        let bytes = fs::read(path).map_err(|source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        self.load_bytes(path, &bytes)
+        self.load_file(&PluginFile::read(path)?)
     }
 
-    /// Like [`Loader::load`], for a file whose content the caller has already read.
-    pub fn load_bytes(&self, path: &Path, bytes: &[u8]) -> Result<Library, LoadError> {
+    /// Like [`Loader::load`], for a file already read (and hashed).
+    pub fn load_file(&self, file: &PluginFile) -> Result<Library, LoadError> {
+        let PluginFile {
+            path,
+            bytes,
+            sha256,
+        } = file;
+        let path = path.as_path();
         let read_err = |source| LoadError::Read {
             path: path.to_owned(),
             source,
         };
         check_elf(path, bytes)?;
-        let sha256: [u8; 32] = Sha256::digest(bytes).into();
 
         // A unique private copy: `dlopen` of a path (or inode) that is already open returns
         // the library already loaded, and overwriting a mapped file crashes the process.
@@ -115,11 +116,46 @@ impl Loader {
         Ok(Library {
             path: path.to_owned(),
             shadow,
-            sha256,
+            sha256: *sha256,
             manifest,
             module,
             raw: Some(raw),
         })
+    }
+}
+
+/// A plugin file's content and its SHA-256, read once: what a rescan compares, and what
+/// [`Loader::load_file`] opens.
+#[derive(Debug, Clone)]
+pub struct PluginFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    sha256: [u8; 32],
+}
+
+impl PluginFile {
+    /// Reads and hashes the file at `path`.
+    pub fn read(path: &Path) -> Result<Self, LoadError> {
+        let bytes = fs::read(path).map_err(|source| LoadError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let sha256 = Sha256::digest(&bytes).into();
+        Ok(PluginFile {
+            path: path.to_owned(),
+            bytes,
+            sha256,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The SHA-256 of the content read.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
     }
 }
 

@@ -25,7 +25,7 @@ mod manifest;
 pub use error::LoadError;
 pub use host_handle::HostServices;
 pub use instance::Instance;
-pub use library::{is_mapped, Library, Loader};
+pub use library::{is_mapped, Library, Loader, PluginFile};
 pub use manifest::Manifest;
 
 #[cfg(test)]
