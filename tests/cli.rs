@@ -364,3 +364,25 @@ fn a_running_host_checkpoints_state_that_changed() -> TestResult {
     assert!(daemon.terminate().success());
     Ok(())
 }
+
+#[test]
+fn a_control_socket_that_cannot_be_bound_stops_the_host_before_any_service_starts() -> TestResult {
+    let root = setup(&["echo"]);
+    let mut args = run_args(root.path());
+    let socket = root.path().join("no/such/dir/control.sock");
+    args.extend(["--socket".to_owned(), socket.to_string_lossy().into_owned()]);
+    let output = microkernel(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("binding control socket"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(
+        !stderr(&output).contains("running service=echo"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!root.path().join("state/echo.state").exists());
+    Ok(())
+}

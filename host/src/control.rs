@@ -92,12 +92,14 @@ pub enum Response {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    /// Until [`ControlServer::serve`] hands it to the control thread.
+    listener: Option<UnixListener>,
 }
 
 impl ControlServer {
-    /// Binds the socket (refusing to steal one a live host listens on), then serves each
-    /// connection on its own thread.
-    pub fn start(path: &Path, kernel: Arc<Kernel>, events: Sender<Event>) -> anyhow::Result<Self> {
+    /// Binds the socket (refusing to steal one a live host listens on), mode 0600.
+    /// Connections wait in the backlog until [`ControlServer::serve`].
+    pub fn bind(path: &Path) -> anyhow::Result<Self> {
         if path.exists() {
             if UnixStream::connect(path).is_ok() {
                 bail!(
@@ -110,8 +112,21 @@ impl ControlServer {
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding control socket {}", path.display()))?;
+        // From here on, dropping `self` removes the socket file.
+        let server = ControlServer {
+            path: path.to_owned(),
+            listener: Some(listener),
+        };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting the mode of control socket {}", path.display()))?;
+        Ok(server)
+    }
+
+    /// Serves each connection on a thread of its own, from now on.
+    pub fn serve(&mut self, kernel: Arc<Kernel>, events: Sender<Event>) -> anyhow::Result<()> {
+        let Some(listener) = self.listener.take() else {
+            bail!("control socket {} is already served", self.path.display());
+        };
         let owner = nix::unistd::getuid();
         thread::Builder::new()
             .name("control".into())
@@ -126,16 +141,17 @@ impl ControlServer {
                     };
                     let kernel = kernel.clone();
                     let events = events.clone();
-                    let _ = thread::Builder::new()
+                    let spawned = thread::Builder::new()
                         .name("control-conn".into())
                         .spawn(move || serve(stream, owner, &kernel, &events));
+                    if let Err(error) = spawned {
+                        tracing::warn!(%error, "control socket: connection dropped, no thread for it");
+                    }
                 }
             })
             .context("starting the control thread")?;
-        tracing::info!(socket = %path.display(), "control socket listening");
-        Ok(ControlServer {
-            path: path.to_owned(),
-        })
+        tracing::info!(socket = %self.path.display(), "control socket serving");
+        Ok(())
     }
 }
 

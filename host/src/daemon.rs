@@ -113,10 +113,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         .socket
         .clone()
         .unwrap_or_else(|| args.state.default_socket());
+    // Bound before anything starts (a bad socket path fails here), served once the services
+    // are up: a client that connects early gets its answer from the running host.
+    let mut control = ControlServer::bind(&socket)?;
     let mut reloader = Reloader::new(&args.plugins);
     reloader.scan(&kernel, None);
-    // The socket answers once the services are up: scripts can wait for it.
-    let control = ControlServer::start(&socket, kernel.clone(), events_tx.clone())?;
+    control.serve(kernel.clone(), events_tx.clone())?;
     if args.watch {
         spawn_watcher(args.plugins.clone(), events_tx.clone())?;
     }
