@@ -76,6 +76,15 @@ impl HostServices for ServiceContext {
     }
 }
 
+fn message(from: &str, to: &str, kind: &str, payload: &[u8]) -> Message {
+    Message {
+        from: from.to_owned(),
+        to: to.to_owned(),
+        kind: kind.to_owned(),
+        payload: payload.to_vec(),
+    }
+}
+
 impl KernelInner {
     /// Routes a request and waits for its reply, at most `timeout` in all (waiting for room
     /// in a full mailbox included). `chain` lists the services waiting on this request.
@@ -110,12 +119,7 @@ impl KernelInner {
         let deadline = Instant::now() + timeout;
         let (reply_tx, reply_rx) = bounded(1);
         let envelope = Envelope::Request {
-            message: Message {
-                from: from.to_owned(),
-                to: to.to_owned(),
-                kind: kind.to_owned(),
-                payload: payload.to_vec(),
-            },
+            message: message(from, to, kind, payload),
             chain,
             reply: reply_tx,
         };
@@ -168,12 +172,7 @@ impl KernelInner {
             return Err(format!("service `{to}` is not running ({status})"));
         }
         let envelope = Envelope::Event {
-            message: Message {
-                from: from.to_owned(),
-                to: to.to_owned(),
-                kind: kind.to_owned(),
-                payload: payload.to_vec(),
-            },
+            message: message(from, to, kind, payload),
         };
         slot.mailbox.tx.try_send(envelope).map_err(|e| match e {
             TrySendError::Full(_) => format!(
