@@ -231,26 +231,22 @@ fn rotating_the_key_reads_old_files_and_reseals_them_with_the_new_key() -> TestR
         let (kernel, _) = persisted.kernel(plugins.path());
         echo_count(&kernel);
     }
-    let old_id = host::state::StateKey::from_hex(&persisted.key_hex, "old")?.id();
     let new_hex = hex_key();
-    let new_key = host::state::StateKey::from_hex(&new_hex, "new")?;
-    let new_id = new_key.id();
-    let keys = host::state::KeyRing::new(
-        new_key,
-        vec![host::state::StateKey::from_hex(&persisted.key_hex, "old")?],
-    );
-    let config = host::KernelConfig {
-        state: Some(host::state::StateStore::new(&persisted.state_dir(), keys)?),
-        ..Default::default()
-    };
+    let config =
+        persisted.config_with_keys(&new_hex, &[&persisted.key_hex], BadStatePolicy::Refuse);
     {
         let (kernel, report) = persisted.kernel_with(plugins.path(), config);
         assert!(report.errors.is_empty(), "{:?}", report.errors);
         assert_eq!(echo_count(&kernel), 2);
     }
-    // Saved at stop with the new key: its id is in the header (bytes 10..18).
-    let sealed = fs::read(persisted.state_file("echo"))?;
-    assert_eq!(sealed[10..18], new_id);
-    assert_ne!(sealed[10..18], old_id);
+    // Saved at stop with the new key: only the new key opens it now.
+    let id = |hex: &str| host::state::StateKey::from_hex(hex, "test").map(|k| k.id_hex());
+    let new_only = persisted
+        .config_with_key(&new_hex, BadStatePolicy::Refuse)
+        .state
+        .unwrap();
+    let (header, _) = host::state::inspect(new_only.keys(), &persisted.state_file("echo"))?;
+    assert_eq!(header.key_id, id(&new_hex)?);
+    assert_ne!(header.key_id, id(&persisted.key_hex)?);
     Ok(())
 }

@@ -245,8 +245,19 @@ impl Persisted {
     }
 
     pub fn config_with_key(&self, key_hex: &str, policy: host::BadStatePolicy) -> KernelConfig {
-        let key = host::state::StateKey::from_hex(key_hex, "test").unwrap();
-        let keys = host::state::KeyRing::new(key, Vec::new());
+        self.config_with_keys(key_hex, &[], policy)
+    }
+
+    /// A configuration that seals with `current` and also opens files sealed with `old`.
+    pub fn config_with_keys(
+        &self,
+        current: &str,
+        old: &[&str],
+        policy: host::BadStatePolicy,
+    ) -> KernelConfig {
+        let key = |hex: &str| host::state::StateKey::from_hex(hex, "test").unwrap();
+        let keys =
+            host::state::KeyRing::new(key(current), old.iter().map(|hex| key(hex)).collect());
         KernelConfig {
             state: Some(host::state::StateStore::new(&self.state_dir(), keys).unwrap()),
             on_bad_state: policy,
