@@ -125,8 +125,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub watch: bool,
     /// Capacity of each service's mailbox.
-    #[arg(long, value_name = "N", default_value_t = 1024)]
-    pub mailbox_capacity: usize,
+    #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    pub mailbox_capacity: u32,
     /// Timeout of requests sent from outside (`ctl send`).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: Duration,

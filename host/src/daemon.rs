@@ -99,7 +99,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
 
     let kernel = Arc::new(Kernel::new(KernelConfig {
-        mailbox_capacity: args.mailbox_capacity.max(1),
+        mailbox_capacity: args.mailbox_capacity as usize,
         request_timeout: args.request_timeout,
         operation_timeout: args.operation_timeout,
         shadow_dir: args.shadow_dir.clone(),

@@ -70,8 +70,10 @@ pub(crate) struct Mailbox {
 }
 
 impl Mailbox {
+    /// A mailbox for `capacity` messages (at least one: a zero-capacity channel would refuse
+    /// every event).
     pub fn new(capacity: usize) -> Self {
-        let (tx, rx) = bounded(capacity);
+        let (tx, rx) = bounded(capacity.max(1));
         Mailbox { tx, rx }
     }
 

@@ -71,7 +71,7 @@ pub enum BadStatePolicy {
 /// How a kernel is set up.
 #[derive(Debug)]
 pub struct KernelConfig {
-    /// Capacity of each service's mailbox.
+    /// Capacity of each service's mailbox (at least 1).
     pub mailbox_capacity: usize,
     /// Timeout of requests that do not name one (external requests).
     pub request_timeout: Duration,
