@@ -12,7 +12,7 @@ use crate::support::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_microkernel");
 
-fn microkernel(args: &[&str]) -> Output {
+fn microkernel<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(BIN)
         .args(args)
         .env_remove("MICROKERNEL_STATE_KEY")
@@ -27,6 +27,20 @@ fn stdout(output: &Output) -> String {
 
 fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `inspect-state` of a service's state file under a test's root directory, with its key.
+fn inspect(root: &Path, service: &str, extra: &[&str]) -> Output {
+    let key = root.join("key");
+    let file = root.join(format!("state/{service}.state"));
+    let mut args = vec![
+        "inspect-state",
+        "--key-file",
+        key.to_str().unwrap(),
+        file.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    microkernel(&args)
 }
 
 /// `run` with the plugins, state directory and key of a test's root directory.
@@ -174,26 +188,13 @@ fn the_daemon_serves_hot_replaces_on_sighup_and_stops_cleanly_with_its_state() -
         "{}",
         stdout(&checkpoint)
     );
-    let state_file = root.path().join("state/echo.state");
-    let key = root.path().join("key");
-    let inspect = microkernel(&[
-        "inspect-state",
-        "--key-file",
-        key.to_str().unwrap(),
-        state_file.to_str().unwrap(),
-        "--json",
-    ]);
-    assert!(inspect.status.success(), "{}", stderr(&inspect));
-    let inspected: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    let inspected = inspect(root.path(), "echo", &["--json"]);
+    assert!(inspected.status.success(), "{}", stderr(&inspected));
+    let inspected: serde_json::Value = serde_json::from_slice(&inspected.stdout)?;
     assert_eq!(inspected["header"]["service"], "echo");
     assert_eq!(inspected["header"]["exported_by"], "2.0.0");
     assert_eq!(inspected["content"]["requests"], 3);
-    let text = microkernel(&[
-        "inspect-state",
-        "--key-file",
-        key.to_str().unwrap(),
-        state_file.to_str().unwrap(),
-    ]);
+    let text = inspect(root.path(), "echo", &[]);
     assert!(
         stdout(&text).contains("\"requests\": 3"),
         "{}",
@@ -317,7 +318,7 @@ fn a_second_host_on_the_same_state_directory_is_refused() -> TestResult {
     let root = setup(&["echo"]);
     let daemon = Daemon::start(root.path());
     let args = run_args(root.path());
-    let second = microkernel(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let second = microkernel(&args);
     assert_eq!(second.status.code(), Some(2));
     assert!(
         stderr(&second).contains("in use by another host"),
@@ -351,15 +352,8 @@ fn a_running_host_checkpoints_state_that_changed() -> TestResult {
     let state = root.path().join("state/echo.state");
     daemon.send("echo", "one");
     daemon.wait_for(|_| state.exists(), "a checkpoint of echo");
-    let key = root.path().join("key");
-    let inspect = microkernel(&[
-        "inspect-state",
-        "--key-file",
-        key.to_str().unwrap(),
-        state.to_str().unwrap(),
-        "--json",
-    ]);
-    let inspected: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    let inspected: serde_json::Value =
+        serde_json::from_slice(&inspect(root.path(), "echo", &["--json"]).stdout)?;
     assert_eq!(inspected["content"]["count"], 1);
     assert!(daemon.terminate().success());
     Ok(())
@@ -371,7 +365,7 @@ fn a_control_socket_that_cannot_be_bound_stops_the_host_before_any_service_start
     let mut args = run_args(root.path());
     let socket = root.path().join("no/such/dir/control.sock");
     args.extend(["--socket".to_owned(), socket.to_string_lossy().into_owned()]);
-    let output = microkernel(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let output = microkernel(&args);
     assert_eq!(output.status.code(), Some(2));
     assert!(
         stderr(&output).contains("binding control socket"),
