@@ -11,7 +11,7 @@ use host::{
 use crate::support::*;
 
 fn load_error(path: &Path) -> LoadError {
-    let loader = Loader::new(None).unwrap();
+    let loader = Loader::new(None, None).unwrap();
     loader.load(path).expect_err("the load should fail")
 }
 
@@ -155,14 +155,17 @@ fn a_missing_dependency_is_refused_naming_both_services() -> TestResult {
 
 #[test]
 fn a_closed_library_is_gone_from_the_address_space() -> TestResult {
-    let loader = Loader::new(None)?;
+    let loader = Loader::new(None, None)?;
     let library = loader.load(&fixture("echo"))?;
     let shadow = library.shadow_path().to_owned();
     assert!(
         is_mapped(&shadow)?,
         "the library should be mapped while open"
     );
-    assert!(library.close(), "close reports the library unmapped");
+    let closed = library
+        .close(&|_| false)
+        .map_err(|(_, threads)| format!("pinned by {threads:?}"))?;
+    assert!(closed, "close reports the library unmapped");
     assert!(!is_mapped(&shadow)?);
     Ok(())
 }

@@ -192,7 +192,8 @@ fn a_state_its_plugin_refuses_to_import_is_refused_and_kept() -> TestResult {
         None,
     );
     assert!(
-        matches!(&error, KernelError::StartFailed { cause, .. } if cause.contains("cannot read state of version 2.0.0") && cause.contains("echo.state")),
+        matches!(&error, KernelError::StartFailed { cause: host::InstanceError::Import(cause), state_file: Some(file), .. }
+            if cause.contains("cannot read state of version 2.0.0") && file.ends_with("echo.state")),
         "{error}"
     );
     Ok(())

@@ -40,6 +40,8 @@ const PACKAGES: &[&str] = &[
     "fixture-cycle-a",
     "fixture-cycle-b",
     "fixture-echo-needs-kv",
+    "fixture-faulty",
+    "fixture-faulty-v2",
 ];
 
 /// Workspaces under `tests/fixtures-isolated` (see the README there).
@@ -68,8 +70,21 @@ fn run(mut command: Command) {
     );
 }
 
+/// Marks the calling thread (a test's, or one a test starts) as the host's: it runs no plugin
+/// code of its own, so it must not keep libraries loaded (see `host::loader::threads`).
+/// Every support function that a test starts with calls it.
+pub fn adopt() {
+    thread_local! {
+        static ADOPTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
+    if !ADOPTED.with(|a| a.replace(true)) {
+        host::loader::threads::adopt_current_thread();
+    }
+}
+
 /// Builds every fixture once per test run; returns the directory holding the `.so` files.
 pub fn fixture_dir() -> &'static Path {
+    adopt();
     static BUILT: OnceLock<PathBuf> = OnceLock::new();
     BUILT.get_or_init(|| {
         let target = target_dir();
@@ -119,6 +134,7 @@ pub fn add_plugin(dir: &Path, package: &str) -> PathBuf {
 
 /// A kernel with default settings and no state.
 pub fn kernel() -> Kernel {
+    adopt();
     capture_logs();
     Kernel::new(KernelConfig::default()).unwrap()
 }
@@ -226,6 +242,7 @@ pub struct Persisted {
 
 impl Persisted {
     pub fn new() -> Self {
+        adopt();
         Persisted {
             dir: tempfile::tempdir().unwrap(),
             key_hex: hex_key(),

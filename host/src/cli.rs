@@ -55,6 +55,23 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Decrypt a state file and print its header and content.
     InspectState(InspectArgs),
+    /// Open a plugin file in this process, check it, create and drop an instance, and print
+    /// one report line: what `run` does in a child process before it opens a new file.
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+}
+
+/// `microkernel probe` (internal).
+#[derive(Debug, Args)]
+pub struct ProbeArgs {
+    /// The file to open (the host's private copy).
+    pub file: PathBuf,
+    /// The plugin file it is a copy of, named in messages.
+    #[arg(long = "as", value_name = "PATH")]
+    pub name: PathBuf,
+    /// Where `<service>.conf` is looked for.
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
 }
 
 /// Where state keys come from.
@@ -134,6 +151,11 @@ pub struct RunArgs {
     /// stop, before reporting it stuck.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub operation_timeout: Duration,
+    /// How long a plugin file's probe may take: before the host opens a new plugin file, a
+    /// child process opens it, checks it and creates an instance; a file whose probe crashes
+    /// or takes longer is refused.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub probe_timeout: Duration,
     /// Where the private copies of plugin files are opened from [default: the temporary
     /// directory]. Must allow executable mappings (not `noexec`).
     #[arg(long, value_name = "DIR")]

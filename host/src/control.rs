@@ -9,7 +9,6 @@ use std::{
     },
     path::{Path, PathBuf},
     sync::Arc,
-    thread,
     time::Duration,
 };
 
@@ -17,7 +16,7 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, Sender};
 use serde::{Deserialize, Serialize};
 
-use crate::{daemon::Event, Checkpoint, Kernel, ServiceInfo};
+use crate::{daemon::Event, loader::threads, Checkpoint, Kernel, ServiceInfo};
 
 /// A command sent to the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,28 +127,26 @@ impl ControlServer {
             bail!("control socket {} is already served", self.path.display());
         };
         let owner = nix::unistd::getuid();
-        thread::Builder::new()
-            .name("control".into())
-            .spawn(move || {
-                for stream in listener.incoming() {
-                    let stream = match stream {
-                        Ok(stream) => stream,
-                        Err(error) => {
-                            tracing::warn!(%error, "control socket: accept failed");
-                            continue;
-                        }
-                    };
-                    let kernel = kernel.clone();
-                    let events = events.clone();
-                    let spawned = thread::Builder::new()
-                        .name("control-conn".into())
-                        .spawn(move || serve(stream, owner, &kernel, &events));
-                    if let Err(error) = spawned {
-                        tracing::warn!(%error, "control socket: connection dropped, no thread for it");
+        threads::spawn_detached("control", move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(error) => {
+                        tracing::warn!(%error, "control socket: accept failed");
+                        continue;
                     }
+                };
+                let kernel = kernel.clone();
+                let events = events.clone();
+                let spawned = threads::spawn_detached("control-conn", move || {
+                    serve(stream, owner, &kernel, &events)
+                });
+                if let Err(error) = spawned {
+                    tracing::warn!(%error, "control socket: connection dropped, no thread for it");
                 }
-            })
-            .context("starting the control thread")?;
+            }
+        })
+        .context("starting the control thread")?;
         tracing::info!(socket = %self.path.display(), "control socket serving");
         Ok(())
     }

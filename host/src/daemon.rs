@@ -1,15 +1,18 @@
 //! `microkernel run`: the daemon's main loop.
 //!
-//! One thread (this one) owns the [`Reloader`] and applies every rescan, so rescans never
-//! overlap; signals, the control socket and the directory watcher only send it [`Event`]s.
-//! Reload requests that arrive during a rescan are coalesced into one more rescan. The same
-//! loop runs the periodic checkpoints.
+//! The main loop never waits on plugin code. It takes [`Event`]s from signals, the control
+//! socket and the directory watcher, and hands reloads to the reload thread, which owns the
+//! [`Reloader`] and applies every rescan, so rescans never overlap; reload requests that
+//! arrive during a rescan are coalesced into one more rescan. The loop's timer starts each
+//! service's checkpoint on a thread of its own (a busy service holds back only its own), and
+//! closes the retired libraries that nothing runs in any more. SIGINT and SIGTERM stop every
+//! service within `--operation-timeout`, saving every state it can, and name the services
+//! that had to be abandoned.
 
 use std::{
     fs,
     path::{Path, PathBuf},
     sync::Arc,
-    thread,
     time::{Duration, Instant, SystemTime},
 };
 
@@ -20,9 +23,10 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use crate::{
     cli::{KeyArgs, RunArgs},
     control::ControlServer,
+    loader::{threads, Probe},
     reload::{Reloader, ScanReport},
     state::{KeyRing, StateKey, StateStore},
-    Checkpoint, Kernel, KernelConfig,
+    Kernel, KernelConfig,
 };
 
 /// The environment variable that may hold the state key (64 hex digits).
@@ -66,6 +70,8 @@ pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
 /// Runs the host until SIGINT or SIGTERM. Returns an error when the host could not start, or
 /// when some state could not be saved at shutdown.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // This thread never runs plugin code on its own (see `loader::threads`).
+    threads::adopt_current_thread();
     if !args.plugins.is_dir() {
         bail!(
             "plugins directory {} does not exist or is not a directory",
@@ -105,6 +111,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         shadow_dir: args.shadow_dir.clone(),
         state,
         on_bad_state: args.on_bad_state,
+        probe: Some(Probe::new(
+            std::env::current_exe().context("finding this program, to probe plugins with")?,
+            args.probe_timeout,
+        )),
     })?);
 
     let (events_tx, events) = unbounded();
@@ -134,12 +144,20 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         tick(args.checkpoint_interval)
     };
-    let signal = main_loop(&kernel, &mut reloader, &events, &checkpoints);
+    let reloads = spawn_reload_thread(kernel.clone(), reloader)?;
+    let signal = main_loop(&kernel, &reloads, &events, &checkpoints);
 
-    tracing::info!(signal, "stopping every service");
+    // Everything from here on is bounded: SIGTERM ends the host within the operation
+    // timeout, plus the time to write the states that came back.
+    let deadline = Instant::now() + args.operation_timeout;
+    tracing::info!(signal, timeout = ?args.operation_timeout, "stopping every service");
     drop(control);
     signals.close();
-    let report = kernel.shutdown();
+    // A rescan under way finishes on its own; its service's stop waits for it until the
+    // deadline.
+    drop(reloads);
+    let report = kernel.shutdown_until(deadline);
+    let pinned = kernel.sweep();
     if report.failures.is_empty() {
         tracing::info!(
             stopped = report.stopped.len(),
@@ -148,6 +166,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Ok(())
     } else {
+        let abandoned = report.abandoned();
+        if !abandoned.is_empty() {
+            tracing::error!(
+                services = %abandoned.join(", "),
+                pinned,
+                "abandoned: they did not stop in time, their state since the last checkpoint is not saved"
+            );
+        }
         let services: Vec<String> = report
             .failures
             .iter()
@@ -162,71 +188,79 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn main_loop(
     kernel: &Kernel,
-    reloader: &mut Reloader,
+    reloads: &Sender<ReloadRequest>,
     events: &Receiver<Event>,
     checkpoints: &Receiver<Instant>,
 ) -> &'static str {
     loop {
         select! {
-            recv(events) -> event => {
-                let Ok(event) = event else { return "shutdown" };
-                // Everything that arrived meanwhile is served by the same rescan.
-                match Batch::of(event, events.try_iter()) {
-                    Batch::Shutdown(signal) => return signal,
-                    Batch::Reload { only, replies } => {
-                        let lines = report_lines(&reloader.scan(kernel, only.as_deref()));
-                        for reply in replies {
-                            let _ = reply.send(lines.clone());
-                        }
+            recv(events) -> event => match event {
+                Ok(Event::Shutdown(signal)) => return signal,
+                Ok(Event::Reload { service, reply }) => {
+                    if reloads.send(ReloadRequest { service, reply }).is_err() {
+                        tracing::error!("the reload thread is gone; reload not done");
                     }
                 }
-            }
+                Err(_) => return "shutdown",
+            },
             recv(checkpoints) -> _ => {
-                for (service, result) in kernel.checkpoint() {
-                    match result {
-                        Ok(Checkpoint::Written) => tracing::debug!(service, "checkpoint written"),
-                        Ok(Checkpoint::Unchanged) => tracing::trace!(service, "checkpoint unchanged"),
-                        Err(error) => tracing::error!(service, %error, "checkpoint failed; retrying at the next tick"),
-                    }
-                }
+                kernel.checkpoint_in_background();
+                kernel.sweep();
             }
         }
     }
 }
 
-/// What the events waiting in the queue amount to.
+/// The thread that applies rescans, one at a time; the reload requests waiting when one
+/// ends are served by one more.
+fn spawn_reload_thread(
+    kernel: Arc<Kernel>,
+    mut reloader: Reloader,
+) -> anyhow::Result<Sender<ReloadRequest>> {
+    let (tx, rx) = unbounded::<ReloadRequest>();
+    threads::spawn_detached("reload", move || {
+        while let Ok(first) = rx.recv() {
+            let Batch { only, replies } = Batch::of(first, rx.try_iter());
+            let lines = report_lines(&reloader.scan(&kernel, only.as_deref()));
+            for reply in replies {
+                let _ = reply.send(lines.clone());
+            }
+        }
+    })
+    .context("starting the reload thread")?;
+    Ok(tx)
+}
+
+/// A reload asked for, as the reload thread gets it.
 #[derive(Debug)]
-enum Batch {
-    /// A signal asked to stop: nothing else matters.
-    Shutdown(&'static str),
-    /// One rescan serves every waiting reload request.
-    Reload {
-        /// The one service every request names, or `None` (a full rescan) when any names
-        /// none or they differ.
-        only: Option<String>,
-        /// Where the outcome goes.
-        replies: Vec<Sender<Vec<(String, bool)>>>,
-    },
+struct ReloadRequest {
+    service: Option<String>,
+    reply: Option<Sender<Vec<(String, bool)>>>,
+}
+
+/// What the reload requests waiting in the queue amount to: one rescan serves them all.
+#[derive(Debug)]
+struct Batch {
+    /// The one service every request names, or `None` (a full rescan) when any names none
+    /// or they differ.
+    only: Option<String>,
+    /// Where the outcome goes.
+    replies: Vec<Sender<Vec<(String, bool)>>>,
 }
 
 impl Batch {
-    fn of(first: Event, rest: impl Iterator<Item = Event>) -> Batch {
+    fn of(first: ReloadRequest, rest: impl Iterator<Item = ReloadRequest>) -> Batch {
         let mut only: Option<Option<String>> = None;
         let mut replies = Vec::new();
-        for event in std::iter::once(first).chain(rest) {
-            match event {
-                Event::Shutdown(signal) => return Batch::Shutdown(signal),
-                Event::Reload { service, reply } => {
-                    only = match only {
-                        None => Some(service),
-                        Some(previous) if previous == service => Some(previous),
-                        Some(_) => Some(None),
-                    };
-                    replies.extend(reply);
-                }
-            }
+        for ReloadRequest { service, reply } in std::iter::once(first).chain(rest) {
+            only = match only {
+                None => Some(service),
+                Some(previous) if previous == service => Some(previous),
+                Some(_) => Some(None),
+            };
+            replies.extend(reply);
         }
-        Batch::Reload {
+        Batch {
             only: only.flatten(),
             replies,
         }
@@ -261,27 +295,25 @@ fn spawn_signal_thread(events: Sender<Event>) -> anyhow::Result<signal_hook::ite
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .context("installing signal handlers")?;
     let handle = signals.handle();
-    thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for signal in signals.forever() {
-                let event = match signal {
-                    SIGHUP => {
-                        tracing::info!("SIGHUP: rescanning the plugins directory");
-                        Event::Reload {
-                            service: None,
-                            reply: None,
-                        }
+    threads::spawn_detached("signals", move || {
+        for signal in signals.forever() {
+            let event = match signal {
+                SIGHUP => {
+                    tracing::info!("SIGHUP: rescanning the plugins directory");
+                    Event::Reload {
+                        service: None,
+                        reply: None,
                     }
-                    SIGINT => Event::Shutdown("SIGINT"),
-                    _ => Event::Shutdown("SIGTERM"),
-                };
-                if events.send(event).is_err() {
-                    return;
                 }
+                SIGINT => Event::Shutdown("SIGINT"),
+                _ => Event::Shutdown("SIGTERM"),
+            };
+            if events.send(event).is_err() {
+                return;
             }
-        })
-        .context("starting the signal thread")?;
+        }
+    })
+    .context("starting the signal thread")?;
     Ok(handle)
 }
 
@@ -290,33 +322,31 @@ fn spawn_signal_thread(events: Sender<Event>) -> anyhow::Result<signal_hook::ite
 fn spawn_watcher(dir: PathBuf, events: Sender<Event>) -> anyhow::Result<()> {
     const POLL: Duration = Duration::from_millis(250);
     const QUIET: Duration = Duration::from_millis(500);
-    thread::Builder::new()
-        .name("watch".into())
-        .spawn(move || {
-            let mut seen = snapshot(&dir);
-            let mut changed_at: Option<Instant> = None;
-            loop {
-                thread::sleep(POLL);
-                let now = snapshot(&dir);
-                if now != seen {
-                    seen = now;
-                    changed_at = Some(Instant::now());
-                } else if changed_at.is_some_and(|at| at.elapsed() >= QUIET) {
-                    changed_at = None;
-                    tracing::info!(dir = %dir.display(), "plugins changed: rescanning");
-                    if events
-                        .send(Event::Reload {
-                            service: None,
-                            reply: None,
-                        })
-                        .is_err()
-                    {
-                        return;
-                    }
+    threads::spawn_detached("watch", move || {
+        let mut seen = snapshot(&dir);
+        let mut changed_at: Option<Instant> = None;
+        loop {
+            std::thread::sleep(POLL);
+            let now = snapshot(&dir);
+            if now != seen {
+                seen = now;
+                changed_at = Some(Instant::now());
+            } else if changed_at.is_some_and(|at| at.elapsed() >= QUIET) {
+                changed_at = None;
+                tracing::info!(dir = %dir.display(), "plugins changed: rescanning");
+                if events
+                    .send(Event::Reload {
+                        service: None,
+                        reply: None,
+                    })
+                    .is_err()
+                {
+                    return;
                 }
             }
-        })
-        .context("starting the watcher")?;
+        }
+    })
+    .context("starting the watcher")?;
     Ok(())
 }
 
@@ -418,19 +448,12 @@ pub fn signal_reload(pid_file: &Path) -> anyhow::Result<i32> {
 
 #[cfg(test)]
 mod tests {
-    use super::{Batch, Event};
+    use super::{Batch, ReloadRequest};
 
-    fn reload(service: Option<&str>) -> Event {
-        Event::Reload {
+    fn reload(service: Option<&str>) -> ReloadRequest {
+        ReloadRequest {
             service: service.map(str::to_owned),
             reply: None,
-        }
-    }
-
-    fn only(batch: Batch) -> Option<String> {
-        match batch {
-            Batch::Reload { only, .. } => only,
-            Batch::Shutdown(signal) => panic!("unexpected shutdown by {signal}"),
         }
     }
 
@@ -438,24 +461,15 @@ mod tests {
     fn reloads_waiting_together_become_one_rescan() {
         let events = vec![reload(Some("echo")), reload(Some("echo"))];
         assert_eq!(
-            only(Batch::of(reload(Some("echo")), events.into_iter())),
+            Batch::of(reload(Some("echo")), events.into_iter()).only,
             Some("echo".into())
         );
         let mixed = vec![reload(Some("kv"))];
         assert_eq!(
-            only(Batch::of(reload(Some("echo")), mixed.into_iter())),
+            Batch::of(reload(Some("echo")), mixed.into_iter()).only,
             None
         );
         let full = vec![reload(Some("echo"))];
-        assert_eq!(only(Batch::of(reload(None), full.into_iter())), None);
-    }
-
-    #[test]
-    fn a_stop_signal_wins_over_waiting_reloads() {
-        let events = vec![Event::Shutdown("SIGTERM"), reload(None)];
-        assert!(matches!(
-            Batch::of(reload(None), events.into_iter()),
-            Batch::Shutdown("SIGTERM")
-        ));
+        assert_eq!(Batch::of(reload(None), full.into_iter()).only, None);
     }
 }

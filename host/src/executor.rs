@@ -6,18 +6,26 @@
 //! executor serves them. An executor thread exits (and its instance is dropped on it) before
 //! the kernel closes the instance's library, so that no thread-local destructor registered
 //! by the plugin can pin the library.
+//!
+//! Every wait on an executor has a deadline and goes through one of two functions: [`ask`]
+//! (post a message, wait for its answer) and [`Executor::exit`] (wait for the thread to end,
+//! thread-local destructors included). An executor that does not answer or end in time is
+//! stuck in plugin code: [`Stuck`] keeps its thread (and, through the instance it owns, its
+//! library) and names the call it is in.
 
 use std::{
     cell::RefCell,
-    sync::Arc,
-    thread::{self, JoinHandle},
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Arc,
+    },
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
 use plugin_api::{codes, Message, Reply};
 
-use crate::loader::{HostServices, Instance, Library};
+use crate::loader::{threads, HostServices, Instance, Library};
 
 /// A message for a service's executor.
 pub(crate) enum Envelope {
@@ -131,19 +139,113 @@ fn set_chain(chain: Vec<String>) {
     CHAIN.with(|c| *c.borrow_mut() = chain);
 }
 
-/// Why an instance did not come up.
-#[derive(Debug, Clone, thiserror::Error)]
-pub(crate) enum InstanceError {
+/// The plugin function an executor is in, shown when it does not answer in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Call {
+    /// Not in plugin code: waiting for its mailbox, or for a verdict.
+    Nothing = 0,
+    /// The plugin's constructor.
+    New,
+    /// `import_state`.
+    ImportState,
+    /// `start`.
+    Start,
+    /// `handle`.
+    Handle,
+    /// `on_event`.
+    OnEvent,
+    /// `export_state`.
+    ExportState,
+    /// `stop`.
+    Stop,
+    /// The instance's destructor.
+    Drop,
+}
+
+impl Call {
+    const ALL: [Call; 9] = [
+        Call::Nothing,
+        Call::New,
+        Call::ImportState,
+        Call::Start,
+        Call::Handle,
+        Call::OnEvent,
+        Call::ExportState,
+        Call::Stop,
+        Call::Drop,
+    ];
+
+    fn from_u8(value: u8) -> Call {
+        Call::ALL
+            .get(usize::from(value))
+            .copied()
+            .unwrap_or(Call::Nothing)
+    }
+}
+
+impl std::fmt::Display for Call {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Call::Nothing => "no plugin call",
+            Call::New => "`new`",
+            Call::ImportState => "`import_state`",
+            Call::Start => "`start`",
+            Call::Handle => "`handle`",
+            Call::OnEvent => "`on_event`",
+            Call::ExportState => "`export_state`",
+            Call::Stop => "`stop`",
+            Call::Drop => "the instance's `drop`",
+        })
+    }
+}
+
+/// What an executor is doing, shared with the kernel.
+#[derive(Debug, Clone, Default)]
+struct Doing(Arc<AtomicU8>);
+
+impl Doing {
+    fn set(&self, call: Call) {
+        self.0.store(call as u8, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Call {
+        Call::from_u8(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Runs `f` (a call into the plugin) with `call` recorded.
+    fn call<T>(&self, call: Call, f: impl FnOnce() -> T) -> T {
+        self.set(call);
+        let value = f();
+        self.set(Call::Nothing);
+        value
+    }
+}
+
+/// Why an instance did not come up. The strings are the plugin's own messages.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InstanceError {
+    /// The plugin's constructor failed or panicked.
     #[error("creating the instance failed: {0}")]
     Create(String),
+    /// `import_state` refused the state, or panicked.
     #[error("import_state refused the state: {0}")]
     Import(String),
+    /// `start` failed or panicked.
     #[error("start failed: {0}")]
     Start(String),
+    /// No thread could be had for the executor.
     #[error("the executor thread could not be started: {0}")]
     Thread(String),
-    #[error("creating, importing and starting the instance took longer than {0:?}")]
-    Timeout(Duration),
+    /// A call into the plugin did not return in time: the instance is given up (its thread
+    /// is left stuck) and never serves.
+    #[error("{call} did not return within {timeout:?}")]
+    Timeout {
+        /// The call.
+        call: Call,
+        /// The operation timeout.
+        timeout: Duration,
+    },
 }
 
 /// Everything needed to bring up an instance.
@@ -158,40 +260,167 @@ pub(crate) struct Launch {
     pub timeout: Duration,
 }
 
-/// Starts an executor thread: it creates the instance, imports the state, starts it, and
-/// then serves `mailbox`. Returns once the instance runs, or with the reason it did not (the
-/// thread has then exited and been joined).
-pub(crate) fn launch(
-    launch: Launch,
-    mailbox: Receiver<Envelope>,
-) -> Result<JoinHandle<()>, InstanceError> {
-    let (ready_tx, ready_rx) = bounded::<Result<(), InstanceError>>(1);
-    let name = format!("svc-{}", launch.service);
-    let timeout = launch.timeout;
-    let thread = thread::Builder::new()
-        .name(name)
-        .spawn(move || run(launch, mailbox, ready_tx))
-        .map_err(|e| InstanceError::Thread(e.to_string()))?;
-    match ready_rx.recv_timeout(timeout) {
-        Ok(Ok(())) => Ok(thread),
-        Ok(Err(error)) => {
-            let _ = thread.join();
-            Err(error)
+/// A running executor: its thread, and what it is doing.
+#[derive(Debug)]
+pub(crate) struct Executor {
+    thread: threads::HostThread,
+    doing: Doing,
+}
+
+/// An executor thread that did not end (or answer) in time: it is in plugin code, and keeps
+/// its instance, and so its library, until it ends.
+#[derive(Debug)]
+pub(crate) struct Stuck {
+    thread: threads::HostThread,
+    doing: Doing,
+    /// What was waited for.
+    pub waited_for: &'static str,
+    /// Since when.
+    pub since: Instant,
+}
+
+impl Stuck {
+    /// The plugin function it is in now.
+    pub fn call(&self) -> Call {
+        self.doing.get()
+    }
+
+    /// Whether it has ended now (and is joined).
+    pub fn ended(&mut self) -> bool {
+        self.thread.join_until(Instant::now())
+    }
+}
+
+impl std::fmt::Display for Stuck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "stuck in {} (thread {}, waited for {}, {:.1?} ago)",
+            self.call(),
+            self.thread
+                .tid()
+                .map_or_else(|| "?".to_owned(), |t| t.to_string()),
+            self.waited_for,
+            self.since.elapsed()
+        )
+    }
+}
+
+impl Executor {
+    /// The plugin function it is in now.
+    pub fn doing(&self) -> Call {
+        self.doing.get()
+    }
+
+    /// Waits until the thread has ended, at most until `deadline`; `waited_for` says why
+    /// (shown if it is stuck).
+    pub fn exit(mut self, deadline: Instant, waited_for: &'static str) -> Result<(), Stuck> {
+        if self.thread.join_until(deadline) {
+            Ok(())
+        } else {
+            Err(self.stuck(waited_for))
         }
-        Err(RecvTimeoutError::Timeout) => {
-            // Stuck in plugin code. Dropping `ready_rx` tells the thread, if it ever gets
-            // out, to stop its instance instead of serving; it is left to finish alone and
-            // keeps its library loaded meanwhile.
-            Err(InstanceError::Timeout(timeout))
-        }
-        Err(RecvTimeoutError::Disconnected) => {
-            let _ = thread.join();
-            Err(InstanceError::Thread("the executor thread exited".into()))
+    }
+
+    /// Gives up waiting for it.
+    pub fn stuck(self, waited_for: &'static str) -> Stuck {
+        Stuck {
+            thread: self.thread,
+            doing: self.doing,
+            waited_for,
+            since: Instant::now(),
         }
     }
 }
 
-fn run(launch: Launch, mailbox: Receiver<Envelope>, ready: Sender<Result<(), InstanceError>>) {
+/// Why [`ask`] got no answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AskError {
+    /// The mailbox stayed full until the deadline.
+    Full,
+    /// The executor did not answer by the deadline.
+    NoAnswer,
+    /// Nobody will answer: the mailbox or the answer channel is closed.
+    Closed,
+}
+
+/// Posts the message `make` builds (around the sender of its answer) to `mailbox` and waits
+/// for the answer, both before `deadline`. The one way the kernel talks to an executor.
+pub(crate) fn ask<T>(
+    mailbox: &Sender<Envelope>,
+    make: impl FnOnce(Sender<T>) -> Envelope,
+    deadline: Instant,
+) -> Result<T, AskError> {
+    let (tx, rx) = bounded(1);
+    match mailbox.send_deadline(make(tx), deadline) {
+        Ok(()) => {}
+        Err(SendTimeoutError::Timeout(_)) => return Err(AskError::Full),
+        Err(SendTimeoutError::Disconnected(_)) => return Err(AskError::Closed),
+    }
+    rx.recv_deadline(deadline).map_err(|e| match e {
+        RecvTimeoutError::Timeout => AskError::NoAnswer,
+        RecvTimeoutError::Disconnected => AskError::Closed,
+    })
+}
+
+/// Why [`launch`] failed, and the thread it left in plugin code, if any.
+#[derive(Debug)]
+pub(crate) struct LaunchFailure {
+    pub error: InstanceError,
+    pub stuck: Option<Stuck>,
+}
+
+/// Starts an executor thread: it creates the instance, imports the state, starts it, and
+/// then serves `mailbox`. Returns once the instance runs, or with the reason it did not.
+/// Waits at most `launch.timeout` in all, the exit of a thread that failed included.
+pub(crate) fn launch(
+    launch: Launch,
+    mailbox: Receiver<Envelope>,
+) -> Result<Executor, LaunchFailure> {
+    let (ready_tx, ready_rx) = bounded::<Result<(), InstanceError>>(1);
+    let name = format!("svc-{}", launch.service);
+    let timeout = launch.timeout;
+    let deadline = Instant::now() + timeout;
+    let doing = Doing::default();
+    let tracker = doing.clone();
+    let thread =
+        threads::spawn(&name, move || run(launch, mailbox, ready_tx, tracker)).map_err(|e| {
+            LaunchFailure {
+                error: InstanceError::Thread(e.to_string()),
+                stuck: None,
+            }
+        })?;
+    let executor = Executor { thread, doing };
+    let error = match ready_rx.recv_deadline(deadline) {
+        Ok(Ok(())) => return Ok(executor),
+        Ok(Err(error)) => error,
+        Err(RecvTimeoutError::Timeout) => {
+            // Stuck in plugin code. Dropping `ready_rx` tells the thread, if it ever gets
+            // out, to stop its instance instead of serving.
+            drop(ready_rx);
+            let call = executor.doing();
+            return Err(LaunchFailure {
+                error: InstanceError::Timeout { call, timeout },
+                stuck: Some(executor.stuck("the instance to start")),
+            });
+        }
+        Err(RecvTimeoutError::Disconnected) => {
+            InstanceError::Thread("the executor thread exited".into())
+        }
+    };
+    // The instance is being dropped: that is plugin code too.
+    let stuck = executor
+        .exit(deadline, "a failed instance to be dropped")
+        .err();
+    Err(LaunchFailure { error, stuck })
+}
+
+fn run(
+    launch: Launch,
+    mailbox: Receiver<Envelope>,
+    ready: Sender<Result<(), InstanceError>>,
+    doing: Doing,
+) {
     let Launch {
         service,
         library,
@@ -201,35 +430,43 @@ fn run(launch: Launch, mailbox: Receiver<Envelope>, ready: Sender<Result<(), Ins
         timeout: _,
     } = launch;
     set_chain(vec![service.clone()]);
-    let mut instance = match Instance::new(library, services, config.as_deref()) {
+    let created = doing.call(Call::New, || {
+        Instance::new(library, services, config.as_deref())
+    });
+    let mut instance = match created {
         Ok(instance) => instance,
         Err(e) => {
             let _ = ready.send(Err(InstanceError::Create(e)));
             return;
         }
     };
+    let failed = |error: InstanceError, instance: Instance| {
+        // Dropped before the answer, so the launcher's wait for the exit covers it.
+        doing.call(Call::Drop, || drop(instance));
+        let _ = ready.send(Err(error));
+    };
     if let Some((version, bytes)) = &state {
-        if let Err(e) = instance.import_state(version, bytes) {
-            let _ = ready.send(Err(InstanceError::Import(e)));
-            return;
+        let imported = doing.call(Call::ImportState, || instance.import_state(version, bytes));
+        if let Err(e) = imported {
+            return failed(InstanceError::Import(e), instance);
         }
     }
     drop(state);
-    if let Err(e) = instance.start() {
-        let _ = ready.send(Err(InstanceError::Start(e)));
-        return;
+    if let Err(e) = doing.call(Call::Start, || instance.start()) {
+        return failed(InstanceError::Start(e), instance);
     }
     if ready.send(Ok(())).is_err() {
         // The kernel gave up waiting (see `launch`): this instance must not serve.
-        stop(&service, &mut instance);
-        return;
+        stop(&service, &mut instance, &doing);
+    } else {
+        serve(&service, &mut instance, &mailbox, &doing);
     }
-    serve(&service, &mut instance, &mailbox);
     set_chain(Vec::new());
-    // `instance` is dropped here, on this thread, before the thread exits.
+    // Dropped here, on this thread, before the thread exits.
+    doing.call(Call::Drop, || drop(instance));
 }
 
-fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>) {
+fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>, doing: &Doing) {
     for envelope in mailbox.iter() {
         match envelope {
             Envelope::Request {
@@ -239,38 +476,37 @@ fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>) {
             } => {
                 chain.push(service.to_owned());
                 set_chain(chain);
-                let answer = instance.handle(message);
+                let answer = doing.call(Call::Handle, || instance.handle(message));
                 set_chain(vec![service.to_owned()]);
                 // The requester may have timed out and gone: nothing to do then.
                 let _ = reply.send(answer);
             }
             Envelope::Event { message } => {
                 let kind = message.kind.clone();
-                if let Err(error) = instance.on_event(message) {
+                if let Err(error) = doing.call(Call::OnEvent, || instance.on_event(message)) {
                     tracing::warn!(service, kind, %error, "event handler failed");
                 }
             }
             Envelope::Export { reply } => {
-                let _ = reply.send(instance.export_state());
+                let _ = reply.send(doing.call(Call::ExportState, || instance.export_state()));
             }
             Envelope::Suspend { exported, verdict } => {
                 let held_since = Instant::now();
+                let state = doing.call(Call::ExportState, || instance.export_state());
                 // The kernel may have given up waiting: then there is nothing to hold for.
-                if exported
-                    .send((held_since, instance.export_state()))
-                    .is_err()
-                {
+                if exported.send((held_since, state)).is_err() {
                     continue;
                 }
                 // Without a verdict (the kernel went away), resuming loses nothing.
                 if verdict.recv() == Ok(Verdict::Stop) {
-                    stop(service, instance);
+                    stop(service, instance, doing);
                     return;
                 }
             }
             Envelope::Stop { export, reply } => {
-                let state = export.then(|| instance.export_state());
-                let stopped = instance.stop();
+                let state =
+                    export.then(|| doing.call(Call::ExportState, || instance.export_state()));
+                let stopped = doing.call(Call::Stop, || instance.stop());
                 let _ = reply.send(StopOutcome { state, stopped });
                 return;
             }
@@ -278,8 +514,8 @@ fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>) {
     }
 }
 
-fn stop(service: &str, instance: &mut Instance) {
-    if let Err(error) = instance.stop() {
+fn stop(service: &str, instance: &mut Instance, doing: &Doing) {
+    if let Err(error) = doing.call(Call::Stop, || instance.stop()) {
         tracing::warn!(service, %error, "stop failed; the instance is dropped anyway");
     }
 }

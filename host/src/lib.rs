@@ -9,12 +9,18 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the code map and the invariants.
 
+#![expect(
+    clippy::result_large_err,
+    reason = "errors are the cold path; they carry the plugin's typed failures, which tests and callers match by value"
+)]
+
 pub mod kernel;
 pub mod loader;
 pub mod state;
 
 mod executor;
 
+pub use executor::{Call, InstanceError};
 pub use kernel::{
     BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo,
     Status, StopReport,

@@ -18,7 +18,7 @@ use std::{
 
 use crate::{
     kernel::{Kernel, KernelError, SwapReport},
-    loader::{Library, LoadError, PluginFile},
+    loader::{threads, Library, LoadError, PluginFile},
 };
 
 /// What the reloader knows of a file it has seen.
@@ -226,6 +226,7 @@ impl Reloader {
             }
         }
         let mut added = Vec::new();
+        let mut replaces = Vec::new();
         for (service, mut candidates) in by_service {
             candidates.sort_by(|a, b| version_of(b.1).cmp(version_of(a.1)).then(a.0.cmp(b.0)));
             let (winner, best) = candidates[0];
@@ -265,20 +266,39 @@ impl Reloader {
                     continue;
                 }
             };
-            let outcome = if running.is_none() {
-                kernel
-                    .register(library, config)
-                    .map(|()| added.push(service.to_owned()))
+            if running.is_none() {
+                match kernel.register(library, config) {
+                    Ok(()) => added.push(service.to_owned()),
+                    Err(error) => report.errors.push(error.into()),
+                }
             } else {
-                kernel
-                    .replace(library, config)
-                    .map(|swap| report.replaced.push(swap))
-            };
-            if let Err(error) = outcome {
-                report.errors.push(error.into());
+                replaces.push((library, config));
             }
         }
         drop(loaded);
+
+        // Side by side: a busy service holds back its own replace only.
+        let outcomes: Vec<Result<SwapReport, KernelError>> = std::thread::scope(|scope| {
+            let running: Vec<_> = replaces
+                .into_iter()
+                .map(|(library, config)| {
+                    scope.spawn(move || {
+                        threads::adopt_current_thread();
+                        kernel.replace(library, config)
+                    })
+                })
+                .collect();
+            running
+                .into_iter()
+                .filter_map(|replace| replace.join().ok())
+                .collect()
+        });
+        for outcome in outcomes {
+            match outcome {
+                Ok(swap) => report.replaced.push(swap),
+                Err(error) => report.errors.push(error.into()),
+            }
+        }
 
         // Everything else is logged here, once; `start_new` logs its own failures.
         for error in &report.errors {

@@ -10,8 +10,13 @@
 //!   the drop function stored in the value (`RString`, `RVec`), which lives in the library
 //!   that allocated it. The host therefore copies every value it receives from a plugin into
 //!   host-owned memory right away, before the plugin's library can be closed.
-//! - [`RawService::this`] is owned by the plugin and freed through [`ServiceVTable::drop`].
-//! - [`HostHandle::ctx`] is owned by the host and released through [`HostVTable::drop`].
+//! - A [`RawService`]'s instance pointer is owned by the plugin and freed through
+//!   [`ServiceVTable::drop`].
+//! - A [`HostHandle`]'s context is owned by the host and released through [`HostVTable::drop`].
+//!
+//! The two handles' fields are private and their constructors `unsafe`: a handle's `Drop`
+//! and `Clone` (and the host's calls through a service's vtable) dereference its pointers,
+//! so safe code must not be able to make one up.
 
 use std::ffi::c_void;
 
@@ -116,9 +121,31 @@ pub struct ServiceVTable {
 #[derive(StableAbi, Debug)]
 pub struct RawService {
     /// The instance, owned by the plugin.
-    pub this: *mut c_void,
+    this: *mut c_void,
     /// The instance's functions, a static of the plugin.
-    pub vtable: &'static ServiceVTable,
+    vtable: &'static ServiceVTable,
+}
+
+impl RawService {
+    /// Pairs an instance pointer with its functions.
+    ///
+    /// # Safety
+    /// `this` must be a live instance that every function of `vtable` accepts, owned by the
+    /// returned value: the host calls those functions with it, from one thread at a time,
+    /// and frees it exactly once with `vtable.drop`.
+    pub unsafe fn new(this: *mut c_void, vtable: &'static ServiceVTable) -> Self {
+        RawService { this, vtable }
+    }
+
+    /// The instance pointer, to pass to the vtable's functions.
+    pub fn this(&self) -> *mut c_void {
+        self.this
+    }
+
+    /// The instance's functions.
+    pub fn vtable(&self) -> &'static ServiceVTable {
+        self.vtable
+    }
 }
 
 /// The functions the host offers to a plugin.
@@ -161,9 +188,33 @@ pub struct HostVTable {
 #[derive(StableAbi)]
 pub struct HostHandle {
     /// Host-owned context (which service this handle belongs to, and the kernel).
-    pub ctx: *const c_void,
+    ctx: *const c_void,
     /// The host's functions.
-    pub vtable: &'static HostVTable,
+    vtable: &'static HostVTable,
+}
+
+impl HostHandle {
+    /// Pairs a host context with the host's functions. The handle owns one reference to
+    /// `ctx`, released by its `Drop`.
+    ///
+    /// # Safety
+    /// `ctx` must be a live context that every function of `vtable` accepts, from any
+    /// thread, and the returned handle must own one reference to it: `vtable.clone` returns
+    /// a new reference, `vtable.drop` releases one, and the context lives while any
+    /// reference does.
+    pub unsafe fn new(ctx: *const c_void, vtable: &'static HostVTable) -> Self {
+        HostHandle { ctx, vtable }
+    }
+
+    /// The host context, to pass to the vtable's functions while `self` is alive.
+    pub fn ctx(&self) -> *const c_void {
+        self.ctx
+    }
+
+    /// The host's functions.
+    pub fn vtable(&self) -> &'static HostVTable {
+        self.vtable
+    }
 }
 
 // SAFETY: the host implements every function of `HostVTable` for any thread, and the context
@@ -174,7 +225,8 @@ unsafe impl Sync for HostHandle {}
 
 impl Clone for HostHandle {
     fn clone(&self) -> Self {
-        // SAFETY: `ctx` is a live context of this vtable for as long as `self` exists.
+        // SAFETY: `ctx` is a live context of this vtable for as long as `self` exists (the
+        // contract of `HostHandle::new`, the only way to make one).
         let ctx = unsafe { (self.vtable.clone)(self.ctx) };
         HostHandle {
             ctx,
@@ -185,7 +237,8 @@ impl Clone for HostHandle {
 
 impl Drop for HostHandle {
     fn drop(&mut self) {
-        // SAFETY: `self` owns one reference to `ctx`, released exactly once here.
+        // SAFETY: `self` owns one reference to `ctx` (`HostHandle::new`'s contract, and
+        // `clone` returns a new one), released exactly once here.
         unsafe { (self.vtable.drop)(self.ctx) }
     }
 }

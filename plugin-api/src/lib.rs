@@ -43,9 +43,11 @@ mod sdk;
 #[doc(hidden)]
 pub mod __private;
 
+#[doc(hidden)]
+pub use sdk::export_parts;
 pub use sdk::{
-    codes, export_parts, is_valid_service_name, BoxError, Event, Host, Message, Reply, Request,
-    Service, DEFAULT_REQUEST_TIMEOUT,
+    codes, is_valid_service_name, BoxError, Event, Host, Message, Reply, Request, Service,
+    DEFAULT_REQUEST_TIMEOUT,
 };
 
 #[cfg(test)]

@@ -196,7 +196,7 @@ impl Host {
     /// are usually more convenient.
     pub fn log(&self, level: LogLevel, target: &str, message: &str) {
         // SAFETY: the context is live while `self.raw` is; the strings outlive the call.
-        unsafe { (self.raw.vtable.log)(self.raw.ctx, level, target.into(), message.into()) }
+        unsafe { (self.raw.vtable().log)(self.raw.ctx(), level, target.into(), message.into()) }
     }
 
     /// Sends a request to `to` (a service, or `kernel`) and waits for the reply, at most
@@ -217,8 +217,8 @@ impl Host {
         let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         // SAFETY: as in `log`; the reply is owned by us once returned.
         let raw = unsafe {
-            (self.raw.vtable.request)(
-                self.raw.ctx,
+            (self.raw.vtable().request)(
+                self.raw.ctx(),
                 to.into(),
                 kind.into(),
                 payload.into(),
@@ -232,8 +232,9 @@ impl Host {
     /// mailbox is full: events are never dropped silently.
     pub fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), BoxError> {
         // SAFETY: as in `log`.
-        let result =
-            unsafe { (self.raw.vtable.emit)(self.raw.ctx, to.into(), kind.into(), payload.into()) };
+        let result = unsafe {
+            (self.raw.vtable().emit)(self.raw.ctx(), to.into(), kind.into(), payload.into())
+        };
         result.into_result().map_err(|e| e.into_string().into())
     }
 }
@@ -380,20 +381,57 @@ macro_rules! export_service {
     };
 }
 
-/// The generic `extern "C"` functions that [`export_service!`] instantiates. Not for direct use.
+/// The generic `extern "C"` functions that [`export_service!`] instantiates. Not for direct use:
+/// they trust their arguments (they are called by the host, through the ABI).
+#[doc(hidden)]
 pub mod export_parts {
     use super::*;
 
     pub use super::__log as log;
 
+    /// What a call reports when even describing its failure failed (an error whose
+    /// `Display` panics, a panic payload whose `Drop` panics).
+    pub const UNDESCRIBABLE: &str = "failed, and describing the failure panicked too";
+
     /// Runs `f`, turning an error or a panic into an error message.
+    ///
+    /// Everything done with the plugin's values happens under `catch_unwind`: formatting
+    /// the error (its `Display` and its `source()` chain are plugin code), dropping it, and
+    /// dropping the panic payload. If that panics too, the call fails with
+    /// [`UNDESCRIBABLE`]; nothing unwinds out of the `extern "C"` function that calls this.
     pub fn guard<T>(what: &str, f: impl FnOnce() -> Result<T, BoxError>) -> RCallResult<T> {
-        match catch_unwind(AssertUnwindSafe(f)) {
+        let outcome = catch_unwind(AssertUnwindSafe(|| match f() {
+            Ok(value) => Ok(value),
+            // The error is formatted and dropped in here, under `catch_unwind`.
+            Err(error) => Err(error_chain(&*error)),
+        }));
+        match outcome {
             Ok(Ok(value)) => RResult::ROk(value),
-            Ok(Err(error)) => RResult::RErr(error_chain(&*error).into()),
-            Err(panic) => {
-                RResult::RErr(format!("{what} panicked: {}", panic_message(&*panic)).into())
-            }
+            Ok(Err(message)) => RResult::RErr(message.into()),
+            Err(panic) => RResult::RErr(describe_panic(what, panic).into()),
+        }
+    }
+
+    /// `<what> panicked: <message>`, computed (and the payload dropped) under `catch_unwind`.
+    fn describe_panic(what: &str, panic: Box<dyn Any + Send>) -> String {
+        let described = catch_unwind(AssertUnwindSafe(|| {
+            let text = format!("{what} panicked: {}", panic_message(&*panic));
+            drop(panic);
+            text
+        }));
+        described.unwrap_or_else(|second| {
+            // Dropping this payload could panic again: it is leaked instead.
+            std::mem::forget(second);
+            format!("{what} {UNDESCRIBABLE}")
+        })
+    }
+
+    /// Runs `f`, which only cleans up; a panic in it is logged through the host (what
+    /// panicked, never unwinding).
+    fn contain(what: &str, f: impl FnOnce()) {
+        if let Err(panic) = catch_unwind(AssertUnwindSafe(f)) {
+            let message = describe_panic(what, panic);
+            let _ = catch_unwind(AssertUnwindSafe(|| crate::error!("{message}")));
         }
     }
 
@@ -439,10 +477,10 @@ pub mod export_parts {
         register_instance(host.clone());
         let created = guard("new", || {
             let service = S::new(host, config.as_ref().map(|c| c.as_str()).into_option())?;
-            Ok(RawService {
-                this: Box::into_raw(Box::new(service)).cast::<c_void>(),
-                vtable: Glue::<S>::VTABLE_REF,
-            })
+            let this = Box::into_raw(Box::new(service)).cast::<c_void>();
+            // SAFETY: `this` is a live `S`, which is what every function of `Glue::<S>`
+            // expects; the host owns it from here on and frees it with `drop_service::<S>`.
+            Ok(unsafe { RawService::new(this, Glue::<S>::VTABLE_REF) })
         });
         if created.is_err() {
             unregister_instance();
@@ -545,18 +583,11 @@ pub mod export_parts {
     }
 
     unsafe extern "C" fn drop_service<S: Service>(this: *mut c_void) {
-        let dropped = catch_unwind(AssertUnwindSafe(|| {
+        contain("drop", || {
             // SAFETY: `this` came from `Box::into_raw` in `new_service::<S>`; the host frees
             // each instance exactly once.
             drop(unsafe { Box::from_raw(this.cast::<S>()) });
-        }));
-        if let Err(panic) = dropped {
-            crate::error!(
-                "{} panicked while being dropped: {}",
-                S::NAME,
-                panic_message(&*panic)
-            );
-        }
-        unregister_instance();
+        });
+        contain("unregistering the instance", unregister_instance);
     }
 }

@@ -3,20 +3,17 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    sync::{Arc, Weak},
-    thread::JoinHandle,
+    sync::{atomic::Ordering, Arc, Weak},
     time::{Duration, Instant},
 };
 
-use crossbeam_channel::bounded;
-
 use super::{
-    deps, digest, lock, routing, BadStatePolicy, Checkpoint, DependencyError, KernelError,
-    KernelInner, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
+    deps, digest, routing, BadStatePolicy, Checkpoint, DependencyError, KernelError, KernelInner,
+    Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
 };
 use crate::{
-    executor::{self, Envelope, InstanceError, Launch},
-    loader::Library,
+    executor::{self, ask, AskError, Envelope, Executor, InstanceError, Launch, LaunchFailure},
+    loader::{threads, Library},
 };
 
 impl KernelInner {
@@ -52,7 +49,19 @@ impl KernelInner {
     }
 
     pub(crate) fn list(&self) -> Vec<ServiceInfo> {
-        self.slots().iter().map(|slot| slot.info()).collect()
+        self.slots().iter().map(|slot| self.info_of(slot)).collect()
+    }
+
+    /// What `list` shows of one service.
+    pub(super) fn info_of(&self, slot: &ServiceSlot) -> ServiceInfo {
+        let mut info = slot.info();
+        info.pinned = self.pinned(&slot.name);
+        info
+    }
+
+    /// A deadline one operation timeout from now.
+    pub(super) fn deadline(&self) -> Instant {
+        Instant::now() + self.config.operation_timeout
     }
 
     pub(crate) fn uptime(&self) -> Duration {
@@ -140,7 +149,7 @@ impl KernelInner {
         library: Arc<Library>,
         config: Option<String>,
         state: Option<(String, Vec<u8>)>,
-    ) -> Result<JoinHandle<()>, InstanceError> {
+    ) -> Result<Executor, LaunchFailure> {
         let services = routing::context(&slot.name, self);
         executor::launch(
             Launch {
@@ -159,8 +168,8 @@ impl KernelInner {
         let slot = self
             .slot(service)
             .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
-        let mut ops = lock(&slot.ops);
-        if matches!(slot.status(), Status::Running) {
+        let mut ops = slot.lock_ops(self.deadline())?;
+        if matches!(ops.run, Run::Running(_)) {
             return Ok(());
         }
         let dependencies = ops.library.manifest().dependencies.clone();
@@ -168,73 +177,77 @@ impl KernelInner {
             .require_running_dependencies(service, &dependencies)
             .and_then(|()| self.start_locked(&slot, &mut ops));
         if let Err(error) = &result {
-            slot.fail(&error.to_string());
+            if !matches!(ops.run, Run::Stuck(_)) {
+                ops.run = Run::Idle(Status::Failed);
+            }
+            slot.record_error(error);
+            slot.publish(&ops, None);
             // Nothing will serve what queued meanwhile, unless a stuck instance still owns
             // the mailbox (it has a Stop to read there).
-            if ops.stuck.is_none() {
+            if !matches!(ops.run, Run::Stuck(_)) {
                 slot.mailbox.drain(service);
             }
         }
         result
     }
 
+    /// Starts the service's instance; on failure, `ops.run` says what is left (idle, or a
+    /// thread stuck in plugin code).
     pub(super) fn start_locked(
         &self,
         slot: &ServiceSlot,
         ops: &mut SlotOps,
     ) -> Result<(), KernelError> {
         let _span = tracing::info_span!("start", service = %slot.name).entered();
-        if let Some(stuck) = ops.stuck.take() {
-            if !stuck.is_finished() {
-                ops.stuck = Some(stuck);
-                return Err(KernelError::Instance {
-                    service: slot.name.clone(),
-                    cause: "its previous instance is still stuck in plugin code".into(),
-                });
-            }
-            let _ = stuck.join();
+        ops.run.reap();
+        if let Run::Stuck(stuck) = &ops.run {
+            return Err(KernelError::Stuck {
+                service: slot.name.clone(),
+                stuck: format!("still {stuck}"),
+            });
         }
         let state = self.restore(slot)?;
-        slot.set_status(Status::Starting);
+        slot.publish(ops, Some(Status::Starting));
         let restored = state
             .as_ref()
             .map(|(version, bytes)| (version.clone(), digest(bytes)));
         let launched = match self.launch(slot, ops.library.clone(), ops.config.clone(), state) {
-            Err(InstanceError::Import(cause))
-                if self.config.on_bad_state == BadStatePolicy::Quarantine =>
-            {
+            Err(LaunchFailure {
+                error: InstanceError::Import(cause),
+                stuck: None,
+            }) if self.config.on_bad_state == BadStatePolicy::Quarantine => {
                 self.quarantine(slot, &format!("import_state refused it: {cause}"))?;
                 self.launch(slot, ops.library.clone(), ops.config.clone(), None)
-                    .map(|thread| (thread, None))
+                    .map(|executor| (executor, None))
             }
-            other => other.map(|thread| (thread, restored)),
+            other => other.map(|executor| (executor, restored)),
         };
         match launched {
-            Ok((thread, restored)) => {
-                ops.executor = Some(thread);
+            Ok((executor, restored)) => {
+                ops.run = Run::Running(executor);
                 ops.last_saved = restored;
-                slot.update(|info| {
-                    info.status = Status::Running;
-                    info.last_error = None;
-                });
+                slot.update(|info| info.last_error = None);
+                slot.publish(ops, None);
                 tracing::info!(service = %slot.name, version = %ops.library.manifest().version, "running");
                 Ok(())
             }
-            Err(InstanceError::Import(cause)) => Err(KernelError::StartFailed {
-                service: slot.name.clone(),
-                cause: format!(
-                    "import_state refused the state in {}: {cause}",
-                    self.config
-                        .state
-                        .as_ref()
-                        .map(|s| s.path(&slot.name).display().to_string())
-                        .unwrap_or_default()
-                ),
-            }),
-            Err(error) => Err(KernelError::StartFailed {
-                service: slot.name.clone(),
-                cause: error.to_string(),
-            }),
+            Err(LaunchFailure { error, stuck }) => {
+                ops.run = match stuck {
+                    Some(stuck) => Run::Stuck(stuck),
+                    None => Run::Idle(Status::Failed),
+                };
+                let state_file = match &error {
+                    InstanceError::Import(_) => {
+                        self.config.state.as_ref().map(|s| s.path(&slot.name))
+                    }
+                    _ => None,
+                };
+                Err(KernelError::StartFailed {
+                    service: slot.name.clone(),
+                    cause: error,
+                    state_file,
+                })
+            }
         }
     }
 
@@ -265,96 +278,128 @@ impl KernelInner {
         for dependent in self.running_dependents(service).into_iter().rev() {
             if let Some(dependent) = self.slot(&dependent) {
                 tracing::info!(service = %dependent.name, because = service, "stopping a dependent first");
-                self.stop_one(&dependent)?;
+                self.stop_one(&dependent, self.deadline())?;
             }
         }
-        self.stop_one(&slot)
+        self.stop_one(&slot, self.deadline())
     }
 
-    pub(super) fn stop_all(&self) -> StopReport {
-        let plan = deps::plan(&self.graph());
-        let mut order = plan.order;
-        // Services that could not be planned may still run (started before a cycle appeared).
-        order.extend(plan.blocked.into_keys());
+    /// Stops every running service by `deadline`, dependents first: services are stopped in
+    /// waves (a service's wave comes after those of every running service that depends on
+    /// it), the members of a wave side by side. Each wave gets its share of the time left
+    /// before the next one starts; a service still stopping then goes on until `deadline`,
+    /// and is abandoned after it.
+    pub(super) fn stop_all(&self, deadline: Instant) -> StopReport {
+        let graph = self.graph();
+        let running: BTreeSet<String> = self
+            .slots()
+            .iter()
+            .filter(|slot| matches!(slot.status(), Status::Running | Status::Starting))
+            .map(|slot| slot.name.clone())
+            .collect();
+        let mut waves = stop_waves(&graph, &running);
+        // Within a wave, the reverse of the start order (as a sequential stop would go).
+        let order = deps::plan(&graph).order;
+        for wave in &mut waves {
+            wave.sort_by_key(|s| std::cmp::Reverse(order.iter().position(|o| o == s)));
+        }
         let mut report = StopReport::default();
-        for service in order.into_iter().rev() {
-            let Some(slot) = self.slot(&service) else {
-                continue;
-            };
-            if slot.status() != Status::Running {
-                continue;
+        let outcomes = std::sync::Mutex::new(Vec::new());
+        std::thread::scope(|scope| {
+            for (index, wave) in waves.iter().enumerate() {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let share = left / u32::try_from(waves.len() - index).unwrap_or(u32::MAX);
+                let wave_end = Instant::now() + share;
+                let (done_tx, done_rx) = crossbeam_channel::unbounded();
+                for service in wave {
+                    let Some(slot) = self.slot(service) else {
+                        continue;
+                    };
+                    report.stopped.push(service.clone());
+                    let done = done_tx.clone();
+                    let outcomes = &outcomes;
+                    scope.spawn(move || {
+                        threads::adopt_current_thread();
+                        let result = self.stop_one(&slot, deadline);
+                        super::lock(outcomes).push((slot.name.clone(), result));
+                        let _ = done.send(());
+                    });
+                }
+                drop(done_tx);
+                // Until every member is done, or the wave's share is spent.
+                while done_rx.recv_deadline(wave_end).is_ok() {}
             }
-            if let Err(error) = self.stop_one(&slot) {
+        });
+        let mut outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
+        outcomes.sort_by_key(|(service, _)| report.stopped.iter().position(|s| s == service));
+        for (service, result) in outcomes {
+            if let Err(error) = result {
                 tracing::error!(service, error = %error, "stop failed");
-                report.failures.push((service.clone(), error));
+                report.failures.push((service, error));
             }
-            report.stopped.push(service);
         }
         report
     }
 
-    /// Stops one service's instance, saving its state; leaves its library loaded.
-    pub(super) fn stop_one(&self, slot: &ServiceSlot) -> Result<(), KernelError> {
-        let mut ops = lock(&slot.ops);
-        let Some(thread) = ops.executor.take() else {
+    /// Stops one service's instance by `deadline`, saving its state; leaves its library
+    /// loaded. An instance that does not stop in time is left stuck.
+    pub(super) fn stop_one(
+        &self,
+        slot: &ServiceSlot,
+        deadline: Instant,
+    ) -> Result<(), KernelError> {
+        let mut ops = slot.lock_ops(deadline)?;
+        let Some(executor) = ops.run.take_executor(Status::Stopped) else {
             return Ok(());
         };
         let _span = tracing::info_span!("stop", service = %slot.name).entered();
-        slot.set_status(Status::Stopping);
-        let deadline = Instant::now() + self.config.operation_timeout;
-        let (tx, rx) = bounded(1);
-        let outcome = slot
-            .mailbox
-            .tx
-            .send_deadline(
-                Envelope::Stop {
-                    export: self.config.state.is_some(),
-                    reply: tx,
-                },
-                deadline,
-            )
-            .ok()
-            .and_then(|()| rx.recv_deadline(deadline).ok());
-        if outcome.is_none() && !thread.is_finished() {
-            // Stuck in plugin code: the thread cannot be joined, and its library stays
-            // loaded (the instance holds it) so that nothing is unmapped under it.
-            let error = format!(
-                "did not stop within {:?}; its thread and library are left as they are",
-                self.config.operation_timeout
-            );
-            slot.fail(&error);
-            ops.stuck = Some(thread);
-            return Err(KernelError::Instance {
-                service: slot.name.clone(),
-                cause: error,
-            });
-        }
-        let _ = thread.join();
-        slot.set_status(Status::Stopped);
-        slot.mailbox.drain(&slot.name);
-        let Some(outcome) = outcome else {
-            return Err(KernelError::Instance {
+        slot.publish(&ops, Some(Status::Stopping));
+        let export = self.config.state.is_some();
+        let outcome = ask(
+            &slot.mailbox.tx,
+            |reply| Envelope::Stop { export, reply },
+            deadline,
+        );
+        let exited = executor.exit(deadline, "the instance to stop");
+        let mut result = match (&exited, &outcome) {
+            (Ok(()), Ok(_)) => Ok(()),
+            (Ok(()), Err(_)) => Err(KernelError::Instance {
                 service: slot.name.clone(),
                 cause: "the executor exited without stopping the instance".into(),
-            });
+            }),
+            (Err(stuck), _) => Err(KernelError::Stuck {
+                service: slot.name.clone(),
+                stuck: stuck.to_string(),
+            }),
         };
-        let mut result = outcome.stopped.map_err(|cause| KernelError::Instance {
-            service: slot.name.clone(),
-            cause: format!("stop failed: {cause}"),
-        });
-        if let Some(state) = outcome.state {
-            let version = ops.library.manifest().version.to_string();
-            let saved = state
-                .map_err(|cause| KernelError::Instance {
+        match exited {
+            Ok(()) => slot.mailbox.drain(&slot.name),
+            // It still reads the mailbox until it gets to the Stop (if that was posted).
+            Err(stuck) => ops.run = Run::Stuck(stuck),
+        }
+        // A state exported in time is saved, even if the thread then got stuck.
+        if let Ok(outcome) = outcome {
+            if let Err(cause) = outcome.stopped {
+                result = result.and(Err(KernelError::Instance {
                     service: slot.name.clone(),
-                    cause: format!("export_state failed, state not saved: {cause}"),
-                })
-                .and_then(|bytes| self.save(slot, &mut ops, &version, &bytes));
-            result = saved.and(result);
+                    cause: format!("stop failed: {cause}"),
+                }));
+            }
+            if let Some(state) = outcome.state {
+                let version = ops.library.manifest().version.to_string();
+                let saved = state
+                    .map_err(|cause| KernelError::Instance {
+                        service: slot.name.clone(),
+                        cause: format!("export_state failed, state not saved: {cause}"),
+                    })
+                    .and_then(|bytes| self.save(slot, &mut ops, &version, &bytes));
+                result = saved.and(result);
+            }
         }
         if let Err(error) = &result {
-            slot.update(|info| info.last_error = Some(error.to_string()));
+            slot.record_error(error);
         }
+        slot.publish(&ops, None);
         tracing::info!(service = %slot.name, "stopped");
         result
     }
@@ -385,33 +430,83 @@ impl KernelInner {
         if self.config.state.is_none() {
             return Vec::new();
         }
-        self.slots()
-            .iter()
+        let slots: Vec<Arc<ServiceSlot>> = self
+            .slots()
+            .into_iter()
             .filter(|slot| slot.status() == Status::Running)
-            .map(|slot| (slot.name.clone(), self.checkpoint(slot)))
-            .collect()
+            .collect();
+        std::thread::scope(|scope| {
+            let checkpoints: Vec<_> = slots
+                .iter()
+                .map(|slot| {
+                    scope.spawn(move || {
+                        threads::adopt_current_thread();
+                        (slot.name.clone(), self.checkpoint(slot))
+                    })
+                })
+                .collect();
+            checkpoints
+                .into_iter()
+                .filter_map(|checkpoint| checkpoint.join().ok())
+                .collect()
+        })
+    }
+
+    pub(super) fn checkpoint_in_background(&self) {
+        if self.config.state.is_none() {
+            return;
+        }
+        for slot in self.slots() {
+            if slot.status() != Status::Running || slot.checkpointing.swap(true, Ordering::AcqRel) {
+                continue;
+            }
+            let kernel = self.weak_self();
+            let name = format!("checkpoint-{}", slot.name);
+            let started = threads::spawn_detached(&name, move || {
+                if let Some(kernel) = kernel.upgrade() {
+                    let result = kernel.checkpoint(&slot);
+                    log_checkpoint(&slot.name, &result);
+                }
+                slot.checkpointing.store(false, Ordering::Release);
+            });
+            if let Err(error) = started {
+                tracing::error!(%error, "checkpoint not started: no thread for it");
+            }
+        }
     }
 
     pub(super) fn checkpoint(&self, slot: &ServiceSlot) -> Result<Checkpoint, KernelError> {
-        let mut ops = lock(&slot.ops);
-        if ops.executor.is_none() {
+        let deadline = self.deadline();
+        let mut ops = slot.lock_ops(deadline)?;
+        let Run::Running(executor) = &ops.run else {
             return Ok(Checkpoint::Unchanged);
-        }
-        let failed = |cause: String| KernelError::Instance {
-            service: slot.name.clone(),
-            cause: format!("checkpoint failed: {cause}"),
         };
         let timeout = self.config.operation_timeout;
-        let deadline = Instant::now() + timeout;
-        let (tx, rx) = bounded(1);
-        slot.mailbox
-            .tx
-            .send_deadline(Envelope::Export { reply: tx }, deadline)
-            .map_err(|_| failed(format!("the mailbox stayed full for {timeout:?}")))?;
-        let bytes = rx
-            .recv_deadline(deadline)
-            .map_err(|_| failed(format!("the service did not get to it within {timeout:?}")))?
-            .map_err(|cause| failed(format!("export_state: {cause}")))?;
+        let bytes = ask(
+            &slot.mailbox.tx,
+            |reply| Envelope::Export { reply },
+            deadline,
+        )
+        .map_err(|e| {
+            let doing = executor.doing();
+            let cause = match e {
+                AskError::Full => {
+                    format!("the mailbox stayed full for {timeout:?} (the service is in {doing})")
+                }
+                AskError::NoAnswer => {
+                    format!("the service did not get to it within {timeout:?} (it is in {doing})")
+                }
+                AskError::Closed => "the service is gone".to_owned(),
+            };
+            KernelError::Instance {
+                service: slot.name.clone(),
+                cause: format!("checkpoint failed: {cause}"),
+            }
+        })?
+        .map_err(|cause| KernelError::Instance {
+            service: slot.name.clone(),
+            cause: format!("checkpoint failed: export_state: {cause}"),
+        })?;
         let version = ops.library.manifest().version.to_string();
         if ops.last_saved.as_ref() == Some(&(version.clone(), digest(&bytes))) {
             return Ok(Checkpoint::Unchanged);
@@ -419,4 +514,50 @@ impl KernelInner {
         self.save(slot, &mut ops, &version, &bytes)?;
         Ok(Checkpoint::Written)
     }
+}
+
+/// Logs what a checkpoint did.
+pub(crate) fn log_checkpoint(service: &str, result: &Result<Checkpoint, KernelError>) {
+    match result {
+        Ok(Checkpoint::Written) => tracing::debug!(service, "checkpoint written"),
+        Ok(Checkpoint::Unchanged) => tracing::trace!(service, "checkpoint unchanged"),
+        Err(error) => {
+            tracing::error!(service, %error, "checkpoint failed; retrying at the next tick")
+        }
+    }
+}
+
+/// The waves in which `running` services are stopped: first those no running service
+/// depends on, then those whose running dependents are all in earlier waves. Services in a
+/// dependency cycle come last, together.
+fn stop_waves(
+    graph: &BTreeMap<String, Vec<String>>,
+    running: &BTreeSet<String>,
+) -> Vec<Vec<String>> {
+    let mut left: BTreeSet<&String> = running.iter().collect();
+    let mut waves = Vec::new();
+    while !left.is_empty() {
+        let wave: Vec<String> = left
+            .iter()
+            .filter(|service| {
+                !left.iter().any(|other| {
+                    other != *service
+                        && graph
+                            .get(other.as_str())
+                            .is_some_and(|deps| deps.contains(service))
+                })
+            })
+            .map(|s| (*s).clone())
+            .collect();
+        let wave = if wave.is_empty() {
+            left.iter().map(|s| (*s).clone()).collect()
+        } else {
+            wave
+        };
+        for service in &wave {
+            left.remove(service);
+        }
+        waves.push(wave);
+    }
+    waves
 }

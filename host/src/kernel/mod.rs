@@ -2,22 +2,27 @@
 //! events between them.
 //!
 //! Each registered service has a `ServiceSlot`: its current library, its mailbox (which
-//! outlives versions), its executor thread when running, and what `list` shows. Operations
-//! that change a service (start, stop, checkpoint, replace) hold the slot's operation lock,
-//! so they never interleave; requests never take that lock: they read the status and post to
-//! the mailbox.
+//! outlives versions), its run state ([`Run`]: idle, running with its executor, or stuck
+//! with its thread), and what `list` shows, derived from the run state. Operations that
+//! change a service (start, stop, checkpoint, replace) hold the slot's operation lock, so
+//! they never interleave, and take it with a deadline; requests never take that lock: they
+//! read the status and post to the mailbox.
+//!
+//! A library the service no longer uses is *retired*: it is closed once no plugin code can
+//! run any more (its executors have ended, and no thread it may have started is alive); until
+//! then it stays loaded, and `list` shows it as pinned.
 
 mod deps;
 mod lifecycle;
+mod retired;
 mod routing;
 mod swap;
 
 use std::{
     collections::BTreeMap,
     path::PathBuf,
-    sync::{Arc, Mutex, MutexGuard, RwLock},
-    thread::JoinHandle,
-    time::{Duration, SystemTime},
+    sync::{atomic::AtomicBool, Arc, Mutex, RwLock},
+    time::{Duration, Instant, SystemTime},
 };
 
 use plugin_api::Reply;
@@ -27,8 +32,8 @@ pub use deps::DependencyError;
 pub use swap::{SwapError, SwapReport};
 
 use crate::{
-    executor::Mailbox,
-    loader::{Library, LoadError, Loader},
+    executor::{Executor, Mailbox, Stuck},
+    loader::{Library, LoadError, Loader, Probe},
     state::{StateError, StateStore},
 };
 
@@ -85,6 +90,9 @@ pub struct KernelConfig {
     pub state: Option<StateStore>,
     /// What to do with a state file that cannot be used.
     pub on_bad_state: BadStatePolicy,
+    /// Prove every plugin file in a child process before opening it (see [`Probe`]);
+    /// `None` opens files directly. The daemon always probes.
+    pub probe: Option<Probe>,
 }
 
 impl Default for KernelConfig {
@@ -96,6 +104,7 @@ impl Default for KernelConfig {
             shadow_dir: None,
             state: None,
             on_bad_state: BadStatePolicy::Refuse,
+            probe: None,
         }
     }
 }
@@ -131,12 +140,14 @@ pub enum KernelError {
         dependency: String,
     },
     /// The service's instance did not come up.
-    #[error("service `{service}` failed to start: {cause}")]
+    #[error("service `{service}` failed to start: {cause}{}", state_file.as_ref().map(|p| format!(" (state file {})", p.display())).unwrap_or_default())]
     StartFailed {
         /// The service.
         service: String,
         /// Why.
-        cause: String,
+        cause: crate::InstanceError,
+        /// The state file it was given, when `import_state` refused it.
+        state_file: Option<PathBuf>,
     },
     /// The service's state could not be read or written.
     #[error("service `{service}`: {source}")]
@@ -158,6 +169,24 @@ pub enum KernelError {
     /// A hot replace did not happen (the old version keeps serving) or had to roll back.
     #[error(transparent)]
     Swap(#[from] SwapError),
+    /// Another operation on the service (a checkpoint, a replace, a stop) did not finish in
+    /// time; nothing was done.
+    #[error("service `{service}` is busy with another operation; gave up after {waited:?}")]
+    Busy {
+        /// The service.
+        service: String,
+        /// How long this operation waited for it.
+        waited: Duration,
+    },
+    /// The service's instance is stuck in plugin code; its thread and library are left as
+    /// they are.
+    #[error("service `{service}` is {stuck}")]
+    Stuck {
+        /// The service.
+        service: String,
+        /// Where it is stuck.
+        stuck: String,
+    },
 }
 
 /// What `list` shows about a service.
@@ -181,6 +210,11 @@ pub struct ServiceInfo {
     pub swaps: u64,
     /// The last error, if any.
     pub last_error: Option<String>,
+    /// Earlier libraries of the service that stay loaded because plugin code may still run
+    /// in them (a thread the plugin started, an instance stuck in plugin code), one line
+    /// each.
+    #[serde(default)]
+    pub pinned: Vec<String>,
 }
 
 /// Counters, for operators and tests.
@@ -195,11 +229,23 @@ pub struct KernelStats {
 /// What stopping every service did.
 #[derive(Debug, Default)]
 pub struct StopReport {
-    /// The services stopped, in the order they were stopped.
+    /// The services asked to stop, dependents before their dependencies.
     pub stopped: Vec<String>,
-    /// Those whose `stop` failed or whose state could not be saved (they are stopped all
-    /// the same).
+    /// Those whose `stop` failed, whose state could not be saved, or that did not stop in
+    /// time (then [`KernelError::Stuck`] or [`KernelError::Busy`]: abandoned, their state
+    /// not saved).
     pub failures: Vec<(String, KernelError)>,
+}
+
+impl StopReport {
+    /// The services that did not stop in time: stuck in plugin code or busy.
+    pub fn abandoned(&self) -> Vec<&str> {
+        self.failures
+            .iter()
+            .filter(|(_, e)| matches!(e, KernelError::Stuck { .. } | KernelError::Busy { .. }))
+            .map(|(s, _)| s.as_str())
+            .collect()
+    }
 }
 
 /// What a checkpoint did for one service.
@@ -223,6 +269,8 @@ pub(crate) struct KernelInner {
     pub(crate) loader: Loader,
     pub(crate) config: KernelConfig,
     services: RwLock<BTreeMap<String, Arc<ServiceSlot>>>,
+    /// Libraries no service uses any more that could not be closed yet.
+    retired: Mutex<Vec<retired::Retired>>,
     started_at: SystemTime,
     state_writes: std::sync::atomic::AtomicU64,
 }
@@ -231,10 +279,13 @@ pub(crate) struct KernelInner {
 pub(crate) struct ServiceSlot {
     name: String,
     mailbox: Mailbox,
-    /// Held by every operation that changes the service.
-    ops: Mutex<SlotOps>,
-    /// What requests and `list` read; never held across a call into a plugin.
+    /// Held by every operation that changes the service; taken with a deadline.
+    ops: parking_lot::Mutex<SlotOps>,
+    /// What requests and `list` read; never held across a call into a plugin. Its status is
+    /// derived from the run state by [`ServiceSlot::publish`].
     info: RwLock<ServiceInfo>,
+    /// Whether a background checkpoint of the service is under way.
+    checkpointing: AtomicBool,
 }
 
 impl std::fmt::Debug for ServiceSlot {
@@ -245,17 +296,62 @@ impl std::fmt::Debug for ServiceSlot {
     }
 }
 
+/// Whether a service has an instance, and in what state: the one truth the status shown by
+/// `list` is derived from.
+#[derive(Debug)]
+pub(crate) enum Run {
+    /// No instance: never started (`Registered`), stopped on purpose (`Stopped`), or lost
+    /// (`Failed`).
+    Idle(Status),
+    /// An instance serves the mailbox on this executor.
+    Running(Executor),
+    /// An instance did not stop (or start) in time: its thread is in plugin code and keeps
+    /// its library loaded. The service is failed until the thread ends.
+    Stuck(Stuck),
+}
+
+impl Run {
+    /// The status this run state shows, while no operation is under way.
+    fn status(&self) -> Status {
+        match self {
+            Run::Idle(status) => *status,
+            Run::Running(_) => Status::Running,
+            Run::Stuck(_) => Status::Failed,
+        }
+    }
+
+    /// Takes the executor out, leaving `Idle(then)`; `None` (and unchanged) when not running.
+    fn take_executor(&mut self, then: Status) -> Option<Executor> {
+        match std::mem::replace(self, Run::Idle(then)) {
+            Run::Running(executor) => Some(executor),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+
+    /// A stuck thread that has ended since is forgotten (the service is then failed).
+    fn reap(&mut self) {
+        if let Run::Stuck(stuck) = self {
+            if stuck.ended() {
+                *self = Run::Idle(Status::Failed);
+            }
+        }
+    }
+}
+
 struct SlotOps {
     library: Arc<Library>,
-    executor: Option<JoinHandle<()>>,
-    /// The thread of an instance that did not stop in time, until it finishes.
-    stuck: Option<JoinHandle<()>>,
+    run: Run,
     config: Option<String>,
     /// (version, SHA-256) of the state last written or read, to skip unchanged checkpoints.
     last_saved: Option<(String, [u8; 32])>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+type OpsGuard<'a> = parking_lot::MutexGuard<'a, SlotOps>;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -289,15 +385,35 @@ impl ServiceSlot {
         f(&mut self.info.write().unwrap_or_else(|p| p.into_inner()));
     }
 
-    fn set_status(&self, status: Status) {
-        self.update(|info| info.status = status);
+    /// Takes the operations lock, waiting at most until `deadline`.
+    fn lock_ops(&self, deadline: Instant) -> Result<OpsGuard<'_>, KernelError> {
+        let asked = Instant::now();
+        self.ops
+            .try_lock_until(deadline)
+            .ok_or_else(|| KernelError::Busy {
+                service: self.name.clone(),
+                waited: asked.elapsed(),
+            })
     }
 
-    fn fail(&self, error: &str) {
+    /// Shows the status derived from the run state; `during` is the operation under way
+    /// (`Starting`, `Stopping`), if any.
+    fn publish(&self, ops: &SlotOps, during: Option<Status>) {
+        let status = during.unwrap_or_else(|| ops.run.status());
         self.update(|info| {
-            info.status = Status::Failed;
-            info.last_error = Some(error.to_owned());
+            info.status = status;
+            if let Run::Stuck(stuck) = &ops.run {
+                info.last_error = Some(format!(
+                    "{stuck}; its thread and library are left as they are"
+                ));
+            }
         });
+    }
+
+    /// Records `error` as the last error.
+    fn record_error(&self, error: &dyn std::fmt::Display) {
+        let text = error.to_string();
+        self.update(|info| info.last_error = Some(text));
     }
 }
 
@@ -316,13 +432,14 @@ impl ServiceInfo {
 impl Kernel {
     /// A kernel with no services.
     pub fn new(config: KernelConfig) -> std::io::Result<Self> {
-        let loader = Loader::new(config.shadow_dir.as_deref())?;
+        let loader = Loader::new(config.shadow_dir.as_deref(), config.probe.clone())?;
         Ok(Kernel {
             inner: Arc::new_cyclic(|me| KernelInner {
                 me: me.clone(),
                 loader,
                 config,
                 services: RwLock::new(BTreeMap::new()),
+                retired: Mutex::new(Vec::new()),
                 started_at: SystemTime::now(),
                 state_writes: Default::default(),
             }),
@@ -367,13 +484,13 @@ impl Kernel {
             name: name.clone(),
             mailbox: Mailbox::new(self.inner.config.mailbox_capacity),
             info: RwLock::new(info),
-            ops: Mutex::new(SlotOps {
+            ops: parking_lot::Mutex::new(SlotOps {
                 library: Arc::new(library),
-                executor: None,
-                stuck: None,
+                run: Run::Idle(Status::Registered),
                 config,
                 last_saved: None,
             }),
+            checkpointing: AtomicBool::new(false),
         };
         services.insert(name, Arc::new(slot));
         Ok(())
@@ -412,7 +529,13 @@ impl Kernel {
         for (service, error) in plan.blocked {
             if services.contains(&service) {
                 if let Some(slot) = self.inner.slot(&service) {
-                    slot.fail(&error.to_string());
+                    if let Ok(mut ops) = slot.lock_ops(self.inner.deadline()) {
+                        if let Run::Idle(_) = ops.run {
+                            ops.run = Run::Idle(Status::Failed);
+                        }
+                        slot.record_error(&error);
+                        slot.publish(&ops, None);
+                    }
                 }
                 failures.push((service, KernelError::Dependency(error)));
             }
@@ -439,9 +562,11 @@ impl Kernel {
         self.inner.stop_with_dependents(service)
     }
 
-    /// Stops every running service in reverse dependency order, saving each one's state.
+    /// Stops every running service, dependents before their dependencies, saving each
+    /// one's state; waits at most the operation timeout in all.
     pub fn stop_all(&self) -> StopReport {
-        self.inner.stop_all()
+        self.inner
+            .stop_all(Instant::now() + self.inner.config.operation_timeout)
     }
 
     /// Sends a request from outside the host (`from` = `external`) and waits for the reply,
@@ -485,9 +610,23 @@ impl Kernel {
     }
 
     /// Checkpoints every running service through its mailbox: exports its state and writes
-    /// it when it differs from the last state written. Does nothing without a state store.
+    /// it when it differs from the last state written. Services are checkpointed side by
+    /// side: a busy one holds back only itself. Does nothing without a state store.
     pub fn checkpoint(&self) -> Vec<(String, Result<Checkpoint, KernelError>)> {
         self.inner.checkpoint_all()
+    }
+
+    /// Starts a checkpoint of every running service that has none under way, each on a
+    /// thread of its own, and returns at once; each outcome is logged. What the daemon's
+    /// timer does: it never waits on a plugin.
+    pub fn checkpoint_in_background(&self) {
+        self.inner.checkpoint_in_background()
+    }
+
+    /// Closes the retired libraries that no plugin code can run in any more (see
+    /// [`ServiceInfo::pinned`]). Returns how many stay loaded.
+    pub fn sweep(&self) -> usize {
+        self.inner.sweep()
     }
 
     /// Replaces a registered service by a new version of its plugin, which gets `config` (the
@@ -500,9 +639,17 @@ impl Kernel {
         self.inner.replace(library, config)
     }
 
-    /// Stops everything (saving state) and closes every library. Idempotent; also run on drop.
+    /// Stops everything (saving state) and closes every library that no plugin code can
+    /// run in any more; waits at most the operation timeout. Idempotent; also run on drop.
     pub fn shutdown(&self) -> StopReport {
-        let report = self.inner.stop_all();
+        self.shutdown_until(Instant::now() + self.inner.config.operation_timeout)
+    }
+
+    /// Like [`Kernel::shutdown`], waiting at most until `deadline`. Services that do not
+    /// stop by then are abandoned (named in the report): their threads and libraries are
+    /// left as they are.
+    pub fn shutdown_until(&self, deadline: Instant) -> StopReport {
+        let report = self.inner.stop_all(deadline);
         let slots: Vec<Arc<ServiceSlot>> = {
             let mut services = self
                 .inner
@@ -511,18 +658,29 @@ impl Kernel {
                 .unwrap_or_else(|p| p.into_inner());
             std::mem::take(&mut *services).into_values().collect()
         };
-        for slot in slots {
-            slot.mailbox.drain(&slot.name);
-            match Arc::try_unwrap(slot) {
-                Ok(slot) => {
-                    let ops = slot.ops.into_inner().unwrap_or_else(|p| p.into_inner());
-                    close_library(ops.library);
-                }
-                Err(slot) => {
-                    tracing::warn!(service = %slot.name, "service still referenced at shutdown; its library stays open")
-                }
+        let mut libraries = Vec::new();
+        for slot in &slots {
+            // An operation still under way (it timed out above) keeps the lock: its library
+            // stays, and goes with the process.
+            let Ok(mut ops) = slot.lock_ops(Instant::now()) else {
+                continue;
+            };
+            let stuck = match std::mem::replace(&mut ops.run, Run::Idle(Status::Stopped)) {
+                Run::Stuck(stuck) => Some(stuck),
+                Run::Running(executor) => Some(executor.stuck("shutdown")),
+                Run::Idle(_) => None,
+            };
+            if stuck.is_none() {
+                slot.mailbox.drain(&slot.name);
             }
+            libraries.push((slot.name.clone(), ops.library.clone(), stuck));
         }
+        // The slots' references go first, so that each library is the retired list's own.
+        drop(slots);
+        for (service, library, stuck) in libraries {
+            self.inner.retire(&service, library, stuck);
+        }
+        self.inner.sweep();
         report
     }
 }
@@ -530,16 +688,5 @@ impl Kernel {
 impl Drop for Kernel {
     fn drop(&mut self) {
         self.shutdown();
-    }
-}
-
-/// Closes a library that nothing else should hold any more; logs when something does.
-pub(crate) fn close_library(library: Arc<Library>) -> bool {
-    match Arc::try_unwrap(library) {
-        Ok(library) => library.close(),
-        Err(library) => {
-            tracing::warn!(plugin = %library.path().display(), "library still referenced; not closed");
-            false
-        }
     }
 }

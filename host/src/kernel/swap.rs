@@ -7,20 +7,26 @@
 //! 3. the executor is suspended through the mailbox: it exports the state after every
 //!    request queued before, then holds (requests queue behind it);
 //! 4. the state is sealed and written durably; on failure the old instance resumes;
-//! 5. the old instance stops and its executor exits;
+//! 5. the old instance stops and its executor exits (waited for until the operation
+//!    timeout; an executor stuck in `stop` or `drop` is left to end alone, keeping the old
+//!    library loaded, and the replace goes on: the state is safe);
 //! 6. a new executor creates the new instance, imports the state, starts it and serves the
 //!    mailbox: the requests held meanwhile go to the new version;
 //! 7. if 6 fails, the new library is closed and a fresh instance of the old version imports
 //!    the same state and serves instead;
-//! 8. the library that is no longer used is closed and checked to be unmapped.
+//! 8. the library that is no longer used is retired: closed once no plugin code can run in
+//!    it (see `retired.rs`), and checked to be unmapped.
+//!
+//! Every wait on plugin code is bounded by the operation timeout, and every early return
+//! after step 3 resumes the old instance (the [`Suspension`] guard).
 
 use std::{sync::Arc, time::Duration, time::Instant};
 
-use crossbeam_channel::bounded;
+use crossbeam_channel::{bounded, Sender};
 
-use super::{close_library, lock, KernelError, KernelInner, ServiceSlot, Status};
+use super::{KernelError, KernelInner, OpsGuard, Run, ServiceSlot, Status};
 use crate::{
-    executor::{Envelope, Verdict},
+    executor::{ask, AskError, Envelope, LaunchFailure, Stuck, Verdict},
     loader::Library,
 };
 
@@ -56,7 +62,7 @@ pub enum SwapError {
         /// The version that failed.
         new: String,
         /// Why it failed.
-        cause: String,
+        cause: crate::InstanceError,
     },
     /// The new version failed and so did the old one's restart: the service is down.
     #[error("service `{service}` is down: version {new} failed ({cause}), then restarting {old} failed too ({rollback})")]
@@ -68,9 +74,9 @@ pub enum SwapError {
         /// The new version.
         new: String,
         /// Why the new version failed.
-        cause: String,
+        cause: crate::InstanceError,
         /// Why the old version failed to restart.
-        rollback: String,
+        rollback: crate::InstanceError,
     },
 }
 
@@ -87,8 +93,35 @@ pub struct SwapReport {
     /// export its state) to the new instance serving. Requests arriving meanwhile waited
     /// this long at most.
     pub held: Duration,
-    /// Whether the old library is gone from the address space.
+    /// Whether the old library is gone from the address space (`false` when plugin code
+    /// may still run in it: it stays loaded until that ends, see [`crate::ServiceInfo::pinned`]).
     pub unmapped: bool,
+}
+
+/// An old instance that exported its state and holds, serving nothing, until it gets a
+/// verdict. Dropped without [`Suspension::stop`], it resumes serving.
+struct Suspension {
+    held_since: Instant,
+    state: Vec<u8>,
+    verdict: Option<Sender<Verdict>>,
+}
+
+impl Suspension {
+    /// Tells the old instance to stop; its executor then exits.
+    fn stop(mut self) -> Vec<u8> {
+        if let Some(verdict) = self.verdict.take() {
+            let _ = verdict.send(Verdict::Stop);
+        }
+        std::mem::take(&mut self.state)
+    }
+}
+
+impl Drop for Suspension {
+    fn drop(&mut self) {
+        if let Some(verdict) = self.verdict.take() {
+            let _ = verdict.send(Verdict::Resume);
+        }
+    }
 }
 
 impl KernelInner {
@@ -98,72 +131,38 @@ impl KernelInner {
         config: Option<String>,
     ) -> Result<SwapReport, KernelError> {
         let service = new.manifest().name.clone();
-        let slot = self
-            .slot(&service)
-            .ok_or_else(|| KernelError::UnknownService(service.clone()))?;
-        let mut ops = lock(&slot.ops);
         let new = Arc::new(new);
+        let Some(slot) = self.slot(&service) else {
+            self.retire(&service, new, None);
+            return Err(KernelError::UnknownService(service));
+        };
+        let mut ops = match slot.lock_ops(self.deadline()) {
+            Ok(ops) => ops,
+            Err(error) => {
+                self.retire(&service, new, None);
+                return Err(error);
+            }
+        };
         let from = ops.library.manifest().version.to_string();
         let to = new.manifest().version.to_string();
         let _span =
             tracing::info_span!("reload", service = %service, from = %from, to = %to).entered();
 
+        // 2. Its dependencies run, or nothing is touched.
         let dependencies = new.manifest().dependencies.clone();
         if let Err(error) = self.require_running_dependencies(&service, &dependencies) {
-            close_library(new);
+            self.retire(&service, new, None);
             return Err(error);
         }
-
-        if ops.executor.is_none() {
-            // Not running: swap the library, and start the new version unless the service
-            // was stopped on purpose.
-            let old = std::mem::replace(&mut ops.library, new);
-            ops.config = config;
-            set_library(&slot, &ops.library);
-            let unmapped = close_library(old);
-            let status = slot.status();
-            drop(ops);
-            if matches!(status, Status::Failed | Status::Registered) {
-                self.start(&service)?;
-            }
-            return Ok(SwapReport {
-                service,
-                from,
-                to,
-                held: Duration::ZERO,
-                unmapped,
-            });
+        if !matches!(ops.run, Run::Running(_)) {
+            return self.replace_idle(&slot, ops, new, config, from, to);
         }
 
         // 3. Suspend: the export follows every request queued before it.
-        let (exported_tx, exported_rx) = bounded(1);
-        let (verdict_tx, verdict_rx) = bounded(1);
-        let suspended = slot
-            .mailbox
-            .tx
-            .send(Envelope::Suspend {
-                exported: exported_tx,
-                verdict: verdict_rx,
-            })
-            .is_ok();
-        let timeout = self.config.operation_timeout;
-        let (held_since, exported) = if suspended {
-            exported_rx.recv_timeout(timeout).unwrap_or_else(|_| {
-                // Dropping `exported_rx` tells the executor not to hold when it gets there.
-                (
-                    Instant::now(),
-                    Err(format!("the service did not get to it within {timeout:?}")),
-                )
-            })
-        } else {
-            (Instant::now(), Err("the mailbox is closed".into()))
-        };
-        drop(exported_rx);
-        let bytes = match exported {
-            Ok(bytes) => bytes,
+        let suspension = match self.suspend(&slot, &ops) {
+            Ok(suspension) => suspension,
             Err(cause) => {
-                let _ = verdict_tx.send(Verdict::Resume);
-                close_library(new);
+                self.retire(&service, new, None);
                 return Err(SwapError::Export {
                     service,
                     version: from,
@@ -173,41 +172,150 @@ impl KernelInner {
             }
         };
 
-        // 4. Persist, or resume the old instance.
+        // 4. Persist, or resume the old instance (dropping the suspension does).
         if let Some(store) = &self.config.state {
-            if let Err(source) = store.save(&service, &from, &bytes) {
-                let _ = verdict_tx.send(Verdict::Resume);
-                close_library(new);
+            if let Err(source) = store.save(&service, &from, &suspension.state) {
+                drop(suspension);
+                self.retire(&service, new, None);
                 let error = SwapError::Persist { service, source };
-                slot.update(|info| info.last_error = Some(error.to_string()));
+                slot.record_error(&error);
                 return Err(error.into());
             }
             self.state_writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
 
-        // 5. Stop the old instance; its executor exits.
-        let _ = verdict_tx.send(Verdict::Stop);
-        if let Some(thread) = ops.executor.take() {
-            let _ = thread.join();
+        // 5. Stop the old instance; its executor exits, or is left stuck.
+        let held_since = suspension.held_since;
+        let bytes = suspension.stop();
+        let old_stuck = ops.run.take_executor(Status::Failed).and_then(|executor| {
+            executor
+                .exit(self.deadline(), "the old instance to stop")
+                .err()
+        });
+        if let Some(stuck) = &old_stuck {
+            tracing::warn!(service, %stuck, "the old instance did not end in time; going on, its library stays loaded");
         }
 
         // 6. The new version, or 7. the old one again.
+        self.switch(
+            &slot,
+            &mut ops,
+            new,
+            config,
+            (from, to),
+            bytes,
+            held_since,
+            old_stuck,
+        )
+    }
+
+    /// Step 3: asks the executor to export and hold. The error says why it did not.
+    fn suspend(&self, slot: &ServiceSlot, ops: &OpsGuard<'_>) -> Result<Suspension, String> {
+        let (verdict_tx, verdict_rx) = bounded(1);
+        let timeout = self.config.operation_timeout;
+        let doing = match &ops.run {
+            Run::Running(executor) => executor.doing(),
+            _ => return Err("the service is not running".into()),
+        };
+        let answer = ask(
+            &slot.mailbox.tx,
+            |exported| Envelope::Suspend {
+                exported,
+                verdict: verdict_rx,
+            },
+            self.deadline(),
+        );
+        // Had it answered after the deadline, it would have found nobody waiting and gone
+        // on serving.
+        let (held_since, exported) = answer.map_err(|e| match e {
+            AskError::Full => {
+                format!("the mailbox stayed full for {timeout:?} (the service was in {doing})")
+            }
+            AskError::NoAnswer => {
+                format!("the service did not get to it within {timeout:?} (it was in {doing})")
+            }
+            AskError::Closed => "the mailbox is closed".to_owned(),
+        })?;
+        let mut suspension = Suspension {
+            held_since,
+            state: Vec::new(),
+            verdict: Some(verdict_tx),
+        };
+        // On an export error, `suspension` is dropped: the old instance resumes.
+        suspension.state = exported?;
+        Ok(suspension)
+    }
+
+    /// The service is not running (never started, stopped, failed, or stuck): the library is
+    /// swapped, and the new version starts unless the service was stopped on purpose.
+    fn replace_idle(
+        &self,
+        slot: &ServiceSlot,
+        mut ops: OpsGuard<'_>,
+        new: Arc<Library>,
+        config: Option<String>,
+        from: String,
+        to: String,
+    ) -> Result<SwapReport, KernelError> {
+        ops.run.reap();
+        let status = ops.run.status();
+        // A stuck instance is left to end alone with the old library: a new version may be
+        // exactly what it takes to get the service back.
+        let stuck = match std::mem::replace(&mut ops.run, Run::Idle(status)) {
+            Run::Stuck(stuck) => Some(stuck),
+            other => {
+                ops.run = other;
+                None
+            }
+        };
+        let old = std::mem::replace(&mut ops.library, new);
+        ops.config = config;
+        set_library(slot, &ops.library);
+        let unmapped = self.retire(&slot.name, old, stuck);
+        drop(ops);
+        if matches!(status, Status::Failed | Status::Registered) {
+            self.start(&slot.name)?;
+        }
+        Ok(SwapReport {
+            service: slot.name.clone(),
+            from,
+            to,
+            held: Duration::ZERO,
+            unmapped,
+        })
+    }
+
+    /// Steps 6 to 8: the new version serves, or the old one again.
+    #[expect(clippy::too_many_arguments, reason = "the steps' state, passed once")]
+    fn switch(
+        &self,
+        slot: &ServiceSlot,
+        ops: &mut OpsGuard<'_>,
+        new: Arc<Library>,
+        config: Option<String>,
+        (from, to): (String, String),
+        bytes: Vec<u8>,
+        held_since: Instant,
+        old_stuck: Option<Stuck>,
+    ) -> Result<SwapReport, KernelError> {
+        let service = slot.name.clone();
         let state = Some((from.clone(), bytes));
-        match self.launch(&slot, new.clone(), config.clone(), state.clone()) {
-            Ok(thread) => {
+        match self.launch(slot, new.clone(), config.clone(), state.clone()) {
+            Ok(executor) => {
                 let held = held_since.elapsed();
-                ops.executor = Some(thread);
+                ops.run = Run::Running(executor);
                 ops.config = config;
                 ops.last_saved = None;
                 let old = std::mem::replace(&mut ops.library, new);
-                set_library(&slot, &ops.library);
+                set_library(slot, &ops.library);
                 slot.update(|info| {
                     info.swaps += 1;
                     info.last_error = None;
                 });
-                // 8. Nothing runs the old code any more.
-                let unmapped = close_library(old);
+                slot.publish(ops, None);
+                // 8. Closed once nothing runs the old code any more.
+                let unmapped = self.retire(&service, old, old_stuck);
                 tracing::info!(held_us = held.as_micros() as u64, unmapped, "replaced");
                 Ok(SwapReport {
                     service,
@@ -217,36 +325,51 @@ impl KernelInner {
                     unmapped,
                 })
             }
-            Err(failure) => {
-                let cause = failure.to_string();
-                close_library(new);
-                tracing::error!(%cause, "new version failed; rolling back");
-                // The old version comes back as it ran: its library, its configuration.
-                match self.launch(&slot, ops.library.clone(), ops.config.clone(), state) {
-                    Ok(thread) => {
-                        ops.executor = Some(thread);
-                        let error = SwapError::RolledBack {
-                            service,
-                            old: from,
-                            new: to,
-                            cause,
-                        };
-                        slot.update(|info| info.last_error = Some(error.to_string()));
-                        Err(error.into())
-                    }
-                    Err(rollback) => {
-                        let error = SwapError::RollbackFailed {
-                            service,
-                            old: from,
-                            new: to,
-                            cause,
-                            rollback: rollback.to_string(),
-                        };
-                        slot.fail(&error.to_string());
-                        slot.mailbox.drain(&slot.name);
-                        Err(error.into())
-                    }
+            Err(LaunchFailure {
+                error: cause,
+                stuck,
+            }) => {
+                self.retire(&service, new, stuck);
+                if let Some(stuck) = old_stuck {
+                    // The library it holds serves again below.
+                    self.track_stuck(&service, ops.library.clone(), stuck);
                 }
+                tracing::error!(cause = %cause, "new version failed; rolling back");
+                // The old version comes back as it ran: its library, its configuration.
+                let error = match self.launch(slot, ops.library.clone(), ops.config.clone(), state)
+                {
+                    Ok(executor) => {
+                        ops.run = Run::Running(executor);
+                        SwapError::RolledBack {
+                            service,
+                            old: from,
+                            new: to,
+                            cause,
+                        }
+                    }
+                    Err(LaunchFailure {
+                        error: rollback,
+                        stuck,
+                    }) => {
+                        ops.run = match stuck {
+                            Some(stuck) => Run::Stuck(stuck),
+                            None => {
+                                slot.mailbox.drain(&slot.name);
+                                Run::Idle(Status::Failed)
+                            }
+                        };
+                        SwapError::RollbackFailed {
+                            service,
+                            old: from,
+                            new: to,
+                            cause,
+                            rollback,
+                        }
+                    }
+                };
+                slot.record_error(&error);
+                slot.publish(ops, None);
+                Err(error.into())
             }
         }
     }

@@ -1,4 +1,4 @@
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 /// Why a plugin file could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -81,5 +81,36 @@ pub enum LoadError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// Opening the file in a probe process killed that process, or it ended abnormally: the
+    /// host does not open it.
+    #[error("failed to load plugin {path}: opening it in a probe process {how}; the file is corrupt or its code crashes when loaded{}", if stderr.is_empty() { String::new() } else { format!(" (the probe said: {stderr})") })]
+    ProbeCrashed {
+        /// The plugin file.
+        path: PathBuf,
+        /// How the process ended (`killed by SIGSEGV`).
+        how: String,
+        /// The end of what the process wrote to its standard error.
+        stderr: String,
+    },
+    /// The probe process did not finish in time (it was killed): the host does not open the
+    /// file.
+    #[error("failed to load plugin {path}: opening it in a probe process took longer than {timeout:?} (the process was killed); its initializers or constructor hang")]
+    ProbeTimedOut {
+        /// The plugin file.
+        path: PathBuf,
+        /// The probe's time limit.
+        timeout: Duration,
+    },
+    /// The probe process could not be started.
+    #[error("failed to load plugin {path}: could not run the probe {program}")]
+    ProbeFailed {
+        /// The plugin file.
+        path: PathBuf,
+        /// The program run as the probe.
+        program: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
     },
 }

@@ -35,12 +35,13 @@ static VTABLE: HostVTable = HostVTable {
 
 /// Makes the handle a plugin instance receives.
 pub(super) fn new_handle(services: Ctx) -> HostHandle {
-    HostHandle {
-        ctx: Box::into_raw(Box::new(services))
-            .cast_const()
-            .cast::<c_void>(),
-        vtable: &VTABLE,
-    }
+    let ctx = Box::into_raw(Box::new(services))
+        .cast_const()
+        .cast::<c_void>();
+    // SAFETY: `ctx` is a live `Box<Ctx>` that the handle owns; every function of `VTABLE`
+    // takes such a context, from any thread (`Ctx` is `Send + Sync`), `ctx_clone` makes a new
+    // one and `ctx_drop` frees one.
+    unsafe { HostHandle::new(ctx, &VTABLE) }
 }
 
 /// # Safety

@@ -50,31 +50,31 @@ impl Instance {
     /// Calls the plugin's `start`.
     pub fn start(&mut self) -> Result<(), String> {
         // SAFETY: `raw.this` is live until `drop`, and `&mut self` makes this the only call.
-        into_result(unsafe { (self.raw.vtable.start)(self.raw.this) })
+        into_result(unsafe { (self.raw.vtable().start)(self.raw.this()) })
     }
 
     /// Calls the plugin's `stop`.
     pub fn stop(&mut self) -> Result<(), String> {
         // SAFETY: as in `start`.
-        into_result(unsafe { (self.raw.vtable.stop)(self.raw.this) })
+        into_result(unsafe { (self.raw.vtable().stop)(self.raw.this()) })
     }
 
     /// Calls the plugin's `handle`; panics and errors come back as code 500.
     pub fn handle(&mut self, request: Message) -> Reply {
         // SAFETY: as in `start`; the reply is copied into host memory at once.
-        Reply::from_raw(unsafe { (self.raw.vtable.handle)(self.raw.this, to_raw(request)) })
+        Reply::from_raw(unsafe { (self.raw.vtable().handle)(self.raw.this(), to_raw(request)) })
     }
 
     /// Calls the plugin's `on_event`.
     pub fn on_event(&mut self, event: Message) -> Result<(), String> {
         // SAFETY: as in `start`.
-        into_result(unsafe { (self.raw.vtable.on_event)(self.raw.this, to_raw(event)) })
+        into_result(unsafe { (self.raw.vtable().on_event)(self.raw.this(), to_raw(event)) })
     }
 
     /// Calls the plugin's `export_state`.
     pub fn export_state(&mut self) -> Result<Vec<u8>, String> {
         // SAFETY: as in `start`; the bytes are copied into host memory at once.
-        let result = unsafe { (self.raw.vtable.export_state)(self.raw.this) };
+        let result = unsafe { (self.raw.vtable().export_state)(self.raw.this()) };
         result
             .into_result()
             .map(|bytes| bytes.to_vec())
@@ -85,7 +85,7 @@ impl Instance {
     pub fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
         // SAFETY: as in `start`; the arguments outlive the call.
         into_result(unsafe {
-            (self.raw.vtable.import_state)(self.raw.this, from_version.into(), state.into())
+            (self.raw.vtable().import_state)(self.raw.this(), from_version.into(), state.into())
         })
     }
 }
@@ -94,7 +94,7 @@ impl Drop for Instance {
     fn drop(&mut self) {
         // SAFETY: `raw.this` was created by this library's `new_service` and is freed exactly
         // once, here, while `self.library` still keeps the library open.
-        unsafe { (self.raw.vtable.drop)(self.raw.this) }
+        unsafe { (self.raw.vtable().drop)(self.raw.this()) }
     }
 }
 

@@ -19,7 +19,11 @@ use libloading::os::unix::{Library as RawLibrary, RTLD_LOCAL, RTLD_NOW};
 use plugin_api::abi::PluginModRef;
 use sha2::{Digest, Sha256};
 
-use super::{LoadError, Manifest};
+use super::{
+    probe::Probe,
+    threads::{self, Census, ThreadInfo},
+    LoadError, Manifest,
+};
 
 /// Opens plugin files. Owns the private directory that holds the shadow copies.
 ///
@@ -27,6 +31,7 @@ use super::{LoadError, Manifest};
 #[derive(Debug)]
 pub struct Loader {
     shadow_dir: tempfile::TempDir,
+    probe: Option<Probe>,
     next_id: AtomicU64,
     opened: AtomicU64,
 }
@@ -35,7 +40,9 @@ impl Loader {
     /// Creates a loader whose shadow copies go to a new private directory inside `parent`
     /// (the system's temporary directory when `None`). That file system must allow executable
     /// mappings (not `noexec`).
-    pub fn new(parent: Option<&Path>) -> std::io::Result<Self> {
+    ///
+    /// With a `probe`, every file is first opened in a child process (see [`Probe`]).
+    pub fn new(parent: Option<&Path>, probe: Option<Probe>) -> std::io::Result<Self> {
         let mut builder = tempfile::Builder::new();
         builder.prefix("microkernel-shadow-");
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
@@ -47,6 +54,7 @@ impl Loader {
         })?;
         Ok(Loader {
             shadow_dir,
+            probe,
             next_id: AtomicU64::new(0),
             opened: AtomicU64::new(0),
         })
@@ -71,10 +79,6 @@ impl Loader {
             sha256,
         } = file;
         let path = path.as_path();
-        let read_err = |source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        };
         check_elf(path, bytes)?;
 
         // A unique private copy: `dlopen` of a path (or inode) that is already open returns
@@ -90,38 +94,69 @@ impl Loader {
             .join(format!("{stem}-{}-{id}.so", std::process::id()));
         fs::File::create(&shadow)
             .and_then(|mut f| f.write_all(bytes))
-            .map_err(read_err)?;
+            .map_err(|source| LoadError::Read {
+                path: path.to_owned(),
+                source,
+            })?;
 
-        // SAFETY: opening a library runs its initializers. Plugin files are code the operator
-        // chose to run in this process; Rust cdylibs built with `export_service!` have no
-        // initializers beyond the standard library's.
-        let opened = unsafe { RawLibrary::open(Some(&shadow), RTLD_NOW | RTLD_LOCAL) };
+        if let Some(probe) = &self.probe {
+            // Proven in a throwaway process first: a file that crashes or hangs there is
+            // never opened here.
+            if let Err(error) = probe.check(&shadow, path) {
+                let _ = fs::remove_file(&shadow);
+                return Err(error);
+            }
+        }
+        let opened = open(path, &shadow, sha256);
         // The mapping keeps the file's content alive; the name is no longer needed.
         let _ = fs::remove_file(&shadow);
-        let raw = opened.map_err(|e| LoadError::Open {
-            path: path.to_owned(),
-            reason: libloading_reason(&e),
-        })?;
-        self.opened.fetch_add(1, Ordering::Relaxed);
-
-        // From here on, errors are turned into strings before `raw` is closed (it is dropped,
-        // and so closed, when this function returns an error).
-        let module = check_and_init(path, &raw)?;
-        let manifest = Manifest::from_raw(&(module.manifest())()).map_err(|reason| {
-            LoadError::InvalidManifest {
-                path: path.to_owned(),
-                reason,
-            }
-        })?;
-        Ok(Library {
-            path: path.to_owned(),
-            shadow,
-            sha256: *sha256,
-            manifest,
-            module,
-            raw: Some(raw),
-        })
+        if opened.is_ok() {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        opened
     }
+}
+
+/// Opens the library at `open_path` (named `path` in errors) and checks it, with no shadow
+/// copy: the loader's last step, and all that a probe does in its child process.
+pub(super) fn open(path: &Path, open_path: &Path, sha256: &[u8; 32]) -> Result<Library, LoadError> {
+    let read_err = |source| LoadError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    // Threads alive before the library's code first runs: any other thread found alive
+    // when it is closed may be running its code (see `threads`).
+    let baseline = Census::take().map_err(read_err)?;
+    // SAFETY: opening a library runs its initializers. Plugin files are code the operator
+    // chose to run in this process (and that a probe, when configured, ran first in a
+    // child process); Rust cdylibs built with `export_service!` have no initializers beyond
+    // the standard library's.
+    let opened = unsafe { RawLibrary::open(Some(open_path), RTLD_NOW | RTLD_LOCAL) };
+    let raw = opened.map_err(|e| LoadError::Open {
+        path: path.to_owned(),
+        reason: libloading_reason(&e),
+    })?;
+
+    // From here on, errors are turned into strings before `raw` is closed: the library
+    // below closes it when dropped, as safely as any other.
+    let mut library = Library {
+        path: path.to_owned(),
+        shadow: open_path.to_owned(),
+        sha256: *sha256,
+        manifest: Manifest::placeholder(),
+        module: None,
+        raw: Some(raw),
+        baseline,
+    };
+    let module = check_and_init(path, library.raw.as_ref().expect("just opened"))?;
+    library.module = Some(module);
+    library.manifest = Manifest::from_raw(&(module.manifest())()).map_err(|reason| {
+        LoadError::InvalidManifest {
+            path: path.to_owned(),
+            reason,
+        }
+    })?;
+    Ok(library)
 }
 
 /// A plugin file's content and its SHA-256, read once: what a rescan compares, and what
@@ -334,10 +369,12 @@ pub struct Library {
     shadow: PathBuf,
     sha256: [u8; 32],
     manifest: Manifest,
-    /// Points into `raw`; never handed out.
-    module: PluginModRef,
+    /// Points into `raw`; never handed out. `None` only while loading.
+    module: Option<PluginModRef>,
     /// `None` once closed.
     raw: Option<RawLibrary>,
+    /// The threads alive before the library was opened.
+    baseline: Census,
 }
 
 impl std::fmt::Debug for Library {
@@ -373,23 +410,45 @@ impl Library {
     }
 
     pub(super) fn module(&self) -> PluginModRef {
-        self.module
+        self.module.expect("a loaded library has a root module")
     }
 
-    /// Closes the library. Returns `true` when it is really gone from the address space,
-    /// `false` (and logs a warning naming the plugin) when something still pins it, such as
-    /// a thread-local destructor of the plugin pending on a live thread.
+    /// The threads that may run this library's code although the host did not start them:
+    /// alive now, not alive when it was opened, not the host's, and not attributed by
+    /// `elsewhere` (given a thread's name) to something else.
+    pub fn newcomers(&self, elsewhere: &dyn Fn(&str) -> bool) -> std::io::Result<Vec<ThreadInfo>> {
+        threads::newcomers(&self.baseline, elsewhere)
+    }
+
+    /// Closes the library, unless a thread that may run its code is alive
+    /// ([`Library::newcomers`]): then the library comes back with those threads, still
+    /// loaded. Closed, it returns whether the library is really gone from the address space
+    /// (`false`, with a warning naming the plugin, when something such as a thread-local
+    /// destructor still pins it).
     ///
-    /// Call it once nothing else holds the library: the executor thread of its last
-    /// instance has exited.
-    pub fn close(mut self) -> bool {
-        self.close_inner()
+    /// Call it once every instance of the library has been dropped and its executor thread
+    /// has ended.
+    pub fn close(
+        mut self,
+        elsewhere: &dyn Fn(&str) -> bool,
+    ) -> Result<bool, (Library, Vec<ThreadInfo>)> {
+        match self.newcomers(elsewhere) {
+            Ok(threads) if threads.is_empty() => Ok(self.close_inner()),
+            Ok(threads) => Err((self, threads)),
+            Err(error) => {
+                // Without a census, nothing proves the library unused.
+                let unknown = ThreadInfo::unknown(&error);
+                Err((self, vec![unknown]))
+            }
+        }
     }
 
     fn close_inner(&mut self) -> bool {
         let Some(raw) = self.raw.take() else {
             return true;
         };
+        // Dropped before the code it points into is unmapped.
+        self.module = None;
         if let Err(e) = raw.close() {
             tracing::warn!(plugin = %self.path.display(), error = %libloading_reason(&e), "dlclose failed");
         }
@@ -412,8 +471,31 @@ impl Library {
 }
 
 impl Drop for Library {
+    /// Closes the library as [`Library::close`] does; one that a thread may still use is
+    /// left loaded for good (a leak, never a crash), with a warning.
     fn drop(&mut self) {
-        self.close_inner();
+        if self.raw.is_none() {
+            return;
+        }
+        match self.newcomers(&|_| false) {
+            Ok(threads) if threads.is_empty() => {
+                self.close_inner();
+            }
+            outcome => {
+                let threads = match outcome {
+                    Ok(threads) => threads.iter().map(ToString::to_string).collect(),
+                    Err(error) => vec![format!("unknown: {error}")],
+                };
+                tracing::warn!(
+                    plugin = %self.path.display(),
+                    service = %self.manifest.name,
+                    threads = %threads.join(", "),
+                    "library left loaded for good: threads it did not get from the host may still run its code"
+                );
+                // Never closed: leaking the handle keeps the code mapped.
+                std::mem::forget(self.raw.take());
+            }
+        }
     }
 }
 

@@ -15,6 +15,15 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// Stands in while a library is being checked, before its manifest is read.
+    pub(crate) fn placeholder() -> Self {
+        Manifest {
+            name: String::new(),
+            version: semver::Version::new(0, 0, 0),
+            dependencies: Vec::new(),
+        }
+    }
+
     /// Copies and validates a manifest that came from a plugin.
     pub(crate) fn from_raw(raw: &RManifest) -> Result<Self, String> {
         let name = raw.name.to_string();

@@ -9,6 +9,10 @@
 //!   [`Library::close`] once nothing else holds it.
 //! - [`Instance`] is one service instance created by a library: the cheap, per-run thing.
 //!   It is `!Send`: it is created, called and dropped on its service's executor thread.
+//! - [`Probe`] opens a file in a throwaway child process before the loader opens it here:
+//!   a corrupt file that crashes `dlopen` or the ABI checks kills the child, not the host.
+//! - [`threads`] tells which threads may run a library's code (a census), and joins host
+//!   threads with a deadline: a library is closed only when no plugin code can run.
 //! - `host_handle` turns a host-side [`HostServices`] implementation into the
 //!   [`plugin_api::abi::HostHandle`] a plugin receives.
 //!
@@ -21,12 +25,15 @@ mod host_handle;
 mod instance;
 mod library;
 mod manifest;
+mod probe;
+pub mod threads;
 
 pub use error::LoadError;
 pub use host_handle::HostServices;
 pub use instance::Instance;
 pub use library::{is_mapped, Library, Loader, PluginFile};
 pub use manifest::Manifest;
+pub use probe::{run_probe_child, Probe};
 
 #[cfg(test)]
 mod tests;

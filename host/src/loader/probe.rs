@@ -1,0 +1,203 @@
+//! Proving a plugin file in a throwaway process before the host opens it.
+//!
+//! Nothing that runs in the host's process can inspect a corrupt shared library safely:
+//! `dlopen` maps and relocates it, and abi_stable's checker follows pointers found in it.
+//! Same-size copies of a plugin with a few bytes changed crash the process there (SIGSEGV,
+//! SIGBUS) about one time in four. So the host runs itself (`microkernel probe`, hidden) in a
+//! child process that opens the very bytes the host would open, runs every check, creates
+//! and drops an instance, and prints what it found. A child that dies by a signal, exits
+//! abnormally or does not finish in time means the file is refused, and the host goes on.
+//!
+//! A file the child opened and checked without dying is opened by the host, which then
+//! reports an ordinary problem (not a plugin, another ABI, a bad manifest) with its own
+//! typed error: the same bytes go through the same code.
+
+use std::{
+    fs,
+    io::{Read, Seek},
+    os::unix::process::ExitStatusExt,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use plugin_api::{abi::LogLevel, codes, Reply};
+
+use super::{library, HostServices, Instance, LoadError};
+
+/// How files are proven: which program to run as `PROGRAM probe FILE`, and for how long.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The `microkernel` binary (the daemon uses its own executable).
+    pub program: PathBuf,
+    /// How long the child may take; past that it is killed and the file refused.
+    pub timeout: Duration,
+}
+
+/// The line a probe child prints on its standard output when it survived.
+const REPORT_PREFIX: &str = "microkernel-probe: ";
+
+/// At most this much of a child's standard error is kept for the error message.
+const STDERR_TAIL: usize = 2048;
+
+impl Probe {
+    /// A probe running `program` with `timeout`.
+    pub fn new(program: PathBuf, timeout: Duration) -> Self {
+        Probe { program, timeout }
+    }
+
+    /// Runs the child on `open_path` (the shadow copy the host would open), naming the file
+    /// `path` in what it says. `Ok` when the child survived.
+    pub(super) fn check(&self, open_path: &Path, path: &Path) -> Result<(), LoadError> {
+        let started = Instant::now();
+        let failed = |source: std::io::Error| LoadError::ProbeFailed {
+            path: path.to_owned(),
+            program: self.program.clone(),
+            source,
+        };
+        let mut out = tempfile::tempfile().map_err(failed)?;
+        let mut err = tempfile::tempfile().map_err(failed)?;
+        let mut command = Command::new(&self.program);
+        command
+            .arg("probe")
+            .arg(open_path)
+            .arg("--as")
+            .arg(path)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(out.try_clone().map_err(failed)?))
+            .stderr(Stdio::from(err.try_clone().map_err(failed)?));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            command.arg("--config-dir").arg(dir);
+        }
+        let mut child = command.spawn().map_err(failed)?;
+        let deadline = started + self.timeout;
+        let mut pause = Duration::from_micros(200);
+        let status = loop {
+            match child.try_wait().map_err(failed)? {
+                Some(status) => break Some(status),
+                None if Instant::now() >= deadline => break None,
+                None => {
+                    std::thread::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    );
+                    pause = (pause * 2).min(Duration::from_millis(20));
+                }
+            }
+        };
+        let Some(status) = status else {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LoadError::ProbeTimedOut {
+                path: path.to_owned(),
+                timeout: self.timeout,
+            });
+        };
+        let report = read_back(&mut out, usize::MAX);
+        let stderr = read_back(&mut err, STDERR_TAIL);
+        let report = report
+            .lines()
+            .find_map(|line| line.strip_prefix(REPORT_PREFIX))
+            .map(str::to_owned);
+        match (status.code(), status.signal(), report) {
+            (Some(0), _, Some(report)) => {
+                tracing::debug!(
+                    plugin = %path.display(),
+                    took_ms = started.elapsed().as_secs_f64() * 1e3,
+                    report,
+                    "probe passed"
+                );
+                Ok(())
+            }
+            (_, Some(signal), _) => Err(LoadError::ProbeCrashed {
+                path: path.to_owned(),
+                how: format!("killed by {}", signal_name(signal)),
+                stderr: one_line_tail(&stderr),
+            }),
+            (code, _, _) => Err(LoadError::ProbeCrashed {
+                path: path.to_owned(),
+                how: match code {
+                    Some(code) => format!("exited with status {code} without a report"),
+                    None => "ended without a report".to_owned(),
+                },
+                stderr: one_line_tail(&stderr),
+            }),
+        }
+    }
+}
+
+fn read_back(file: &mut fs::File, limit: usize) -> String {
+    let mut bytes = Vec::new();
+    let _ = file.rewind();
+    let _ = file.read_to_end(&mut bytes);
+    let start = bytes.len().saturating_sub(limit);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+fn one_line_tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+fn signal_name(signal: i32) -> String {
+    match nix::sys::signal::Signal::try_from(signal) {
+        Ok(signal) => signal.as_str().to_owned(),
+        Err(_) => format!("signal {signal}"),
+    }
+}
+
+/// What the probe's instance sees of a host: nothing to talk to.
+struct Isolated;
+
+impl HostServices for Isolated {
+    fn log(&self, level: LogLevel, target: &str, message: &str) {
+        tracing::debug!(?level, module = target, "{message}");
+    }
+
+    fn request(&self, to: &str, _kind: &str, _payload: &[u8], _timeout: Duration) -> Reply {
+        Reply::error(
+            codes::NOT_FOUND,
+            format!("no service `{to}`: this is a probe, not a host"),
+        )
+    }
+
+    fn emit(&self, to: &str, _kind: &str, _payload: &[u8]) -> Result<(), String> {
+        Err(format!("no service `{to}`: this is a probe, not a host"))
+    }
+}
+
+/// `microkernel probe FILE --as PATH [--config-dir DIR]`, in the child: opens `file`, runs
+/// every check, creates and drops an instance (with `<DIR>/<service>.conf` as its
+/// configuration, when present), closes the library, and prints one report line. Returns
+/// the exit status: 0 when it got that far, whatever it found.
+pub fn run_probe_child(file: &Path, name: &Path, config_dir: Option<&Path>) -> i32 {
+    let outcome = match library::open(name, file, &[0; 32]) {
+        Ok(library) => {
+            let manifest = library.manifest().clone();
+            let config = config_dir
+                .map(|dir| dir.join(format!("{}.conf", manifest.name)))
+                .and_then(|path| fs::read_to_string(path).ok());
+            let library = Arc::new(library);
+            let instance = Instance::new(library.clone(), Arc::new(Isolated), config.as_deref());
+            let instance = match instance {
+                Ok(instance) => {
+                    drop(instance);
+                    "created and dropped an instance".to_owned()
+                }
+                Err(error) => format!("creating an instance failed: {error}"),
+            };
+            if let Ok(library) = Arc::try_unwrap(library) {
+                let _ = library.close(&|_| false);
+            }
+            serde_json::json!({
+                "service": manifest.name,
+                "version": manifest.version.to_string(),
+                "dependencies": manifest.dependencies,
+                "instance": instance,
+            })
+        }
+        Err(error) => serde_json::json!({ "refused": format!("{:#}", anyhow::Error::from(error)) }),
+    };
+    println!("{REPORT_PREFIX}{outcome}");
+    0
+}
