@@ -10,9 +10,9 @@ use std::{
 
 use crate::support::*;
 
-const BIN: &str = env!("CARGO_BIN_EXE_microkernel");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_microkernel");
 
-fn microkernel<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
+pub(crate) fn microkernel<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
     Command::new(BIN)
         .args(args)
         .env_remove("MICROKERNEL_STATE_KEY")
@@ -21,16 +21,16 @@ fn microkernel<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Output {
         .expect("microkernel runs")
 }
 
-fn stdout(output: &Output) -> String {
+pub(crate) fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-fn stderr(output: &Output) -> String {
+pub(crate) fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
 /// `inspect-state` of a service's state file under a test's root directory, with its key.
-fn inspect(root: &Path, service: &str, extra: &[&str]) -> Output {
+pub(crate) fn inspect(root: &Path, service: &str, extra: &[&str]) -> Output {
     let key = root.join("key");
     let file = root.join(format!("state/{service}.state"));
     let mut args = vec![
@@ -60,17 +60,17 @@ fn run_args(root: &Path) -> Vec<String> {
 }
 
 /// A host running as a child process, in its own directory.
-struct Daemon {
-    child: Child,
-    root: PathBuf,
+pub(crate) struct Daemon {
+    pub(crate) child: Child,
+    pub(crate) root: PathBuf,
 }
 
 impl Daemon {
-    fn start(root: &Path) -> Daemon {
+    pub(crate) fn start(root: &Path) -> Daemon {
         Daemon::start_with(root, &[])
     }
 
-    fn start_with(root: &Path, extra: &[&str]) -> Daemon {
+    pub(crate) fn start_with(root: &Path, extra: &[&str]) -> Daemon {
         let log = fs::File::create(root.join("host.log")).unwrap();
         let p = |name: &str| root.join(name).to_string_lossy().into_owned();
         let child = Command::new(BIN)
@@ -93,24 +93,24 @@ impl Daemon {
         daemon
     }
 
-    fn ctl(&self, args: &[&str]) -> Output {
+    pub(crate) fn ctl(&self, args: &[&str]) -> Output {
         let socket = self.root.join("state/control.sock");
         let mut all = vec!["ctl", "--socket", socket.to_str().unwrap()];
         all.extend_from_slice(args);
         microkernel(&all)
     }
 
-    fn send(&self, service: &str, payload: &str) -> serde_json::Value {
+    pub(crate) fn send(&self, service: &str, payload: &str) -> serde_json::Value {
         let output = self.ctl(&["send", service, payload]);
         assert!(output.status.success(), "{}", stderr(&output));
         serde_json::from_slice(&output.stdout).unwrap()
     }
 
-    fn services(&self) -> serde_json::Value {
+    pub(crate) fn services(&self) -> serde_json::Value {
         serde_json::from_slice(&self.ctl(&["list", "--json"]).stdout).unwrap_or_default()
     }
 
-    fn wait_for(&self, done: impl Fn(&Daemon) -> bool, what: &str) {
+    pub(crate) fn wait_for(&self, done: impl Fn(&Daemon) -> bool, what: &str) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while !done(self) {
             assert!(
@@ -122,11 +122,11 @@ impl Daemon {
         }
     }
 
-    fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         fs::read_to_string(self.root.join("host.log")).unwrap_or_default()
     }
 
-    fn terminate(mut self) -> std::process::ExitStatus {
+    pub(crate) fn terminate(mut self) -> std::process::ExitStatus {
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(self.child.id() as i32),
             nix::sys::signal::Signal::SIGTERM,
@@ -143,7 +143,7 @@ impl Drop for Daemon {
     }
 }
 
-fn setup(packages: &[&str]) -> tempfile::TempDir {
+pub(crate) fn setup(packages: &[&str]) -> tempfile::TempDir {
     let root = tempfile::tempdir().unwrap();
     fs::create_dir(root.path().join("plugins")).unwrap();
     for package in packages {

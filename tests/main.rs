@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod loading;
 mod markers;
+mod misbehaviour;
 mod out_of_tree;
 mod reload;
 mod services;

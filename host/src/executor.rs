@@ -49,10 +49,12 @@ pub(crate) enum Envelope {
         exported: Sender<(Instant, Result<Vec<u8>, String>)>,
         verdict: Receiver<Verdict>,
     },
-    /// Optionally export the state, then stop the instance and exit.
+    /// Optionally export the state (answered at once, so that a `stop` that hangs does not
+    /// hold it back), then stop the instance, answer how that went, and exit.
     Stop {
         export: bool,
-        reply: Sender<StopOutcome>,
+        state: Sender<Option<Result<Vec<u8>, String>>>,
+        stopped: Sender<Result<(), String>>,
     },
 }
 
@@ -63,12 +65,6 @@ pub(crate) enum Verdict {
     Stop,
     /// Carry on serving.
     Resume,
-}
-
-/// The result of [`Envelope::Stop`].
-pub(crate) struct StopOutcome {
-    pub state: Option<Result<Vec<u8>, String>>,
-    pub stopped: Result<(), String>,
 }
 
 /// A service's mailbox: bounded, owned by the service, shared by its successive executors.
@@ -106,11 +102,9 @@ impl Mailbox {
                         Err(format!("service `{service}` is not running")),
                     ));
                 }
-                Envelope::Stop { reply, .. } => {
-                    let _ = reply.send(StopOutcome {
-                        state: None,
-                        stopped: Ok(()),
-                    });
+                Envelope::Stop { state, stopped, .. } => {
+                    let _ = state.send(None);
+                    let _ = stopped.send(Ok(()));
                 }
             }
         }
@@ -503,11 +497,15 @@ fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>, d
                     return;
                 }
             }
-            Envelope::Stop { export, reply } => {
-                let state =
+            Envelope::Stop {
+                export,
+                state,
+                stopped,
+            } => {
+                let exported =
                     export.then(|| doing.call(Call::ExportState, || instance.export_state()));
-                let stopped = doing.call(Call::Stop, || instance.stop());
-                let _ = reply.send(StopOutcome { state, stopped });
+                let _ = state.send(exported);
+                let _ = stopped.send(doing.call(Call::Stop, || instance.stop()));
                 return;
             }
         }

@@ -355,14 +355,24 @@ impl KernelInner {
         let _span = tracing::info_span!("stop", service = %slot.name).entered();
         slot.publish(&ops, Some(Status::Stopping));
         let export = self.config.state.is_some();
-        let outcome = ask(
+        let (stopped_tx, stopped_rx) = crossbeam_channel::bounded(1);
+        let state = ask(
             &slot.mailbox.tx,
-            |reply| Envelope::Stop { export, reply },
+            |state| Envelope::Stop {
+                export,
+                state,
+                stopped: stopped_tx,
+            },
             deadline,
         );
+        let stopped = stopped_rx.recv_deadline(deadline);
         let exited = executor.exit(deadline, "the instance to stop");
-        let mut result = match (&exited, &outcome) {
-            (Ok(()), Ok(_)) => Ok(()),
+        let mut result = match (&exited, &stopped) {
+            (Ok(()), Ok(Ok(()))) => Ok(()),
+            (Ok(()), Ok(Err(cause))) => Err(KernelError::Instance {
+                service: slot.name.clone(),
+                cause: format!("stop failed: {cause}"),
+            }),
             (Ok(()), Err(_)) => Err(KernelError::Instance {
                 service: slot.name.clone(),
                 cause: "the executor exited without stopping the instance".into(),
@@ -377,24 +387,16 @@ impl KernelInner {
             // It still reads the mailbox until it gets to the Stop (if that was posted).
             Err(stuck) => ops.run = Run::Stuck(stuck),
         }
-        // A state exported in time is saved, even if the thread then got stuck.
-        if let Ok(outcome) = outcome {
-            if let Err(cause) = outcome.stopped {
-                result = result.and(Err(KernelError::Instance {
+        // A state exported in time is saved, even if `stop` or `drop` then hung.
+        if let Ok(Some(state)) = state {
+            let version = ops.library.manifest().version.to_string();
+            let saved = state
+                .map_err(|cause| KernelError::Instance {
                     service: slot.name.clone(),
-                    cause: format!("stop failed: {cause}"),
-                }));
-            }
-            if let Some(state) = outcome.state {
-                let version = ops.library.manifest().version.to_string();
-                let saved = state
-                    .map_err(|cause| KernelError::Instance {
-                        service: slot.name.clone(),
-                        cause: format!("export_state failed, state not saved: {cause}"),
-                    })
-                    .and_then(|bytes| self.save(slot, &mut ops, &version, &bytes));
-                result = saved.and(result);
-            }
+                    cause: format!("export_state failed, state not saved: {cause}"),
+                })
+                .and_then(|bytes| self.save(slot, &mut ops, &version, &bytes));
+            result = saved.and(result);
         }
         if let Err(error) = &result {
             slot.record_error(error);

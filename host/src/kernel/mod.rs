@@ -595,7 +595,9 @@ impl Kernel {
 
     /// One service's information.
     pub fn info(&self, service: &str) -> Option<ServiceInfo> {
-        self.inner.slot(service).map(|slot| slot.info())
+        self.inner
+            .slot(service)
+            .map(|slot| self.inner.info_of(&slot))
     }
 
     /// Counters.

@@ -1,0 +1,586 @@
+//! Plugins that misbehave as real ones do (errors that panic, callbacks that hang, C worker
+//! threads, corrupt files): the host, the other services and their state survive.
+//!
+//! Most scenarios use the `faulty` fixture (`tests/fixtures/faulty`), told by its
+//! configuration where to misbehave. A scenario that leaves a plugin's own thread running
+//! runs in a child process of its own (see `isolated`), so that the thread cannot keep other
+//! tests' libraries loaded.
+
+use std::{
+    fs,
+    path::Path,
+    sync::mpsc,
+    time::{Duration, Instant},
+};
+
+use host::{
+    kernel::SwapError,
+    loader::{LoadError, Probe},
+    reload::{ReloadError, Reloader},
+    BadStatePolicy, Kernel, KernelConfig, KernelError, Status,
+};
+use plugin_api::codes;
+
+use crate::{cli::*, support::*};
+
+/// What `faulty` answers with once describing its failure panicked too.
+const UNDESCRIBABLE: &str = "failed, and describing the failure panicked too";
+
+/// Runs `f` on another thread and waits for it at most `limit`: a liveness bound, so that a
+/// wait that never ends fails the test instead of hanging it (the figures are the bench's).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        adopt();
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("still waiting after {limit:?}: an unbounded wait"))
+}
+
+/// A kernel (with state in `persisted`) running `faulty` version 1 with `conf`, and the
+/// other packages given.
+fn faulty_kernel(
+    persisted: &Persisted,
+    conf: &str,
+    others: &[&str],
+    tune: impl FnOnce(&mut KernelConfig),
+) -> (Kernel, tempfile::TempDir) {
+    let mut packages = vec!["fixture-faulty"];
+    packages.extend_from_slice(others);
+    let plugins = plugin_dir(&packages);
+    fs::write(plugins.path().join("faulty.conf"), conf).unwrap();
+    let mut config = persisted.config(BadStatePolicy::Refuse);
+    tune(&mut config);
+    let (kernel, _) = persisted.kernel_with(plugins.path(), config);
+    (kernel, plugins)
+}
+
+fn count(kernel: &Kernel, service: &str) -> u64 {
+    json(&kernel.request(service, "count", b"", None))["count"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn an_error_whose_display_panics_is_a_500_and_the_host_lives_on() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, "{}", &[], |_| {});
+    assert_eq!(count(&kernel, "faulty"), 1);
+    let reply = kernel.request("faulty", "fail-display-panics", b"", None);
+    assert_eq!(reply.code, codes::FAILED, "{reply}");
+    assert_eq!(
+        reply.message,
+        "handle panicked: Display of the error panicked on purpose"
+    );
+    let reply = kernel.request("faulty", "panic-payload-drop-panics", b"", None);
+    assert_eq!(reply.code, codes::FAILED, "{reply}");
+    assert_eq!(reply.message, format!("handle {UNDESCRIBABLE}"));
+    // The instance keeps serving, with its state.
+    assert_eq!(count(&kernel, "faulty"), 2);
+    Ok(())
+}
+
+#[test]
+fn a_start_whose_error_display_panics_fails_cleanly() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(
+        &persisted,
+        r#"{"start":"fail-display-panics"}"#,
+        &["echo"],
+        |_| {},
+    );
+    let info = kernel.info("faulty").unwrap();
+    assert_eq!(info.status, Status::Failed);
+    assert!(
+        info.last_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("Display of the error panicked"),
+        "{info:?}"
+    );
+    let error = kernel.start("faulty").unwrap_err();
+    assert!(
+        matches!(
+            &error,
+            KernelError::StartFailed {
+                cause: host::InstanceError::Start(_),
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(echo_count(&kernel), 1);
+    Ok(())
+}
+
+#[test]
+fn a_replace_whose_old_instance_never_finishes_dropping_completes_and_the_new_version_serves(
+) -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"drop":"hang"}"#, &[], |c| {
+        c.operation_timeout = Duration::from_millis(300);
+    });
+    assert_eq!(count(&kernel, "faulty"), 1);
+    let kernel = std::sync::Arc::new(kernel);
+    let swapping = kernel.clone();
+    let report = within(Duration::from_secs(30), move || {
+        let v2 = swapping
+            .loader()
+            .load(&fixture("fixture-faulty-v2"))
+            .map_err(|e| e.to_string())?;
+        swapping.replace(v2, None).map_err(|e| e.to_string())
+    })?;
+    assert_eq!(report.to, "2.0.0");
+    assert!(
+        !report.unmapped,
+        "a library with an instance stuck in drop was closed"
+    );
+    // The new version serves, with the state.
+    assert_eq!(count(&kernel, "faulty"), 2);
+    let info = kernel.info("faulty").unwrap();
+    assert_eq!(info.status, Status::Running);
+    assert!(
+        matches!(&info.pinned[..], [pinned] if pinned.starts_with("1.0.0") && pinned.contains("`drop`")),
+        "{:?}",
+        info.pinned
+    );
+    Ok(())
+}
+
+#[test]
+fn a_replace_of_a_busy_service_with_a_full_mailbox_gives_up_and_the_old_version_serves(
+) -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, "{}", &[], |c| {
+        c.operation_timeout = Duration::from_millis(100);
+        c.mailbox_capacity = 1;
+    });
+    let kernel = std::sync::Arc::new(kernel);
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sleeper = {
+        let (kernel, finished) = (kernel.clone(), finished.clone());
+        std::thread::spawn(move || {
+            adopt();
+            let reply = kernel.request("faulty", "sleep", b"3000", Some(Duration::from_secs(20)));
+            finished.store(true, std::sync::atomic::Ordering::SeqCst);
+            reply
+        })
+    };
+    wait_until_busy(&kernel, "faulty");
+    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let error = kernel.replace(v2, None).unwrap_err();
+    assert!(
+        matches!(&error, KernelError::Swap(SwapError::Export { version, .. }) if version == "1.0.0"),
+        "{error}"
+    );
+    // It gave up while the request still ran: it did not wait for the service.
+    assert!(!finished.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(sleeper.join().unwrap().is_ok());
+    assert_eq!(kernel.info("faulty").unwrap().version, "1.0.0");
+    assert_eq!(count(&kernel, "faulty"), 1);
+    Ok(())
+}
+
+#[test]
+fn a_stop_whose_drop_hangs_saves_the_state_and_leaves_the_service_failed_naming_the_call(
+) -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"drop":"hang"}"#, &[], |c| {
+        c.operation_timeout = Duration::from_millis(200);
+    });
+    assert_eq!(count(&kernel, "faulty"), 1);
+    let error = kernel.stop("faulty").unwrap_err();
+    assert!(
+        matches!(&error, KernelError::Stuck { service, stuck } if service == "faulty" && stuck.contains("`drop`")),
+        "{error}"
+    );
+    let info = kernel.info("faulty").unwrap();
+    assert_eq!(info.status, Status::Failed);
+    assert!(info.last_error.unwrap().contains("`drop`"));
+    // The state came back before the drop: it was saved.
+    let saved = kernel.state_store().unwrap().load("faulty")?.unwrap();
+    assert_eq!(saved.bytes, br#"{"count":1}"#);
+    Ok(())
+}
+
+#[test]
+fn a_failed_start_whose_drop_hangs_returns_and_names_the_call() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(
+        &persisted,
+        r#"{"start":"fail","drop":"hang"}"#,
+        &["echo"],
+        |c| c.operation_timeout = Duration::from_millis(200),
+    );
+    let info = kernel.info("faulty").unwrap();
+    assert_eq!(info.status, Status::Failed);
+    assert!(info.last_error.unwrap().contains("`drop`"));
+    let error = kernel.start("faulty").unwrap_err();
+    assert!(matches!(&error, KernelError::Stuck { .. }), "{error}");
+    assert_eq!(echo_count(&kernel), 1);
+    Ok(())
+}
+
+#[test]
+fn a_start_that_hangs_is_given_up_naming_the_call() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"start":"hang"}"#, &["echo"], |c| {
+        c.operation_timeout = Duration::from_millis(200);
+    });
+    let failures = kernel.start_all();
+    assert!(
+        matches!(&failures[..], [(s, KernelError::Stuck { .. })] if s == "faulty"),
+        "{failures:?}"
+    );
+    assert_eq!(kernel.info("faulty").unwrap().status, Status::Failed);
+    assert_eq!(
+        kernel.request("faulty", "count", b"", None).code,
+        codes::NOT_FOUND
+    );
+    assert_eq!(echo_count(&kernel), 1);
+    Ok(())
+}
+
+#[test]
+fn a_thread_local_with_a_destructor_does_not_pin_the_library_at_unload() -> TestResult {
+    let shadow_parent = tempfile::tempdir()?;
+    let plugins = plugin_dir(&["fixture-faulty"]);
+    fs::write(
+        plugins.path().join("faulty.conf"),
+        r#"{"thread_local":true}"#,
+    )?;
+    let kernel = Kernel::new(KernelConfig {
+        shadow_dir: Some(shadow_parent.path().to_owned()),
+        ..Default::default()
+    })?;
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(count(&kernel, "faulty"), 1);
+    let shadow_dir = fs::read_dir(shadow_parent.path())?.next().unwrap()?.path();
+    let mapped = || {
+        fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(&*shadow_dir.to_string_lossy()))
+            .count()
+    };
+    assert!(mapped() > 0);
+    kernel.shutdown();
+    // The executor (where the destructor was registered) ended before the library closed.
+    assert_eq!(
+        mapped(),
+        0,
+        "the thread-local's destructor pinned the library"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_shutdown_abandons_a_service_stuck_in_stop_and_still_saves_the_others() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"stop":"hang"}"#, &["kv"], |c| {
+        c.operation_timeout = Duration::from_secs(30);
+    });
+    assert!(kernel
+        .request("kv", "put", br#"{"op":"put","key":"k","value":1}"#, None)
+        .is_ok());
+    let kernel = std::sync::Arc::new(kernel);
+    let stopping = kernel.clone();
+    let report = within(Duration::from_secs(30), move || {
+        stopping.shutdown_until(Instant::now() + Duration::from_millis(300))
+    });
+    assert_eq!(report.abandoned(), ["faulty"]);
+    let saved = kernel.state_store().unwrap().load("kv")?.unwrap();
+    assert_eq!(saved.bytes, br#"{"k":1}"#);
+    Ok(())
+}
+
+/// A kernel that proves files in a child process (the real binary), with a short limit.
+fn probing_kernel() -> Kernel {
+    adopt();
+    capture_logs();
+    Kernel::new(KernelConfig {
+        probe: Some(Probe::new(BIN.into(), Duration::from_secs(2))),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+#[test]
+fn a_plugin_that_kills_its_process_when_opened_is_refused_by_the_probe() -> TestResult {
+    let kernel = probing_kernel();
+    let plugins = plugin_dir(&["fixture-faulty", "echo"]);
+    fs::write(plugins.path().join("faulty.conf"), r#"{"new":"abort"}"#)?;
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(
+        matches!(&report.errors[..], [ReloadError::Load(LoadError::ProbeCrashed { path, how, .. })]
+            if path.ends_with("libfixture_faulty.so") && how == "killed by SIGABRT"),
+        "{:?}",
+        report.errors
+    );
+    assert!(kernel.info("faulty").is_none());
+    assert_eq!(echo_count(&kernel), 1);
+    Ok(())
+}
+
+#[test]
+fn a_plugin_that_hangs_when_opened_is_refused_after_the_probe_timeout() -> TestResult {
+    let kernel = probing_kernel();
+    let plugins = plugin_dir(&["fixture-faulty"]);
+    fs::write(plugins.path().join("faulty.conf"), r#"{"new":"hang"}"#)?;
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Load(LoadError::ProbeTimedOut { .. })]
+        ),
+        "{:?}",
+        report.errors
+    );
+    assert!(kernel.info("faulty").is_none());
+    Ok(())
+}
+
+#[test]
+fn a_file_the_probe_survives_is_checked_by_the_host_with_its_own_typed_error() -> TestResult {
+    let kernel = probing_kernel();
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("libnotes.so");
+    // An executable: the probe survives opening it, then the host refuses it itself.
+    fs::copy(BIN, &path)?;
+    let error = kernel.loader().load(&path).unwrap_err();
+    assert!(matches!(&error, LoadError::Open { .. }), "{error}");
+    Ok(())
+}
+
+/// Runs the test `name` in a child process of its own (this binary, that test only), where
+/// `isolated` returns `true`; in the parent it returns `false` once the child passed.
+fn isolated(name: &str) -> bool {
+    const VAR: &str = "MICROKERNEL_TEST_ISOLATED";
+    if std::env::var(VAR).is_ok_and(|v| v == name) {
+        return true;
+    }
+    let output = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([name, "--exact", "--nocapture", "--test-threads=1"])
+        .env(VAR, name)
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{name} in a child process: {:?}\n{}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    false
+}
+
+#[test]
+fn a_plugin_with_a_raw_pthread_worker_leaves_the_host_running_through_many_replaces() -> TestResult
+{
+    if !isolated("misbehaviour::a_plugin_with_a_raw_pthread_worker_leaves_the_host_running_through_many_replaces") {
+        return Ok(());
+    }
+    let persisted = Persisted::new();
+    // A C library's worker: nothing pins the library but the host's own check.
+    let conf = r#"{"start_pthread":true}"#;
+    let (kernel, _plugins) = faulty_kernel(&persisted, conf, &["echo"], |_| {});
+    assert_eq!(count(&kernel, "faulty"), 1);
+    const REPLACES: u64 = 20;
+    for round in 0..REPLACES {
+        let next = if round % 2 == 0 {
+            "fixture-faulty-v2"
+        } else {
+            "fixture-faulty"
+        };
+        let library = kernel.loader().load(&fixture(next))?;
+        let report = kernel.replace(library, Some(conf.into()))?;
+        assert!(
+            !report.unmapped,
+            "a library whose threads still run was closed"
+        );
+        // The workers of every earlier version go on running their code meanwhile.
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(count(&kernel, "faulty"), round + 2);
+    }
+    let info = kernel.info("faulty").unwrap();
+    assert_eq!(info.pinned.len(), REPLACES as usize, "{:?}", info.pinned);
+    assert!(
+        info.pinned[0].contains("threads it started are alive"),
+        "{:?}",
+        info.pinned
+    );
+    assert_eq!(kernel.sweep(), REPLACES as usize);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(echo_count(&kernel), 1);
+    Ok(())
+}
+
+#[test]
+fn a_plugin_whose_std_thread_outlives_it_keeps_its_library_pinned() -> TestResult {
+    if !isolated("misbehaviour::a_plugin_whose_std_thread_outlives_it_keeps_its_library_pinned") {
+        return Ok(());
+    }
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"start_thread":true}"#, &[], |_| {});
+    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let report = kernel.replace(v2, Some("{}".into()))?;
+    assert!(!report.unmapped);
+    assert_eq!(kernel.info("faulty").unwrap().pinned.len(), 1);
+    Ok(())
+}
+
+/// A same-size copy of `bytes` with `n` bytes changed, chosen by `seed`.
+fn corrupt(bytes: &[u8], seed: u64, n: usize) -> Vec<u8> {
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = || {
+        // xorshift64*
+        state ^= state >> 12;
+        state ^= state << 25;
+        state ^= state >> 27;
+        state.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    };
+    let mut copy = bytes.to_vec();
+    for _ in 0..n {
+        let at = (next() % copy.len() as u64) as usize;
+        copy[at] = (next() >> 56) as u8;
+    }
+    copy
+}
+
+/// How many corrupt copies the corrupt-copies test drops in.
+const CORRUPT_COPIES: u64 = 40;
+
+#[test]
+fn corrupt_copies_of_a_plugin_never_crash_the_host() -> TestResult {
+    let root = setup(&["echo"]);
+    let plugins = root.path().join("plugins");
+    let daemon = Daemon::start(root.path());
+    let original = fs::read(fixture("kv"))?;
+    let mut crashed = Vec::new();
+    for seed in 0..CORRUPT_COPIES {
+        fs::write(plugins.join("libkv.so"), corrupt(&original, seed, 8))?;
+        let reload = daemon.ctl(&["reload"]);
+        let said = format!("{}{}", stdout(&reload), stderr(&reload));
+        assert!(
+            said.contains("unchanged"),
+            "seed {seed}: no answer from the host: {said}\n{}",
+            daemon.log()
+        );
+        if said.contains("in a probe process killed by") {
+            crashed.push(seed);
+        }
+    }
+    // Some of those would have killed the host had it opened them itself.
+    assert!(!crashed.is_empty(), "no corrupt copy crashed its probe");
+    assert_eq!(daemon.send("echo", "still here")["echo"], "still here");
+
+    // A host that starts with such a file in its directory starts, without it.
+    drop(daemon);
+    fs::write(plugins.join("libkv.so"), corrupt(&original, crashed[0], 8))?;
+    let daemon = Daemon::start(root.path());
+    assert_eq!(
+        daemon.send("echo", "after a restart")["echo"],
+        "after a restart"
+    );
+    assert!(daemon.log().contains("killed by"), "{}", daemon.log());
+    Ok(())
+}
+
+fn kv_holds(root: &Path, key: &str) -> bool {
+    let output = inspect(root, "kv", &["--json"]);
+    output.status.success()
+        && serde_json::from_slice::<serde_json::Value>(&output.stdout)
+            .is_ok_and(|v| v["content"][key].is_number())
+}
+
+#[test]
+fn a_busy_service_holds_back_neither_the_checkpoints_nor_the_rescans_of_the_others() -> TestResult {
+    let root = setup(&["fixture-faulty", "kv"]);
+    let daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "200ms"]);
+    let socket = root.path().join("state/control.sock");
+    // `faulty` handles one request for 8 s.
+    let mut busy = std::process::Command::new(BIN)
+        .args(["ctl", "--socket", socket.to_str().unwrap()])
+        .args([
+            "send",
+            "faulty",
+            "8000",
+            "--kind",
+            "sleep",
+            "--timeout",
+            "30s",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(300));
+    daemon.send("kv", r#"{"op":"put","key":"during","value":1}"#);
+    // kv's checkpoint reaches the disk, and a rescan adds a service, while faulty is busy.
+    daemon.wait_for(|d| kv_holds(&d.root, "during"), "kv's checkpoint");
+    add_plugin(&root.path().join("plugins"), "echo");
+    let reload = daemon.ctl(&["reload"]);
+    assert!(
+        stdout(&reload).contains("added echo"),
+        "{}",
+        stdout(&reload)
+    );
+    assert!(
+        busy.try_wait()?.is_none(),
+        "faulty was no longer busy: the test proves nothing"
+    );
+    // A crash now loses nothing kv was told.
+    let mut daemon = daemon;
+    daemon.child.kill()?;
+    daemon.child.wait()?;
+    assert!(kv_holds(root.path(), "during"));
+    let _ = busy.kill();
+    let _ = busy.wait();
+    Ok(())
+}
+
+#[test]
+fn sigterm_ends_the_host_within_the_operation_timeout_with_a_plugin_stuck_in_stop() -> TestResult {
+    let root = setup(&["fixture-faulty", "kv"]);
+    fs::write(
+        root.path().join("plugins/faulty.conf"),
+        r#"{"stop":"hang"}"#,
+    )?;
+    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "1s"]);
+    daemon.send("kv", r#"{"op":"put","key":"before-stop","value":1}"#);
+    let (status, log) = within(Duration::from_secs(30), move || {
+        let log_root = daemon.root.clone();
+        let status = daemon.terminate();
+        (
+            status,
+            fs::read_to_string(log_root.join("host.log")).unwrap_or_default(),
+        )
+    });
+    assert_eq!(status.code(), Some(2), "{log}");
+    assert!(log.contains("abandoned") && log.contains("faulty"), "{log}");
+    assert!(kv_holds(root.path(), "before-stop"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn a_new_version_can_replace_an_instance_stuck_in_plugin_code() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"stop":"hang"}"#, &[], |c| {
+        c.operation_timeout = Duration::from_millis(200);
+    });
+    assert_eq!(count(&kernel, "faulty"), 1);
+    assert!(matches!(
+        kernel.stop("faulty"),
+        Err(KernelError::Stuck { .. })
+    ));
+    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    kernel.replace(v2, Some("{}".into()))?;
+    let info = kernel.info("faulty").unwrap();
+    assert_eq!(
+        (info.status, info.version.as_str()),
+        (Status::Running, "2.0.0")
+    );
+    // The state exported when the stop was asked for came with it.
+    assert_eq!(count(&kernel, "faulty"), 2);
+    Ok(())
+}
