@@ -135,7 +135,7 @@ fn a_tampered_state_file_is_refused_and_kept() -> TestResult {
         matches!(&error, KernelError::State { service, source: StateError::Tampered { .. } } if service == "echo"),
         "{error}"
     );
-    assert!(error.to_string().contains("echo.state"), "{error}");
+    assert!(host::error_chain(&error).contains("echo.state"), "{error}");
     Ok(())
 }
 

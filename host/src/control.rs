@@ -269,18 +269,18 @@ fn handle(request: Request, kernel: &Kernel, events: &Sender<Event>) -> Response
                 .map(|(service, result)| match result {
                     Ok(Checkpoint::Written) => (format!("{service}: written"), false),
                     Ok(Checkpoint::Unchanged) => (format!("{service}: unchanged"), false),
-                    Err(e) => (format!("{service}: {e}"), true),
+                    Err(e) => (format!("{service}: {}", crate::error_chain(&e)), true),
                 })
                 .collect();
             done(lines)
         }
         Request::Stop { service } => match kernel.stop(&service) {
             Ok(()) => done(vec![(format!("{service}: stopped"), false)]),
-            Err(e) => done(vec![(e.to_string(), true)]),
+            Err(e) => done(vec![(crate::error_chain(&e), true)]),
         },
         Request::Start { service } => match kernel.start(&service) {
             Ok(()) => done(vec![(format!("{service}: running"), false)]),
-            Err(e) => done(vec![(e.to_string(), true)]),
+            Err(e) => done(vec![(crate::error_chain(&e), true)]),
         },
     }
 }

@@ -177,7 +177,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let services: Vec<String> = report
             .failures
             .iter()
-            .map(|(s, e)| format!("{s} ({e})"))
+            .map(|(s, e)| format!("{s} ({})", crate::error_chain(e)))
             .collect();
         bail!(
             "stopped, but these services failed to stop cleanly: {}",
@@ -285,7 +285,7 @@ fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
         ));
     }
     for error in &report.errors {
-        lines.push((format!("{error}"), true));
+        lines.push((crate::error_chain(error), true));
     }
     lines.push((format!("{} unchanged", report.unchanged), false));
     lines

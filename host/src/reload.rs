@@ -33,7 +33,7 @@ struct KnownFile {
 #[derive(Debug, thiserror::Error)]
 pub enum ReloadError {
     /// The plugins directory could not be listed.
-    #[error("plugins directory {path}: {source}")]
+    #[error("plugins directory {path} could not be listed")]
     Dir {
         /// The directory.
         path: PathBuf,
@@ -45,7 +45,7 @@ pub enum ReloadError {
     #[error(transparent)]
     Load(#[from] LoadError),
     /// A service's configuration file exists but cannot be read.
-    #[error("configuration file {path}: {source}")]
+    #[error("configuration file {path} could not be read")]
     Config {
         /// The `.conf` file.
         path: PathBuf,
@@ -126,7 +126,7 @@ impl Reloader {
                     path: self.dir.clone(),
                     source,
                 };
-                tracing::error!(error = %error, "rescan failed");
+                tracing::error!(error = %crate::error_chain(&error), "rescan failed");
                 report.errors.push(error);
             }
         }
@@ -302,7 +302,7 @@ impl Reloader {
 
         // Everything else is logged here, once; `start_new` logs its own failures.
         for error in &report.errors {
-            tracing::error!(error = %error, "rescan: not applied; what ran keeps running");
+            tracing::error!(error = %crate::error_chain(error), "rescan: not applied; what ran keeps running");
         }
         for (service, error) in kernel.start_new(&added) {
             report.errors.push(ReloadError::Kernel(error));

@@ -334,7 +334,7 @@ impl KernelInner {
         outcomes.sort_by_key(|(service, _)| report.stopped.iter().position(|s| s == service));
         for (service, result) in outcomes {
             if let Err(error) = result {
-                tracing::error!(service, error = %error, "stop failed");
+                tracing::error!(service, error = %crate::error_chain(&error), "stop failed");
                 report.failures.push((service, error));
             }
         }
@@ -524,7 +524,7 @@ pub(crate) fn log_checkpoint(service: &str, result: &Result<Checkpoint, KernelEr
         Ok(Checkpoint::Written) => tracing::debug!(service, "checkpoint written"),
         Ok(Checkpoint::Unchanged) => tracing::trace!(service, "checkpoint unchanged"),
         Err(error) => {
-            tracing::error!(service, %error, "checkpoint failed; retrying at the next tick")
+            tracing::error!(service, error = %crate::error_chain(error), "checkpoint failed; retrying at the next tick")
         }
     }
 }

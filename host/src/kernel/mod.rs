@@ -150,7 +150,7 @@ pub enum KernelError {
         state_file: Option<PathBuf>,
     },
     /// The service's state could not be read or written.
-    #[error("service `{service}`: {source}")]
+    #[error("service `{service}`")]
     State {
         /// The service.
         service: String,
@@ -411,8 +411,8 @@ impl ServiceSlot {
     }
 
     /// Records `error` as the last error.
-    fn record_error(&self, error: &dyn std::fmt::Display) {
-        let text = error.to_string();
+    fn record_error(&self, error: &(dyn std::error::Error + 'static)) {
+        let text = crate::error_chain(error);
         self.update(|info| info.last_error = Some(text));
     }
 }
@@ -546,7 +546,7 @@ impl Kernel {
             }
         }
         for (service, error) in &failures {
-            tracing::error!(service, error = %error, "not started");
+            tracing::error!(service, error = %crate::error_chain(error), "not started");
         }
         failures
     }

@@ -44,7 +44,7 @@ pub enum SwapError {
         cause: String,
     },
     /// The state could not be written durably: the old version keeps serving.
-    #[error("service `{service}` not replaced: its state could not be saved: {source}")]
+    #[error("service `{service}` not replaced: its state could not be saved")]
     Persist {
         /// The service.
         service: String,

@@ -17,7 +17,7 @@ pub const KEY_ID_LEN: usize = 8;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The key file could not be read or written.
-    #[error("key file {path}: {source}")]
+    #[error("key file {path}")]
     Io {
         /// The key file.
         path: PathBuf,
