@@ -179,8 +179,8 @@ pub struct CtlArgs {
 /// The control commands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// List the services: name, version, status, library digest, loaded since, swaps, last
-    /// error.
+    /// List the services: name, version, status, library digest, loaded since, swaps, earlier
+    /// libraries still loaded (pinned), last error.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]

@@ -101,13 +101,15 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             } else {
                 writeln!(
                     out,
-                    "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5}  LAST ERROR",
-                    "NAME", "VERSION", "STATUS", "SHA256", "LOADED SINCE", "SWAPS"
+                    "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  LAST ERROR",
+                    "NAME", "VERSION", "STATUS", "SHA256", "LOADED SINCE", "SWAPS", "PINNED"
                 )?;
+                let mut pinned = Vec::new();
                 for s in services {
+                    pinned.extend(s.pinned.iter().map(|p| format!("{}: {p}", s.name)));
                     writeln!(
                         out,
-                        "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5}  {}",
+                        "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  {}",
                         s.name,
                         s.version,
                         s.status.to_string(),
@@ -117,8 +119,18 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         )
                         .to_string(),
                         s.swaps,
+                        s.pinned.len(),
                         s.last_error.unwrap_or_default()
                     )?;
+                }
+                if !pinned.is_empty() {
+                    writeln!(
+                        out,
+                        "\nearlier libraries kept loaded (plugin code may still run in them):"
+                    )?;
+                    for line in pinned {
+                        writeln!(out, "  {line}")?;
+                    }
                 }
             }
             Ok(ExitCode::SUCCESS)

@@ -116,7 +116,22 @@ pub struct ServiceVTable {
 /// A service instance created by a plugin: an opaque pointer and its functions.
 ///
 /// Both pointers point into the plugin's library. The host's loader wraps this in a type
-/// that keeps the library open for as long as the instance lives.
+/// that keeps the library open for as long as the instance lives. Safe code cannot pair a
+/// pointer with functions that do not expect it:
+///
+/// ```compile_fail,E0451
+/// # use plugin_api::abi::{RawService, ServiceVTable};
+/// fn forge(vtable: &'static ServiceVTable) -> RawService {
+///     RawService { this: std::ptr::null_mut(), vtable }
+/// }
+/// ```
+///
+/// ```compile_fail,E0133
+/// # use plugin_api::abi::{RawService, ServiceVTable};
+/// fn forge(vtable: &'static ServiceVTable) -> RawService {
+///     RawService::new(std::ptr::null_mut(), vtable)
+/// }
+/// ```
 #[repr(C)]
 #[derive(StableAbi, Debug)]
 pub struct RawService {
@@ -184,6 +199,22 @@ pub struct HostVTable {
 ///
 /// The context is owned by the host; the vtable is a static of the host, which outlives
 /// every plugin. Cloning and dropping go through the vtable.
+///
+/// Safe code cannot make one up (its `Drop` would hand the host a pointer it never gave):
+///
+/// ```compile_fail,E0451
+/// # use plugin_api::abi::{HostHandle, HostVTable};
+/// fn forge(vtable: &'static HostVTable) -> HostHandle {
+///     HostHandle { ctx: std::ptr::null(), vtable }
+/// }
+/// ```
+///
+/// ```compile_fail,E0133
+/// # use plugin_api::abi::{HostHandle, HostVTable};
+/// fn forge(vtable: &'static HostVTable) -> HostHandle {
+///     HostHandle::new(std::ptr::null(), vtable)
+/// }
+/// ```
 #[repr(C)]
 #[derive(StableAbi)]
 pub struct HostHandle {

@@ -244,6 +244,11 @@ impl Host {
 /// The host creates one instance at a time and calls every method from one thread that it
 /// owns (the service's executor), so the instance needs to be neither `Send` nor `Sync`.
 /// A panic in any method is caught and reported as an error; it never takes the host down.
+/// After a panic in [`Service::handle`] (a 500 reply) the same instance goes on serving, with
+/// its state as the panic left it.
+///
+/// Every method must return: the host waits for each at most its operation timeout, then
+/// gives the instance up and leaves its thread, and the library, stuck for good.
 pub trait Service: Sized + 'static {
     /// The service name, `[a-z0-9][a-z0-9_-]{0,63}`. Other services reach this one by it.
     const NAME: &'static str;
@@ -261,7 +266,10 @@ pub trait Service: Sized + 'static {
         Ok(())
     }
 
-    /// Called before the instance is dropped. Join every thread the service started here.
+    /// Called before the instance is dropped. Join every thread the service started here
+    /// (and stop those of the C libraries it uses): the host does not unload a library while
+    /// a thread that appeared since it was loaded still runs, so a thread left running keeps
+    /// this version of the plugin in memory for good.
     fn stop(&mut self) -> Result<(), BoxError> {
         Ok(())
     }

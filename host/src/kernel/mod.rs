@@ -271,6 +271,8 @@ pub(crate) struct KernelInner {
     services: RwLock<BTreeMap<String, Arc<ServiceSlot>>>,
     /// Libraries no service uses any more that could not be closed yet.
     retired: Mutex<Vec<retired::Retired>>,
+    /// Every service ever registered (also after shutdown): the names its threads go by.
+    ever_registered: Mutex<std::collections::BTreeSet<String>>,
     started_at: SystemTime,
     state_writes: std::sync::atomic::AtomicU64,
 }
@@ -440,6 +442,7 @@ impl Kernel {
                 config,
                 services: RwLock::new(BTreeMap::new()),
                 retired: Mutex::new(Vec::new()),
+                ever_registered: Mutex::new(Default::default()),
                 started_at: SystemTime::now(),
                 state_writes: Default::default(),
             }),
@@ -492,6 +495,7 @@ impl Kernel {
             }),
             checkpointing: AtomicBool::new(false),
         };
+        lock(&self.inner.ever_registered).insert(name.clone());
         services.insert(name, Arc::new(slot));
         Ok(())
     }

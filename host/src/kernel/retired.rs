@@ -192,13 +192,14 @@ impl KernelInner {
         }
     }
 
-    /// The kernel names of the executors of every service but `service` (and of none that
-    /// shares `service`'s kernel name): threads so named belong to those services.
+    /// The kernel names of the executors of every service ever registered but `service` (and
+    /// of none that shares `service`'s kernel name): threads so named belong to those
+    /// services, whose own libraries account for them.
     fn executor_names_except(&self, service: &str) -> BTreeSet<String> {
         let own = executor_name(service);
-        self.slots()
+        lock(&self.ever_registered)
             .iter()
-            .map(|slot| executor_name(&slot.name))
+            .map(|name| executor_name(name))
             .filter(|name| *name != own)
             .collect()
     }
