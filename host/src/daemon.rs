@@ -111,10 +111,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         shadow_dir: args.shadow_dir.clone(),
         state,
         on_bad_state: args.on_bad_state,
-        probe: Some(Probe::new(
-            std::env::current_exe().context("finding this program, to probe plugins with")?,
-            args.probe_timeout,
-        )),
+        // This very program, even if its file has since been replaced by an upgrade.
+        probe: Some(Probe::new(PathBuf::from("/proc/self/exe"), args.probe_timeout)),
     })?);
 
     let (events_tx, events) = unbounded();

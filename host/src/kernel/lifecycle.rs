@@ -464,15 +464,17 @@ impl KernelInner {
             }
             let kernel = self.weak_self();
             let name = format!("checkpoint-{}", slot.name);
+            let running = slot.clone();
             let started = threads::spawn_detached(&name, move || {
                 if let Some(kernel) = kernel.upgrade() {
-                    let result = kernel.checkpoint(&slot);
-                    log_checkpoint(&slot.name, &result);
+                    let result = kernel.checkpoint(&running);
+                    log_checkpoint(&running.name, &result);
                 }
-                slot.checkpointing.store(false, Ordering::Release);
+                running.checkpointing.store(false, Ordering::Release);
             });
             if let Err(error) = started {
-                tracing::error!(%error, "checkpoint not started: no thread for it");
+                slot.checkpointing.store(false, Ordering::Release);
+                tracing::error!(service = %slot.name, %error, "checkpoint not started: no thread for it; retrying at the next tick");
             }
         }
     }
