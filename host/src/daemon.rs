@@ -169,7 +169,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing::error!(
                 services = %abandoned.join(", "),
                 pinned,
-                "abandoned: they did not stop in time, their state since the last checkpoint is not saved"
+                "abandoned: still in plugin code when the host stopped (a state exported before that was saved; see each service's error)"
             );
         }
         let services: Vec<String> = report

@@ -655,7 +655,7 @@ impl Kernel {
     /// stop by then are abandoned (named in the report): their threads and libraries are
     /// left as they are.
     pub fn shutdown_until(&self, deadline: Instant) -> StopReport {
-        let report = self.inner.stop_all(deadline);
+        let mut report = self.inner.stop_all(deadline);
         let slots: Vec<Arc<ServiceSlot>> = {
             let mut services = self
                 .inner
@@ -672,7 +672,20 @@ impl Kernel {
                 continue;
             };
             let stuck = match std::mem::replace(&mut ops.run, Run::Idle(Status::Stopped)) {
-                Run::Stuck(stuck) => Some(stuck),
+                Run::Stuck(stuck) => {
+                    // Stuck since before the shutdown (a start that hung, an earlier stop):
+                    // abandoned too, its thread still in plugin code.
+                    if !report.failures.iter().any(|(s, _)| *s == slot.name) {
+                        report.failures.push((
+                            slot.name.clone(),
+                            KernelError::Stuck {
+                                service: slot.name.clone(),
+                                stuck: stuck.to_string(),
+                            },
+                        ));
+                    }
+                    Some(stuck)
+                }
                 Run::Running(executor) => Some(executor.stuck("shutdown")),
                 Run::Idle(_) => None,
             };
