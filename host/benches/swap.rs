@@ -2,7 +2,8 @@
 //! machine (release build, medians of many runs). A bench command, not a test: it measures
 //! and prints, and asserts nothing about time.
 //!
-//! - a hot replace of `echo` (load and check the new library; then the replace itself: export,
+//! - a hot replace of `echo` (load and check the new library, also with a probe process
+//!   first, as the daemon does; then the replace itself: export,
 //!   seal and durable write of the state, stop, new instance, import, start, close the old
 //!   library), and how long requests were held meanwhile;
 //! - a request/reply through the kernel;
@@ -16,7 +17,7 @@ use std::{
 };
 
 use host::{
-    loader::PluginFile,
+    loader::{Loader, PluginFile, Probe},
     state::{KeyRing, StateKey, StateStore},
     Kernel, KernelConfig,
 };
@@ -128,6 +129,24 @@ fn main() {
         rss_growth * 1024 / 1900
     );
     quantiles("load + check a new echo (shadow copy, dlopen)", loads);
+
+    // What proving a file in a child process first adds to a reload (the daemon always does).
+    let probing = Loader::new(
+        None,
+        Some(Probe::new(
+            env!("CARGO_BIN_EXE_microkernel").into(),
+            Duration::from_secs(10),
+        )),
+    )
+    .unwrap();
+    let mut probed = Vec::new();
+    for _ in 0..200 {
+        let started = Instant::now();
+        let library = probing.load_file(&file).unwrap();
+        probed.push(started.elapsed());
+        drop(library);
+    }
+    quantiles("load + check, proven in a probe process first", probed);
     quantiles("hot replace (export .. close old library)", swaps);
     quantiles("requests held during the replace", held);
 
