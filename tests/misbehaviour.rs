@@ -325,6 +325,36 @@ fn a_plugin_that_kills_its_process_when_opened_is_refused_by_the_probe() -> Test
 }
 
 #[test]
+fn a_new_version_that_crashes_importing_the_state_is_refused_and_the_old_one_serves() -> TestResult
+{
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["fixture-faulty"]);
+    let mut config = persisted.config(BadStatePolicy::Refuse);
+    config.probe = Some(Probe::new(BIN.into(), Duration::from_secs(10)));
+    let (kernel, report) = persisted.kernel_with(plugins.path(), config);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(count(&kernel, "faulty"), 1);
+    // Version 2 kills its process when it imports a state (as a corrupt `import_state` does).
+    fs::write(
+        plugins.path().join("faulty.conf"),
+        r#"{"import_state":"abort"}"#,
+    )?;
+    add_plugin(plugins.path(), "fixture-faulty-v2");
+    let report = Reloader::new(plugins.path()).scan(&kernel, Some("faulty"));
+    assert!(
+        report.errors.iter().any(
+            |e| matches!(e, ReloadError::Load(LoadError::ProbeCrashed { step, how, .. })
+            if step.contains("state") && how == "killed by SIGABRT")
+        ),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(kernel.info("faulty").unwrap().version, "1.0.0");
+    assert_eq!(count(&kernel, "faulty"), 2);
+    Ok(())
+}
+
+#[test]
 fn a_plugin_that_hangs_when_opened_is_refused_after_the_probe_timeout() -> TestResult {
     let kernel = probing_kernel();
     let plugins = plugin_dir(&["fixture-faulty"]);
@@ -450,7 +480,7 @@ fn corrupt(bytes: &[u8], seed: u64, n: usize) -> Vec<u8> {
 }
 
 /// How many corrupt copies the corrupt-copies test drops in.
-const CORRUPT_COPIES: u64 = 40;
+const CORRUPT_COPIES: u64 = 200;
 
 #[test]
 fn corrupt_copies_of_a_plugin_never_crash_the_host() -> TestResult {
@@ -468,7 +498,7 @@ fn corrupt_copies_of_a_plugin_never_crash_the_host() -> TestResult {
             "seed {seed}: no answer from the host: {said}\n{}",
             daemon.log()
         );
-        if said.contains("in a probe process killed by") {
+        if said.contains("in a probe process, the process was killed by") {
             crashed.push(seed);
         }
     }

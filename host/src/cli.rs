@@ -72,6 +72,10 @@ pub struct ProbeArgs {
     /// Where `<service>.conf` is looked for.
     #[arg(long, value_name = "DIR")]
     pub config_dir: Option<PathBuf>,
+    /// Have the instance import the state read from standard input, exported by this
+    /// version, and export it again.
+    #[arg(long, value_name = "VERSION")]
+    pub import_from: Option<String>,
 }
 
 /// Where state keys come from.

@@ -59,8 +59,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Ctl(args) => ctl(args),
         Command::InspectState(args) => inspect(args),
         Command::Probe(args) => {
-            let code =
-                host::loader::run_probe_child(&args.file, &args.name, args.config_dir.as_deref());
+            let code = host::loader::run_probe_child(
+                &args.file,
+                &args.name,
+                args.config_dir.as_deref(),
+                args.import_from.as_deref(),
+            );
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(2)))
         }
     }

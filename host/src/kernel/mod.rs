@@ -435,7 +435,7 @@ impl Kernel {
     /// A kernel with no services.
     pub fn new(config: KernelConfig) -> std::io::Result<Self> {
         let loader = Loader::new(config.shadow_dir.as_deref(), config.probe.clone())?;
-        Ok(Kernel {
+        let kernel = Kernel {
             inner: Arc::new_cyclic(|me| KernelInner {
                 me: me.clone(),
                 loader,
@@ -446,7 +446,26 @@ impl Kernel {
                 started_at: SystemTime::now(),
                 state_writes: Default::default(),
             }),
-        })
+        };
+        // A probe has the state a service would import imported: a running service is
+        // checkpointed first (its live state), then the saved state is read.
+        let me = Arc::downgrade(&kernel.inner);
+        kernel
+            .inner
+            .loader
+            .set_state_source(Box::new(move |service| {
+                let kernel = me.upgrade()?;
+                let store = kernel.config.state.as_ref()?;
+                if let Some(slot) = kernel.slot(service) {
+                    if slot.status() == Status::Running {
+                        let checkpoint = kernel.checkpoint(&slot);
+                        lifecycle::log_checkpoint(service, &checkpoint);
+                    }
+                }
+                let saved = store.load(service).ok()??;
+                Some((saved.version, saved.bytes))
+            }));
+        Ok(kernel)
     }
 
     /// The loader, to load plugin files for [`Kernel::register`] and [`Kernel::replace`].

@@ -84,10 +84,12 @@ pub enum LoadError {
     },
     /// Opening the file in a probe process killed that process, or it ended abnormally: the
     /// host does not open it.
-    #[error("failed to load plugin {path}: opening it in a probe process {how}; the file is corrupt or its code crashes when loaded{}", if stderr.is_empty() { String::new() } else { format!(" (the probe said: {stderr})") })]
+    #[error("failed to load plugin {path}: {step} in a probe process, the process was {how}: the file is corrupt, or its code crashes{}", if stderr.is_empty() { String::new() } else { format!(" (the probe said: {stderr})") })]
     ProbeCrashed {
         /// The plugin file.
         path: PathBuf,
+        /// What the probe was doing: `opening it`, `importing the service's state into it`.
+        step: &'static str,
         /// How the process ended (`killed by SIGSEGV`).
         how: String,
         /// The end of what the process wrote to its standard error.
@@ -95,10 +97,12 @@ pub enum LoadError {
     },
     /// The probe process did not finish in time (it was killed): the host does not open the
     /// file.
-    #[error("failed to load plugin {path}: opening it in a probe process took longer than {timeout:?} (the process was killed); its initializers or constructor hang")]
+    #[error("failed to load plugin {path}: {step} in a probe process took longer than {timeout:?} (the process was killed): its code hangs")]
     ProbeTimedOut {
         /// The plugin file.
         path: PathBuf,
+        /// What the probe was doing.
+        step: &'static str,
         /// The probe's time limit.
         timeout: Duration,
     },

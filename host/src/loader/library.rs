@@ -20,7 +20,8 @@ use plugin_api::abi::PluginModRef;
 use sha2::{Digest, Sha256};
 
 use super::{
-    probe::Probe,
+    manifest::lossy,
+    probe::{Probe, StateSource},
     threads::{self, Census, ThreadInfo},
     LoadError, Manifest,
 };
@@ -28,12 +29,22 @@ use super::{
 /// Opens plugin files. Owns the private directory that holds the shadow copies.
 ///
 /// One per kernel; lives as long as the kernel.
-#[derive(Debug)]
 pub struct Loader {
     shadow_dir: tempfile::TempDir,
     probe: Option<Probe>,
+    /// Where the probe finds the state a service would import.
+    states: std::sync::OnceLock<Box<StateSource>>,
     next_id: AtomicU64,
     opened: AtomicU64,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("shadow_dir", &self.shadow_dir.path())
+            .field("probe", &self.probe)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Loader {
@@ -55,9 +66,16 @@ impl Loader {
         Ok(Loader {
             shadow_dir,
             probe,
+            states: std::sync::OnceLock::new(),
             next_id: AtomicU64::new(0),
             opened: AtomicU64::new(0),
         })
+    }
+
+    /// Tells the probe where to find the state a service would import (once; later calls
+    /// are ignored): the probe then also has that state imported and exported again.
+    pub fn set_state_source(&self, states: Box<StateSource>) {
+        let _ = self.states.set(states);
     }
 
     /// How many libraries this loader has opened (`dlopen` calls that succeeded).
@@ -102,7 +120,7 @@ impl Loader {
         if let Some(probe) = &self.probe {
             // Proven in a throwaway process first: a file that crashes or hangs there is
             // never opened here.
-            if let Err(error) = probe.check(&shadow, path) {
+            if let Err(error) = probe.check(&shadow, path, self.states.get().map(|s| &**s)) {
                 let _ = fs::remove_file(&shadow);
                 return Err(error);
             }
@@ -263,8 +281,8 @@ fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadErr
     };
     let lib_header: &LibHeader = header.upgrade().map_err(|e| LoadError::AbiMismatch {
         path: path.to_owned(),
-        summary: format!("incompatible abi_stable: {e}"),
-        report: format!("{e:#?}"),
+        summary: lossy(format!("incompatible abi_stable: {e}").as_bytes()),
+        report: lossy(format!("{e:#?}").as_bytes()),
     })?;
 
     let host_api = <PluginModRef as RootModule>::VERSION_STRINGS;
@@ -300,10 +318,11 @@ fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadErr
             .last()
             .map(summarize_mismatch)
             .unwrap_or_else(|| "the layouts differ".to_owned());
+        // abi_stable formats names read from the library: a corrupt one's are any bytes.
         return Err(LoadError::AbiMismatch {
             path: path.to_owned(),
-            summary,
-            report: errors.to_string(),
+            summary: lossy(summary.as_bytes()),
+            report: lossy(errors.to_string().as_bytes()),
         });
     }
 
@@ -312,7 +331,7 @@ fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadErr
     unsafe { lib_header.init_root_module_with_unchecked_layout::<PluginModRef>() }.map_err(|e| {
         LoadError::Init {
             path: path.to_owned(),
-            reason: e.to_string(),
+            reason: lossy(e.to_string().as_bytes()),
         }
     })
 }

@@ -26,7 +26,8 @@ impl Manifest {
 
     /// Copies and validates a manifest that came from a plugin.
     pub(crate) fn from_raw(raw: &RManifest) -> Result<Self, String> {
-        let name = raw.name.to_string();
+        // Bytes from the library: a corrupt one holds anything, UTF-8 or not.
+        let name = lossy(raw.name.as_bytes());
         if !is_valid_service_name(&name) {
             return Err(format!(
                 "service name {name:?} is invalid: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
@@ -37,15 +38,16 @@ impl Manifest {
                 "service `{name}` has a version longer than {MAX_VERSION_LEN} bytes"
             ));
         }
-        let version = semver::Version::parse(raw.version.as_str()).map_err(|e| {
+        let version_text = lossy(raw.version.as_bytes());
+        let version = semver::Version::parse(&version_text).map_err(|e| {
             format!(
                 "service `{name}` has version {:?}, which is not semver: {e}",
-                raw.version.as_str()
+                version_text
             )
         })?;
         let mut dependencies: Vec<String> = Vec::new();
         for dep in raw.dependencies.iter() {
-            let dep = dep.to_string();
+            let dep = lossy(dep.as_bytes());
             if !is_valid_service_name(&dep) {
                 return Err(format!(
                     "service `{name}` depends on {dep:?}, which is not a valid service name"
@@ -64,4 +66,9 @@ impl Manifest {
             dependencies,
         })
     }
+}
+
+/// Text from a plugin's memory, made valid UTF-8 (invalid bytes become U+FFFD).
+pub(crate) fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
 }

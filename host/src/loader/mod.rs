@@ -33,7 +33,7 @@ pub use host_handle::HostServices;
 pub use instance::Instance;
 pub use library::{is_mapped, Library, Loader, PluginFile};
 pub use manifest::Manifest;
-pub use probe::{run_probe_child, Probe};
+pub use probe::{run_probe_child, Probe, StateSource};
 
 #[cfg(test)]
 mod tests;

@@ -41,6 +41,9 @@ const REPORT_PREFIX: &str = "microkernel-probe: ";
 /// At most this much of a child's standard error is kept for the error message.
 const STDERR_TAIL: usize = 2048;
 
+/// Where a probe finds the state a service would import: `(exporting version, bytes)`.
+pub type StateSource = dyn Fn(&str) -> Option<(String, Vec<u8>)> + Send + Sync;
+
 impl Probe {
     /// A probe running `program` with `timeout`.
     pub fn new(program: PathBuf, timeout: Duration) -> Self {
@@ -48,9 +51,49 @@ impl Probe {
     }
 
     /// Runs the child on `open_path` (the shadow copy the host would open), naming the file
-    /// `path` in what it says. `Ok` when the child survived.
-    pub(super) fn check(&self, open_path: &Path, path: &Path) -> Result<(), LoadError> {
+    /// `path` in what it says; then, when `states` has a state for the service the file
+    /// provides, once more to have that state imported and exported again (a corrupt
+    /// `import_state` crashes there, not in the host). `Ok` when the child survived.
+    pub(super) fn check(
+        &self,
+        open_path: &Path,
+        path: &Path,
+        states: Option<&StateSource>,
+    ) -> Result<(), LoadError> {
         let started = Instant::now();
+        let report = self.run(open_path, path, None, "opening it")?;
+        let service = serde_json::from_str::<serde_json::Value>(&report)
+            .ok()
+            .and_then(|r| r["service"].as_str().map(str::to_owned));
+        let state = service
+            .as_deref()
+            .and_then(|service| states.and_then(|states| states(service)));
+        let report = match state {
+            Some(state) => self.run(
+                open_path,
+                path,
+                Some(state),
+                "importing the service's state into it",
+            )?,
+            None => report,
+        };
+        tracing::debug!(
+            plugin = %path.display(),
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            report,
+            "probe passed"
+        );
+        Ok(())
+    }
+
+    /// One child: returns its report line once it exited normally.
+    fn run(
+        &self,
+        open_path: &Path,
+        path: &Path,
+        state: Option<(String, Vec<u8>)>,
+        step: &'static str,
+    ) -> Result<String, LoadError> {
         let failed = |source: std::io::Error| LoadError::ProbeFailed {
             path: path.to_owned(),
             program: self.program.clone(),
@@ -64,14 +107,32 @@ impl Probe {
             .arg(open_path)
             .arg("--as")
             .arg(path)
-            .stdin(Stdio::null())
             .stdout(Stdio::from(out.try_clone().map_err(failed)?))
             .stderr(Stdio::from(err.try_clone().map_err(failed)?));
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             command.arg("--config-dir").arg(dir);
         }
+        match &state {
+            Some((version, _)) => {
+                command
+                    .arg("--import-from")
+                    .arg(version)
+                    .stdin(Stdio::piped());
+            }
+            None => {
+                command.stdin(Stdio::null());
+            }
+        }
+        let deadline = Instant::now() + self.timeout;
         let mut child = command.spawn().map_err(failed)?;
-        let deadline = started + self.timeout;
+        if let (Some((_, bytes)), Some(mut stdin)) = (state, child.stdin.take()) {
+            // The child reads all of it before opening anything; a child that dies first
+            // closes the pipe, and the writer ends.
+            let writer = super::threads::spawn_detached("probe-stdin", move || {
+                let _ = std::io::Write::write_all(&mut stdin, &bytes);
+            });
+            writer.map_err(failed)?;
+        }
         let mut pause = Duration::from_micros(200);
         let status = loop {
             match child.try_wait().map_err(failed)? {
@@ -90,6 +151,7 @@ impl Probe {
             let _ = child.wait();
             return Err(LoadError::ProbeTimedOut {
                 path: path.to_owned(),
+                step,
                 timeout: self.timeout,
             });
         };
@@ -100,22 +162,16 @@ impl Probe {
             .find_map(|line| line.strip_prefix(REPORT_PREFIX))
             .map(str::to_owned);
         match (status.code(), status.signal(), report) {
-            (Some(0), _, Some(report)) => {
-                tracing::debug!(
-                    plugin = %path.display(),
-                    took_ms = started.elapsed().as_secs_f64() * 1e3,
-                    report,
-                    "probe passed"
-                );
-                Ok(())
-            }
+            (Some(0), _, Some(report)) => Ok(report),
             (_, Some(signal), _) => Err(LoadError::ProbeCrashed {
                 path: path.to_owned(),
+                step,
                 how: format!("killed by {}", signal_name(signal)),
                 stderr: one_line_tail(&stderr),
             }),
             (code, _, _) => Err(LoadError::ProbeCrashed {
                 path: path.to_owned(),
+                step,
                 how: match code {
                     Some(code) => format!("exited with status {code} without a report"),
                     None => "ended without a report".to_owned(),
@@ -166,11 +222,24 @@ impl HostServices for Isolated {
     }
 }
 
-/// `microkernel probe FILE --as PATH [--config-dir DIR]`, in the child: opens `file`, runs
-/// every check, creates and drops an instance (with `<DIR>/<service>.conf` as its
-/// configuration, when present), closes the library, and prints one report line. Returns
-/// the exit status: 0 when it got that far, whatever it found.
-pub fn run_probe_child(file: &Path, name: &Path, config_dir: Option<&Path>) -> i32 {
+/// `microkernel probe FILE --as PATH [--config-dir DIR] [--import-from VERSION]`, in the
+/// child: opens `file`, runs every check, creates an instance (with `<DIR>/<service>.conf`
+/// as its configuration, when present), has it import the state read from standard input
+/// (exported by `VERSION`) and export it again when asked to, drops it, closes the library,
+/// and prints one report line. Returns the exit status: 0 when it got that far, whatever it
+/// found.
+pub fn run_probe_child(
+    file: &Path,
+    name: &Path,
+    config_dir: Option<&Path>,
+    import_from: Option<&str>,
+) -> i32 {
+    // Read before anything runs, so that the host's writer never waits on this process.
+    let state = import_from.map(|version| {
+        let mut bytes = Vec::new();
+        let _ = std::io::stdin().read_to_end(&mut bytes);
+        (version.to_owned(), bytes)
+    });
     let outcome = match library::open(name, file, &[0; 32]) {
         Ok(library) => {
             let manifest = library.manifest().clone();
@@ -180,9 +249,23 @@ pub fn run_probe_child(file: &Path, name: &Path, config_dir: Option<&Path>) -> i
             let library = Arc::new(library);
             let instance = Instance::new(library.clone(), Arc::new(Isolated), config.as_deref());
             let instance = match instance {
-                Ok(instance) => {
+                Ok(mut instance) => {
+                    let mut did = "created and dropped an instance".to_owned();
+                    if let Some((version, bytes)) = &state {
+                        did = match instance.import_state(version, bytes) {
+                            Ok(()) => match instance.export_state() {
+                                Ok(exported) => format!(
+                                    "imported {} bytes of state, exported {}, dropped",
+                                    bytes.len(),
+                                    exported.len()
+                                ),
+                                Err(error) => format!("export_state failed: {error}"),
+                            },
+                            Err(error) => format!("import_state refused the state: {error}"),
+                        };
+                    }
                     drop(instance);
-                    "created and dropped an instance".to_owned()
+                    did
                 }
                 Err(error) => format!("creating an instance failed: {error}"),
             };
