@@ -230,37 +230,6 @@ fn a_full_mailbox_makes_requesters_wait_and_emitters_fail() -> TestResult {
 }
 
 #[test]
-fn a_library_whose_plugin_panicked_is_still_unmapped_at_unload() -> TestResult {
-    let shadow_parent = tempfile::tempdir()?;
-    let kernel = Kernel::new(KernelConfig {
-        shadow_dir: Some(shadow_parent.path().to_owned()),
-        ..Default::default()
-    })?;
-    kernel.load(&fixture("fixture-echo-faulty"), None)?;
-    assert!(kernel.start_all().is_empty());
-    assert_eq!(
-        kernel.request("echo", "panic", b"", None).code,
-        codes::FAILED
-    );
-    let shadow_dir = fs::read_dir(shadow_parent.path())?.next().unwrap()?.path();
-    let mapped = || {
-        fs::read_to_string("/proc/self/maps")
-            .unwrap()
-            .lines()
-            .filter(|l| l.contains(&*shadow_dir.to_string_lossy()))
-            .count()
-    };
-    assert!(mapped() > 0);
-    kernel.shutdown();
-    assert_eq!(
-        mapped(),
-        0,
-        "the panic's thread-locals must not pin the library"
-    );
-    Ok(())
-}
-
-#[test]
 fn a_service_stuck_in_plugin_code_is_reported_at_stop_and_restartable_once_free() -> TestResult {
     let kernel = Kernel::new(KernelConfig {
         operation_timeout: Duration::from_millis(100),
