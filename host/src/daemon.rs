@@ -1,6 +1,7 @@
 //! `microkernel run`: the daemon's main loop.
 //!
-//! The main loop never waits on plugin code. It takes [`Event`]s from signals, the control
+//! The main loop never waits on plugin code, not even at start-up (the first scan runs on the
+//! reload thread, and the control socket is served once it is done). It takes [`Event`]s from signals, the control
 //! socket and the directory watcher, and hands reloads to the reload thread, which owns the
 //! [`Reloader`] and applies every rescan, so rescans never overlap; reload requests that
 //! arrive during a rescan are coalesced into one more rescan. The loop's timer starts each
@@ -127,26 +128,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bound before anything starts (a bad socket path fails here), served once the services
     // are up: a client that connects early gets its answer from the running host.
     let mut control = ControlServer::bind(&socket)?;
-    let mut reloader = Reloader::new(&args.plugins);
-    reloader.scan(&kernel, None);
-    control.serve(kernel.clone(), events_tx.clone())?;
-    if args.watch {
-        spawn_watcher(args.plugins.clone(), events_tx.clone())?;
-    }
-    tracing::info!(
-        plugins = %args.plugins.display(),
-        services = kernel.list().len(),
-        pid = std::process::id(),
-        "host running: SIGHUP rescans, SIGINT/SIGTERM stop"
-    );
-
     let checkpoints = if args.checkpoint_interval.is_zero() {
         never()
     } else {
         tick(args.checkpoint_interval)
     };
-    let reloads = spawn_reload_thread(kernel.clone(), reloader)?;
-    let signal = main_loop(&kernel, &reloads, &events, &checkpoints);
+    // The first scan runs on the reload thread too: a plugin that hangs in `start` delays
+    // the services, never a signal.
+    let (started_tx, started) = crossbeam_channel::bounded(1);
+    let reloads = spawn_reload_thread(kernel.clone(), Reloader::new(&args.plugins), started_tx)?;
+    let mut up = || -> anyhow::Result<()> {
+        control.serve(kernel.clone(), events_tx.clone())?;
+        if args.watch {
+            spawn_watcher(args.plugins.clone(), events_tx.clone())?;
+        }
+        tracing::info!(
+            plugins = %args.plugins.display(),
+            services = kernel.list().len(),
+            pid = std::process::id(),
+            "host running: SIGHUP rescans, SIGINT/SIGTERM stop"
+        );
+        Ok(())
+    };
+    let signal = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up)?;
 
     // Everything from here on is bounded: SIGTERM ends the host within the operation
     // timeout, plus the time to write the states that came back.
@@ -192,17 +196,25 @@ fn main_loop(
     reloads: &Sender<ReloadRequest>,
     events: &Receiver<Event>,
     checkpoints: &Receiver<Instant>,
-) -> &'static str {
+    started: &Receiver<()>,
+    up: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<&'static str> {
+    let mut started = Some(started);
     loop {
         select! {
+            recv(started.unwrap_or(&never())) -> _ => {
+                // The first scan is done: the services are up.
+                started = None;
+                up()?;
+            }
             recv(events) -> event => match event {
-                Ok(Event::Shutdown(signal)) => return signal,
+                Ok(Event::Shutdown(signal)) => return Ok(signal),
                 Ok(Event::Reload { service, reply }) => {
                     if reloads.send(ReloadRequest { service, reply }).is_err() {
                         tracing::error!("the reload thread is gone; reload not done");
                     }
                 }
-                Err(_) => return "shutdown",
+                Err(_) => return Ok("shutdown"),
             },
             recv(checkpoints) -> _ => {
                 kernel.checkpoint_in_background();
@@ -212,14 +224,17 @@ fn main_loop(
     }
 }
 
-/// The thread that applies rescans, one at a time; the reload requests waiting when one
-/// ends are served by one more.
+/// The thread that applies rescans, one at a time, starting with the first one (then it
+/// sends `started`); the reload requests waiting when one ends are served by one more.
 fn spawn_reload_thread(
     kernel: Arc<Kernel>,
     mut reloader: Reloader,
+    started: Sender<()>,
 ) -> anyhow::Result<Sender<ReloadRequest>> {
     let (tx, rx) = unbounded::<ReloadRequest>();
     threads::spawn_detached("reload", move || {
+        reloader.scan(&kernel, None);
+        let _ = started.send(());
         while let Ok(first) = rx.recv() {
             let Batch { only, replies } = Batch::of(first, rx.try_iter());
             let lines = report_lines(&reloader.scan(&kernel, only.as_deref()));
