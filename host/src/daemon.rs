@@ -1,14 +1,14 @@
 //! `microkernel run`: the daemon's main loop.
 //!
-//! The main loop never waits on plugin code, not even at start-up (the first scan runs on the
-//! reload thread, and the control socket is served once it is done). It takes [`Event`]s from signals, the control
-//! socket and the directory watcher, and hands reloads to the reload thread, which owns the
-//! [`Reloader`] and applies every rescan, so rescans never overlap; reload requests that
-//! arrive during a rescan are coalesced into one more rescan. The loop's timer starts each
-//! service's checkpoint on a thread of its own (a busy service holds back only its own), and
-//! closes the retired libraries that nothing runs in any more. SIGINT and SIGTERM stop every
-//! service within `--operation-timeout`, saving every state it can, and name the services
-//! that had to be abandoned.
+//! The main loop never waits on plugin code, not even at start-up: the first scan runs on
+//! the reload thread, and the control socket is served once it is done. The loop takes
+//! [`Event`]s from signals, the control socket and the directory watcher, and hands reloads
+//! to the reload thread, which owns the [`Reloader`] and applies every rescan, so rescans
+//! never overlap; reload requests that arrive during a rescan are coalesced into one more
+//! rescan. The loop's timer starts each service's checkpoint on a thread of its own (a busy
+//! service holds back only its own), and closes the retired libraries that nothing runs in
+//! any more. SIGINT and SIGTERM stop every service within `--operation-timeout`, saving every
+//! state it can, and name the services that had to be abandoned.
 
 use std::{
     fs,
