@@ -614,3 +614,77 @@ fn a_new_version_can_replace_an_instance_stuck_in_plugin_code() -> TestResult {
     assert_eq!(count(&kernel, "faulty"), 2);
     Ok(())
 }
+
+#[test]
+fn a_new_version_serves_alone_after_replacing_an_instance_stuck_in_handle() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, "{}", &[], |c| {
+        c.operation_timeout = Duration::from_millis(200);
+    });
+    let kernel = std::sync::Arc::new(kernel);
+    let sleeper = {
+        let kernel = kernel.clone();
+        std::thread::spawn(move || {
+            adopt();
+            kernel.request("faulty", "sleep", b"1500", Some(Duration::from_secs(20)))
+        })
+    };
+    wait_until_busy(&kernel, "faulty");
+    // The stop is given up (the Stop message stays queued for the old instance)...
+    assert!(matches!(
+        kernel.stop("faulty"),
+        Err(KernelError::Stuck { .. })
+    ));
+    // ...and a new version takes over the service.
+    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    kernel.replace(v2, Some("{}".into()))?;
+    assert!(sleeper.join().unwrap().is_ok());
+    // Once the old instance is out of `handle`, it serves nothing: every request is version
+    // 2's, and version 2 was not stopped by the message meant for version 1.
+    for _ in 0..5 {
+        let reply = json(&kernel.request("faulty", "count", b"", None));
+        assert_eq!(reply["version"], "2.0.0", "{reply}");
+    }
+    assert_eq!(kernel.info("faulty").unwrap().status, Status::Running);
+    Ok(())
+}
+
+#[test]
+fn a_stop_given_up_on_a_full_mailbox_lets_the_service_start_again_with_its_state() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, "{}", &[], |c| {
+        c.operation_timeout = Duration::from_millis(200);
+        c.mailbox_capacity = 1;
+    });
+    assert_eq!(count(&kernel, "faulty"), 1);
+    let kernel = std::sync::Arc::new(kernel);
+    let sleeper = {
+        let kernel = kernel.clone();
+        std::thread::spawn(move || {
+            adopt();
+            kernel.request("faulty", "sleep", b"1500", Some(Duration::from_secs(20)))
+        })
+    };
+    wait_until_busy(&kernel, "faulty");
+    // Whatever the probe left, the one place in the mailbox is taken now.
+    let _ = kernel.emit("faulty", "filler", b"");
+    assert!(
+        kernel.emit("faulty", "filler", b"").is_err(),
+        "the mailbox is not full"
+    );
+    // The mailbox is full: the Stop cannot even be posted.
+    assert!(matches!(
+        kernel.stop("faulty"),
+        Err(KernelError::Stuck { .. })
+    ));
+    // Out of `handle`, the instance hands its state over and ends: the service starts again.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while let Err(error) = kernel.start("faulty") {
+        assert!(Instant::now() < deadline, "{error}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The state it handed over (count 1) was saved and imported: this is the second.
+    assert_eq!(count(&kernel, "faulty"), 2);
+    let _ = sleeper.join();
+    Ok(())
+}

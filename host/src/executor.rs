@@ -16,7 +16,7 @@
 use std::{
     cell::RefCell,
     sync::{
-        atomic::{AtomicU8, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering},
         Arc,
     },
     time::{Duration, Instant},
@@ -38,20 +38,25 @@ pub(crate) enum Envelope {
     },
     /// A one-way event.
     Event { message: Message },
-    /// Export the state (a checkpoint); the instance keeps running.
+    /// Export the state (a checkpoint); the instance keeps running. Like `Suspend` and
+    /// `Stop`, meant for the executor of that epoch only: another one drops it unanswered
+    /// (a message left in the mailbox for an executor given up must not stop its successor).
     Export {
+        epoch: u64,
         reply: Sender<Result<Vec<u8>, String>>,
     },
     /// Export the state, then wait for a verdict without serving anything else: stop (the
     /// state is safe, the instance is being replaced) or resume. The export comes with the
     /// moment the executor stopped serving.
     Suspend {
+        epoch: u64,
         exported: Sender<(Instant, Result<Vec<u8>, String>)>,
         verdict: Receiver<Verdict>,
     },
     /// Optionally export the state (answered at once, so that a `stop` that hangs does not
     /// hold it back), then stop the instance, answer how that went, and exit.
     Stop {
+        epoch: u64,
         export: bool,
         state: Sender<Option<Result<Vec<u8>, String>>>,
         stopped: Sender<Result<(), String>>,
@@ -93,7 +98,7 @@ impl Mailbox {
                     ));
                 }
                 Envelope::Event { .. } => dropped_events += 1,
-                Envelope::Export { reply } => {
+                Envelope::Export { reply, .. } => {
                     let _ = reply.send(Err(format!("service `{service}` is not running")));
                 }
                 Envelope::Suspend { exported, .. } => {
@@ -181,7 +186,7 @@ impl Call {
 impl std::fmt::Display for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Call::Nothing => "no plugin call",
+            Call::Nothing => "no plugin call (between two)",
             Call::New => "`new`",
             Call::ImportState => "`import_state`",
             Call::Start => "`start`",
@@ -254,19 +259,30 @@ pub(crate) struct Launch {
     pub timeout: Duration,
 }
 
-/// A running executor: its thread, and what it is doing.
+/// A running executor: its thread, what it is doing, and how the kernel tells it that it
+/// was given up.
 #[derive(Debug)]
 pub(crate) struct Executor {
     thread: threads::HostThread,
     doing: Doing,
+    epoch: u64,
+    given_up: Arc<AtomicBool>,
+    /// The state a given-up executor exports when it comes out of plugin code.
+    late_state: Receiver<Result<Vec<u8>, String>>,
 }
 
+/// Tells executors apart: every executor gets the next one.
+static NEXT_EPOCH: AtomicU64 = AtomicU64::new(1);
+
 /// An executor thread that did not end (or answer) in time: it is in plugin code, and keeps
-/// its instance, and so its library, until it ends.
+/// its instance, and so its library, until it ends. It has been told it was given up: when
+/// it comes out of plugin code it serves nothing more, exports its state (see
+/// [`Stuck::late_state`]), stops its instance and ends.
 #[derive(Debug)]
 pub(crate) struct Stuck {
     thread: threads::HostThread,
     doing: Doing,
+    late_state: Receiver<Result<Vec<u8>, String>>,
     /// What was waited for.
     pub waited_for: &'static str,
     /// Since when.
@@ -282,6 +298,11 @@ impl Stuck {
     /// Whether it has ended now (and is joined).
     pub fn ended(&mut self) -> bool {
         self.thread.join_until(Instant::now())
+    }
+
+    /// The state it exported when it came out of plugin code, once it has.
+    pub fn late_state(&self) -> Option<Vec<u8>> {
+        self.late_state.try_recv().ok().and_then(Result::ok)
     }
 }
 
@@ -306,6 +327,11 @@ impl Executor {
         self.doing.get()
     }
 
+    /// What the messages meant for this executor carry.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
     /// Waits until the thread has ended, at most until `deadline`; `waited_for` says why
     /// (shown if it is stuck).
     pub fn exit(mut self, deadline: Instant, waited_for: &'static str) -> Result<(), Stuck> {
@@ -316,11 +342,13 @@ impl Executor {
         }
     }
 
-    /// Gives up waiting for it.
+    /// Gives up waiting for it, and tells it so.
     pub fn stuck(self, waited_for: &'static str) -> Stuck {
+        self.given_up.store(true, Ordering::Release);
         Stuck {
             thread: self.thread,
             doing: self.doing,
+            late_state: self.late_state,
             waited_for,
             since: Instant::now(),
         }
@@ -376,15 +404,30 @@ pub(crate) fn launch(
     let timeout = launch.timeout;
     let deadline = Instant::now() + timeout;
     let doing = Doing::default();
-    let tracker = doing.clone();
+    let given_up = Arc::new(AtomicBool::new(false));
+    let (late_tx, late_state) = bounded(1);
+    let epoch = NEXT_EPOCH.fetch_add(1, Ordering::Relaxed);
+    let me = Me {
+        service: launch.service.clone(),
+        doing: doing.clone(),
+        epoch,
+        given_up: given_up.clone(),
+        late_state: late_tx,
+    };
     let thread =
-        threads::spawn(&name, move || run(launch, mailbox, ready_tx, tracker)).map_err(|e| {
+        threads::spawn(&name, move || run(launch, mailbox, ready_tx, me)).map_err(|e| {
             LaunchFailure {
                 error: InstanceError::Thread(e.to_string()),
                 stuck: None,
             }
         })?;
-    let executor = Executor { thread, doing };
+    let executor = Executor {
+        thread,
+        doing,
+        epoch,
+        given_up,
+        late_state,
+    };
     let error = match ready_rx.recv_deadline(deadline) {
         Ok(Ok(())) => return Ok(executor),
         Ok(Err(error)) => error,
@@ -409,11 +452,20 @@ pub(crate) fn launch(
     Err(LaunchFailure { error, stuck })
 }
 
+/// What an executor thread knows of itself.
+struct Me {
+    service: String,
+    doing: Doing,
+    epoch: u64,
+    given_up: Arc<AtomicBool>,
+    late_state: Sender<Result<Vec<u8>, String>>,
+}
+
 fn run(
     launch: Launch,
     mailbox: Receiver<Envelope>,
     ready: Sender<Result<(), InstanceError>>,
-    doing: Doing,
+    me: Me,
 ) {
     let Launch {
         service,
@@ -423,6 +475,7 @@ fn run(
         state,
         timeout: _,
     } = launch;
+    let doing = &me.doing;
     set_chain(vec![service.clone()]);
     let created = doing.call(Call::New, || {
         Instance::new(library, services, config.as_deref())
@@ -451,62 +504,89 @@ fn run(
     }
     if ready.send(Ok(())).is_err() {
         // The kernel gave up waiting (see `launch`): this instance must not serve.
-        stop(&service, &mut instance, &doing);
+        stop(&service, &mut instance, doing);
     } else {
-        serve(&service, &mut instance, &mailbox, &doing);
+        me.serve(&mut instance, &mailbox);
     }
     set_chain(Vec::new());
     // Dropped here, on this thread, before the thread exits.
     doing.call(Call::Drop, || drop(instance));
 }
 
-fn serve(service: &str, instance: &mut Instance, mailbox: &Receiver<Envelope>, doing: &Doing) {
-    for envelope in mailbox.iter() {
-        match envelope {
-            Envelope::Request {
-                message,
-                mut chain,
-                reply,
-            } => {
-                chain.push(service.to_owned());
-                set_chain(chain);
-                let answer = doing.call(Call::Handle, || instance.handle(message));
-                set_chain(vec![service.to_owned()]);
-                // The requester may have timed out and gone: nothing to do then.
-                let _ = reply.send(answer);
-            }
-            Envelope::Event { message } => {
-                let kind = message.kind.clone();
-                if let Err(error) = doing.call(Call::OnEvent, || instance.on_event(message)) {
-                    tracing::warn!(service, kind, %error, "event handler failed");
-                }
-            }
-            Envelope::Export { reply } => {
-                let _ = reply.send(doing.call(Call::ExportState, || instance.export_state()));
-            }
-            Envelope::Suspend { exported, verdict } => {
-                let held_since = Instant::now();
+impl Me {
+    fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::Acquire)
+    }
+
+    fn serve(&self, instance: &mut Instance, mailbox: &Receiver<Envelope>) {
+        let (service, doing) = (self.service.as_str(), &self.doing);
+        loop {
+            if self.given_up() {
+                // The kernel stopped waiting for this executor (a stop that did not finish in
+                // time) and may have started another on the same mailbox: serve nothing more,
+                // and hand over the state for the kernel to save.
                 let state = doing.call(Call::ExportState, || instance.export_state());
-                // The kernel may have given up waiting: then there is nothing to hold for.
-                if exported.send((held_since, state)).is_err() {
-                    continue;
+                let _ = self.late_state.send(state);
+                stop(service, instance, doing);
+                return;
+            }
+            let Ok(envelope) = mailbox.recv() else {
+                return;
+            };
+            match envelope {
+                Envelope::Request {
+                    message,
+                    mut chain,
+                    reply,
+                } => {
+                    chain.push(service.to_owned());
+                    set_chain(chain);
+                    let answer = doing.call(Call::Handle, || instance.handle(message));
+                    set_chain(vec![service.to_owned()]);
+                    // The requester may have timed out and gone: nothing to do then.
+                    let _ = reply.send(answer);
                 }
-                // Without a verdict (the kernel went away), resuming loses nothing.
-                if verdict.recv() == Ok(Verdict::Stop) {
-                    stop(service, instance, doing);
+                Envelope::Event { message } => {
+                    let kind = message.kind.clone();
+                    if let Err(error) = doing.call(Call::OnEvent, || instance.on_event(message)) {
+                        tracing::warn!(service, kind, %error, "event handler failed");
+                    }
+                }
+                // Meant for another executor of the service: dropped, unanswered.
+                Envelope::Export { epoch, .. }
+                | Envelope::Suspend { epoch, .. }
+                | Envelope::Stop { epoch, .. }
+                    if epoch != self.epoch => {}
+                Envelope::Export { reply, .. } => {
+                    let _ = reply.send(doing.call(Call::ExportState, || instance.export_state()));
+                }
+                Envelope::Suspend {
+                    exported, verdict, ..
+                } => {
+                    let held_since = Instant::now();
+                    let state = doing.call(Call::ExportState, || instance.export_state());
+                    // The kernel may have given up waiting: then there is nothing to hold for.
+                    if exported.send((held_since, state)).is_err() {
+                        continue;
+                    }
+                    // Without a verdict (the kernel went away), resuming loses nothing.
+                    if verdict.recv() == Ok(Verdict::Stop) {
+                        stop(service, instance, doing);
+                        return;
+                    }
+                }
+                Envelope::Stop {
+                    export,
+                    state,
+                    stopped,
+                    ..
+                } => {
+                    let exported =
+                        export.then(|| doing.call(Call::ExportState, || instance.export_state()));
+                    let _ = state.send(exported);
+                    let _ = stopped.send(doing.call(Call::Stop, || instance.stop()));
                     return;
                 }
-            }
-            Envelope::Stop {
-                export,
-                state,
-                stopped,
-            } => {
-                let exported =
-                    export.then(|| doing.call(Call::ExportState, || instance.export_state()));
-                let _ = state.send(exported);
-                let _ = stopped.send(doing.call(Call::Stop, || instance.stop()));
-                return;
             }
         }
     }

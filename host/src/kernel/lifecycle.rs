@@ -199,7 +199,13 @@ impl KernelInner {
         ops: &mut SlotOps,
     ) -> Result<(), KernelError> {
         let _span = tracing::info_span!("start", service = %slot.name).entered();
-        ops.run.reap();
+        if let Some(late) = ops.run.reap() {
+            // The instance given up at its stop came out later and handed its state over:
+            // newer than the file, so it is what the new instance starts from.
+            let version = ops.library.manifest().version.to_string();
+            self.save(slot, ops, &version, &late)?;
+            tracing::info!(service = %slot.name, "saved the state an instance handed over when it came out of plugin code");
+        }
         if let Run::Stuck(stuck) = &ops.run {
             return Err(KernelError::Stuck {
                 service: slot.name.clone(),
@@ -356,9 +362,11 @@ impl KernelInner {
         slot.publish(&ops, Some(Status::Stopping));
         let export = self.config.state.is_some();
         let (stopped_tx, stopped_rx) = crossbeam_channel::bounded(1);
+        let epoch = executor.epoch();
         let state = ask(
             &slot.mailbox.tx,
             |state| Envelope::Stop {
+                epoch,
                 export,
                 state,
                 stopped: stopped_tx,
@@ -486,9 +494,10 @@ impl KernelInner {
             return Ok(Checkpoint::Unchanged);
         };
         let timeout = self.config.operation_timeout;
+        let epoch = executor.epoch();
         let bytes = ask(
             &slot.mailbox.tx,
-            |reply| Envelope::Export { reply },
+            |reply| Envelope::Export { epoch, reply },
             deadline,
         )
         .map_err(|e| {

@@ -333,13 +333,17 @@ impl Run {
         }
     }
 
-    /// A stuck thread that has ended since is forgotten (the service is then failed).
-    fn reap(&mut self) {
+    /// A stuck thread that has ended since is forgotten (the service is then failed);
+    /// returns the state it handed over when it came out of plugin code, if any.
+    fn reap(&mut self) -> Option<Vec<u8>> {
         if let Run::Stuck(stuck) = self {
             if stuck.ended() {
+                let late = stuck.late_state();
                 *self = Run::Idle(Status::Failed);
+                return late;
             }
         }
+        None
     }
 }
 
@@ -690,6 +694,12 @@ impl Kernel {
             let Ok(mut ops) = slot.lock_ops(Instant::now()) else {
                 continue;
             };
+            if let Some(late) = ops.run.reap() {
+                let version = ops.library.manifest().version.to_string();
+                if let Err(error) = self.inner.save(slot, &mut ops, &version, &late) {
+                    report.failures.push((slot.name.clone(), error));
+                }
+            }
             let stuck = match std::mem::replace(&mut ops.run, Run::Idle(Status::Stopped)) {
                 Run::Stuck(stuck) => {
                     // Stuck since before the shutdown (a start that hung, an earlier stop):

@@ -214,13 +214,14 @@ impl KernelInner {
     fn suspend(&self, slot: &ServiceSlot, ops: &OpsGuard<'_>) -> Result<Suspension, String> {
         let (verdict_tx, verdict_rx) = bounded(1);
         let timeout = self.config.operation_timeout;
-        let doing = match &ops.run {
-            Run::Running(executor) => executor.doing(),
+        let (doing, epoch) = match &ops.run {
+            Run::Running(executor) => (executor.doing(), executor.epoch()),
             _ => return Err("the service is not running".into()),
         };
         let answer = ask(
             &slot.mailbox.tx,
             |exported| Envelope::Suspend {
+                epoch,
                 exported,
                 verdict: verdict_rx,
             },
@@ -258,7 +259,9 @@ impl KernelInner {
         from: String,
         to: String,
     ) -> Result<SwapReport, KernelError> {
-        ops.run.reap();
+        // A state handed over by an instance that came out late is the old version's; the
+        // new version starts from the last one saved (the file), as after any stop.
+        let _ = ops.run.reap();
         let status = ops.run.status();
         // A stuck instance is left to end alone with the old library: a new version may be
         // exactly what it takes to get the service back.
