@@ -391,11 +391,22 @@ fn isolated(name: &str) -> bool {
     if std::env::var(VAR).is_ok_and(|v| v == name) {
         return true;
     }
-    let output = std::process::Command::new(std::env::current_exe().unwrap())
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(VAR, name)
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // A liveness bound: a child that hangs fails the test instead of hanging it.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let output = child.wait_with_output().unwrap();
     assert!(
         output.status.success(),
         "{name} in a child process: {:?}\n{}\n{}",
@@ -686,5 +697,90 @@ fn a_stop_given_up_on_a_full_mailbox_lets_the_service_start_again_with_its_state
     // The state it handed over (count 1) was saved and imported: this is the second.
     assert_eq!(count(&kernel, "faulty"), 2);
     let _ = sleeper.join();
+    Ok(())
+}
+
+#[test]
+fn sigterm_ends_the_host_even_when_a_library_destructor_hangs() -> TestResult {
+    let root = setup(&["fixture-faulty", "kv"]);
+    fs::write(
+        root.path().join("plugins/faulty.conf"),
+        r#"{"fini":"hang"}"#,
+    )?;
+    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "1s"]);
+    daemon.send("kv", r#"{"op":"put","key":"before-stop","value":1}"#);
+    let (status, log) = within(Duration::from_secs(30), move || {
+        let log_root = daemon.root.clone();
+        let status = daemon.terminate();
+        (
+            status,
+            fs::read_to_string(log_root.join("host.log")).unwrap_or_default(),
+        )
+    });
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(kv_holds(root.path(), "before-stop"), "{log}");
+    Ok(())
+}
+
+#[test]
+fn a_library_whose_destructor_hangs_is_given_up_and_the_host_goes_on() -> TestResult {
+    if !isolated("misbehaviour::a_library_whose_destructor_hangs_is_given_up_and_the_host_goes_on")
+    {
+        return Ok(());
+    }
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"fini":"hang"}"#, &[], |c| {
+        c.operation_timeout = Duration::from_millis(300);
+    });
+    assert_eq!(count(&kernel, "faulty"), 1);
+    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let report = kernel.replace(v2, Some("{}".into()))?;
+    // Closing version 1 ran its destructor, which never returned: given up, after the
+    // operation timeout.
+    assert!(!report.unmapped);
+    assert_eq!(report.to, "2.0.0");
+    // The dynamic loader's lock is held for good: loading is refused, not hung.
+    let error = kernel
+        .loader()
+        .load(&fixture("fixture-faulty"))
+        .unwrap_err();
+    assert!(matches!(error, LoadError::LoaderWedged { .. }), "{error}");
+    assert!(host::loader::loader_wedged());
+    // A normal exit would run the destructors again (and wait for the lock).
+    host::loader::exit_without_destructors(0)
+}
+
+#[test]
+fn a_host_whose_loader_is_wedged_by_a_destructor_saves_its_states_and_exits() -> TestResult {
+    let root = setup(&["fixture-faulty", "kv"]);
+    fs::write(
+        root.path().join("plugins/faulty.conf"),
+        r#"{"fini":"hang"}"#,
+    )?;
+    let mut daemon = Daemon::start_with(root.path(), &["--operation-timeout", "1s"]);
+    daemon.send("kv", r#"{"op":"put","key":"before","value":1}"#);
+    add_plugin(&root.path().join("plugins"), "fixture-faulty-v2");
+    // The replace closes version 1, whose destructor never returns (the host may be gone
+    // before it answers).
+    let _ = daemon.ctl(&["reload"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = daemon.child.try_wait()? {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host did not stop: {}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(2), "{}", daemon.log());
+    assert!(
+        daemon.log().contains("destructors hang"),
+        "{}",
+        daemon.log()
+    );
+    assert!(kv_holds(root.path(), "before"));
     Ok(())
 }

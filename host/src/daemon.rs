@@ -73,6 +73,7 @@ pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // This thread never runs plugin code on its own (see `loader::threads`).
     threads::adopt_current_thread();
+    prepare_for_a_wedged_loader();
     if !args.plugins.is_dir() {
         bail!(
             "plugins directory {} does not exist or is not a directory",
@@ -151,6 +152,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         Ok(())
     };
     let signal = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up)?;
+    let wedged = crate::loader::loader_wedged();
 
     // Everything from here on is bounded: SIGTERM ends the host within the operation
     // timeout, plus the time to write the states that came back.
@@ -161,8 +163,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // A rescan under way finishes on its own; its service's stop waits for it until the
     // deadline.
     drop(reloads);
-    let report = kernel.shutdown_until(deadline);
-    let pinned = kernel.sweep();
+    // The libraries stay loaded: the process ends with `_exit` (see `main`), so that no
+    // plugin destructor runs (one that hangs would keep the host from ever exiting).
+    let report = kernel.stop_for_exit(deadline);
+    let _ = fs::remove_dir_all(kernel.loader().shadow_dir());
+    if wedged {
+        bail!(
+            "stopped because a plugin library's destructors hang in dlclose (see the log): the dynamic loader is blocked for good; restart the host"
+        );
+    }
     if report.failures.is_empty() {
         tracing::info!(
             stopped = report.stopped.len(),
@@ -175,7 +184,6 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         if !abandoned.is_empty() {
             tracing::error!(
                 services = %abandoned.join(", "),
-                pinned,
                 "abandoned: still in plugin code when the host stopped (a state exported before that was saved; see each service's error)"
             );
         }
@@ -193,15 +201,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
 
 fn main_loop(
     kernel: &Kernel,
-    reloads: &Sender<ReloadRequest>,
+    reloads: &Sender<Work>,
     events: &Receiver<Event>,
     checkpoints: &Receiver<Instant>,
     started: &Receiver<()>,
     up: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<&'static str> {
     let mut started = Some(started);
+    let health = tick(Duration::from_millis(500));
     loop {
         select! {
+            recv(health) -> _ => {
+                if crate::loader::loader_wedged() {
+                    tracing::error!("a plugin library's destructors hang: saving every state and stopping, to be restarted");
+                    return Ok("a wedged dynamic loader");
+                }
+            }
             recv(started.unwrap_or(&never())) -> _ => {
                 // The first scan is done: the services are up.
                 started = None;
@@ -210,7 +225,7 @@ fn main_loop(
             recv(events) -> event => match event {
                 Ok(Event::Shutdown(signal)) => return Ok(signal),
                 Ok(Event::Reload { service, reply }) => {
-                    if reloads.send(ReloadRequest { service, reply }).is_err() {
+                    if reloads.send(Work::Reload(ReloadRequest { service, reply })).is_err() {
                         tracing::error!("the reload thread is gone; reload not done");
                     }
                 }
@@ -218,7 +233,8 @@ fn main_loop(
             },
             recv(checkpoints) -> _ => {
                 kernel.checkpoint_in_background();
-                kernel.sweep();
+                // Closing libraries runs their destructors: on the reload thread, too.
+                let _ = reloads.send(Work::Sweep);
             }
         }
     }
@@ -230,21 +246,60 @@ fn spawn_reload_thread(
     kernel: Arc<Kernel>,
     mut reloader: Reloader,
     started: Sender<()>,
-) -> anyhow::Result<Sender<ReloadRequest>> {
-    let (tx, rx) = unbounded::<ReloadRequest>();
+) -> anyhow::Result<Sender<Work>> {
+    let (tx, rx) = unbounded::<Work>();
     threads::spawn_detached("reload", move || {
         reloader.scan(&kernel, None);
         let _ = started.send(());
         while let Ok(first) = rx.recv() {
-            let Batch { only, replies } = Batch::of(first, rx.try_iter());
-            let lines = report_lines(&reloader.scan(&kernel, only.as_deref()));
-            for reply in replies {
-                let _ = reply.send(lines.clone());
+            let mut sweep = false;
+            let mut reloads = Vec::new();
+            for work in std::iter::once(first).chain(rx.try_iter()) {
+                match work {
+                    Work::Sweep => sweep = true,
+                    Work::Reload(request) => reloads.push(request),
+                }
+            }
+            let mut reloads = reloads.into_iter();
+            if let Some(first) = reloads.next() {
+                let Batch { only, replies } = Batch::of(first, reloads);
+                let lines = report_lines(&reloader.scan(&kernel, only.as_deref()));
+                for reply in replies {
+                    let _ = reply.send(lines.clone());
+                }
+            }
+            if sweep {
+                kernel.sweep();
             }
         }
     })
     .context("starting the reload thread")?;
     Ok(tx)
+}
+
+/// Makes this thread use, once, the thread-locals with destructors that stopping the host
+/// needs (a span's registration, a parked lock's thread data, a channel's context):
+/// registering those destructors takes the dynamic loader's lock, which a plugin library
+/// whose destructors hang in `dlclose` holds for good. Then this thread can still stop every
+/// service and save their states (see `loader::loader_wedged`).
+fn prepare_for_a_wedged_loader() {
+    drop(tracing::info_span!("microkernel").entered());
+    let lock = parking_lot::Mutex::new(());
+    let held = lock.lock();
+    drop(lock.try_lock_for(Duration::from_micros(1)));
+    drop(held);
+    let (tx, rx) = crossbeam_channel::bounded::<()>(0);
+    let _ = rx.recv_timeout(Duration::from_micros(1));
+    drop(tx);
+}
+
+/// What the reload thread is asked to do.
+#[derive(Debug)]
+enum Work {
+    /// A rescan.
+    Reload(ReloadRequest),
+    /// Close the retired libraries nothing runs in any more.
+    Sweep,
 }
 
 /// A reload asked for, as the reload thread gets it.

@@ -30,13 +30,19 @@ fn main() -> ExitCode {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
         LogFormat::Json => logs.json().init(),
     }
-    match execute(cli.command) {
-        Ok(code) => code,
-        Err(error) => {
-            eprintln!("microkernel: {error:#}");
-            ExitCode::from(2)
-        }
+    let daemon = matches!(cli.command, Command::Run(_));
+    let outcome = execute(cli.command);
+    if let Err(error) = &outcome {
+        eprintln!("microkernel: {error:#}");
     }
+    if daemon {
+        // Every state is saved: end now, without running the plugins' library destructors
+        // (plugin code, which could hang or crash at this point). Logs go to the unbuffered
+        // standard error.
+        let _ = std::io::stdout().flush();
+        host::loader::exit_without_destructors(if outcome.is_ok() { 0 } else { 2 });
+    }
+    outcome.unwrap_or(ExitCode::from(2))
 }
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {

@@ -311,6 +311,39 @@ impl KernelInner {
         }
         let mut report = StopReport::default();
         let outcomes = std::sync::Mutex::new(Vec::new());
+        if crate::loader::loader_wedged() {
+            // A new thread could wait for ever for the dynamic loader's lock (see
+            // `loader_wedged`): one service after the other, on this thread.
+            for service in waves.iter().flatten() {
+                if let Some(slot) = self.slot(service) {
+                    report.stopped.push(service.clone());
+                    let result = self.stop_one(&slot, deadline);
+                    super::lock(&outcomes).push((slot.name.clone(), result));
+                }
+            }
+        } else {
+            self.stop_in_waves(&waves, deadline, &outcomes, &mut report);
+        }
+        let mut outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
+        outcomes.sort_by_key(|(service, _)| report.stopped.iter().position(|s| s == service));
+        for (service, result) in outcomes {
+            if let Err(error) = result {
+                tracing::error!(service, error = %crate::error_chain(&error), "stop failed");
+                report.failures.push((service, error));
+            }
+        }
+        report
+    }
+
+    /// Stops `waves` one after the other, the members of a wave side by side, each wave
+    /// with its share of the time left.
+    fn stop_in_waves(
+        &self,
+        waves: &[Vec<String>],
+        deadline: Instant,
+        outcomes: &std::sync::Mutex<Vec<(String, Result<(), KernelError>)>>,
+        report: &mut StopReport,
+    ) {
         std::thread::scope(|scope| {
             for (index, wave) in waves.iter().enumerate() {
                 let left = deadline.saturating_duration_since(Instant::now());
@@ -323,7 +356,6 @@ impl KernelInner {
                     };
                     report.stopped.push(service.clone());
                     let done = done_tx.clone();
-                    let outcomes = &outcomes;
                     scope.spawn(move || {
                         threads::adopt_current_thread();
                         let result = self.stop_one(&slot, deadline);
@@ -336,15 +368,6 @@ impl KernelInner {
                 while done_rx.recv_deadline(wave_end).is_ok() {}
             }
         });
-        let mut outcomes = outcomes.into_inner().unwrap_or_else(|p| p.into_inner());
-        outcomes.sort_by_key(|(service, _)| report.stopped.iter().position(|s| s == service));
-        for (service, result) in outcomes {
-            if let Err(error) = result {
-                tracing::error!(service, error = %crate::error_chain(&error), "stop failed");
-                report.failures.push((service, error));
-            }
-        }
-        report
     }
 
     /// Stops one service's instance by `deadline`, saving its state; leaves its library

@@ -438,7 +438,8 @@ impl ServiceInfo {
 impl Kernel {
     /// A kernel with no services.
     pub fn new(config: KernelConfig) -> std::io::Result<Self> {
-        let loader = Loader::new(config.shadow_dir.as_deref(), config.probe.clone())?;
+        let loader = Loader::new(config.shadow_dir.as_deref(), config.probe.clone())?
+            .with_close_timeout(config.operation_timeout);
         let kernel = Kernel {
             inner: Arc::new_cyclic(|me| KernelInner {
                 me: me.clone(),
@@ -678,6 +679,17 @@ impl Kernel {
     /// stop by then are abandoned (named in the report): their threads and libraries are
     /// left as they are.
     pub fn shutdown_until(&self, deadline: Instant) -> StopReport {
+        self.finish(deadline, true)
+    }
+
+    /// Stops everything as [`Kernel::shutdown_until`] does, and leaves every library loaded:
+    /// for a process about to end without running its libraries' destructors (which are
+    /// plugin code that could hang; the daemon ends with `_exit`).
+    pub fn stop_for_exit(&self, deadline: Instant) -> StopReport {
+        self.finish(deadline, false)
+    }
+
+    fn finish(&self, deadline: Instant, close: bool) -> StopReport {
         let mut report = self.inner.stop_all(deadline);
         let slots: Vec<Arc<ServiceSlot>> = {
             let mut services = self
@@ -722,6 +734,12 @@ impl Kernel {
                 slot.mailbox.drain(&slot.name);
             }
             libraries.push((slot.name.clone(), ops.library.clone(), stuck));
+        }
+        if !close {
+            // Kept for the life of the process, slots and all.
+            std::mem::forget(slots);
+            std::mem::forget(libraries);
+            return report;
         }
         // The slots' references go first, so that each library is the retired list's own.
         drop(slots);

@@ -117,4 +117,11 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// An earlier library's destructors never returned from `dlclose`, which holds the
+    /// dynamic loader's lock: opening anything now would wait for ever.
+    #[error("failed to load plugin {path}: an earlier plugin's destructors hang while it is unloaded, holding the dynamic loader's lock; restart the host to load plugins again")]
+    LoaderWedged {
+        /// The plugin file.
+        path: PathBuf,
+    },
 }

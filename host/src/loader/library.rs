@@ -2,7 +2,8 @@ use std::{
     fs,
     io::Write,
     path::{Path, PathBuf},
-    sync::atomic::{AtomicU64, Ordering},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
 };
 
 use abi_stable::{
@@ -34,6 +35,7 @@ pub struct Loader {
     probe: Option<Probe>,
     /// Where the probe finds the state a service would import.
     states: std::sync::OnceLock<Box<StateSource>>,
+    close_timeout: Duration,
     next_id: AtomicU64,
     opened: AtomicU64,
 }
@@ -55,7 +57,9 @@ impl Loader {
     /// With a `probe`, every file is first opened in a child process (see [`Probe`]).
     pub fn new(parent: Option<&Path>, probe: Option<Probe>) -> std::io::Result<Self> {
         let mut builder = tempfile::Builder::new();
-        builder.prefix("microkernel-shadow-");
+        builder
+            .prefix("microkernel-shadow-")
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
         let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
         let shadow_dir = builder.tempdir_in(&parent).map_err(|e| {
             std::io::Error::new(
@@ -67,9 +71,23 @@ impl Loader {
             shadow_dir,
             probe,
             states: std::sync::OnceLock::new(),
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
             next_id: AtomicU64::new(0),
             opened: AtomicU64::new(0),
         })
+    }
+
+    /// How long closing a library may take (its destructors run then) before the loader
+    /// gives up on it (see [`LoadError::LoaderWedged`]).
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// The private directory the shadow copies are made in (removed when the loader is
+    /// dropped).
+    pub fn shadow_dir(&self) -> &Path {
+        self.shadow_dir.path()
     }
 
     /// Tells the probe where to find the state a service would import (once; later calls
@@ -98,6 +116,11 @@ impl Loader {
         } = file;
         let path = path.as_path();
         check_elf(path, bytes)?;
+        if LOADER_WEDGED.load(Ordering::Acquire) {
+            return Err(LoadError::LoaderWedged {
+                path: path.to_owned(),
+            });
+        }
 
         // A unique private copy: `dlopen` of a path (or inode) that is already open returns
         // the library already loaded, and overwriting a mapped file crashes the process.
@@ -125,7 +148,10 @@ impl Loader {
                 return Err(error);
             }
         }
-        let opened = open(path, &shadow, sha256);
+        let opened = open(path, &shadow, sha256).map(|mut library| {
+            library.close_timeout = self.close_timeout;
+            library
+        });
         // The mapping keeps the file's content alive; the name is no longer needed.
         let _ = fs::remove_file(&shadow);
         if opened.is_ok() {
@@ -138,6 +164,11 @@ impl Loader {
 /// Opens the library at `open_path` (named `path` in errors) and checks it, with no shadow
 /// copy: the loader's last step, and all that a probe does in its child process.
 pub(super) fn open(path: &Path, open_path: &Path, sha256: &[u8; 32]) -> Result<Library, LoadError> {
+    if LOADER_WEDGED.load(Ordering::Acquire) {
+        return Err(LoadError::LoaderWedged {
+            path: path.to_owned(),
+        });
+    }
     let read_err = |source| LoadError::Read {
         path: path.to_owned(),
         source,
@@ -165,6 +196,7 @@ pub(super) fn open(path: &Path, open_path: &Path, sha256: &[u8; 32]) -> Result<L
         module: None,
         raw: Some(raw),
         baseline,
+        close_timeout: DEFAULT_CLOSE_TIMEOUT,
     };
     let module = check_and_init(path, library.raw.as_ref().expect("just opened"))?;
     library.module = Some(module);
@@ -394,7 +426,16 @@ pub struct Library {
     raw: Option<RawLibrary>,
     /// The threads alive before the library was opened.
     baseline: Census,
+    /// How long `dlclose` may take.
+    close_timeout: Duration,
 }
+
+/// How long closing a library may take unless the loader says otherwise.
+const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Set once a `dlclose` did not return in time: a library destructor hangs while holding the
+/// dynamic loader's lock, so nothing can be opened any more (it would wait for ever).
+static LOADER_WEDGED: AtomicBool = AtomicBool::new(false);
 
 impl std::fmt::Debug for Library {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -468,8 +509,49 @@ impl Library {
         };
         // Dropped before the code it points into is unmapped.
         self.module = None;
-        if let Err(e) = raw.close() {
-            tracing::warn!(plugin = %self.path.display(), error = %libloading_reason(&e), "dlclose failed");
+        // `dlclose` runs the library's destructors (C `destructor`s, `.fini_array`): plugin
+        // code, waited for with a deadline on a thread of its own.
+        // Waited for with a mutex and a condition variable: while `dlclose` holds the dynamic
+        // loader's lock, a thread's first use of a thread-local with a destructor (as a
+        // channel's is) would wait for that lock too.
+        type Done = (
+            std::sync::Mutex<Option<Result<(), String>>>,
+            std::sync::Condvar,
+        );
+        let done: std::sync::Arc<Done> = Default::default();
+        let closer = done.clone();
+        let closing = threads::spawn_detached("dlclose", move || {
+            let outcome = raw.close().map_err(|e| libloading_reason(&e));
+            *closer.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
+            closer.1.notify_all();
+        });
+        if let Err(error) = closing {
+            tracing::warn!(plugin = %self.path.display(), %error, "no thread to close the library with; it stays loaded");
+            return false;
+        }
+        let outcome = {
+            let guard = done.0.lock().unwrap_or_else(|p| p.into_inner());
+            let (mut guard, _) = done
+                .1
+                .wait_timeout_while(guard, self.close_timeout, |outcome| outcome.is_none())
+                .unwrap_or_else(|p| p.into_inner());
+            guard.take()
+        };
+        match outcome {
+            Some(Ok(())) => {}
+            Some(Err(reason)) => {
+                tracing::warn!(plugin = %self.path.display(), error = %reason, "dlclose failed");
+            }
+            None => {
+                LOADER_WEDGED.store(true, Ordering::Release);
+                tracing::error!(
+                    plugin = %self.path.display(),
+                    service = %self.manifest.name,
+                    timeout = ?self.close_timeout,
+                    "closing the library did not finish: its destructors hang, holding the dynamic loader's lock; no plugin can be loaded until the host restarts"
+                );
+                return false;
+            }
         }
         match is_mapped(&self.shadow) {
             Ok(false) => true,
@@ -516,6 +598,23 @@ impl Drop for Library {
             }
         }
     }
+}
+
+/// Whether a library's destructors never returned from `dlclose`: the dynamic loader's lock
+/// is then held for good, nothing can be loaded, and any thread's first use of a
+/// thread-local with a destructor waits for ever. A host should save what it can and exit.
+pub fn loader_wedged() -> bool {
+    LOADER_WEDGED.load(Ordering::Acquire)
+}
+
+/// Ends the process now with `code`, without running anything registered to run at exit:
+/// in particular not the destructors of the plugin libraries still loaded (plugin code,
+/// which could hang or crash the process at its very end). Standard error is unbuffered;
+/// flush anything else first.
+pub fn exit_without_destructors(code: i32) -> ! {
+    // SAFETY: `_exit` ends the process at once; no Rust invariant depends on destructors or
+    // `atexit` handlers running (the kernel's state is already saved by the caller).
+    unsafe { libc::_exit(code) }
 }
 
 /// Whether a file of that path is mapped into this process (per `/proc/self/maps`).

@@ -31,7 +31,9 @@ pub mod threads;
 pub use error::LoadError;
 pub use host_handle::HostServices;
 pub use instance::Instance;
-pub use library::{is_mapped, Library, Loader, PluginFile};
+pub use library::{
+    exit_without_destructors, is_mapped, loader_wedged, Library, Loader, PluginFile,
+};
 pub use manifest::Manifest;
 pub use probe::{run_probe_child, Probe, StateSource};
 

@@ -103,6 +103,7 @@ impl Probe {
         let mut err = tempfile::tempfile().map_err(failed)?;
         let mut command = Command::new(&self.program);
         command
+            .env("MICROKERNEL_PROBE_PARENT", std::process::id().to_string())
             .arg("probe")
             .arg(open_path)
             .arg("--as")
@@ -234,6 +235,13 @@ pub fn run_probe_child(
     config_dir: Option<&Path>,
     import_from: Option<&str>,
 ) -> i32 {
+    // A probe outlives no host: killed when the thread that started it ends (with its
+    // process, or after a timeout). A host already gone leaves nothing to report to.
+    let parent = std::env::var("MICROKERNEL_PROBE_PARENT").ok();
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    if parent.is_some_and(|p| p != nix::unistd::getppid().to_string()) {
+        return 3;
+    }
     // Read before anything runs, so that the host's writer never waits on this process.
     let state = import_from.map(|version| {
         let mut bytes = Vec::new();
