@@ -197,3 +197,28 @@ fn a_thousand_load_run_unload_cycles_leave_no_mapping_behind() -> TestResult {
     assert_eq!(kernel.stats().libraries_opened, 1000);
     Ok(())
 }
+
+#[test]
+fn a_path_that_is_not_a_regular_file_is_refused_without_waiting() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let fifo = dir.path().join("libfifo.so");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU)?;
+    // Opening a FIFO for reading would wait for a writer; it is refused at once instead.
+    let error = PluginFile::read(&fifo).unwrap_err();
+    assert!(
+        matches!(&error, LoadError::Read { source, .. } if source.kind() == std::io::ErrorKind::InvalidInput),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_file_larger_than_any_plugin_is_refused_unread() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let huge = dir.path().join("libhuge.so");
+    // Sparse: nothing is written, and reading it would take gigabytes.
+    fs::File::create(&huge)?.set_len(host::loader::MAX_PLUGIN_SIZE + 1)?;
+    let error = PluginFile::read(&huge).unwrap_err();
+    assert!(matches!(&error, LoadError::TooLarge { .. }), "{error}");
+    Ok(())
+}

@@ -1,7 +1,9 @@
 //! Rescanning the plugins directory: what changed, and what to do about it.
 //!
-//! Each `*.so` file is identified by the SHA-256 of its content. A file whose digest is
-//! known is skipped without being opened. Changed and new files are loaded; then, service by
+//! Each `*.so` file is identified by the SHA-256 of its content. A file whose `stat` (device,
+//! inode, size, modification and change times) is the one seen last time is not even read;
+//! a file whose digest is known is skipped without being opened. Only regular files of at
+//! most [`crate::loader::MAX_PLUGIN_SIZE`] bytes are read, non-blocking. Changed and new files are loaded; then, service by
 //! service, the highest version among the directory's files wins:
 //! - a new service is registered and started (dependencies first);
 //! - a running service whose winner is a file just loaded is hot-replaced;
@@ -24,6 +26,8 @@ use crate::{
 /// What the reloader knows of a file it has seen.
 #[derive(Debug, Clone)]
 struct KnownFile {
+    /// What `stat` said when it was read: the same again means the same content, unread.
+    stamp: Option<Stamp>,
     sha256: [u8; 32],
     /// Service and version it provides; `None` when it failed to load.
     provides: Option<(String, semver::Version)>,
@@ -173,6 +177,11 @@ impl Reloader {
     ) -> BTreeMap<PathBuf, Library> {
         let mut loaded = BTreeMap::new();
         for path in files {
+            let stamp = Stamp::of(&path);
+            if stamp.is_some() && self.known.get(&path).is_some_and(|k| k.stamp == stamp) {
+                report.unchanged += 1;
+                continue;
+            }
             let file = match PluginFile::read(&path) {
                 Ok(file) => file,
                 Err(error) => {
@@ -181,7 +190,8 @@ impl Reloader {
                 }
             };
             let sha256 = *file.sha256();
-            if self.known.get(&path).is_some_and(|k| k.sha256 == sha256) {
+            if let Some(known) = self.known.get_mut(&path).filter(|k| k.sha256 == sha256) {
+                known.stamp = stamp;
                 report.unchanged += 1;
                 continue;
             }
@@ -193,8 +203,14 @@ impl Reloader {
                         continue;
                     }
                     let provides = Some((manifest.name.clone(), manifest.version.clone()));
-                    self.known
-                        .insert(path.clone(), KnownFile { sha256, provides });
+                    self.known.insert(
+                        path.clone(),
+                        KnownFile {
+                            stamp,
+                            sha256,
+                            provides,
+                        },
+                    );
                     loaded.insert(path, library);
                 }
                 Err(error) => {
@@ -202,7 +218,14 @@ impl Reloader {
                         tracing::debug!(plugin = %path.display(), %report, "abi_stable's layout report");
                     }
                     let provides = None;
-                    self.known.insert(path, KnownFile { sha256, provides });
+                    self.known.insert(
+                        path,
+                        KnownFile {
+                            stamp,
+                            sha256,
+                            provides,
+                        },
+                    );
                     report.errors.push(error.into());
                 }
             }
@@ -318,6 +341,31 @@ fn version_of(known: &KnownFile) -> &semver::Version {
         .as_ref()
         .expect("only files that provide a service")
         .1
+}
+
+/// What `stat` says of a file that changes whenever its content does (short of a deliberate
+/// forgery): device, inode, size, and modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
 }
 
 /// The `*.so` files of `dir`, sorted.

@@ -124,4 +124,16 @@ pub enum LoadError {
         /// The plugin file.
         path: PathBuf,
     },
+    /// The file is larger than any plugin the host reads.
+    #[error(
+        "failed to load plugin {path}: {len} bytes is larger than the {max} bytes a plugin may be"
+    )]
+    TooLarge {
+        /// The plugin file.
+        path: PathBuf,
+        /// Its length.
+        len: u64,
+        /// The largest accepted.
+        max: u64,
+    },
 }

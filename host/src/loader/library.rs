@@ -218,13 +218,47 @@ pub struct PluginFile {
     sha256: [u8; 32],
 }
 
+/// The largest plugin file read: anything bigger is refused unread.
+pub const MAX_PLUGIN_SIZE: u64 = 1 << 30;
+
 impl PluginFile {
-    /// Reads and hashes the file at `path`.
+    /// Reads and hashes the file at `path`, which must be a regular file of at most
+    /// [`MAX_PLUGIN_SIZE`] bytes. Opened non-blocking: a path that names something that
+    /// blocks readers (a FIFO, a symbolic link to `/proc/kmsg`) is refused, not waited on.
     pub fn read(path: &Path) -> Result<Self, LoadError> {
-        let bytes = fs::read(path).map_err(|source| LoadError::Read {
+        use std::{io::Read, os::unix::fs::OpenOptionsExt};
+        let read_err = |source| LoadError::Read {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(read_err)?;
+        let metadata = file.metadata().map_err(read_err)?;
+        if !metadata.is_file() {
+            return Err(read_err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            )));
+        }
+        let too_large = |len| LoadError::TooLarge {
+            path: path.to_owned(),
+            len,
+            max: MAX_PLUGIN_SIZE,
+        };
+        if metadata.len() > MAX_PLUGIN_SIZE {
+            return Err(too_large(metadata.len()));
+        }
+        let mut bytes = Vec::with_capacity(metadata.len() as usize);
+        // Bounded even when the size said is not the size read (files of /proc).
+        file.take(MAX_PLUGIN_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_PLUGIN_SIZE {
+            return Err(too_large(bytes.len() as u64));
+        }
         let sha256 = Sha256::digest(&bytes).into();
         Ok(PluginFile {
             path: path.to_owned(),

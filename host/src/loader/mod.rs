@@ -33,6 +33,7 @@ pub use host_handle::HostServices;
 pub use instance::Instance;
 pub use library::{
     exit_without_destructors, is_mapped, loader_wedged, Library, Loader, PluginFile,
+    MAX_PLUGIN_SIZE,
 };
 pub use manifest::Manifest;
 pub use probe::{run_probe_child, Probe, StateSource};
