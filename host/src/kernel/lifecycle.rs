@@ -510,6 +510,8 @@ impl KernelInner {
         }
     }
 
+    /// A failure is logged (each tick) and returned, not kept as the service's last error:
+    /// a service too busy for one checkpoint is not failed.
     pub(super) fn checkpoint(&self, slot: &ServiceSlot) -> Result<Checkpoint, KernelError> {
         let deadline = self.deadline();
         let mut ops = slot.lock_ops(deadline)?;

@@ -163,12 +163,13 @@ impl KernelInner {
             Ok(suspension) => suspension,
             Err(cause) => {
                 self.retire(&service, new, None);
-                return Err(SwapError::Export {
+                let error = SwapError::Export {
                     service,
                     version: from,
                     cause,
-                }
-                .into());
+                };
+                slot.record_error(&error);
+                return Err(error.into());
             }
         };
 
