@@ -784,3 +784,107 @@ fn a_host_whose_loader_is_wedged_by_a_destructor_saves_its_states_and_exits() ->
     assert!(kv_holds(root.path(), "before"));
     Ok(())
 }
+
+/// `faulty` with `n` requests counted, then busy in a `sleep` of `ms` on another thread, and
+/// a stop of it given up: the instance will come out of `handle` after the sleep.
+fn given_up_while_busy(
+    persisted: &Persisted,
+    n: u64,
+    ms: u64,
+) -> (
+    std::sync::Arc<Kernel>,
+    tempfile::TempDir,
+    std::thread::JoinHandle<plugin_api::Reply>,
+) {
+    let (kernel, plugins) = faulty_kernel(persisted, "{}", &[], |c| {
+        c.operation_timeout = Duration::from_millis(200);
+    });
+    for _ in 0..n {
+        count(&kernel, "faulty");
+    }
+    let kernel = std::sync::Arc::new(kernel);
+    let sleeper = {
+        let kernel = kernel.clone();
+        std::thread::spawn(move || {
+            adopt();
+            let payload = ms.to_string();
+            kernel.request(
+                "faulty",
+                "sleep",
+                payload.as_bytes(),
+                Some(Duration::from_secs(20)),
+            )
+        })
+    };
+    wait_until_busy(&kernel, "faulty");
+    assert!(matches!(
+        kernel.stop("faulty"),
+        Err(KernelError::Stuck { .. })
+    ));
+    (kernel, plugins, sleeper)
+}
+
+#[test]
+fn a_new_version_replacing_a_given_up_instance_imports_the_state_it_handed_over() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins, sleeper) = given_up_while_busy(&persisted, 5, 500);
+    assert!(sleeper.join().unwrap().is_ok());
+    // Out of `handle`, the old instance hands its state over and ends.
+    std::thread::sleep(Duration::from_millis(300));
+    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    kernel.replace(v2, Some("{}".into()))?;
+    let reply = json(&kernel.request("faulty", "count", b"", None));
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("2.0.0"), Some(6))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_shutdown_waits_for_a_given_up_instance_and_saves_the_state_it_hands_over() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins, sleeper) = given_up_while_busy(&persisted, 5, 500);
+    let stopping = kernel.clone();
+    let report = within(Duration::from_secs(30), move || {
+        stopping.shutdown_until(Instant::now() + Duration::from_secs(10))
+    });
+    assert!(report.abandoned().is_empty(), "{:?}", report.failures);
+    let saved = kernel.state_store().unwrap().load("faulty")?.unwrap();
+    assert_eq!(saved.bytes, br#"{"count":5}"#);
+    let _ = sleeper.join();
+    Ok(())
+}
+
+#[test]
+fn sigterm_while_a_library_destructor_hangs_still_stops_the_host() -> TestResult {
+    let root = setup(&["fixture-faulty", "kv"]);
+    fs::write(
+        root.path().join("plugins/faulty.conf"),
+        r#"{"fini":"hang"}"#,
+    )?;
+    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "2s"]);
+    daemon.send("kv", r#"{"op":"put","key":"before","value":1}"#);
+    add_plugin(&root.path().join("plugins"), "fixture-faulty-v2");
+    // The reload hangs in version 1's destructor; SIGTERM comes before that is noticed.
+    let socket = root.path().join("state/control.sock");
+    let mut reload = std::process::Command::new(BIN)
+        .args(["ctl", "--socket", socket.to_str().unwrap(), "reload"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let (status, log) = within(Duration::from_secs(30), move || {
+        let log_root = daemon.root.clone();
+        let status = daemon.terminate();
+        (
+            status,
+            fs::read_to_string(log_root.join("host.log")).unwrap_or_default(),
+        )
+    });
+    assert!(status.code().is_some(), "{status:?}\n{log}");
+    assert!(kv_holds(root.path(), "before"), "{log}");
+    let _ = reload.kill();
+    let _ = reload.wait();
+    Ok(())
+}

@@ -30,6 +30,10 @@ use crate::{
     Kernel, KernelConfig,
 };
 
+/// How often retired libraries are tried again, and stuck instances that have ended are
+/// forgotten.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
 /// The environment variable that may hold the state key (64 hex digits).
 pub const KEY_ENV: &str = "MICROKERNEL_STATE_KEY";
 
@@ -209,6 +213,7 @@ fn main_loop(
 ) -> anyhow::Result<&'static str> {
     let mut started = Some(started);
     let health = tick(Duration::from_millis(500));
+    let sweeps = tick(SWEEP_INTERVAL);
     loop {
         select! {
             recv(health) -> _ => {
@@ -231,8 +236,8 @@ fn main_loop(
                 }
                 Err(_) => return Ok("shutdown"),
             },
-            recv(checkpoints) -> _ => {
-                kernel.checkpoint_in_background();
+            recv(checkpoints) -> _ => kernel.checkpoint_in_background(),
+            recv(sweeps) -> _ => {
                 // Closing libraries runs their destructors: on the reload thread, too.
                 let _ = reloads.send(Work::Sweep);
             }

@@ -285,8 +285,6 @@ pub(crate) struct Stuck {
     late_state: Receiver<Result<Vec<u8>, String>>,
     /// What was waited for.
     pub waited_for: &'static str,
-    /// Since when.
-    pub since: Instant,
 }
 
 impl Stuck {
@@ -300,6 +298,11 @@ impl Stuck {
         self.thread.join_until(Instant::now())
     }
 
+    /// Waits until it ends, at most until `deadline`.
+    pub fn end_until(&mut self, deadline: Instant) -> bool {
+        self.thread.join_until(deadline)
+    }
+
     /// The state it exported when it came out of plugin code, once it has.
     pub fn late_state(&self) -> Option<Vec<u8>> {
         self.late_state.try_recv().ok().and_then(Result::ok)
@@ -310,13 +313,12 @@ impl std::fmt::Display for Stuck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "stuck in {} (thread {}, waited for {}, {:.1?} ago)",
+            "stuck in {} (thread {}; given up waiting for {})",
             self.call(),
             self.thread
                 .tid()
                 .map_or_else(|| "?".to_owned(), |t| t.to_string()),
-            self.waited_for,
-            self.since.elapsed()
+            self.waited_for
         )
     }
 }
@@ -350,7 +352,6 @@ impl Executor {
             doing: self.doing,
             late_state: self.late_state,
             waited_for,
-            since: Instant::now(),
         }
     }
 }

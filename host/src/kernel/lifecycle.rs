@@ -311,9 +311,9 @@ impl KernelInner {
         }
         let mut report = StopReport::default();
         let outcomes = std::sync::Mutex::new(Vec::new());
-        if crate::loader::loader_wedged() {
+        if crate::loader::loader_busy() {
             // A new thread could wait for ever for the dynamic loader's lock (see
-            // `loader_wedged`): one service after the other, on this thread.
+            // `loader_busy`): one service after the other, on this thread.
             for service in waves.iter().flatten() {
                 if let Some(slot) = self.slot(service) {
                     report.stopped.push(service.clone());
@@ -433,7 +433,10 @@ impl KernelInner {
             slot.record_error(error);
         }
         slot.publish(&ops, None);
-        tracing::info!(service = %slot.name, "stopped");
+        match &ops.run {
+            Run::Stuck(stuck) => tracing::warn!(service = %slot.name, %stuck, "stop given up"),
+            _ => tracing::info!(service = %slot.name, "stopped"),
+        }
         result
     }
 

@@ -706,10 +706,19 @@ impl Kernel {
             let Ok(mut ops) = slot.lock_ops(Instant::now()) else {
                 continue;
             };
+            // An instance given up earlier may come out before the deadline: its state is
+            // saved then, as any other that comes back in time.
+            if let Run::Stuck(stuck) = &mut ops.run {
+                stuck.end_until(deadline);
+            }
             if let Some(late) = ops.run.reap() {
                 let version = ops.library.manifest().version.to_string();
-                if let Err(error) = self.inner.save(slot, &mut ops, &version, &late) {
-                    report.failures.push((slot.name.clone(), error));
+                match self.inner.save(slot, &mut ops, &version, &late) {
+                    Ok(()) => {
+                        report.failures.retain(|(s, _)| *s != slot.name);
+                        tracing::info!(service = %slot.name, "saved the state an instance handed over when it came out of plugin code");
+                    }
+                    Err(error) => report.failures.push((slot.name.clone(), error)),
                 }
             }
             let stuck = match std::mem::replace(&mut ops.run, Run::Idle(Status::Stopped)) {

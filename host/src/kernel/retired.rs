@@ -137,8 +137,40 @@ impl KernelInner {
         }
     }
 
-    /// Tries again to close every retired library. Returns how many stay loaded.
+    /// Tries again to close every retired library, and forgets the stuck instances that have
+    /// ended since (saving the state they handed over). Returns how many libraries stay
+    /// loaded.
     pub(crate) fn sweep(&self) -> usize {
+        for slot in self.slots() {
+            // Not waiting for an operation under way: the next sweep will do.
+            let Some(mut ops) = slot.ops.try_lock() else {
+                continue;
+            };
+            if !matches!(ops.run, super::Run::Stuck(_)) {
+                continue;
+            }
+            let late = ops.run.reap();
+            if matches!(ops.run, super::Run::Stuck(_)) {
+                continue;
+            }
+            let saved = match late {
+                Some(late) => {
+                    let version = ops.library.manifest().version.to_string();
+                    self.save(&slot, &mut ops, &version, &late).map(|()| true)
+                }
+                None => Ok(false),
+            };
+            match saved {
+                Err(error) => slot.record_error(&error),
+                Ok(saved) => slot.update(|info| {
+                    info.last_error = Some(format!(
+                        "its instance was stuck in plugin code and has ended since{}; start it again",
+                        if saved { ", handing over its state (saved)" } else { "" }
+                    ))
+                }),
+            }
+            slot.publish(&ops, None);
+        }
         let waiting = std::mem::take(&mut *lock(&self.retired));
         let mut kept = Vec::new();
         for retired in waiting {

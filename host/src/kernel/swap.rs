@@ -260,9 +260,11 @@ impl KernelInner {
         from: String,
         to: String,
     ) -> Result<SwapReport, KernelError> {
-        // A state handed over by an instance that came out late is the old version's; the
-        // new version starts from the last one saved (the file), as after any stop.
-        let _ = ops.run.reap();
+        // A state handed over by an instance that came out late is newer than the file: saved
+        // (as the old version's) for the new version to import.
+        if let Some(late) = ops.run.reap() {
+            self.save(slot, &mut ops, &from, &late)?;
+        }
         let status = ops.run.status();
         // A stuck instance is left to end alone with the old library: a new version may be
         // exactly what it takes to get the service back.

@@ -471,6 +471,10 @@ const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 /// dynamic loader's lock, so nothing can be opened any more (it would wait for ever).
 static LOADER_WEDGED: AtomicBool = AtomicBool::new(false);
 
+/// How many `dlclose` calls are under way: while one is, the dynamic loader's lock is held,
+/// maybe for good.
+static CLOSING: AtomicU64 = AtomicU64::new(0);
+
 impl std::fmt::Debug for Library {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Library")
@@ -554,12 +558,15 @@ impl Library {
         );
         let done: std::sync::Arc<Done> = Default::default();
         let closer = done.clone();
+        CLOSING.fetch_add(1, Ordering::AcqRel);
         let closing = threads::spawn_detached("dlclose", move || {
             let outcome = raw.close().map_err(|e| libloading_reason(&e));
+            CLOSING.fetch_sub(1, Ordering::AcqRel);
             *closer.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(outcome);
             closer.1.notify_all();
         });
         if let Err(error) = closing {
+            CLOSING.fetch_sub(1, Ordering::AcqRel);
             tracing::warn!(plugin = %self.path.display(), %error, "no thread to close the library with; it stays loaded");
             return false;
         }
@@ -639,6 +646,14 @@ impl Drop for Library {
 /// thread-local with a destructor waits for ever. A host should save what it can and exit.
 pub fn loader_wedged() -> bool {
     LOADER_WEDGED.load(Ordering::Acquire)
+}
+
+/// Whether the dynamic loader's lock may be held now, maybe for good: a `dlclose` is under
+/// way or never returned. A new thread's first use of a thread-local with a destructor
+/// would then wait for that lock: work that must finish should stay on threads that are
+/// ready (see `daemon`).
+pub fn loader_busy() -> bool {
+    loader_wedged() || CLOSING.load(Ordering::Acquire) > 0
 }
 
 /// Ends the process now with `code`, without running anything registered to run at exit:

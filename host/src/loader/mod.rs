@@ -32,7 +32,7 @@ pub use error::LoadError;
 pub use host_handle::HostServices;
 pub use instance::Instance;
 pub use library::{
-    exit_without_destructors, is_mapped, loader_wedged, Library, Loader, PluginFile,
+    exit_without_destructors, is_mapped, loader_busy, loader_wedged, Library, Loader, PluginFile,
     MAX_PLUGIN_SIZE,
 };
 pub use manifest::Manifest;
