@@ -580,23 +580,29 @@ fn a_busy_service_holds_back_neither_the_checkpoints_nor_the_rescans_of_the_othe
     Ok(())
 }
 
-#[test]
-fn sigterm_ends_the_host_within_the_operation_timeout_with_a_plugin_stuck_in_stop() -> TestResult {
+/// A daemon running `faulty` (with `conf`) and `kv`, which holds `before-stop`.
+fn faulty_daemon(conf: &str, operation_timeout: &str) -> (tempfile::TempDir, Daemon) {
     let root = setup(&["fixture-faulty", "kv"]);
-    fs::write(
-        root.path().join("plugins/faulty.conf"),
-        r#"{"stop":"hang"}"#,
-    )?;
-    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "1s"]);
+    fs::write(root.path().join("plugins/faulty.conf"), conf).unwrap();
+    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", operation_timeout]);
     daemon.send("kv", r#"{"op":"put","key":"before-stop","value":1}"#);
-    let (status, log) = within(Duration::from_secs(30), move || {
+    (root, daemon)
+}
+
+/// SIGTERM, then the exit status and the log, waited for at most 30 s.
+fn terminated(daemon: Daemon) -> (std::process::ExitStatus, String) {
+    within(Duration::from_secs(30), move || {
         let log_root = daemon.root.clone();
         let status = daemon.terminate();
-        (
-            status,
-            fs::read_to_string(log_root.join("host.log")).unwrap_or_default(),
-        )
-    });
+        let log = fs::read_to_string(log_root.join("host.log")).unwrap_or_default();
+        (status, log)
+    })
+}
+
+#[test]
+fn sigterm_ends_the_host_within_the_operation_timeout_with_a_plugin_stuck_in_stop() -> TestResult {
+    let (root, daemon) = faulty_daemon(r#"{"stop":"hang"}"#, "1s");
+    let (status, log) = terminated(daemon);
     assert_eq!(status.code(), Some(2), "{log}");
     assert!(log.contains("abandoned") && log.contains("faulty"), "{log}");
     assert!(kv_holds(root.path(), "before-stop"), "{log}");
@@ -702,21 +708,8 @@ fn a_stop_given_up_on_a_full_mailbox_lets_the_service_start_again_with_its_state
 
 #[test]
 fn sigterm_ends_the_host_even_when_a_library_destructor_hangs() -> TestResult {
-    let root = setup(&["fixture-faulty", "kv"]);
-    fs::write(
-        root.path().join("plugins/faulty.conf"),
-        r#"{"fini":"hang"}"#,
-    )?;
-    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "1s"]);
-    daemon.send("kv", r#"{"op":"put","key":"before-stop","value":1}"#);
-    let (status, log) = within(Duration::from_secs(30), move || {
-        let log_root = daemon.root.clone();
-        let status = daemon.terminate();
-        (
-            status,
-            fs::read_to_string(log_root.join("host.log")).unwrap_or_default(),
-        )
-    });
+    let (root, daemon) = faulty_daemon(r#"{"fini":"hang"}"#, "1s");
+    let (status, log) = terminated(daemon);
     assert_eq!(status.code(), Some(0), "{log}");
     assert!(kv_holds(root.path(), "before-stop"), "{log}");
     Ok(())
@@ -858,13 +851,7 @@ fn a_shutdown_waits_for_a_given_up_instance_and_saves_the_state_it_hands_over() 
 
 #[test]
 fn sigterm_while_a_library_destructor_hangs_still_stops_the_host() -> TestResult {
-    let root = setup(&["fixture-faulty", "kv"]);
-    fs::write(
-        root.path().join("plugins/faulty.conf"),
-        r#"{"fini":"hang"}"#,
-    )?;
-    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "2s"]);
-    daemon.send("kv", r#"{"op":"put","key":"before","value":1}"#);
+    let (root, daemon) = faulty_daemon(r#"{"fini":"hang"}"#, "2s");
     add_plugin(&root.path().join("plugins"), "fixture-faulty-v2");
     // The reload hangs in version 1's destructor; SIGTERM comes before that is noticed.
     let socket = root.path().join("state/control.sock");
@@ -874,16 +861,9 @@ fn sigterm_while_a_library_destructor_hangs_still_stops_the_host() -> TestResult
         .stderr(std::process::Stdio::null())
         .spawn()?;
     std::thread::sleep(Duration::from_millis(500));
-    let (status, log) = within(Duration::from_secs(30), move || {
-        let log_root = daemon.root.clone();
-        let status = daemon.terminate();
-        (
-            status,
-            fs::read_to_string(log_root.join("host.log")).unwrap_or_default(),
-        )
-    });
+    let (status, log) = terminated(daemon);
     assert!(status.code().is_some(), "{status:?}\n{log}");
-    assert!(kv_holds(root.path(), "before"), "{log}");
+    assert!(kv_holds(root.path(), "before-stop"), "{log}");
     let _ = reload.kill();
     let _ = reload.wait();
     Ok(())
