@@ -152,7 +152,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: Duration,
     /// How long to wait for a service to start, or to reach a checkpoint, a hot replace or a
-    /// stop, before reporting it stuck.
+    /// stop, before reporting it stuck; SIGINT and SIGTERM end the host within it.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub operation_timeout: Duration,
     /// How long a plugin file's probe may take: before the host opens a new plugin file, a
