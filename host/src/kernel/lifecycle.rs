@@ -209,6 +209,7 @@ impl KernelInner {
         if let Run::Stuck(stuck) = &ops.run {
             return Err(KernelError::Stuck {
                 service: slot.name.clone(),
+                call: stuck.call(),
                 stuck: format!("still {stuck}"),
             });
         }
@@ -410,6 +411,7 @@ impl KernelInner {
             }),
             (Err(stuck), _) => Err(KernelError::Stuck {
                 service: slot.name.clone(),
+                call: stuck.call(),
                 stuck: stuck.to_string(),
             }),
         };

@@ -184,7 +184,9 @@ pub enum KernelError {
     Stuck {
         /// The service.
         service: String,
-        /// Where it is stuck.
+        /// The plugin function its thread was in when it was given up.
+        call: crate::Call,
+        /// Where it is stuck, in words (the call, the thread, what was waited for).
         stuck: String,
     },
 }
@@ -730,6 +732,7 @@ impl Kernel {
                             slot.name.clone(),
                             KernelError::Stuck {
                                 service: slot.name.clone(),
+                                call: stuck.call(),
                                 stuck: stuck.to_string(),
                             },
                         ));
