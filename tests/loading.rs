@@ -162,9 +162,22 @@ fn a_closed_library_is_gone_from_the_address_space() -> TestResult {
         is_mapped(&shadow)?,
         "the library should be mapped while open"
     );
-    let closed = library
-        .close(&|_| false)
-        .map_err(|(_, threads)| format!("pinned by {threads:?}"))?;
+    // Another test's thread that has not said it is the host's yet keeps it, for a moment.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut library = library;
+    let closed = loop {
+        match library.close(&|_| false) {
+            Ok(closed) => break closed,
+            Err((kept, threads)) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "pinned by {threads:?}"
+                );
+                library = kept;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
+    };
     assert!(closed, "close reports the library unmapped");
     assert!(!is_mapped(&shadow)?);
     Ok(())
@@ -193,6 +206,7 @@ fn a_thousand_load_run_unload_cycles_leave_no_mapping_behind() -> TestResult {
         let report = kernel.shutdown();
         assert!(report.failures.is_empty(), "{:?}", report.failures);
     }
+    assert!(all_closed_soon(&kernel));
     assert_eq!(mappings_under(shadow_parent.path()), 0);
     assert_eq!(kernel.stats().libraries_opened, 1000);
     Ok(())

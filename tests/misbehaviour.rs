@@ -267,6 +267,7 @@ fn a_thread_local_with_a_destructor_does_not_pin_the_library_at_unload() -> Test
     };
     assert!(mapped() > 0);
     kernel.shutdown();
+    assert!(all_closed_soon(&kernel));
     // The executor (where the destructor was registered) ended before the library closed.
     assert_eq!(
         mapped(),

@@ -334,3 +334,17 @@ pub fn wait_until_busy(kernel: &Kernel, service: &str) {
         );
     }
 }
+
+/// Whether every library `kernel` retired gets closed within 10 s. A library is kept while a
+/// thread the host does not know is alive (see `host::loader::threads`); in this test binary
+/// that can be another test's thread that has not adopted itself yet, for a moment.
+pub fn all_closed_soon(kernel: &Kernel) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while kernel.sweep() > 0 {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
