@@ -492,7 +492,7 @@ fn corrupt(bytes: &[u8], seed: u64, n: usize) -> Vec<u8> {
 }
 
 /// How many corrupt copies the corrupt-copies test drops in.
-const CORRUPT_COPIES: u64 = 200;
+const CORRUPT_COPIES: u64 = 60;
 
 #[test]
 fn corrupt_copies_of_a_plugin_never_crash_the_host() -> TestResult {
