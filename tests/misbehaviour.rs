@@ -217,7 +217,16 @@ fn a_failed_start_whose_drop_hangs_returns_and_names_the_call() -> TestResult {
     assert_eq!(info.status, Status::Failed);
     assert!(info.last_error.unwrap().contains("`drop`"));
     let error = kernel.start("faulty").unwrap_err();
-    assert!(matches!(&error, KernelError::Stuck { .. }), "{error}");
+    assert!(
+        matches!(
+            &error,
+            KernelError::Stuck {
+                call: Call::Drop,
+                ..
+            }
+        ),
+        "{error}"
+    );
     assert_eq!(echo_count(&kernel), 1);
     Ok(())
 }
@@ -230,7 +239,7 @@ fn a_start_that_hangs_is_given_up_naming_the_call() -> TestResult {
     });
     let failures = kernel.start_all();
     assert!(
-        matches!(&failures[..], [(s, KernelError::Stuck { .. })] if s == "faulty"),
+        matches!(&failures[..], [(s, KernelError::Stuck { call: Call::Start, .. })] if s == "faulty"),
         "{failures:?}"
     );
     assert_eq!(kernel.info("faulty").unwrap().status, Status::Failed);

@@ -284,7 +284,7 @@ pub(crate) struct Stuck {
     doing: Doing,
     late_state: Receiver<Result<Vec<u8>, String>>,
     /// What was waited for.
-    pub waited_for: &'static str,
+    waited_for: &'static str,
 }
 
 impl Stuck {

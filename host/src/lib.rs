@@ -22,20 +22,12 @@ mod executor;
 
 pub use executor::{Call, InstanceError};
 
-/// An error and its causes in one line, `error: cause: cause`, the way `anyhow` prints
-/// `{:#}`: what the host shows wherever an error leaves it (reload reports, `ctl`, logs, the
-/// last error of a service). Errors keep their cause in `source()` and out of their own
-/// message, so nothing is said twice.
-pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
-}
+/// An error and its causes in one line (see [`plugin_api::error_chain`]): what the host
+/// shows wherever an error leaves it (reload reports, `ctl`, logs, the last error of a
+/// service). Errors keep their cause in `source()` and out of their own message, so nothing
+/// is said twice.
+pub use plugin_api::error_chain;
+
 pub use kernel::{
     BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo,
     Status, StopReport,

@@ -46,8 +46,8 @@ pub mod __private;
 #[doc(hidden)]
 pub use sdk::export_parts;
 pub use sdk::{
-    codes, is_valid_service_name, BoxError, Event, Host, Message, Reply, Request, Service,
-    DEFAULT_REQUEST_TIMEOUT,
+    codes, error_chain, is_valid_service_name, BoxError, Event, Host, Message, Reply, Request,
+    Service, DEFAULT_REQUEST_TIMEOUT,
 };
 
 #[cfg(test)]

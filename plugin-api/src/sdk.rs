@@ -295,6 +295,20 @@ pub trait Service: Sized + 'static {
     }
 }
 
+/// An error and its causes in one line, `error: cause: cause`, the way `anyhow` prints
+/// `{:#}`. What the SDK sends the host when a method fails, and what the host shows
+/// wherever an error leaves it.
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 /// The plugin-side destination of the logging macros: the host handle of the live instance.
 ///
 /// One per loaded library (each copy of a plugin has its own statics). Holds no thread-local,
@@ -441,18 +455,6 @@ pub mod export_parts {
             let message = describe_panic(what, panic);
             let _ = catch_unwind(AssertUnwindSafe(|| crate::error!("{message}")));
         }
-    }
-
-    /// `error: cause: cause...`, the way `anyhow` prints `{:#}`.
-    pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-        let mut text = error.to_string();
-        let mut source = error.source();
-        while let Some(cause) = source {
-            text.push_str(": ");
-            text.push_str(&cause.to_string());
-            source = cause.source();
-        }
-        text
     }
 
     /// The message of a panic payload, when it has one.

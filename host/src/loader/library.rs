@@ -164,11 +164,6 @@ impl Loader {
 /// Opens the library at `open_path` (named `path` in errors) and checks it, with no shadow
 /// copy: the loader's last step, and all that a probe does in its child process.
 pub(super) fn open(path: &Path, open_path: &Path, sha256: &[u8; 32]) -> Result<Library, LoadError> {
-    if LOADER_WEDGED.load(Ordering::Acquire) {
-        return Err(LoadError::LoaderWedged {
-            path: path.to_owned(),
-        });
-    }
     let read_err = |source| LoadError::Read {
         path: path.to_owned(),
         source,
