@@ -44,7 +44,7 @@ pub(crate) fn inspect(root: &Path, service: &str, extra: &[&str]) -> Output {
 }
 
 /// `run` with the plugins, state directory and key of a test's root directory.
-fn run_args(root: &Path) -> Vec<String> {
+pub(crate) fn run_args(root: &Path) -> Vec<String> {
     let p = |name: &str| root.join(name).to_string_lossy().into_owned();
     [
         "run",

@@ -7,6 +7,7 @@ mod cli;
 mod loading;
 mod markers;
 mod misbehaviour;
+mod operations;
 mod out_of_tree;
 mod reload;
 mod services;

@@ -4,7 +4,7 @@
 use std::{
     io::{BufRead, BufReader, Write},
     os::unix::{
-        fs::PermissionsExt,
+        fs::{FileTypeExt, PermissionsExt},
         net::{UnixListener, UnixStream},
     },
     path::{Path, PathBuf},
@@ -99,15 +99,30 @@ impl ControlServer {
     /// Binds the socket (refusing to steal one a live host listens on), mode 0600.
     /// Connections wait in the backlog until [`ControlServer::serve`].
     pub fn bind(path: &Path) -> anyhow::Result<Self> {
-        if path.exists() {
-            if UnixStream::connect(path).is_ok() {
-                bail!(
-                    "another host is already listening on control socket {}",
-                    path.display()
-                );
+        match std::fs::symlink_metadata(path) {
+            Ok(meta) if meta.file_type().is_socket() => {
+                if UnixStream::connect(path).is_ok() {
+                    bail!(
+                        "another host is already listening on control socket {}",
+                        path.display()
+                    );
+                }
+                // A socket no host answers on: what a host that died left behind.
+                std::fs::remove_file(path).with_context(|| {
+                    format!("removing stale control socket {}", path.display())
+                })?;
             }
-            std::fs::remove_file(path)
-                .with_context(|| format!("removing stale control socket {}", path.display()))?;
+            Ok(meta) => bail!(
+                "control socket {} exists and is not a socket (it is {}); refusing to replace it: choose another --socket path",
+                path.display(),
+                describe_file_type(meta.file_type())
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!("checking control socket path {}", path.display())
+                })
+            }
         }
         let listener = UnixListener::bind(path)
             .with_context(|| format!("binding control socket {}", path.display()))?;
@@ -282,6 +297,22 @@ fn handle(request: Request, kernel: &Kernel, events: &Sender<Event>) -> Response
             Ok(()) => done(vec![(format!("{service}: running"), false)]),
             Err(e) => done(vec![(crate::error_chain(&e), true)]),
         },
+    }
+}
+
+/// Names a kind of file, for messages.
+fn describe_file_type(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "a regular file"
     }
 }
 

@@ -19,6 +19,7 @@ use std::{
 
 use anyhow::{bail, Context};
 use crossbeam_channel::{never, select, tick, unbounded, Receiver, Sender};
+use nix::sys::signal::{SigSet, Signal};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
 use crate::{
@@ -75,6 +76,16 @@ pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
 /// Runs the host until SIGINT or SIGTERM. Returns an error when the host could not start, or
 /// when some state could not be saved at shutdown.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
+    // Handlers first, then the signals held since `main` began are let through: a SIGHUP
+    // sent while the host starts is a rescan once the services are up, a SIGTERM a clean
+    // stop; neither kills it.
+    let signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .context("installing signal handlers")?;
+    release_signals();
+    // A state write past a file-size limit fails with EFBIG, reported like ENOSPC, instead
+    // of killing the host.
+    signal_hook::flag::register(signal_hook::consts::SIGXFSZ, Default::default())
+        .context("installing the SIGXFSZ handler")?;
     // This thread never runs plugin code on its own (see `loader::threads`).
     threads::adopt_current_thread();
     prepare_for_a_wedged_loader();
@@ -125,7 +136,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     })?);
 
     let (events_tx, events) = unbounded();
-    let signals = spawn_signal_thread(events_tx.clone())?;
+    let signals = spawn_signal_thread(signals, events_tx.clone())?;
     let socket = args
         .socket
         .clone()
@@ -155,7 +166,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Ok(())
     };
-    let signal = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up)?;
+    let (signal, up) = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up)?;
     let wedged = crate::loader::loader_wedged();
 
     // Everything from here on is bounded: SIGTERM ends the host within the operation
@@ -167,6 +178,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // A rescan under way finishes on its own; its service's stop waits for it until the
     // deadline.
     drop(reloads);
+    if !up {
+        // Stopped before the first scan was done (a SIGTERM during start-up): the services
+        // it is starting are stopped once it is, within the same deadline.
+        let _ = started.recv_deadline(deadline);
+    }
     // The libraries stay loaded: the process ends with `_exit` (see `main`), so that no
     // plugin destructor runs (one that hangs would keep the host from ever exiting).
     let report = kernel.stop_for_exit(deadline);
@@ -210,7 +226,7 @@ fn main_loop(
     checkpoints: &Receiver<Instant>,
     started: &Receiver<()>,
     up: &mut dyn FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<&'static str> {
+) -> anyhow::Result<(&'static str, bool)> {
     let mut started = Some(started);
     let health = tick(Duration::from_millis(500));
     let sweeps = tick(SWEEP_INTERVAL);
@@ -219,7 +235,7 @@ fn main_loop(
             recv(health) -> _ => {
                 if crate::loader::loader_wedged() {
                     tracing::error!("a plugin library's destructors hang: saving every state and stopping, to be restarted");
-                    return Ok("a wedged dynamic loader");
+                    return Ok(("a wedged dynamic loader", started.is_none()));
                 }
             }
             recv(started.unwrap_or(&never())) -> _ => {
@@ -228,13 +244,13 @@ fn main_loop(
                 up()?;
             }
             recv(events) -> event => match event {
-                Ok(Event::Shutdown(signal)) => return Ok(signal),
+                Ok(Event::Shutdown(signal)) => return Ok((signal, started.is_none())),
                 Ok(Event::Reload { service, reply }) => {
                     if reloads.send(Work::Reload(ReloadRequest { service, reply })).is_err() {
                         tracing::error!("the reload thread is gone; reload not done");
                     }
                 }
-                Err(_) => return Ok("shutdown"),
+                Err(_) => return Ok(("shutdown", started.is_none())),
             },
             recv(checkpoints) -> _ => kernel.checkpoint_in_background(),
             recv(sweeps) -> _ => {
@@ -367,9 +383,34 @@ fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
     lines
 }
 
-fn spawn_signal_thread(events: Sender<Event>) -> anyhow::Result<signal_hook::iterator::Handle> {
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .context("installing signal handlers")?;
+/// The signals the daemon handles.
+const HANDLED: [Signal; 3] = [Signal::SIGHUP, Signal::SIGINT, Signal::SIGTERM];
+
+fn handled() -> SigSet {
+    let mut set = SigSet::empty();
+    for signal in HANDLED {
+        set.add(signal);
+    }
+    set
+}
+
+/// Holds SIGHUP, SIGINT and SIGTERM on the calling thread (call it first in `main`, before
+/// any thread exists): until [`release_signals`], they stay pending instead of killing the
+/// process.
+pub fn hold_signals() {
+    let _ = handled().thread_block();
+}
+
+/// Lets SIGHUP, SIGINT and SIGTERM through again on the calling thread (and the threads it
+/// starts from now on).
+pub fn release_signals() {
+    let _ = handled().thread_unblock();
+}
+
+fn spawn_signal_thread(
+    mut signals: signal_hook::iterator::Signals,
+    events: Sender<Event>,
+) -> anyhow::Result<signal_hook::iterator::Handle> {
     let handle = signals.handle();
     threads::spawn_detached("signals", move || {
         for signal in signals.forever() {

@@ -15,8 +15,23 @@ use host::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// Before `main`, before any Rust code: SIGHUP, SIGINT and SIGTERM are held (pending, not
+/// fatal) from the program's first constructor on, until `run` has installed its handlers;
+/// other commands let them through once their arguments are parsed. (What runs before this
+/// is the dynamic loader, for a fraction of a millisecond.)
+#[used]
+#[link_section = ".init_array"]
+static HOLD_SIGNALS: extern "C" fn() = hold_signals;
+
+extern "C" fn hold_signals() {
+    daemon::hold_signals();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Run(_)) {
+        daemon::release_signals();
+    }
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|e| {

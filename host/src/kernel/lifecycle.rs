@@ -107,8 +107,14 @@ impl KernelInner {
         };
         match store.load(&slot.name) {
             Ok(saved) => Ok(saved.map(|s| (s.version, s.bytes))),
-            Err(source) if self.config.on_bad_state == BadStatePolicy::Quarantine => {
-                self.quarantine(slot, &source).map(|()| None)
+            // Only a file that was read and is bad: one that could not be read (permissions,
+            // I/O) may be fine, and is left where it is.
+            Err(source)
+                if self.config.on_bad_state == BadStatePolicy::Quarantine
+                    && source.is_about_content() =>
+            {
+                self.quarantine(slot, &crate::error_chain(&source))
+                    .map(|()| None)
             }
             Err(source) => Err(KernelError::State {
                 service: slot.name.clone(),

@@ -3,11 +3,23 @@ use std::{path::PathBuf, time::Duration};
 /// Why a plugin file could not be loaded. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    /// The file could not be read or copied to its shadow path.
+    /// The file could not be read.
     #[error("failed to read plugin {path}")]
     Read {
         /// The plugin file.
         path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The private copy the host opens could not be written (a full or read-only shadow
+    /// directory): nothing is wrong with the file itself.
+    #[error("failed to load plugin {path}: writing its private copy {shadow} failed")]
+    ShadowCopy {
+        /// The plugin file.
+        path: PathBuf,
+        /// The copy that was being written.
+        shadow: PathBuf,
         /// What the operating system said.
         #[source]
         source: std::io::Error,
@@ -136,4 +148,21 @@ pub enum LoadError {
         /// The largest accepted.
         max: u64,
     },
+}
+
+impl LoadError {
+    /// Whether the failure is the file's own (its content: not a plugin, corrupt, built
+    /// against another API, crashing its probe), so that loading the same bytes again would
+    /// fail again. A failure from outside the file (it could not be read, its private copy
+    /// could not be written, the probe could not be run, the dynamic loader is wedged) is
+    /// not: the file is tried again at the next rescan.
+    pub fn is_the_files_fault(&self) -> bool {
+        !matches!(
+            self,
+            LoadError::Read { .. }
+                | LoadError::ShadowCopy { .. }
+                | LoadError::ProbeFailed { .. }
+                | LoadError::LoaderWedged { .. }
+        )
+    }
 }

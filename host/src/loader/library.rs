@@ -32,6 +32,9 @@ use super::{
 /// One per kernel; lives as long as the kernel.
 pub struct Loader {
     shadow_dir: tempfile::TempDir,
+    /// Held for the loader's life: a shadow directory whose owner lock nobody holds was left
+    /// by a host that died, and is removed by the next one (see [`remove_stale_shadow_dirs`]).
+    _owner: nix::fcntl::Flock<fs::File>,
     probe: Option<Probe>,
     /// Where the probe finds the state a service would import.
     states: std::sync::OnceLock<Box<StateSource>>,
@@ -56,19 +59,25 @@ impl Loader {
     ///
     /// With a `probe`, every file is first opened in a child process (see [`Probe`]).
     pub fn new(parent: Option<&Path>, probe: Option<Probe>) -> std::io::Result<Self> {
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
+        for removed in remove_stale_shadow_dirs(&parent) {
+            tracing::info!(dir = %removed.display(), "removed the shadow directory of a host that is gone");
+        }
         let mut builder = tempfile::Builder::new();
         builder
-            .prefix("microkernel-shadow-")
+            .prefix(SHADOW_PREFIX)
             .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
-        let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
-        let shadow_dir = builder.tempdir_in(&parent).map_err(|e| {
+        let in_parent = |e: std::io::Error| {
             std::io::Error::new(
                 e.kind(),
                 format!("creating a shadow directory in {}: {e}", parent.display()),
             )
-        })?;
+        };
+        let shadow_dir = builder.tempdir_in(&parent).map_err(in_parent)?;
+        let owner = lock_owner_file(shadow_dir.path()).map_err(in_parent)?;
         Ok(Loader {
             shadow_dir,
+            _owner: owner,
             probe,
             states: std::sync::OnceLock::new(),
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
@@ -135,9 +144,13 @@ impl Loader {
             .join(format!("{stem}-{}-{id}.so", std::process::id()));
         fs::File::create(&shadow)
             .and_then(|mut f| f.write_all(bytes))
-            .map_err(|source| LoadError::Read {
-                path: path.to_owned(),
-                source,
+            .map_err(|source| {
+                let _ = fs::remove_file(&shadow);
+                LoadError::ShadowCopy {
+                    path: path.to_owned(),
+                    shadow: shadow.clone(),
+                    source,
+                }
             })?;
 
         if let Some(probe) = &self.probe {
@@ -159,6 +172,60 @@ impl Loader {
         }
         opened
     }
+}
+
+/// What every shadow directory's name starts with.
+const SHADOW_PREFIX: &str = "microkernel-shadow-";
+/// The file in a shadow directory that its host holds a lock on.
+const OWNER_FILE: &str = ".owner";
+
+/// Creates the owner file of a shadow directory already locked: it is locked under another
+/// name, then renamed, so that no other host ever sees it unlocked while this one lives.
+fn lock_owner_file(dir: &Path) -> std::io::Result<nix::fcntl::Flock<fs::File>> {
+    let staging = dir.join(".owner.new");
+    let file = fs::OpenOptions::new()
+        .create_new(true)
+        .write(true)
+        .open(&staging)?;
+    let locked = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        .map_err(|(_, errno)| std::io::Error::from(errno))?;
+    fs::rename(&staging, dir.join(OWNER_FILE))?;
+    Ok(locked)
+}
+
+/// Removes the shadow directories in `parent` that a host left when it died (killed before
+/// it could remove its own): this user's, with an owner file no live host holds a lock on.
+/// Directories without an owner file are left alone. Returns what it removed.
+fn remove_stale_shadow_dirs(parent: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let me = nix::unistd::geteuid().as_raw();
+    let mut removed = Vec::new();
+    for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let ours = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(SHADOW_PREFIX))
+            && fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if !ours {
+            continue;
+        }
+        let Ok(owner) = fs::OpenOptions::new()
+            .write(true)
+            .open(path.join(OWNER_FILE))
+        else {
+            continue;
+        };
+        // The lock is held while the directory goes: no host can take it meanwhile.
+        if let Ok(_held) =
+            nix::fcntl::Flock::lock(owner, nix::fcntl::FlockArg::LockExclusiveNonblock)
+        {
+            if fs::remove_dir_all(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
 }
 
 /// Opens the library at `open_path` (named `path` in errors) and checks it, with no shadow

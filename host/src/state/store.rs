@@ -103,6 +103,32 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
     },
+    /// The state directory is not the one the host started with any more (removed, renamed
+    /// or replaced): nothing is written there, since another host may now use that path.
+    #[error("state file {path} not written: the state directory {dir} was removed or replaced while the host ran (restart the host to use the new one)")]
+    DirectoryReplaced {
+        /// The file that was to be written.
+        path: PathBuf,
+        /// The state directory.
+        dir: PathBuf,
+    },
+}
+
+impl StateError {
+    /// Whether the error is about what the file holds (not a state file, truncated, another
+    /// service's, an unknown key, tampered): a file that could be read and is bad. An I/O
+    /// error (a file that could not be read at all) is not: the file may be fine.
+    pub fn is_about_content(&self) -> bool {
+        matches!(
+            self,
+            StateError::NotAStateFile { .. }
+                | StateError::Truncated { .. }
+                | StateError::UnsupportedFormat { .. }
+                | StateError::WrongService { .. }
+                | StateError::UnknownKey { .. }
+                | StateError::Tampered { .. }
+        )
+    }
 }
 
 /// The clear-text header of a state file.
@@ -131,11 +157,25 @@ pub struct SavedState {
     pub bytes: Vec<u8>,
 }
 
+/// The prefix and suffix of the temporary file a save writes before renaming it into place:
+/// `.<service>.state.tmp-XXXXXX`. Only names of this form are ever removed as leftovers.
+const TMP_INFIX: &str = ".state.tmp-";
+const TMP_RANDOM_LEN: usize = 6;
+
 /// Reads and writes the state files of one state directory. Lives as long as the kernel.
 #[derive(Debug)]
 pub struct StateStore {
     dir: PathBuf,
+    /// (device, inode) of the directory when the store was made: a directory removed or
+    /// replaced since is not written to.
+    identity: (u64, u64),
     keys: KeyRing,
+}
+
+fn identity_of(dir: &Path) -> io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(dir)?;
+    Ok((meta.dev(), meta.ino()))
 }
 
 impl StateStore {
@@ -156,10 +196,22 @@ impl StateStore {
                 tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"), "the state directory is accessible to other users; run `chmod 700` on it");
             }
         }
+        let identity = identity_of(dir).map_err(|source| StateError::Io {
+            path: dir.to_owned(),
+            op: "reading the metadata of the state directory",
+            source,
+        })?;
         Ok(StateStore {
             dir: dir.to_owned(),
+            identity,
             keys,
         })
+    }
+
+    /// Whether the state directory is still the one the store was made with (not removed,
+    /// renamed or replaced since).
+    pub fn directory_is_ours(&self) -> bool {
+        identity_of(&self.dir).is_ok_and(|id| id == self.identity)
     }
 
     /// The keys this store seals and opens with.
@@ -192,8 +244,15 @@ impl StateStore {
             op,
             source,
         };
+        if !self.directory_is_ours() {
+            return Err(StateError::DirectoryReplaced {
+                path,
+                dir: self.dir.clone(),
+            });
+        }
         let mut file = tempfile::Builder::new()
-            .prefix(&format!(".{service}.state."))
+            .prefix(&format!(".{service}{TMP_INFIX}"))
+            .rand_bytes(TMP_RANDOM_LEN)
             .tempfile_in(&self.dir)
             .map_err(|e| io("creating a temporary file", e))?;
         file.as_file()
@@ -210,14 +269,15 @@ impl StateStore {
     }
 
     /// Removes the temporary files of saves that never completed (a crash between creating
-    /// and renaming). Call it only when no save can be running. Returns what it removed.
+    /// and renaming): only names a save writes, `.<service>.state.tmp-XXXXXX`; anything else
+    /// (an operator's `.kv.state.backup`) is left alone. Call it only when no save can be
+    /// running. Returns what it removed.
     pub fn remove_leftovers(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.')
-                && name.contains(".state.")
+            let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            if is_file
+                && entry.file_name().to_str().is_some_and(is_temporary_name)
                 && fs::remove_file(entry.path()).is_ok()
             {
                 removed.push(entry.path());
@@ -268,6 +328,20 @@ impl StateStore {
         })?;
         Ok(target)
     }
+}
+
+/// Whether `name` is one a save gives its temporary file: `.<service>.state.tmp-XXXXXX`,
+/// with a valid service name and six characters from tempfile's alphabet.
+fn is_temporary_name(name: &str) -> bool {
+    let Some((service, random)) = name
+        .strip_prefix('.')
+        .and_then(|rest| rest.rsplit_once(TMP_INFIX))
+    else {
+        return false;
+    };
+    plugin_api::is_valid_service_name(service)
+        && random.len() == TMP_RANDOM_LEN
+        && random.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Opens any state file (for `inspect-state`): returns its header and content.

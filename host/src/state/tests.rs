@@ -185,12 +185,25 @@ fn leftovers_of_interrupted_saves_are_removed_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
     let store = StateStore::new(dir.path(), ring()).unwrap();
     store.save("kv", "1.0.0", b"x").unwrap();
-    fs::write(dir.path().join(".kv.state.Ab12Cd"), b"half a write").unwrap();
-    fs::write(dir.path().join(".lock"), b"").unwrap();
+    fs::write(dir.path().join(".kv.state.tmp-Ab12Cd"), b"half a write").unwrap();
+    // Files the host did not write, some with names close to its own.
+    let others = [
+        ".lock",
+        ".kv.state.backup-by-operator",
+        ".kv.state.Ab12Cd",
+        ".kv.state.tmp-toolong1",
+        ".kv.state.tmp-",
+        ".Bad Name.state.tmp-abc123",
+    ];
+    for name in others {
+        fs::write(dir.path().join(name), b"").unwrap();
+    }
     let removed = store.remove_leftovers();
-    assert_eq!(removed, vec![dir.path().join(".kv.state.Ab12Cd")]);
+    assert_eq!(removed, vec![dir.path().join(".kv.state.tmp-Ab12Cd")]);
     assert!(store.load("kv").unwrap().is_some());
-    assert!(dir.path().join(".lock").exists());
+    for name in others {
+        assert!(dir.path().join(name).exists(), "{name} was removed");
+    }
 }
 
 #[test]
