@@ -7,7 +7,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use host::Status;
+use host::{
+    loader::LoadError,
+    reload::{ReloadError, Reloader},
+    Status,
+};
 
 use crate::{cli::*, support::*};
 
@@ -163,5 +167,92 @@ fn shadow_directories_are_private_and_those_of_dead_hosts_are_removed() -> TestR
     );
     let other = host::loader::Loader::new(Some(&shadows), None)?;
     assert!(live.shadow_dir().exists() && other.shadow_dir().exists());
+    Ok(())
+}
+#[test]
+fn a_private_copy_that_cannot_be_written_names_the_cause_and_is_retried() -> TestResult {
+    capture_logs();
+    let plugins = plugin_dir(&["echo"]);
+    let shadows = tempfile::tempdir()?;
+    let kernel = host::Kernel::new(host::KernelConfig {
+        shadow_dir: Some(shadows.path().to_owned()),
+        ..Default::default()
+    })?;
+    let shadow = kernel.loader().shadow_dir().to_owned();
+    let owner = fs::read(shadow.join(".owner"))?;
+    fs::remove_dir_all(&shadow)?;
+    let mut reloader = Reloader::new(plugins.path());
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Load(LoadError::ShadowCopy { .. })]
+        ),
+        "{:?}",
+        report.errors
+    );
+    let text = host::error_chain(&report.errors[0]);
+    assert!(text.contains("No such file or directory"), "{text}");
+    // The shadow directory is back: the next rescan loads the file.
+    fs::create_dir(&shadow)?;
+    fs::write(shadow.join(".owner"), owner)?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.added, ["echo"]);
+    assert_eq!(kernel.info("echo").unwrap().status, Status::Running);
+    Ok(())
+}
+
+#[test]
+fn a_rejected_version_stays_rejected_through_reloads_and_restarts_and_ctl_says_so() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    daemon.send("echo", "{}");
+    // Version 9 refuses the state it is given.
+    fs::write(
+        root.path().join("plugins/echo.conf"),
+        r#"{"import":"fail"}"#,
+    )?;
+    add_plugin(&root.path().join("plugins"), "fixture-echo-faulty");
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+    assert!(
+        stdout(&reload).contains("rolled back"),
+        "{}",
+        stdout(&reload)
+    );
+    for _ in 0..2 {
+        let reload = daemon.ctl(&["reload"]);
+        assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+        assert!(
+            stdout(&reload).contains("rejected")
+                && stdout(&reload).contains("libfixture_echo_faulty.so"),
+            "{}",
+            stdout(&reload)
+        );
+    }
+    let list = daemon.ctl(&["list"]);
+    assert!(
+        stdout(&list).contains("rejected plugin files") && stdout(&list).contains("9.0.0"),
+        "{}",
+        stdout(&list)
+    );
+    assert_eq!(
+        daemon.services()[0]["rejected"].as_array().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(daemon.terminate().code(), Some(0));
+
+    // Restarted, the host runs version 1 with its state, not the rejected version 9.
+    let daemon = Daemon::start(root.path());
+    let reply = daemon.send("echo", "{}");
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("1.0.0"), Some(2))
+    );
+    // Asked to, it tries the rejected file again (which refuses the state again).
+    let retry = daemon.ctl(&["reload", "--retry"]);
+    assert_eq!(retry.status.code(), Some(1), "{}", stdout(&retry));
+    assert!(stdout(&retry).contains("rolled back"), "{}", stdout(&retry));
     Ok(())
 }

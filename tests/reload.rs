@@ -181,11 +181,246 @@ fn the_highest_version_wins_and_a_removed_file_leaves_its_service_running() -> T
     let report = reloader.scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(kernel.info("echo").unwrap().version, "2.0.0");
-    fs::remove_file(plugins.path().join("libecho_v2.so"))?;
+    for file in ["libecho_v2.so", "libecho.so"] {
+        fs::remove_file(plugins.path().join(file))?;
+    }
     let report = reloader.scan(&kernel, None);
     assert!(report.errors.is_empty() && report.replaced.is_empty());
     assert_eq!(kernel.info("echo").unwrap().version, "2.0.0");
     assert!(kernel.request("echo", "echo", b"", None).is_ok());
+    Ok(())
+}
+
+#[test]
+fn removing_the_running_version_downgrades_to_the_highest_left_which_may_refuse_the_state(
+) -> TestResult {
+    // faulty 1.x reads the state of 2.x: the downgrade happens, with the state.
+    let plugins = plugin_dir(&["fixture-faulty", "fixture-faulty-v2"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    assert_eq!(kernel.info("faulty").unwrap().version, "2.0.0");
+    kernel.request("faulty", "count", b"", None);
+    fs::remove_file(plugins.path().join("libfixture_faulty_v2.so"))?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        (
+            report.replaced[0].from.as_str(),
+            report.replaced[0].to.as_str()
+        ),
+        ("2.0.0", "1.0.0")
+    );
+    let reply = json(&kernel.request("faulty", "count", b"", None));
+    assert_eq!(reply["count"], 2, "{reply}");
+
+    // echo 1.x refuses the state of 2.x: the downgrade rolls back, 2.x serves on, and the
+    // older file is rejected from then on.
+    let plugins = plugin_dir(&["echo"]);
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    echo_count(&kernel);
+    let v2 = add_plugin(plugins.path(), "echo-v2");
+    assert_eq!(reloader.scan(&kernel, None).replaced.len(), 1);
+    fs::remove_file(v2)?;
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Kernel(KernelError::Swap(
+                SwapError::RolledBack { .. }
+            ))]
+        ),
+        "{:?}",
+        report.errors
+    );
+    let reply = json(&kernel.request("echo", "echo", b"", None));
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("2.0.0"), Some(2))
+    );
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(&report.errors[..], [ReloadError::Rejected { service, .. }] if service == "echo"),
+        "{:?}",
+        report.errors
+    );
+    assert!(report.replaced.is_empty());
+    Ok(())
+}
+
+#[test]
+fn a_version_that_refused_the_state_is_never_chosen_again_until_its_configuration_changes(
+) -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    echo_count(&kernel);
+    // Version 9 refuses the state it is given.
+    fs::write(plugins.path().join("echo.conf"), r#"{"import":"fail"}"#)?;
+    add_plugin(plugins.path(), "fixture-echo-faulty");
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Kernel(KernelError::Swap(
+                SwapError::RolledBack { .. }
+            ))]
+        ),
+        "{:?}",
+        report.errors
+    );
+    // Every later rescan says so, and changes nothing.
+    for _ in 0..2 {
+        let report = reloader.scan(&kernel, None);
+        assert!(
+            matches!(&report.errors[..], [ReloadError::Rejected { rejection, .. }]
+                if rejection.file.version == "9.0.0" && rejection.reason.contains("refused on purpose")),
+            "{:?}",
+            report.errors
+        );
+        assert!(report.replaced.is_empty());
+    }
+    assert_eq!(echo_count(&kernel), 2);
+    drop(kernel);
+
+    // At the next start, the rejected file is not chosen: version 1 runs, with its state.
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(
+        matches!(&report.errors[..], [ReloadError::Rejected { .. }]),
+        "{:?}",
+        report.errors
+    );
+    let reply = json(&kernel.request("echo", "echo", b"", None));
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("1.0.0"), Some(3))
+    );
+
+    // A new configuration is a new chance.
+    fs::write(plugins.path().join("echo.conf"), "{}")?;
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.replaced[0].to, "9.0.0");
+    Ok(())
+}
+
+#[test]
+fn at_start_a_version_that_fails_falls_back_to_the_last_good_one_and_says_so() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    echo_count(&kernel);
+    drop(kernel);
+    // Dropped in while the host was down: the highest version, which fails to start.
+    fs::write(plugins.path().join("echo.conf"), r#"{"start":"fail"}"#)?;
+    add_plugin(plugins.path(), "fixture-echo-faulty");
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Kernel(KernelError::StartFailed { .. })]
+        ),
+        "{:?}",
+        report.errors
+    );
+    assert!(
+        report.fell_back.len() == 1 && report.fell_back[0].contains("fell back to"),
+        "{:?}",
+        report.fell_back
+    );
+    let reply = json(&kernel.request("echo", "echo", b"", None));
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("1.0.0"), Some(2))
+    );
+    drop(kernel);
+    // Next time, the rejected file is skipped from the start.
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(report.fell_back.is_empty());
+    assert!(
+        matches!(&report.errors[..], [ReloadError::Rejected { .. }]),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(kernel.info("echo").unwrap().version, "1.0.0");
+    Ok(())
+}
+
+#[test]
+fn a_replace_that_could_not_save_the_state_is_tried_again_at_the_next_rescan() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    echo_count(&kernel);
+    // The state directory is briefly gone (moved away, as a careless backup would).
+    let away = persisted.dir.path().join("state.away");
+    fs::rename(persisted.state_dir(), &away)?;
+    add_plugin(plugins.path(), "echo-v2");
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Kernel(KernelError::Swap(
+                SwapError::Persist { .. }
+            ))]
+        ),
+        "{:?}",
+        report.errors
+    );
+    assert_eq!(kernel.info("echo").unwrap().version, "1.0.0");
+    fs::rename(&away, persisted.state_dir())?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.replaced[0].to, "2.0.0");
+    Ok(())
+}
+
+#[test]
+fn removing_a_duplicate_as_told_lets_the_next_rescan_apply_the_upgrade() -> TestResult {
+    let plugins = plugin_dir(&["echo"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    let v2 = add_plugin(plugins.path(), "echo-v2");
+    let mut altered = fs::read(&v2)?;
+    altered.extend_from_slice(b"another build");
+    let twin = plugins.path().join("libecho_v2_rebuilt.so");
+    fs::write(&twin, altered)?;
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(&report.errors[..], [ReloadError::SameVersion { .. }]),
+        "{:?}",
+        report.errors
+    );
+    fs::remove_file(twin)?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.replaced[0].to, "2.0.0");
+    Ok(())
+}
+
+#[test]
+fn a_service_waiting_for_a_dependency_starts_when_it_arrives() -> TestResult {
+    let plugins = plugin_dir(&["fixture-echo-needs-kv"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    let report = reloader.scan(&kernel, None);
+    assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
+    assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);
+    add_plugin(plugins.path(), "kv");
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        (report.added.as_slice(), report.restarted.as_slice()),
+        (&["kv".to_owned()][..], &["echo".to_owned()][..])
+    );
+    let echo = kernel.info("echo").unwrap();
+    assert_eq!((echo.status, echo.last_error), (Status::Running, None));
     Ok(())
 }
 

@@ -204,10 +204,15 @@ pub enum CtlCommand {
         #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
         timeout: Option<Duration>,
     },
-    /// Rescan the plugins directory now (all services, or only one).
+    /// Rescan the plugins directory now (all services, or only one); exits 1 if anything
+    /// failed or a plugin file stays rejected.
     Reload {
         /// Only this service.
         service: Option<String>,
+        /// Try the plugin files rejected earlier again (they are otherwise skipped until
+        /// their content or their service's configuration changes).
+        #[arg(long)]
+        retry: bool,
     },
     /// Checkpoint every running service now.
     Checkpoint,

@@ -16,7 +16,7 @@ use anyhow::{bail, Context};
 use crossbeam_channel::{bounded, Sender};
 use serde::{Deserialize, Serialize};
 
-use crate::{daemon::Event, loader::threads, Checkpoint, Kernel, ServiceInfo};
+use crate::{daemon::Event, loader::threads, reload::Verdicts, Checkpoint, Kernel, ServiceInfo};
 
 /// A command sent to the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -39,6 +39,9 @@ pub enum Request {
     Reload {
         /// Limit to one service.
         service: Option<String>,
+        /// Try the files rejected earlier again.
+        #[serde(default)]
+        retry: bool,
     },
     /// A checkpoint of every service.
     Checkpoint,
@@ -62,6 +65,13 @@ pub enum Response {
     Services {
         /// Every service.
         services: Vec<ServiceInfo>,
+        /// Plugin files that failed to load for a reason of their own (they provide no
+        /// service the host could tell), one line each.
+        #[serde(default)]
+        broken: Vec<String>,
+        /// Services that are not registered and have rejected files only: `(service, line)`.
+        #[serde(default)]
+        rejected_elsewhere: Vec<(String, String)>,
     },
     /// `send`.
     Reply {
@@ -137,7 +147,12 @@ impl ControlServer {
     }
 
     /// Serves each connection on a thread of its own, from now on.
-    pub fn serve(&mut self, kernel: Arc<Kernel>, events: Sender<Event>) -> anyhow::Result<()> {
+    pub fn serve(
+        &mut self,
+        kernel: Arc<Kernel>,
+        verdicts: Verdicts,
+        events: Sender<Event>,
+    ) -> anyhow::Result<()> {
         let Some(listener) = self.listener.take() else {
             bail!("control socket {} is already served", self.path.display());
         };
@@ -153,8 +168,9 @@ impl ControlServer {
                 };
                 let kernel = kernel.clone();
                 let events = events.clone();
+                let verdicts = verdicts.clone();
                 let spawned = threads::spawn_detached("control-conn", move || {
-                    serve(stream, owner, &kernel, &events)
+                    serve(stream, owner, &kernel, &verdicts, &events)
                 });
                 if let Err(error) = spawned {
                     tracing::warn!(%error, "control socket: connection dropped, no thread for it");
@@ -173,7 +189,13 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(stream: UnixStream, owner: nix::unistd::Uid, kernel: &Kernel, events: &Sender<Event>) {
+fn serve(
+    stream: UnixStream,
+    owner: nix::unistd::Uid,
+    kernel: &Kernel,
+    verdicts: &Verdicts,
+    events: &Sender<Event>,
+) {
     let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
     let mut writer = match stream.try_clone() {
         Ok(writer) => writer,
@@ -210,7 +232,7 @@ fn serve(stream: UnixStream, owner: nix::unistd::Uid, kernel: &Kernel, events: &
     for line in BufReader::new(stream).lines() {
         let Ok(line) = line else { return };
         let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(request, kernel, events),
+            Ok(request) => handle(request, kernel, verdicts, events),
             Err(e) => Response::Error {
                 message: format!("bad control request: {e}"),
             },
@@ -229,11 +251,35 @@ fn done(lines: Vec<(String, bool)>) -> Response {
     }
 }
 
-fn handle(request: Request, kernel: &Kernel, events: &Sender<Event>) -> Response {
+fn handle(
+    request: Request,
+    kernel: &Kernel,
+    verdicts: &Verdicts,
+    events: &Sender<Event>,
+) -> Response {
     match request {
-        Request::List => Response::Services {
-            services: kernel.list(),
-        },
+        Request::List => {
+            let mut services = kernel.list();
+            for info in &mut services {
+                info.rejected = verdicts.rejected_lines(&info.name);
+            }
+            let rejected_elsewhere = verdicts
+                .services_with_rejections()
+                .into_iter()
+                .filter(|s| !services.iter().any(|info| info.name == *s))
+                .flat_map(|s| {
+                    verdicts
+                        .rejected_lines(&s)
+                        .into_iter()
+                        .map(move |line| (s.clone(), line))
+                })
+                .collect();
+            Response::Services {
+                services,
+                broken: verdicts.broken_lines(),
+                rejected_elsewhere,
+            }
+        }
         Request::Send {
             service,
             kind,
@@ -257,11 +303,12 @@ fn handle(request: Request, kernel: &Kernel, events: &Sender<Event>) -> Response
                 message: format!("payload is not hex: {e}"),
             },
         },
-        Request::Reload { service } => {
+        Request::Reload { service, retry } => {
             let (tx, rx) = bounded(1);
             if events
                 .send(Event::Reload {
                     service,
+                    retry,
                     reply: Some(tx),
                 })
                 .is_err()

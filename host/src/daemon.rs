@@ -46,6 +46,8 @@ pub enum Event {
     Reload {
         /// Only this service.
         service: Option<String>,
+        /// Try the rejected files again.
+        retry: bool,
         /// Where the outcome goes (`(line, is_error)`).
         reply: Option<Sender<Vec<(String, bool)>>>,
     },
@@ -152,9 +154,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // The first scan runs on the reload thread too: a plugin that hangs in `start` delays
     // the services, never a signal.
     let (started_tx, started) = crossbeam_channel::bounded(1);
-    let reloads = spawn_reload_thread(kernel.clone(), Reloader::new(&args.plugins), started_tx)?;
+    let reloader = Reloader::new(&args.plugins);
+    let verdicts = reloader.verdicts();
+    let reloads = spawn_reload_thread(kernel.clone(), reloader, started_tx)?;
     let mut up = || -> anyhow::Result<()> {
-        control.serve(kernel.clone(), events_tx.clone())?;
+        control.serve(kernel.clone(), verdicts.clone(), events_tx.clone())?;
         if args.watch {
             spawn_watcher(args.plugins.clone(), events_tx.clone())?;
         }
@@ -245,8 +249,8 @@ fn main_loop(
             }
             recv(events) -> event => match event {
                 Ok(Event::Shutdown(signal)) => return Ok((signal, started.is_none())),
-                Ok(Event::Reload { service, reply }) => {
-                    if reloads.send(Work::Reload(ReloadRequest { service, reply })).is_err() {
+                Ok(Event::Reload { service, retry, reply }) => {
+                    if reloads.send(Work::Reload(ReloadRequest { service, retry, reply })).is_err() {
                         tracing::error!("the reload thread is gone; reload not done");
                     }
                 }
@@ -283,8 +287,12 @@ fn spawn_reload_thread(
             }
             let mut reloads = reloads.into_iter();
             if let Some(first) = reloads.next() {
-                let Batch { only, replies } = Batch::of(first, reloads);
-                let lines = report_lines(&reloader.scan(&kernel, only.as_deref()));
+                let Batch {
+                    only,
+                    retry,
+                    replies,
+                } = Batch::of(first, reloads);
+                let lines = report_lines(&reloader.scan_with(&kernel, only.as_deref(), retry));
                 for reply in replies {
                     let _ = reply.send(lines.clone());
                 }
@@ -327,6 +335,7 @@ enum Work {
 #[derive(Debug)]
 struct ReloadRequest {
     service: Option<String>,
+    retry: bool,
     reply: Option<Sender<Vec<(String, bool)>>>,
 }
 
@@ -336,6 +345,8 @@ struct Batch {
     /// The one service every request names, or `None` (a full rescan) when any names none
     /// or they differ.
     only: Option<String>,
+    /// Whether any asks for the rejected files to be tried again.
+    retry: bool,
     /// Where the outcome goes.
     replies: Vec<Sender<Vec<(String, bool)>>>,
 }
@@ -344,7 +355,14 @@ impl Batch {
     fn of(first: ReloadRequest, rest: impl Iterator<Item = ReloadRequest>) -> Batch {
         let mut only: Option<Option<String>> = None;
         let mut replies = Vec::new();
-        for ReloadRequest { service, reply } in std::iter::once(first).chain(rest) {
+        let mut retry = false;
+        for ReloadRequest {
+            service,
+            retry: again,
+            reply,
+        } in std::iter::once(first).chain(rest)
+        {
+            retry |= again;
             only = match only {
                 None => Some(service),
                 Some(previous) if previous == service => Some(previous),
@@ -354,6 +372,7 @@ impl Batch {
         }
         Batch {
             only: only.flatten(),
+            retry,
             replies,
         }
     }
@@ -375,6 +394,12 @@ fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
             ),
             false,
         ));
+    }
+    for service in &report.restarted {
+        lines.push((format!("started {service}"), false));
+    }
+    for line in &report.fell_back {
+        lines.push((line.clone(), false));
     }
     for error in &report.errors {
         lines.push((crate::error_chain(error), true));
@@ -419,6 +444,7 @@ fn spawn_signal_thread(
                     tracing::info!("SIGHUP: rescanning the plugins directory");
                     Event::Reload {
                         service: None,
+                        retry: false,
                         reply: None,
                     }
                 }
@@ -454,6 +480,7 @@ fn spawn_watcher(dir: PathBuf, events: Sender<Event>) -> anyhow::Result<()> {
                 if events
                     .send(Event::Reload {
                         service: None,
+                        retry: false,
                         reply: None,
                     })
                     .is_err()
@@ -570,6 +597,7 @@ mod tests {
     fn reload(service: Option<&str>) -> ReloadRequest {
         ReloadRequest {
             service: service.map(str::to_owned),
+            retry: false,
             reply: None,
         }
     }

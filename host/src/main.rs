@@ -106,8 +106,9 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             payload: hex::encode(payload),
             timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         },
-        CtlCommand::Reload { service } => Request::Reload {
+        CtlCommand::Reload { service, retry } => Request::Reload {
             service: service.clone(),
+            retry: *retry,
         },
         CtlCommand::Checkpoint => Request::Checkpoint,
         CtlCommand::Stop { service } => Request::Stop {
@@ -120,7 +121,11 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
     let response = control::call(&socket, &request)?;
     let mut out = std::io::stdout().lock();
     match response {
-        Response::Services { services } => {
+        Response::Services {
+            services,
+            broken,
+            rejected_elsewhere,
+        } => {
             if matches!(args.command, CtlCommand::List { json: true }) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
             } else {
@@ -130,8 +135,10 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                     "NAME", "VERSION", "STATUS", "SHA256", "LOADED SINCE", "SWAPS", "PINNED"
                 )?;
                 let mut pinned = Vec::new();
+                let mut rejected = rejected_elsewhere;
                 for s in services {
                     pinned.extend(s.pinned.iter().map(|p| format!("{}: {p}", s.name)));
+                    rejected.extend(s.rejected.iter().map(|r| (s.name.clone(), r.clone())));
                     writeln!(
                         out,
                         "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  {}",
@@ -154,6 +161,24 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         "\nearlier libraries kept loaded (plugin code may still run in them):"
                     )?;
                     for line in pinned {
+                        writeln!(out, "  {line}")?;
+                    }
+                }
+                if !rejected.is_empty() {
+                    writeln!(
+                        out,
+                        "\nrejected plugin files (not chosen until their content or configuration changes; `ctl reload --retry` tries them again):"
+                    )?;
+                    for (service, line) in rejected {
+                        writeln!(out, "  {service}: {line}")?;
+                    }
+                }
+                if !broken.is_empty() {
+                    writeln!(
+                        out,
+                        "\nplugin files that do not load (read again when they change):"
+                    )?;
+                    for line in broken {
                         writeln!(out, "  {line}")?;
                     }
                 }

@@ -217,6 +217,11 @@ pub struct ServiceInfo {
     /// each.
     #[serde(default)]
     pub pinned: Vec<String>,
+    /// Plugin files of the service the host rejected, and why, one line each: not chosen
+    /// again until their content or the service's configuration changes. Filled by the
+    /// control socket, which knows the reloader's verdicts.
+    #[serde(default)]
+    pub rejected: Vec<String>,
 }
 
 /// Counters, for operators and tests.

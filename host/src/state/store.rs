@@ -159,7 +159,10 @@ pub struct SavedState {
 
 /// The prefix and suffix of the temporary file a save writes before renaming it into place:
 /// `.<service>.state.tmp-XXXXXX`. Only names of this form are ever removed as leftovers.
-const TMP_INFIX: &str = ".state.tmp-";
+const TMP_INFIX: &str = ".tmp-";
+
+/// The host's own records in the state directory, besides the state files.
+pub const RECORD_FILES: &[&str] = &["plugins.json"];
 const TMP_RANDOM_LEN: usize = 6;
 
 /// Reads and writes the state files of one state directory. Lives as long as the kernel.
@@ -239,28 +242,59 @@ impl StateStore {
                 path: path.clone(),
                 field,
             })?;
+        self.write_atomically(&path, &sealed)
+    }
+
+    /// Replaces the file `name` of the state directory (one of [`RECORD_FILES`]) atomically
+    /// and durably, as a state file is: for the host's own small records.
+    pub fn write_record(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
+        debug_assert!(RECORD_FILES.contains(&name));
+        self.write_atomically(&self.dir.join(name), bytes)
+    }
+
+    /// Reads the file `name` of the state directory, if it exists.
+    pub fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
+        let path = self.dir.join(name);
+        match fs::read(&path) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StateError::Io {
+                path,
+                op: "reading",
+                source,
+            }),
+        }
+    }
+
+    /// Temporary file in the same directory (`.<name>.tmp-XXXXXX`), write, fsync, rename,
+    /// fsync of the directory: either the old file or the new one survives a crash.
+    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let io = |op, source| StateError::Io {
-            path: path.clone(),
+            path: path.to_owned(),
             op,
             source,
         };
         if !self.directory_is_ours() {
             return Err(StateError::DirectoryReplaced {
-                path,
+                path: path.to_owned(),
                 dir: self.dir.clone(),
             });
         }
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("the host names its files in UTF-8");
         let mut file = tempfile::Builder::new()
-            .prefix(&format!(".{service}{TMP_INFIX}"))
+            .prefix(&format!(".{name}{TMP_INFIX}"))
             .rand_bytes(TMP_RANDOM_LEN)
             .tempfile_in(&self.dir)
             .map_err(|e| io("creating a temporary file", e))?;
         file.as_file()
             .set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| io("setting permissions", e))?;
-        file.write_all(&sealed).map_err(|e| io("writing", e))?;
+        file.write_all(bytes).map_err(|e| io("writing", e))?;
         file.as_file().sync_all().map_err(|e| io("fsync", e))?;
-        file.persist(&path)
+        file.persist(path)
             .map_err(|e| io("renaming into place", e.error))?;
         fs::File::open(&self.dir)
             .and_then(|dir| dir.sync_all())
@@ -330,18 +364,21 @@ impl StateStore {
     }
 }
 
-/// Whether `name` is one a save gives its temporary file: `.<service>.state.tmp-XXXXXX`,
-/// with a valid service name and six characters from tempfile's alphabet.
+/// Whether `name` is one a save gives its temporary file: `.<service>.state.tmp-XXXXXX`
+/// (with a valid service name) or `.<record>.tmp-XXXXXX`, with six characters from
+/// tempfile's alphabet.
 fn is_temporary_name(name: &str) -> bool {
-    let Some((service, random)) = name
+    let Some((file, random)) = name
         .strip_prefix('.')
         .and_then(|rest| rest.rsplit_once(TMP_INFIX))
     else {
         return false;
     };
-    plugin_api::is_valid_service_name(service)
-        && random.len() == TMP_RANDOM_LEN
-        && random.bytes().all(|b| b.is_ascii_alphanumeric())
+    let ours = file
+        .strip_suffix(".state")
+        .is_some_and(plugin_api::is_valid_service_name)
+        || RECORD_FILES.contains(&file);
+    ours && random.len() == TMP_RANDOM_LEN && random.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
 /// Opens any state file (for `inspect-state`): returns its header and content.

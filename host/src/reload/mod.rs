@@ -1,0 +1,789 @@
+//! Rescanning the plugins directory: what changed, and what to do about it.
+//!
+//! Each `*.so` file is identified by the SHA-256 of its content. A file whose `stat` (device,
+//! inode, size, modification and change times) is the one seen last time is not even read;
+//! a file whose digest is known is not opened again. Only regular files of at most
+//! [`crate::loader::MAX_PLUGIN_SIZE`] bytes are read, non-blocking.
+//!
+//! Then, service by service, what should run is decided from the directory alone, whatever
+//! happened before: among the files that provide the service and are not rejected (see
+//! [`Verdicts`]), the highest version wins, also when it is lower than the running one (a
+//! downgrade: the older version is told which version exported the state, and may refuse
+//! it). What runs is brought in line with the winner:
+//! - a new service is registered and started once its dependencies run;
+//! - a running or stopped service whose winner is another file is hot-replaced;
+//! - a service that failed or waits for a dependency, and whose winner is its own file, is
+//!   started again;
+//! - two files with the same version of a service and different contents are an error that
+//!   names both, and the service is left as it is.
+//!
+//! A failure that is the file's own (it does not load, crashes its probe, fails in `new`,
+//! `start`, or refuses the state in a hot replace) rejects the file; at a start, the host
+//! then falls back to the last good file or the next-highest version. A failure from
+//! outside the file (the state directory, the shadow directory, a busy service, a missing
+//! dependency) rejects nothing: the next rescan tries again.
+//!
+//! A removed file leaves its service running, with a warning, unless another file of the
+//! service remains (which then wins).
+
+mod verdicts;
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    fs,
+    path::{Path, PathBuf},
+};
+
+use sha2::{Digest, Sha256};
+
+pub use verdicts::{FileRef, Rejection, Verdicts, RECORD};
+
+use crate::{
+    kernel::{Kernel, KernelError, SwapError, SwapReport},
+    loader::{threads, Library, LoadError, PluginFile},
+    InstanceError, Status,
+};
+
+/// What the reloader knows of a file it has seen.
+#[derive(Debug, Clone)]
+struct KnownFile {
+    /// What `stat` said when it was read: the same again means the same content, unread.
+    stamp: Option<Stamp>,
+    sha256: [u8; 32],
+    /// The service and version it provides, or why it does not load (a reason of the
+    /// file's own).
+    provides: Result<(String, semver::Version), String>,
+}
+
+/// Why a file or a service was left alone during a rescan.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The plugins directory could not be listed.
+    #[error("plugins directory {path} could not be listed")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file could not be loaded.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// A service's configuration file exists but cannot be read.
+    #[error("configuration file {path} could not be read")]
+    Config {
+        /// The `.conf` file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Two files provide the same version of a service with different contents.
+    #[error("service `{service}` version {version} is provided by both {first} and {second}, with different contents; remove one")]
+    SameVersion {
+        /// The service.
+        service: String,
+        /// The version.
+        version: String,
+        /// One file.
+        first: PathBuf,
+        /// The other file.
+        second: PathBuf,
+    },
+    /// A file rejected earlier, not chosen while its content and configuration are the same.
+    #[error("service `{service}`: rejected {rejection}; not chosen until its content or configuration changes (`ctl reload --retry` tries it again)")]
+    Rejected {
+        /// The service.
+        service: String,
+        /// The file and why.
+        rejection: Rejection,
+    },
+    /// A file that failed to load for a reason of its own, earlier: not read again until it
+    /// changes.
+    #[error("plugin {path} failed to load earlier and is unchanged: {reason}")]
+    Broken {
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        reason: String,
+    },
+    /// The kernel refused the change (a replace rolled back, a start failed...).
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+}
+
+/// What one rescan did.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    /// Services registered (and started, unless listed in `errors`).
+    pub added: Vec<String>,
+    /// Hot replaces that happened.
+    pub replaced: Vec<SwapReport>,
+    /// Services started again (they had failed, or waited for a dependency).
+    pub restarted: Vec<String>,
+    /// Fallbacks: a service started from another file than its winner, which failed (one
+    /// line each).
+    pub fell_back: Vec<String>,
+    /// Files skipped because their content was already known.
+    pub unchanged: usize,
+    /// What went wrong, or stays wrong (rejected files), file by file or service by service.
+    /// Nothing listed here changed a running service.
+    pub errors: Vec<ReloadError>,
+}
+
+/// Watches one plugins directory on behalf of a kernel. Owned by the daemon's reload thread.
+#[derive(Debug)]
+pub struct Reloader {
+    dir: PathBuf,
+    known: HashMap<PathBuf, KnownFile>,
+    verdicts: Verdicts,
+    /// Whether the record was read from the state directory (once, at the first scan).
+    record_read: bool,
+}
+
+/// Whose fault a failure to start or replace is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Blame {
+    /// The file's (its code failed): rejected.
+    File,
+    /// `import_state` refused the saved state at a start: the file is rejected only if
+    /// another file of the service accepts it.
+    State,
+    /// Something outside the file: tried again at the next rescan.
+    Elsewhere,
+}
+
+fn blame(error: &KernelError, replacing_live_state: bool) -> Blame {
+    match error {
+        KernelError::Swap(SwapError::RolledBack { .. } | SwapError::RollbackFailed { .. }) => {
+            Blame::File
+        }
+        KernelError::StartFailed { cause, .. } => match cause {
+            InstanceError::Import(_) if replacing_live_state => Blame::File,
+            InstanceError::Import(_) => Blame::State,
+            InstanceError::Create(_) | InstanceError::Start(_) | InstanceError::Timeout { .. } => {
+                Blame::File
+            }
+            InstanceError::Thread(_) => Blame::Elsewhere,
+        },
+        KernelError::Load(error) if error.is_the_files_fault() => Blame::File,
+        _ => Blame::Elsewhere,
+    }
+}
+
+/// One candidate file of a service.
+#[derive(Debug, Clone)]
+struct Candidate {
+    path: PathBuf,
+    sha256: [u8; 32],
+    version: semver::Version,
+}
+
+/// What a rescan does to one service.
+#[derive(Debug)]
+enum Action {
+    /// Register the first candidate that loads, and start it.
+    Add,
+    /// Hot-replace (or swap, when not running) with the winner.
+    Replace,
+    /// Start the registered file again.
+    Restart,
+}
+
+/// One service's plan: its candidates, best first, and its configuration.
+#[derive(Debug)]
+struct Plan {
+    service: String,
+    action: Action,
+    candidates: Vec<Candidate>,
+    config: Option<String>,
+    config_sha: Option<[u8; 32]>,
+}
+
+impl Reloader {
+    /// A reloader for `dir` that has seen nothing yet: its first scan loads everything.
+    pub fn new(dir: &Path) -> Self {
+        Reloader {
+            dir: dir.to_owned(),
+            known: HashMap::new(),
+            verdicts: Verdicts::default(),
+            record_read: false,
+        }
+    }
+
+    /// The verdicts this reloader makes (to show them elsewhere).
+    pub fn verdicts(&self) -> Verdicts {
+        self.verdicts.clone()
+    }
+
+    /// The configuration text of a service: `<plugins-dir>/<service>.conf`, if present.
+    pub fn config_of(&self, service: &str) -> Result<Option<String>, ReloadError> {
+        let path = self.dir.join(format!("{service}.conf"));
+        match fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(ReloadError::Config { path, source }),
+        }
+    }
+
+    /// Rescans the directory and applies what changed; `only` limits the changes to one
+    /// service.
+    pub fn scan(&mut self, kernel: &Kernel, only: Option<&str>) -> ScanReport {
+        self.scan_with(kernel, only, false)
+    }
+
+    /// Like [`Reloader::scan`]; with `retry`, the files rejected earlier (for `only`, or all)
+    /// are forgotten and tried again.
+    pub fn scan_with(&mut self, kernel: &Kernel, only: Option<&str>, retry: bool) -> ScanReport {
+        let _span = tracing::info_span!("rescan", dir = %self.dir.display()).entered();
+        if !self.record_read {
+            self.record_read = true;
+            if let Some(store) = kernel.state_store() {
+                self.verdicts.load(store);
+            }
+        }
+        if retry {
+            self.verdicts.clear(only);
+            if only.is_none() {
+                self.known.retain(|_, k| k.provides.is_ok());
+            }
+        }
+        let mut report = ScanReport::default();
+        match plugin_files(&self.dir) {
+            Ok(files) => {
+                self.forget_removed(kernel, &files);
+                let loaded = self.load_changed(kernel, files, only, &mut report);
+                self.apply(kernel, loaded, only, &mut report);
+            }
+            Err(source) => {
+                let error = ReloadError::Dir {
+                    path: self.dir.clone(),
+                    source,
+                };
+                report.errors.push(error);
+            }
+        }
+        self.verdicts.set_broken(
+            self.known
+                .iter()
+                .filter_map(|(path, k)| Some((path.clone(), k.provides.clone().err()?)))
+                .collect(),
+        );
+        self.verdicts.persist(kernel.state_store());
+        for error in &report.errors {
+            tracing::error!(error = %crate::error_chain(error), "rescan: not applied; what ran keeps running");
+        }
+        tracing::info!(
+            added = report.added.len(),
+            replaced = report.replaced.len(),
+            restarted = report.restarted.len(),
+            unchanged = report.unchanged,
+            errors = report.errors.len(),
+            "rescan done"
+        );
+        report
+    }
+
+    /// Forgets the files that are gone; their services keep running.
+    fn forget_removed(&mut self, kernel: &Kernel, files: &[PathBuf]) {
+        let present: BTreeSet<&PathBuf> = files.iter().collect();
+        let removed: Vec<PathBuf> = self
+            .known
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for path in removed {
+            let Some(KnownFile {
+                provides: Ok((service, _)),
+                ..
+            }) = self.known.remove(&path)
+            else {
+                continue;
+            };
+            if kernel.info(&service).is_some_and(|info| info.path == path) {
+                tracing::warn!(service, plugin = %path.display(), "plugin file removed; the service keeps running unless another of its files remains");
+            }
+        }
+    }
+
+    /// Loads the files whose content is new; files already known are not even opened. A
+    /// file that fails for a reason outside itself is not remembered: it is read again at
+    /// the next rescan.
+    fn load_changed(
+        &mut self,
+        kernel: &Kernel,
+        files: Vec<PathBuf>,
+        only: Option<&str>,
+        report: &mut ScanReport,
+    ) -> BTreeMap<PathBuf, Library> {
+        let mut loaded = BTreeMap::new();
+        let mut fresh = BTreeSet::new();
+        for path in files {
+            let stamp = Stamp::of(&path);
+            if stamp.is_some() && self.known.get(&path).is_some_and(|k| k.stamp == stamp) {
+                report.unchanged += 1;
+                continue;
+            }
+            let file = match PluginFile::read(&path) {
+                Ok(file) => file,
+                Err(error) => {
+                    self.known.remove(&path);
+                    report.errors.push(error.into());
+                    continue;
+                }
+            };
+            let sha256 = *file.sha256();
+            if let Some(known) = self.known.get_mut(&path).filter(|k| k.sha256 == sha256) {
+                known.stamp = stamp;
+                report.unchanged += 1;
+                continue;
+            }
+            match kernel.loader().load_file(&file) {
+                Ok(library) => {
+                    let manifest = library.manifest();
+                    if only.is_some_and(|only| manifest.name != only) {
+                        // Not recorded as known: a later full rescan applies it.
+                        continue;
+                    }
+                    let provides = Ok((manifest.name.clone(), manifest.version.clone()));
+                    self.known.insert(
+                        path.clone(),
+                        KnownFile {
+                            stamp,
+                            sha256,
+                            provides,
+                        },
+                    );
+                    loaded.insert(path, library);
+                }
+                Err(error) => {
+                    if let LoadError::AbiMismatch { report, .. } = &error {
+                        tracing::debug!(plugin = %path.display(), %report, "abi_stable's layout report");
+                    }
+                    if error.is_the_files_fault() {
+                        // Reported at every rescan, read again only when it changes.
+                        self.known.insert(
+                            path.clone(),
+                            KnownFile {
+                                stamp,
+                                sha256,
+                                provides: Err(crate::error_chain(&error)),
+                            },
+                        );
+                        fresh.insert(path);
+                    } else {
+                        self.known.remove(&path);
+                    }
+                    report.errors.push(error.into());
+                }
+            }
+        }
+        for (path, known) in &self.known {
+            if fresh.contains(path) {
+                continue;
+            }
+            if let Err(reason) = &known.provides {
+                report.errors.push(ReloadError::Broken {
+                    path: path.clone(),
+                    reason: reason.clone(),
+                });
+            }
+        }
+        loaded
+    }
+
+    /// Decides, service by service, what should run (see the module documentation).
+    fn plans(&self, kernel: &Kernel, only: Option<&str>, report: &mut ScanReport) -> Vec<Plan> {
+        let mut by_service: BTreeMap<&str, Vec<Candidate>> = BTreeMap::new();
+        for (path, known) in &self.known {
+            if let Ok((service, version)) = &known.provides {
+                by_service.entry(service).or_default().push(Candidate {
+                    path: path.clone(),
+                    sha256: known.sha256,
+                    version: version.clone(),
+                });
+            }
+        }
+        let mut plans = Vec::new();
+        for (service, candidates) in by_service {
+            if only.is_some_and(|only| only != service) {
+                continue;
+            }
+            let config = match self.config_of(service) {
+                Ok(config) => config,
+                Err(error) => {
+                    report.errors.push(error);
+                    continue;
+                }
+            };
+            let config_sha: Option<[u8; 32]> =
+                config.as_ref().map(|c| Sha256::digest(c.as_bytes()).into());
+            let mut chosen = Vec::new();
+            for candidate in candidates {
+                match self
+                    .verdicts
+                    .rejection(service, &candidate.sha256, config_sha.as_ref())
+                {
+                    Some(rejection) => report.errors.push(ReloadError::Rejected {
+                        service: service.to_owned(),
+                        rejection,
+                    }),
+                    None => chosen.push(candidate),
+                }
+            }
+            chosen.sort_by(|a, b| b.version.cmp(&a.version).then(a.path.cmp(&b.path)));
+            let Some(winner) = chosen.first() else {
+                continue;
+            };
+            if let Some(twin) = chosen[1..]
+                .iter()
+                .find(|c| c.version == winner.version && c.sha256 != winner.sha256)
+            {
+                report.errors.push(ReloadError::SameVersion {
+                    service: service.to_owned(),
+                    version: winner.version.to_string(),
+                    first: winner.path.clone(),
+                    second: twin.path.clone(),
+                });
+                continue;
+            }
+            let action = match kernel.info(service) {
+                None => Action::Add,
+                Some(info) if info.sha256 != hex::encode(winner.sha256) => Action::Replace,
+                Some(info) if matches!(info.status, Status::Failed | Status::Registered) => {
+                    Action::Restart
+                }
+                Some(_) => continue,
+            };
+            plans.push(Plan {
+                service: service.to_owned(),
+                action,
+                candidates: chosen,
+                config,
+                config_sha,
+            });
+        }
+        plans
+    }
+
+    /// Carries the plans out: replaces side by side, then registrations and starts in
+    /// dependency order, with fallbacks.
+    fn apply(
+        &self,
+        kernel: &Kernel,
+        mut loaded: BTreeMap<PathBuf, Library>,
+        only: Option<&str>,
+        report: &mut ScanReport,
+    ) {
+        let plans = self.plans(kernel, only, report);
+        let mut to_start = Vec::new();
+        let mut replaces = Vec::new();
+        for plan in &plans {
+            match plan.action {
+                Action::Restart => to_start.push(plan.service.clone()),
+                Action::Replace => match self.library(kernel, &plan.candidates[0], &mut loaded) {
+                    Ok(library) => replaces.push((plan, library)),
+                    Err(error) => self.failed(plan, &plan.candidates[0], error, false, report),
+                },
+                Action::Add => {
+                    for candidate in &plan.candidates {
+                        let registered = self
+                            .library(kernel, candidate, &mut loaded)
+                            .and_then(|library| kernel.register(library, plan.config.clone()));
+                        match registered {
+                            Ok(()) => {
+                                report.added.push(plan.service.clone());
+                                to_start.push(plan.service.clone());
+                                break;
+                            }
+                            Err(error) => self.failed(plan, candidate, error, false, report),
+                        }
+                    }
+                }
+            }
+        }
+        drop(loaded);
+
+        // Side by side: a busy service holds back its own replace only.
+        let outcomes: Vec<(&Plan, Result<SwapReport, KernelError>)> = std::thread::scope(|scope| {
+            let running: Vec<_> = replaces
+                .into_iter()
+                .map(|(plan, library)| {
+                    let config = plan.config.clone();
+                    let handle = scope.spawn(move || {
+                        threads::adopt_current_thread();
+                        kernel.replace(library, config)
+                    });
+                    (plan, handle)
+                })
+                .collect();
+            running
+                .into_iter()
+                .filter_map(|(plan, replace)| Some((plan, replace.join().ok()?)))
+                .collect()
+        });
+        for (plan, outcome) in outcomes {
+            let winner = &plan.candidates[0];
+            match outcome {
+                Ok(swap) => {
+                    self.verdicts
+                        .good(&plan.service, &winner.path, &winner.sha256, &swap.to);
+                    report.replaced.push(swap);
+                }
+                Err(error) => {
+                    let live = kernel
+                        .info(&plan.service)
+                        .is_some_and(|i| i.status == Status::Running);
+                    self.failed(plan, winner, error, live, report);
+                }
+            }
+        }
+
+        self.start_in_order(kernel, &plans, to_start, report);
+    }
+
+    /// Starts the given services in dependency order; a service whose file fails falls back
+    /// to its other files (last good first); services that waited for one that came up are
+    /// started in another pass.
+    fn start_in_order(
+        &self,
+        kernel: &Kernel,
+        plans: &[Plan],
+        mut to_start: Vec<String>,
+        report: &mut ScanReport,
+    ) {
+        let plan_of = |service: &str| plans.iter().find(|p| p.service == service);
+        let restarting: BTreeSet<String> = plans
+            .iter()
+            .filter(|p| matches!(p.action, Action::Restart))
+            .map(|p| p.service.clone())
+            .collect();
+        let is_dependency = |e: &KernelError| {
+            matches!(
+                e,
+                KernelError::Dependency(_) | KernelError::DependencyNotRunning { .. }
+            )
+        };
+        while !to_start.is_empty() {
+            let failures = kernel.start_new(&to_start);
+            let mut progress = false;
+            for service in &to_start {
+                if failures.iter().any(|(s, _)| s == service) {
+                    continue;
+                }
+                progress = true;
+                self.record_running(kernel, service);
+                if restarting.contains(service) {
+                    report.restarted.push(service.clone());
+                }
+            }
+            let mut waiting = Vec::new();
+            for (service, error) in failures {
+                let Some(plan) = plan_of(&service) else {
+                    report.errors.push(error.into());
+                    continue;
+                };
+                match blame(&error, false) {
+                    Blame::Elsewhere if is_dependency(&error) => waiting.push((service, error)),
+                    Blame::Elsewhere => report.errors.push(error.into()),
+                    blamed => progress |= self.fall_back(kernel, plan, error, blamed, report),
+                }
+            }
+            // Those that failed for a dependency may start now that others did.
+            to_start = Vec::new();
+            for (service, error) in waiting {
+                if progress {
+                    to_start.push(service);
+                } else {
+                    report.errors.push(error.into());
+                }
+            }
+        }
+    }
+
+    /// The service's registered file failed to start (`error`, blamed on it or on its
+    /// state): its other files are tried, last good first, then by version. Returns whether
+    /// one runs.
+    fn fall_back(
+        &self,
+        kernel: &Kernel,
+        plan: &Plan,
+        error: KernelError,
+        blamed: Blame,
+        report: &mut ScanReport,
+    ) -> bool {
+        let Some(info) = kernel.info(&plan.service) else {
+            report.errors.push(error.into());
+            return false;
+        };
+        let failed = plan
+            .candidates
+            .iter()
+            .find(|c| hex::encode(c.sha256) == info.sha256)
+            .cloned();
+        let last_good = self.verdicts.last_good(&plan.service);
+        let mut others: Vec<&Candidate> = plan
+            .candidates
+            .iter()
+            .filter(|c| hex::encode(c.sha256) != info.sha256)
+            .collect();
+        // Stable: the last good file first, the others keep their order (best first).
+        others.sort_by_key(|c| Some(hex::encode(c.sha256)) != last_good);
+        let reason = crate::error_chain(&error);
+        for candidate in others {
+            let mut none = BTreeMap::new();
+            let outcome = self
+                .library(kernel, candidate, &mut none)
+                .and_then(|library| kernel.replace(library, plan.config.clone()));
+            match outcome {
+                Ok(swap) => {
+                    let line = format!(
+                        "{}: fell back to {} (version {}) because {} (version {}) failed: {reason}",
+                        plan.service,
+                        candidate.path.display(),
+                        swap.to,
+                        info.path.display(),
+                        info.version
+                    );
+                    tracing::warn!(service = %plan.service, "{line}");
+                    report.fell_back.push(line);
+                    if let Some(failed) = &failed {
+                        self.verdicts.reject(
+                            &plan.service,
+                            &failed.path,
+                            &failed.sha256,
+                            &info.version,
+                            plan.config_sha.as_ref(),
+                            reason.clone(),
+                        );
+                    }
+                    self.record_running(kernel, &plan.service);
+                    report.errors.push(error.into());
+                    return true;
+                }
+                Err(error) => {
+                    if blame(&error, false) == Blame::File {
+                        self.verdicts.reject(
+                            &plan.service,
+                            &candidate.path,
+                            &candidate.sha256,
+                            &candidate.version.to_string(),
+                            plan.config_sha.as_ref(),
+                            crate::error_chain(&error),
+                        );
+                    }
+                    tracing::warn!(service = %plan.service, plugin = %candidate.path.display(), error = %crate::error_chain(&error), "fallback failed too");
+                }
+            }
+        }
+        if blamed == Blame::File {
+            if let Some(failed) = &failed {
+                self.verdicts.reject(
+                    &plan.service,
+                    &failed.path,
+                    &failed.sha256,
+                    &info.version,
+                    plan.config_sha.as_ref(),
+                    reason,
+                );
+            }
+        }
+        report.errors.push(error.into());
+        false
+    }
+
+    /// A failure of `candidate`: rejected when it is the file's own, reported either way.
+    fn failed(
+        &self,
+        plan: &Plan,
+        candidate: &Candidate,
+        error: KernelError,
+        live: bool,
+        report: &mut ScanReport,
+    ) {
+        if blame(&error, live || matches!(plan.action, Action::Replace)) == Blame::File {
+            self.verdicts.reject(
+                &plan.service,
+                &candidate.path,
+                &candidate.sha256,
+                &candidate.version.to_string(),
+                plan.config_sha.as_ref(),
+                crate::error_chain(&error),
+            );
+        }
+        report.errors.push(error.into());
+    }
+
+    /// Remembers the file `service` runs now as its last good file.
+    fn record_running(&self, kernel: &Kernel, service: &str) {
+        if let Some(info) = kernel.info(service) {
+            let mut sha = [0u8; 32];
+            if hex::decode_to_slice(&info.sha256, &mut sha).is_ok() {
+                self.verdicts.good(service, &info.path, &sha, &info.version);
+            }
+        }
+    }
+
+    /// The library of `candidate`: loaded by this rescan, or loaded again (a file known from
+    /// an earlier rescan whose service must change now, a retry).
+    fn library(
+        &self,
+        kernel: &Kernel,
+        candidate: &Candidate,
+        loaded: &mut BTreeMap<PathBuf, Library>,
+    ) -> Result<Library, KernelError> {
+        if let Some(library) = loaded.remove(&candidate.path) {
+            return Ok(library);
+        }
+        let file = PluginFile::read(&candidate.path)?;
+        if file.sha256() != &candidate.sha256 {
+            return Err(KernelError::Load(LoadError::Read {
+                path: candidate.path.clone(),
+                source: std::io::Error::other(
+                    "the file changed while it was read; the next rescan takes it",
+                ),
+            }));
+        }
+        Ok(kernel.loader().load_file(&file)?)
+    }
+}
+
+/// What `stat` says of a file that changes whenever its content does (short of a deliberate
+/// forgery): device, inode, size, and modification and change times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::metadata(path).ok()?;
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            len: m.len(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
+
+/// The `*.so` files of `dir`, sorted.
+fn plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "so") && path.is_file() {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
