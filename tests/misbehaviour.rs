@@ -539,7 +539,7 @@ fn corrupt_copies_of_a_plugin_never_crash_the_host() -> TestResult {
     Ok(())
 }
 
-fn kv_holds(root: &Path, key: &str) -> bool {
+pub(crate) fn kv_holds(root: &Path, key: &str) -> bool {
     let output = inspect(root, "kv", &["--json"]);
     output.status.success()
         && serde_json::from_slice::<serde_json::Value>(&output.stdout)

@@ -19,6 +19,31 @@ fn signal(child: &std::process::Child, signal: nix::sys::signal::Signal) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), signal).unwrap();
 }
 
+/// Waits until `child`'s own code runs: its Rust runtime has set SIGPIPE to be ignored,
+/// which it does before `main`.
+fn wait_until_the_runtime_began(child: &std::process::Child) {
+    let status = format!("/proc/{}/status", child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ignored = fs::read_to_string(&status)
+            .ok()
+            .and_then(|s| {
+                let mask = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("SigIgn:"))?
+                    .trim()
+                    .to_owned();
+                u64::from_str_radix(&mask, 16).ok()
+            })
+            .unwrap_or(0);
+        if ignored & (1 << (libc::SIGPIPE - 1)) != 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the host never started");
+        std::thread::yield_now();
+    }
+}
+
 /// Waits for `child` to exit, at most `limit`; kills it and fails past that.
 fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
     let deadline = Instant::now() + limit;
@@ -38,17 +63,18 @@ fn exit_within(child: &mut std::process::Child, limit: Duration) -> std::process
 fn signals_in_the_first_milliseconds_of_a_start_are_honoured_never_fatal() -> TestResult {
     let root = setup(&["echo"]);
     let socket = root.path().join("state/control.sock");
-    // From 2 ms to 8 ms after the start. Before the program's first constructor runs, only
-    // the dynamic loader does (0.5 to 1 ms for this debug build, mapping and relocating
-    // it): no program can hold a signal then.
+    // From 0 to 6 ms after the program's own code began (its runtime ignores SIGPIPE
+    // before `main`): before that only the dynamic loader runs, for 0.5 ms or (on a loaded
+    // machine) several, and no program can hold a signal then.
     for attempt in 0..30u64 {
-        let delay = Duration::from_micros(2000 + attempt * 6000 / 29);
+        let delay = Duration::from_micros(attempt * 6000 / 29);
         let sighup = attempt % 3 != 2;
         let mut child = Command::new(BIN)
             .args(run_args(root.path()))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()?;
+        wait_until_the_runtime_began(&child);
         std::thread::sleep(delay);
         if sighup {
             signal(&child, nix::sys::signal::Signal::SIGHUP);
@@ -254,5 +280,192 @@ fn a_rejected_version_stays_rejected_through_reloads_and_restarts_and_ctl_says_s
     let retry = daemon.ctl(&["reload", "--retry"]);
     assert_eq!(retry.status.code(), Some(1), "{}", stdout(&retry));
     assert!(stdout(&retry).contains("rolled back"), "{}", stdout(&retry));
+    Ok(())
+}
+
+fn host_status(daemon: &Daemon, field: &str) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{}/status", daemon.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap()
+}
+
+fn open_descriptors(daemon: &Daemon) -> usize {
+    fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+        .unwrap()
+        .count()
+}
+
+/// Reads one answer line (at most 10 s).
+fn answer_of(stream: &std::os::unix::net::UnixStream) -> String {
+    use std::io::BufRead;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut line = String::new();
+    let _ = std::io::BufReader::new(stream).read_line(&mut line);
+    line
+}
+
+#[test]
+fn the_control_socket_answers_every_malformed_request_and_closes_oversized_ones() -> TestResult {
+    use std::io::Write;
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let socket = root.path().join("state/control.sock");
+    let rss_before = host_status(&daemon, "VmRSS");
+
+    // Invalid UTF-8 and invalid JSON: an error each, and the connection serves on.
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+    stream.write_all(b"{\"cmd\":\"list\xff\"}\n")?;
+    let answer = answer_of(&stream);
+    assert!(answer.contains("not valid UTF-8"), "{answer}");
+    stream.write_all(b"not json\n")?;
+    assert!(answer_of(&stream).contains("bad control request"));
+    stream.write_all(b"{\"cmd\":\"list\"}\n")?;
+    assert!(answer_of(&stream).contains("services"));
+
+    // A line that never ends: answered and closed once past the limit, not buffered.
+    let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let chunk = vec![b'x'; 1 << 20];
+    let mut sent = 0;
+    for _ in 0..64 {
+        if stream.write_all(&chunk).is_err() {
+            break;
+        }
+        sent += chunk.len();
+    }
+    let answer = answer_of(&stream);
+    assert!(
+        answer.contains("request too large"),
+        "{answer} (sent {sent} bytes)"
+    );
+    let rss_after = host_status(&daemon, "VmRSS");
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "resident memory grew from {rss_before} kB to {rss_after} kB"
+    );
+    assert!(daemon.ctl(&["list"]).status.success());
+    Ok(())
+}
+
+#[test]
+fn idle_control_connections_cost_no_thread_and_never_lock_the_operator_out() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let socket = root.path().join("state/control.sock");
+    let threads_before = host_status(&daemon, "Threads");
+    let descriptors_before = open_descriptors(&daemon);
+    // A buggy script opens 300 connections and sends nothing.
+    let idle: Vec<_> = (0..300)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket))
+        .collect::<Result<_, _>>()?;
+    std::thread::sleep(Duration::from_millis(300));
+    // The operator's own ctl gets through (the oldest idle connection gives way).
+    let list = daemon.ctl(&["list"]);
+    assert!(list.status.success(), "{}", stderr(&list));
+    assert_eq!(host_status(&daemon, "Threads"), threads_before);
+    assert!(
+        open_descriptors(&daemon) <= descriptors_before + 64,
+        "{} descriptors open, {descriptors_before} before",
+        open_descriptors(&daemon)
+    );
+    // Those that gave way were told why; the others are closed after the idle timeout.
+    let evicted = answer_of(&idle[0]);
+    assert!(evicted.contains("connection limit"), "{evicted}");
+    let last = answer_of(&idle[299]);
+    assert!(last.contains("no whole request"), "{last}");
+    Ok(())
+}
+
+/// Limits the size of the files `daemon` may write (`prlimit`, from util-linux): a write past
+/// it fails with EFBIG, as one on a full disk fails with ENOSPC.
+fn limit_file_size(daemon: &Daemon, limit: &str) {
+    let output = Command::new("prlimit")
+        .args([
+            "--pid",
+            &daemon.child.id().to_string(),
+            &format!("--fsize={limit}:unlimited"),
+        ])
+        .output()
+        .expect("prlimit runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A host whose kv has a checkpoint, then a newer put, and a state too large for the file
+/// size limit of [`the_state_cannot_be_written`] (its log lines still can be).
+fn kv_daemon_with_a_checkpoint_and_a_newer_put(timeout: &str) -> (tempfile::TempDir, Daemon) {
+    let root = setup(&["kv"]);
+    let daemon = Daemon::start_with(
+        root.path(),
+        &["--checkpoint-interval", "0", "--operation-timeout", timeout],
+    );
+    let large = "x".repeat(100_000);
+    for key in ["large-1", "large-2", "large-3"] {
+        daemon.send(
+            "kv",
+            &format!(r#"{{"op":"put","key":"{key}","value":"{large}"}}"#),
+        );
+    }
+    daemon.send("kv", r#"{"op":"put","key":"checkpointed","value":1}"#);
+    assert!(daemon.ctl(&["checkpoint"]).status.success());
+    daemon.send("kv", r#"{"op":"put","key":"newer","value":2}"#);
+    (root, daemon)
+}
+
+/// Files of 200 kB at most for the host from now on: its state cannot be written.
+fn the_state_cannot_be_written(daemon: &Daemon) {
+    limit_file_size(daemon, "200000");
+}
+
+#[test]
+fn a_last_save_that_fails_at_shutdown_is_retried_until_it_succeeds() -> TestResult {
+    let (root, mut daemon) = kv_daemon_with_a_checkpoint_and_a_newer_put("20s");
+    the_state_cannot_be_written(&daemon);
+    signal(&daemon.child, nix::sys::signal::Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        daemon.child.try_wait()?.is_none(),
+        "the host gave up at once:\n{}",
+        daemon.log()
+    );
+    limit_file_size(&daemon, "unlimited");
+    let status = exit_within(&mut daemon.child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert!(
+        crate::misbehaviour::kv_holds(root.path(), "newer"),
+        "{}",
+        daemon.log()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_last_save_that_never_succeeds_exits_non_zero_naming_the_service_and_what_was_kept(
+) -> TestResult {
+    let (root, mut daemon) = kv_daemon_with_a_checkpoint_and_a_newer_put("2s");
+    the_state_cannot_be_written(&daemon);
+    signal(&daemon.child, nix::sys::signal::Signal::SIGTERM);
+    let status = exit_within(&mut daemon.child, Duration::from_secs(20));
+    let log = daemon.log();
+    assert_eq!(status.code(), Some(2), "{log}");
+    let last = log.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("kv (")
+            && last.contains("File too large")
+            && last.contains("kept: ")
+            && last.contains("kv.state"),
+        "{last}"
+    );
+    assert!(crate::misbehaviour::kv_holds(root.path(), "checkpointed"));
+    assert!(!crate::misbehaviour::kv_holds(root.path(), "newer"));
     Ok(())
 }

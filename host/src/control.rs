@@ -1,19 +1,33 @@
 //! The control socket: a Unix domain socket (mode 0600, peers of another uid refused) that
 //! speaks one JSON object per line each way. `microkernel ctl` is its client.
+//!
+//! Bounded against clients that misbehave (see [`Limits`]): one thread reads every
+//! connection without blocking (`poll`), so an idle connection costs a descriptor and a
+//! buffer, never a thread; a few workers carry whole requests out and answer with a write
+//! timeout. Requests have a maximum size, connections an idle timeout and a cap (at the cap
+//! the oldest idle connection gives way; with none idle the newcomer is told "busy"), and
+//! every malformed request gets an error answer.
 
 use std::{
-    io::{BufRead, BufReader, Write},
-    os::unix::{
-        fs::{FileTypeExt, PermissionsExt},
-        net::{UnixListener, UnixStream},
+    io::{BufRead, BufReader, Read, Write},
+    os::{
+        fd::AsFd,
+        unix::{
+            fs::{FileTypeExt, PermissionsExt},
+            net::{UnixListener, UnixStream},
+        },
     },
     path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
 };
 
-use anyhow::{bail, Context};
-use crossbeam_channel::{bounded, Sender};
+use anyhow::{bail, Context as _};
+use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
+use nix::poll::{PollFd, PollFlags, PollTimeout};
 use serde::{Deserialize, Serialize};
 
 use crate::{daemon::Event, loader::threads, reload::Verdicts, Checkpoint, Kernel, ServiceInfo};
@@ -146,39 +160,76 @@ impl ControlServer {
         Ok(server)
     }
 
-    /// Serves each connection on a thread of its own, from now on.
+    /// Serves the socket from now on (see [`Limits`]): one thread reads every connection,
+    /// a few workers carry the requests out.
     pub fn serve(
         &mut self,
         kernel: Arc<Kernel>,
         verdicts: Verdicts,
         events: Sender<Event>,
     ) -> anyhow::Result<()> {
+        self.serve_with(kernel, verdicts, events, Limits::for_this_process())
+    }
+
+    /// Like [`ControlServer::serve`], with the given limits.
+    pub fn serve_with(
+        &mut self,
+        kernel: Arc<Kernel>,
+        verdicts: Verdicts,
+        events: Sender<Event>,
+        limits: Limits,
+    ) -> anyhow::Result<()> {
         let Some(listener) = self.listener.take() else {
             bail!("control socket {} is already served", self.path.display());
         };
+        listener
+            .set_nonblocking(true)
+            .with_context(|| format!("control socket {}", self.path.display()))?;
+        let (wake_rx, wake_tx) =
+            UnixStream::pair().context("creating the control socket's wake-up pair")?;
+        wake_rx.set_nonblocking(true)?;
+        wake_tx.set_nonblocking(true)?;
+        let (jobs_tx, jobs) = bounded::<Job>(limits.connections);
+        let (back_tx, back) = unbounded::<Conn>();
+        let context = Arc::new(Context {
+            kernel,
+            verdicts,
+            events,
+        });
+        let busy = Arc::new(AtomicUsize::new(0));
+        for _ in 0..limits.workers {
+            let jobs = jobs.clone();
+            let back = back_tx.clone();
+            let wake = wake_tx.try_clone()?;
+            let context = context.clone();
+            let busy = busy.clone();
+            threads::spawn_detached("control-worker", move || {
+                work(&jobs, &back, &wake, &busy, &context, limits)
+            })
+            .context("starting a control worker")?;
+        }
+        tracing::info!(
+            socket = %self.path.display(),
+            max_connections = limits.connections,
+            max_request_bytes = limits.request_bytes,
+            "control socket serving"
+        );
         let owner = nix::unistd::getuid();
         threads::spawn_detached("control", move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(stream) => stream,
-                    Err(error) => {
-                        tracing::warn!(%error, "control socket: accept failed");
-                        continue;
-                    }
-                };
-                let kernel = kernel.clone();
-                let events = events.clone();
-                let verdicts = verdicts.clone();
-                let spawned = threads::spawn_detached("control-conn", move || {
-                    serve(stream, owner, &kernel, &verdicts, &events)
-                });
-                if let Err(error) = spawned {
-                    tracing::warn!(%error, "control socket: connection dropped, no thread for it");
-                }
+            Acceptor {
+                listener,
+                wake: wake_rx,
+                owner,
+                limits,
+                conns: Vec::new(),
+                jobs: jobs_tx,
+                back,
+                refused_at: None,
+                busy,
             }
+            .run()
         })
         .context("starting the control thread")?;
-        tracing::info!(socket = %self.path.display(), "control socket serving");
         Ok(())
     }
 }
@@ -189,57 +240,393 @@ impl Drop for ControlServer {
     }
 }
 
-fn serve(
-    stream: UnixStream,
-    owner: nix::unistd::Uid,
-    kernel: &Kernel,
-    verdicts: &Verdicts,
-    events: &Sender<Event>,
-) {
-    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials);
-    let mut writer = match stream.try_clone() {
-        Ok(writer) => writer,
-        Err(_) => return,
-    };
-    let respond = |writer: &mut UnixStream, response: &Response| {
-        let mut line = serde_json::to_string(response).unwrap_or_default();
-        line.push('\n');
-        writer.write_all(line.as_bytes())
-    };
-    match peer {
-        Ok(credentials) if credentials.uid() == owner.as_raw() => {}
-        Ok(credentials) => {
-            tracing::warn!(
-                uid = credentials.uid(),
-                "control connection from another user refused"
-            );
-            let _ = respond(
-                &mut writer,
-                &Response::Error {
-                    message: format!(
-                        "refused: uid {} is not the host's uid {owner}",
-                        credentials.uid()
-                    ),
-                },
-            );
-            return;
-        }
-        Err(error) => {
-            tracing::warn!(%error, "control connection refused: peer credentials unavailable");
-            return;
+/// The control socket's bounds: what one buggy or hostile client can hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once. At the cap, a new connection closes the oldest idle one;
+    /// when none is idle, it is answered "busy" and closed.
+    pub connections: usize,
+    /// The longest request line, in bytes: longer is answered with an error and closed.
+    pub request_bytes: usize,
+    /// How long a connection may take to send a whole request (from its opening, or from
+    /// its last answer): then it is closed.
+    pub idle: Duration,
+    /// How long writing an answer may take (a client that does not read): then the
+    /// connection is closed.
+    pub write: Duration,
+    /// Requests carried out at once (each on a worker thread).
+    pub workers: usize,
+}
+
+impl Limits {
+    /// At most 64 connections, and never more than a quarter of the descriptors this
+    /// process may open (the rest is for plugins and state writes); 1 MiB requests; 5 s to
+    /// send a request or read an answer; 8 workers.
+    pub fn for_this_process() -> Self {
+        let descriptors =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
+                .unwrap_or(1024);
+        Limits {
+            connections: (descriptors / 4).clamp(4, 64),
+            request_bytes: 1 << 20,
+            idle: Duration::from_secs(5),
+            write: Duration::from_secs(5),
+            workers: 8,
         }
     }
-    for line in BufReader::new(stream).lines() {
-        let Ok(line) = line else { return };
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => handle(request, kernel, verdicts, events),
-            Err(e) => Response::Error {
-                message: format!("bad control request: {e}"),
-            },
+}
+
+/// What the workers need to carry a request out.
+struct Context {
+    kernel: Arc<Kernel>,
+    verdicts: Verdicts,
+    events: Sender<Event>,
+}
+
+/// An open control connection, owned by the acceptor while it waits for a request, and by
+/// a worker while its request is carried out.
+#[derive(Debug)]
+struct Conn {
+    stream: UnixStream,
+    /// What was read of the next request (and, pipelined, after it).
+    buf: Vec<u8>,
+    /// Since when it has been waiting for a whole request.
+    since: Instant,
+    /// A number, to match it when it comes back from a worker.
+    id: u64,
+}
+
+/// A request line for a worker, with its connection.
+struct Job {
+    conn: Conn,
+    line: Vec<u8>,
+}
+
+/// The thread that accepts connections and reads requests, for all of them, without
+/// blocking on any: `poll` over the listener, the idle connections and a wake-up socket the
+/// workers write to when they hand a connection back.
+struct Acceptor {
+    listener: UnixListener,
+    wake: UnixStream,
+    owner: nix::unistd::Uid,
+    limits: Limits,
+    /// Connections waiting for a request (idle or part-way through one).
+    conns: Vec<Conn>,
+    jobs: Sender<Job>,
+    back: Receiver<Conn>,
+    /// When accepting last failed for want of descriptors: accepting pauses a moment.
+    refused_at: Option<Instant>,
+    /// How many connections are with the workers (counted against the cap too).
+    busy: Arc<AtomicUsize>,
+}
+
+impl Acceptor {
+    fn run(mut self) {
+        let mut next_id = 0u64;
+        loop {
+            let timeout = self.next_timeout();
+            let (accept, wake, readable) = {
+                let listen = self
+                    .refused_at
+                    .is_none_or(|at| at.elapsed() > Duration::from_millis(100));
+                let mut fds = Vec::with_capacity(self.conns.len() + 2);
+                fds.push(PollFd::new(
+                    self.listener.as_fd(),
+                    if listen {
+                        PollFlags::POLLIN
+                    } else {
+                        PollFlags::empty()
+                    },
+                ));
+                fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
+                for conn in &self.conns {
+                    fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
+                }
+                match nix::poll::poll(&mut fds, timeout) {
+                    Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                    Err(error) => {
+                        tracing::error!(%error, "control socket: poll failed; control stops");
+                        return;
+                    }
+                }
+                let ready = |fd: &PollFd| fd.any().unwrap_or(false);
+                let readable: Vec<usize> = fds[2..]
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, fd)| ready(fd))
+                    .map(|(i, _)| i)
+                    .collect();
+                (ready(&fds[0]), ready(&fds[1]), readable)
+            };
+            if wake {
+                let mut sink = [0u8; 64];
+                while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
+            }
+            for conn in self.back.try_iter() {
+                self.conns.push(conn);
+            }
+            // Reading may close connections: from the last index down.
+            for index in readable.into_iter().rev() {
+                self.read(index);
+            }
+            // Pipelined requests already read are dispatched too.
+            for index in (0..self.conns.len()).rev() {
+                self.dispatch_if_complete(index);
+            }
+            self.close_idle();
+            if accept {
+                self.accept(&mut next_id);
+            }
+        }
+    }
+
+    /// How long `poll` may wait: until the next connection's idle deadline.
+    fn next_timeout(&self) -> PollTimeout {
+        let next = self.conns.iter().map(|c| c.since + self.limits.idle).min();
+        match next {
+            None => PollTimeout::NONE,
+            Some(at) => {
+                let wait = at.saturating_duration_since(Instant::now()) + Duration::from_millis(1);
+                PollTimeout::try_from(wait).unwrap_or(PollTimeout::MAX)
+            }
+        }
+    }
+
+    fn accept(&mut self, next_id: &mut u64) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(error) => {
+                    // Out of descriptors (EMFILE, ENFILE): pause accepting a moment.
+                    tracing::warn!(%error, "control socket: accept failed; pausing");
+                    self.refused_at = Some(Instant::now());
+                    return;
+                }
+            };
+            self.refused_at = None;
+            if let Err(message) = self.admit(&stream) {
+                refuse(stream, &message);
+                continue;
+            }
+            let busy = self.busy.load(Ordering::Relaxed);
+            if self.conns.len() + busy >= self.limits.connections {
+                // The oldest idle connection gives way; if none is idle, the newcomer does.
+                let idle = self
+                    .conns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, c)| c.buf.is_empty())
+                    .min_by_key(|(_, c)| c.since)
+                    .map(|(i, _)| i);
+                match idle {
+                    Some(index) => {
+                        let evicted = self.conns.swap_remove(index);
+                        refuse(
+                            evicted.stream,
+                            "closed: this connection was idle and the control socket is at its connection limit",
+                        );
+                    }
+                    None => {
+                        refuse(
+                            stream,
+                            &format!(
+                                "busy: {} control connections are open, none of them idle; try again",
+                                self.limits.connections
+                            ),
+                        );
+                        continue;
+                    }
+                }
+            }
+            if stream.set_nonblocking(true).is_err() {
+                continue;
+            }
+            *next_id += 1;
+            self.conns.push(Conn {
+                stream,
+                buf: Vec::new(),
+                since: Instant::now(),
+                id: *next_id,
+            });
+        }
+    }
+
+    /// Only the host's own user may talk to it.
+    fn admit(&self, stream: &UnixStream) -> Result<(), String> {
+        match nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials) {
+            Ok(credentials) if credentials.uid() == self.owner.as_raw() => Ok(()),
+            Ok(credentials) => {
+                tracing::warn!(
+                    uid = credentials.uid(),
+                    "control connection from another user refused"
+                );
+                Err(format!(
+                    "refused: uid {} is not the host's uid {}",
+                    credentials.uid(),
+                    self.owner
+                ))
+            }
+            Err(error) => {
+                tracing::warn!(%error, "control connection refused: peer credentials unavailable");
+                Err(format!("refused: peer credentials unavailable ({error})"))
+            }
+        }
+    }
+
+    /// Reads what connection `index` sent; closes it at end of file, on an error, or when
+    /// its request grows past the limit.
+    fn read(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match (&conn.stream).read(&mut chunk) {
+                Ok(0) => {
+                    self.conns.swap_remove(index);
+                    return;
+                }
+                Ok(n) => {
+                    conn.buf.extend_from_slice(&chunk[..n]);
+                    if conn.buf.contains(&b'\n') {
+                        return;
+                    }
+                    if conn.buf.len() > self.limits.request_bytes {
+                        let conn = self.conns.swap_remove(index);
+                        refuse(
+                            conn.stream,
+                            &format!(
+                                "request too large: more than {} bytes without a newline",
+                                self.limits.request_bytes
+                            ),
+                        );
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => {
+                    self.conns.swap_remove(index);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Hands connection `index` to a worker if it holds a whole request line.
+    fn dispatch_if_complete(&mut self, index: usize) {
+        let Some(end) = self.conns[index].buf.iter().position(|&b| b == b'\n') else {
+            return;
         };
-        if respond(&mut writer, &response).is_err() {
+        if end > self.limits.request_bytes {
+            let conn = self.conns.swap_remove(index);
+            refuse(
+                conn.stream,
+                &format!(
+                    "request too large: more than {} bytes",
+                    self.limits.request_bytes
+                ),
+            );
             return;
         }
+        let mut conn = self.conns.swap_remove(index);
+        let rest = conn.buf.split_off(end + 1);
+        let mut line = std::mem::replace(&mut conn.buf, rest);
+        line.pop();
+        self.busy.fetch_add(1, Ordering::Relaxed);
+        if let Err(returned) = self.jobs.try_send(Job { conn, line }) {
+            self.busy.fetch_sub(1, Ordering::Relaxed);
+            let job = returned.into_inner();
+            refuse(
+                job.conn.stream,
+                "busy: too many control requests under way; try again",
+            );
+        }
+    }
+
+    /// Closes the connections that have not sent a whole request in time.
+    fn close_idle(&mut self) {
+        let limit = self.limits.idle;
+        let (stale, fresh): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut self.conns)
+            .into_iter()
+            .partition(|c| c.since.elapsed() >= limit);
+        self.conns = fresh;
+        for conn in stale {
+            refuse(
+                conn.stream,
+                &format!("closed: no whole request within {limit:?}"),
+            );
+        }
+    }
+}
+
+/// Answers an error, without waiting for the client to read it, and closes.
+fn refuse(stream: UnixStream, message: &str) {
+    let _ = stream.set_nonblocking(true);
+    let _ = write_response(
+        &stream,
+        &Response::Error {
+            message: message.to_owned(),
+        },
+    );
+}
+
+fn write_response(mut stream: &UnixStream, response: &Response) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).unwrap_or_default();
+    line.push(b'\n');
+    stream.write_all(&line)
+}
+
+/// A worker: carries requests out, answers (giving up on a client that does not read),
+/// and hands the connection back for its next request.
+fn work(
+    jobs: &Receiver<Job>,
+    back: &Sender<Conn>,
+    mut wake: &UnixStream,
+    busy: &AtomicUsize,
+    context: &Context,
+    limits: Limits,
+) {
+    for Job { conn, line } in jobs.iter() {
+        let response = answer(&line, context);
+        let written = conn
+            .stream
+            .set_nonblocking(false)
+            .and_then(|()| conn.stream.set_write_timeout(Some(limits.write)))
+            .and_then(|()| write_response(&conn.stream, &response))
+            .and_then(|()| conn.stream.set_nonblocking(true));
+        busy.fetch_sub(1, Ordering::Relaxed);
+        if let Err(error) = written {
+            tracing::debug!(%error, connection = conn.id, "control answer not delivered; connection closed");
+            continue;
+        }
+        let conn = Conn {
+            since: Instant::now(),
+            ..conn
+        };
+        if back.send(conn).is_err() {
+            return;
+        }
+        let _ = wake.write(&[1]);
+    }
+}
+
+/// The answer to one request line: malformed lines (invalid UTF-8 included) get an error.
+fn answer(line: &[u8], context: &Context) -> Response {
+    let line = match std::str::from_utf8(line) {
+        Ok(line) => line,
+        Err(e) => {
+            return Response::Error {
+                message: format!("bad control request: not valid UTF-8 ({e})"),
+            }
+        }
+    };
+    match serde_json::from_str::<Request>(line) {
+        Ok(request) => handle(request, &context.kernel, &context.verdicts, &context.events),
+        Err(e) => Response::Error {
+            message: format!("bad control request: {e}"),
+        },
     }
 }
 

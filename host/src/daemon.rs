@@ -214,12 +214,29 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         let services: Vec<String> = report
             .failures
             .iter()
-            .map(|(s, e)| format!("{s} ({})", crate::error_chain(e)))
+            .map(|(s, e)| format!("{s} ({}; {})", crate::error_chain(e), kept(&kernel, s)))
             .collect();
         bail!(
             "stopped, but these services failed to stop cleanly: {}",
             services.join(", ")
         )
+    }
+}
+
+/// What is kept of a service's state after a stop that did not save it: the file written
+/// last (a checkpoint, a hot replace), if any.
+fn kept(kernel: &Kernel, service: &str) -> String {
+    let Some(store) = kernel.state_store() else {
+        return "state is not persisted".to_owned();
+    };
+    let path = store.path(service);
+    match fs::metadata(&path).and_then(|m| m.modified()) {
+        Ok(saved) => format!(
+            "kept: {}, as saved at {}",
+            path.display(),
+            humantime::format_rfc3339_seconds(saved)
+        ),
+        Err(_) => format!("nothing kept: {} does not exist", path.display()),
     }
 }
 

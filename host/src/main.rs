@@ -48,7 +48,8 @@ fn main() -> ExitCode {
     let daemon = matches!(cli.command, Command::Run(_));
     let outcome = execute(cli.command);
     if let Err(error) = &outcome {
-        eprintln!("microkernel: {error:#}");
+        // Never a panic: standard error may be a file on a full disk.
+        let _ = writeln!(std::io::stderr(), "microkernel: {error:#}");
     }
     if daemon {
         // Every state is saved: end now, without running the plugins' library destructors

@@ -434,7 +434,7 @@ impl KernelInner {
                     service: slot.name.clone(),
                     cause: format!("export_state failed, state not saved: {cause}"),
                 })
-                .and_then(|bytes| self.save(slot, &mut ops, &version, &bytes));
+                .and_then(|bytes| self.save_until(slot, &mut ops, &version, &bytes, deadline));
             result = saved.and(result);
         }
         if let Err(error) = &result {
@@ -446,6 +446,40 @@ impl KernelInner {
             _ => tracing::info!(service = %slot.name, "stopped"),
         }
         result
+    }
+
+    /// Saves as [`KernelInner::save`] does; a write that fails (a full disk, a state
+    /// directory briefly gone) is tried again until `deadline`: at a stop, the exported
+    /// state exists nowhere else.
+    pub(super) fn save_until(
+        &self,
+        slot: &ServiceSlot,
+        ops: &mut SlotOps,
+        version: &str,
+        bytes: &[u8],
+        deadline: Instant,
+    ) -> Result<(), KernelError> {
+        let mut pause = Duration::from_millis(50);
+        let mut tries = 1u32;
+        loop {
+            match self.save(slot, ops, version, bytes) {
+                Ok(()) => {
+                    if tries > 1 {
+                        tracing::info!(service = %slot.name, tries, "state saved after all");
+                    }
+                    return Ok(());
+                }
+                Err(error) if Instant::now() + pause < deadline && is_worth_retrying(&error) => {
+                    if tries == 1 {
+                        tracing::warn!(service = %slot.name, error = %crate::error_chain(&error), until = ?deadline.saturating_duration_since(Instant::now()), "state not saved; trying again");
+                    }
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                    tries += 1;
+                }
+                Err(error) => return Err(error),
+            }
+        }
     }
 
     pub(super) fn save(
@@ -609,4 +643,17 @@ fn stop_waves(
         waves.push(wave);
     }
     waves
+}
+
+/// Whether a failed save may succeed if tried again: the file system's errors may pass (a
+/// disk filled, then freed); a state too big for its header never will.
+fn is_worth_retrying(error: &KernelError) -> bool {
+    matches!(
+        error,
+        KernelError::State {
+            source: crate::state::StateError::Io { .. }
+                | crate::state::StateError::DirectoryReplaced { .. },
+            ..
+        }
+    )
 }
