@@ -469,3 +469,178 @@ fn a_last_save_that_never_succeeds_exits_non_zero_naming_the_service_and_what_wa
     assert!(!crate::misbehaviour::kv_holds(root.path(), "newer"));
     Ok(())
 }
+
+fn chmod(path: &std::path::Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+}
+
+#[test]
+fn a_plugins_directory_or_file_another_user_can_write_is_refused_unless_allowed() -> TestResult {
+    let root = setup(&["echo"]);
+    let plugins = root.path().join("plugins");
+    chmod(&plugins, 0o777);
+    let output = microkernel(&run_args(root.path()));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("plugins directory")
+            && stderr(&output).contains("writable by")
+            && stderr(&output).contains("--allow-insecure-permissions"),
+        "{}",
+        stderr(&output)
+    );
+    chmod(&plugins, 0o755);
+
+    let daemon = Daemon::start(root.path());
+    let kv = add_plugin(&plugins, "kv");
+    chmod(&kv, 0o666);
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+    assert!(
+        stdout(&reload).contains("libkv.so is writable by its group and other users"),
+        "{}",
+        stdout(&reload)
+    );
+    // Owned by another user, it is refused too.
+    chmod(&kv, 0o644);
+    nix::unistd::chown(&kv, Some(nix::unistd::Uid::from_raw(65534)), None)?;
+    let reload = daemon.ctl(&["reload"]);
+    assert!(
+        stdout(&reload).contains("owned by uid 65534"),
+        "{}",
+        stdout(&reload)
+    );
+    assert!(daemon
+        .services()
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["name"] != "kv"));
+    // Made safe, it is taken at the next rescan.
+    nix::unistd::chown(&kv, Some(nix::unistd::geteuid()), None)?;
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stdout(&reload));
+    assert!(stdout(&reload).contains("added kv"));
+    drop(daemon);
+
+    // The opt-out.
+    chmod(&kv, 0o666);
+    let daemon = Daemon::start_with(root.path(), &["--allow-insecure-permissions"]);
+    daemon.send("kv", r#"{"op":"put","key":"a","value":1}"#);
+    Ok(())
+}
+
+#[test]
+fn with_an_allow_list_only_the_listed_plugins_are_loaded() -> TestResult {
+    use sha2::Digest;
+    let root = setup(&["echo", "kv"]);
+    let digest =
+        |package: &str| hex::encode(sha2::Sha256::digest(fs::read(fixture(package)).unwrap()));
+    let list = root.path().join("allowed.sha256");
+    fs::write(
+        &list,
+        format!("# reviewed plugins\n{}  libecho.so\n", digest("echo")),
+    )?;
+    let daemon = Daemon::start_with(root.path(), &["--allow-sha256", list.to_str().unwrap()]);
+    assert_eq!(daemon.send("echo", "{}")["count"], 1);
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1));
+    assert!(
+        stdout(&reload).contains(&format!("libkv.so (sha256 {}) is not listed", digest("kv"))),
+        "{}",
+        stdout(&reload)
+    );
+    fs::write(&list, format!("{}\n{}\n", digest("echo"), digest("kv")))?;
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stdout(&reload));
+    assert!(stdout(&reload).contains("added kv"), "{}", stdout(&reload));
+    Ok(())
+}
+
+#[test]
+fn a_host_whose_state_directory_is_replaced_stops_writing_there_and_says_so() -> TestResult {
+    let root = setup(&["kv"]);
+    let daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "0"]);
+    daemon.send("kv", r#"{"op":"put","key":"first","value":1}"#);
+    let state = root.path().join("state");
+    let moved = root.path().join("state.moved");
+    fs::rename(&state, &moved)?;
+    // A second host starts on the same path, which is free now.
+    let other_root = root.path().join("other");
+    fs::create_dir(&other_root)?;
+    fs::create_dir(other_root.join("plugins"))?;
+    let mut second = Command::new(BIN)
+        .args([
+            "run",
+            "--plugins",
+            other_root.join("plugins").to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--key-file",
+            root.path().join("key").to_str().unwrap(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    daemon.wait_for(
+        |_| state.join("control.sock").exists(),
+        "the second host to take the path",
+    );
+    // The first host, asked to checkpoint, writes nothing into the second's directory.
+    let moved_socket = moved.join("control.sock");
+    let checkpoint = microkernel(&[
+        "ctl",
+        "--socket",
+        moved_socket.to_str().unwrap(),
+        "checkpoint",
+    ]);
+    assert_eq!(checkpoint.status.code(), Some(1));
+    assert!(
+        stdout(&checkpoint).contains("removed or replaced"),
+        "{}",
+        stdout(&checkpoint)
+    );
+    assert!(!state.join("kv.state").exists());
+    daemon.wait_for(
+        |d| {
+            d.log()
+                .contains("the state directory was removed or replaced")
+        },
+        "the host to say so",
+    );
+    signal(&second, nix::sys::signal::Signal::SIGTERM);
+    exit_within(&mut second, Duration::from_secs(20));
+    Ok(())
+}
+
+#[test]
+fn idle_control_clients_never_starve_the_state_writes_of_descriptors() -> TestResult {
+    let root = setup(&["kv"]);
+    let mut args = vec!["--nofile=128".to_owned(), crate::cli::BIN.to_owned()];
+    args.extend(run_args(root.path()));
+    let log = fs::File::create(root.path().join("host.log"))?;
+    let child = Command::new("prlimit")
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let daemon = Daemon {
+        child,
+        root: root.path().to_owned(),
+    };
+    daemon.wait_for(|d| d.ctl(&["list"]).status.success(), "the host to answer");
+    let socket = root.path().join("state/control.sock");
+    let _idle: Vec<_> = (0..300)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    daemon.send("kv", r#"{"op":"put","key":"kept","value":1}"#);
+    let status = daemon.terminate();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        fs::read_to_string(root.path().join("host.log"))?
+    );
+    assert!(crate::misbehaviour::kv_holds(root.path(), "kept"));
+    Ok(())
+}

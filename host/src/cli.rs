@@ -164,6 +164,14 @@ pub struct RunArgs {
     /// directory]. Must allow executable mappings (not `noexec`).
     #[arg(long, value_name = "DIR")]
     pub shadow_dir: Option<PathBuf>,
+    /// Load only the plugin files whose SHA-256 is listed in FILE (`sha256sum` output;
+    /// read again at every rescan). Others are refused, naming their digest.
+    #[arg(long = "allow-sha256", value_name = "FILE")]
+    pub allow_sha256: Option<PathBuf>,
+    /// Load plugins even from a plugins directory, or files, that another user can write
+    /// or owns (by default they are refused, as sshd's StrictModes does).
+    #[arg(long)]
+    pub allow_insecure_permissions: bool,
 }
 
 /// `microkernel ctl`.

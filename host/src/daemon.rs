@@ -28,6 +28,7 @@ use crate::{
     loader::{threads, Probe},
     reload::{Reloader, ScanReport},
     state::{KeyRing, StateKey, StateStore},
+    trust::Trust,
     Kernel, KernelConfig,
 };
 
@@ -97,6 +98,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             args.plugins.display()
         );
     }
+    let trust = Trust {
+        strict_modes: !args.allow_insecure_permissions,
+        allow_list: args.allow_sha256.clone(),
+    };
+    trust.check("plugins directory", &args.plugins)?;
+    trust.allow_list()?;
     // Keys first: a missing or unsafe key is the most common mistake, reported before
     // anything is created.
     let keys = if args.no_state {
@@ -154,7 +161,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // The first scan runs on the reload thread too: a plugin that hangs in `start` delays
     // the services, never a signal.
     let (started_tx, started) = crossbeam_channel::bounded(1);
-    let reloader = Reloader::new(&args.plugins);
+    let reloader = Reloader::new(&args.plugins).with_trust(trust);
     let verdicts = reloader.verdicts();
     let reloads = spawn_reload_thread(kernel.clone(), reloader, started_tx)?;
     let mut up = || -> anyhow::Result<()> {
@@ -250,10 +257,17 @@ fn main_loop(
 ) -> anyhow::Result<(&'static str, bool)> {
     let mut started = Some(started);
     let health = tick(Duration::from_millis(500));
+    let mut state_dir_lost = false;
     let sweeps = tick(SWEEP_INTERVAL);
     loop {
         select! {
             recv(health) -> _ => {
+                let lost = kernel.state_store().is_some_and(|store| !store.directory_is_ours());
+                if lost && !state_dir_lost {
+                    let dir = kernel.state_store().map(|s| s.dir().display().to_string());
+                    tracing::error!(dir, "the state directory was removed or replaced while the host ran: no state is written there any more (another host may use that path now); restart the host");
+                }
+                state_dir_lost = lost;
                 if crate::loader::loader_wedged() {
                     tracing::error!("a plugin library's destructors hang: saving every state and stopping, to be restarted");
                     return Ok(("a wedged dynamic loader", started.is_none()));

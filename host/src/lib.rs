@@ -36,3 +36,4 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod reload;
+pub mod trust;

@@ -122,6 +122,7 @@ impl Loader {
             path,
             bytes,
             sha256,
+            ..
         } = file;
         let path = path.as_path();
         check_elf(path, bytes)?;
@@ -278,6 +279,9 @@ pub struct PluginFile {
     path: PathBuf,
     bytes: Vec<u8>,
     sha256: [u8; 32],
+    /// Permission bits and owner of the file read.
+    mode: u32,
+    uid: u32,
 }
 
 /// The largest plugin file read: anything bigger is refused unread.
@@ -322,10 +326,13 @@ impl PluginFile {
             return Err(too_large(bytes.len() as u64));
         }
         let sha256 = Sha256::digest(&bytes).into();
+        use std::os::unix::fs::MetadataExt;
         Ok(PluginFile {
             path: path.to_owned(),
             bytes,
             sha256,
+            mode: metadata.mode(),
+            uid: metadata.uid(),
         })
     }
 
@@ -337,6 +344,11 @@ impl PluginFile {
     /// The SHA-256 of the content read.
     pub fn sha256(&self) -> &[u8; 32] {
         &self.sha256
+    }
+
+    /// The file's permission bits and owner (uid), as it was read.
+    pub fn mode_and_owner(&self) -> (u32, u32) {
+        (self.mode, self.uid)
     }
 }
 

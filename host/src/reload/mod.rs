@@ -41,6 +41,7 @@ pub use verdicts::{FileRef, Rejection, Verdicts, RECORD};
 use crate::{
     kernel::{Kernel, KernelError, SwapError, SwapReport},
     loader::{threads, Library, LoadError, PluginFile},
+    trust::{AllowList, Trust, TrustError},
     InstanceError, Status,
 };
 
@@ -108,6 +109,9 @@ pub enum ReloadError {
         /// Why it failed.
         reason: String,
     },
+    /// The plugins directory or a plugin file is not trusted (see [`crate::trust`]).
+    #[error(transparent)]
+    Untrusted(#[from] TrustError),
     /// The kernel refused the change (a replace rolled back, a start failed...).
     #[error(transparent)]
     Kernel(#[from] KernelError),
@@ -137,6 +141,7 @@ pub struct ScanReport {
 pub struct Reloader {
     dir: PathBuf,
     known: HashMap<PathBuf, KnownFile>,
+    trust: Trust,
     verdicts: Verdicts,
     /// Whether the record was read from the state directory (once, at the first scan).
     record_read: bool,
@@ -207,9 +212,16 @@ impl Reloader {
         Reloader {
             dir: dir.to_owned(),
             known: HashMap::new(),
+            trust: Trust::default(),
             verdicts: Verdicts::default(),
             record_read: false,
         }
+    }
+
+    /// Uses `trust` (strict modes are on by default, with no allow list).
+    pub fn with_trust(mut self, trust: Trust) -> Self {
+        self.trust = trust;
+        self
     }
 
     /// The verdicts this reloader makes (to show them elsewhere).
@@ -250,13 +262,20 @@ impl Reloader {
             }
         }
         let mut report = ScanReport::default();
-        match plugin_files(&self.dir) {
-            Ok(files) => {
+        // What is trusted comes first: nothing new is loaded from a directory another user
+        // can write, or with an allow list that cannot be read.
+        let allowed = self
+            .trust
+            .check("plugins directory", &self.dir)
+            .and_then(|()| self.trust.allow_list());
+        match (allowed, plugin_files(&self.dir)) {
+            (Err(error), _) => report.errors.push(error.into()),
+            (Ok(allowed), Ok(files)) => {
                 self.forget_removed(kernel, &files);
-                let loaded = self.load_changed(kernel, files, only, &mut report);
+                let loaded = self.load_changed(kernel, files, only, allowed.as_ref(), &mut report);
                 self.apply(kernel, loaded, only, &mut report);
             }
-            Err(source) => {
+            (Ok(_), Err(source)) => {
                 let error = ReloadError::Dir {
                     path: self.dir.clone(),
                     source,
@@ -316,6 +335,7 @@ impl Reloader {
         kernel: &Kernel,
         files: Vec<PathBuf>,
         only: Option<&str>,
+        allowed: Option<&AllowList>,
         report: &mut ScanReport,
     ) -> BTreeMap<PathBuf, Library> {
         let mut loaded = BTreeMap::new();
@@ -335,6 +355,17 @@ impl Reloader {
                 }
             };
             let sha256 = *file.sha256();
+            // Not remembered: a file made safe (chmod, or listed) is taken at the next rescan.
+            let (mode, owner) = file.mode_and_owner();
+            let trusted = self
+                .trust
+                .check_file(&path, mode, owner)
+                .and_then(|()| allowed.map_or(Ok(()), |list| list.permits(&path, &sha256)));
+            if let Err(error) = trusted {
+                self.known.remove(&path);
+                report.errors.push(error.into());
+                continue;
+            }
             if let Some(known) = self.known.get_mut(&path).filter(|k| k.sha256 == sha256) {
                 known.stamp = stamp;
                 report.unchanged += 1;
@@ -738,6 +769,20 @@ impl Reloader {
             return Ok(library);
         }
         let file = PluginFile::read(&candidate.path)?;
+        let (mode, owner) = file.mode_and_owner();
+        let untrusted = |error: TrustError| {
+            KernelError::Load(LoadError::Read {
+                path: candidate.path.clone(),
+                source: std::io::Error::other(error.to_string()),
+            })
+        };
+        self.trust
+            .check_file(&candidate.path, mode, owner)
+            .map_err(untrusted)?;
+        if let Some(list) = self.trust.allow_list().map_err(untrusted)? {
+            list.permits(&candidate.path, &candidate.sha256)
+                .map_err(untrusted)?;
+        }
         if file.sha256() != &candidate.sha256 {
             return Err(KernelError::Load(LoadError::Read {
                 path: candidate.path.clone(),

@@ -35,6 +35,16 @@ pub enum KeyError {
         /// Its permission bits.
         mode: u32,
     },
+    /// The key file belongs to another user (not root): that user can replace the key.
+    #[error("key file {path} is owned by uid {owner}, neither the host's user (uid {me}) nor root; run `chown {me} {path}`")]
+    Owner {
+        /// The key file.
+        path: PathBuf,
+        /// Its owner.
+        owner: u32,
+        /// The host's effective uid.
+        me: u32,
+    },
     /// The key is not 64 hex digits.
     #[error("{origin}: a state key is 64 hex digits (32 bytes); {problem}")]
     Format {
@@ -100,11 +110,20 @@ impl StateKey {
             path: path.to_owned(),
             source,
         };
-        let mode = fs::metadata(path).map_err(io)?.mode() & 0o777;
+        let meta = fs::metadata(path).map_err(io)?;
+        let mode = meta.mode() & 0o777;
         if mode & 0o077 != 0 {
             return Err(KeyError::Permissions {
                 path: path.to_owned(),
                 mode,
+            });
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(KeyError::Owner {
+                path: path.to_owned(),
+                owner: meta.uid(),
+                me,
             });
         }
         let mut text = fs::read_to_string(path).map_err(io)?;
