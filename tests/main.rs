@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod endurance;
 mod loading;
 mod markers;
 mod misbehaviour;

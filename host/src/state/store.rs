@@ -393,7 +393,7 @@ pub fn inspect(keys: &KeyRing, path: &Path) -> Result<(StateHeader, Vec<u8>), St
 
 /// Seals `bytes`; fails (naming the field) when the service name or version does not fit
 /// its one-byte length.
-fn seal(
+pub(super) fn seal(
     keys: &KeyRing,
     service: &str,
     version: &str,
@@ -416,7 +416,7 @@ fn seal(
     Ok(out)
 }
 
-fn open(
+pub(super) fn open(
     keys: &KeyRing,
     path: &Path,
     data: &[u8],

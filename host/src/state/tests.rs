@@ -223,3 +223,55 @@ fn a_version_too_long_for_the_header_is_an_error_not_a_panic() {
     );
     assert!(!store.path("kv").exists());
 }
+
+mod fuzz {
+    //! Property tests of the state-file parser: whatever the bytes, opening a file never
+    //! panics, and a file changed anywhere never opens to other content.
+    //! `PROPTEST_CASES=100000 cargo test -p host --lib fuzz` runs a longer search.
+
+    use std::path::Path;
+
+    use proptest::prelude::*;
+
+    use super::super::store::{open, seal};
+    use super::ring;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_parser(
+            with_magic in any::<bool>(),
+            tail in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            // Half of the inputs get past the magic and the format version.
+            let mut data = if with_magic { b"MKSTATE\0\x01\x00".to_vec() } else { Vec::new() };
+            data.extend(tail);
+            let keys = ring();
+            let _ = open(&keys, Path::new("fuzz.state"), &data, Some("kv"));
+            let _ = open(&keys, Path::new("fuzz.state"), &data, None);
+        }
+
+        #[test]
+        fn a_sealed_file_changed_anywhere_never_opens_to_other_content(
+            content in proptest::collection::vec(any::<u8>(), 0..256),
+            service in "[a-z][a-z0-9_-]{0,20}",
+            version in "[0-9]{1,3}\\.[0-9]{1,3}\\.[0-9]{1,3}",
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in proptest::option::of(any::<prop::sample::Index>()),
+        ) {
+            let keys = ring();
+            let sealed = seal(&keys, &service, &version, &content).unwrap();
+            let (header, opened) = open(&keys, Path::new("f"), &sealed, Some(&service)).unwrap();
+            prop_assert_eq!(&opened, &content);
+            prop_assert_eq!(&header.exported_by, &version);
+            let mut damaged = sealed.clone();
+            for (at, byte) in edits {
+                let at = at.index(damaged.len());
+                damaged[at] ^= byte | 1;
+            }
+            if let Some(cut) = cut {
+                damaged.truncate(cut.index(damaged.len()));
+            }
+            prop_assert!(open(&keys, Path::new("f"), &damaged, Some(&service)).is_err());
+        }
+    }
+}

@@ -1,0 +1,260 @@
+//! Long runs, short by default: kill -9 while a large state is checkpointed and swapped,
+//! and a thousand swaps under load. `MICROKERNEL_TORTURE_KILLS=1000` and
+//! `MICROKERNEL_SOAK_SWAPS=1000` run the long versions (see docs/RELIABILITY.md).
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::Duration,
+};
+
+use crate::{cli::*, support::*};
+
+fn count_from_env(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// A small deterministic random sequence (the same on every run).
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// One control request on an open connection, its answer as JSON.
+fn call(stream: &mut BufReader<UnixStream>, request: &serde_json::Value) -> serde_json::Value {
+    let mut line = serde_json::to_vec(request).unwrap();
+    line.push(b'\n');
+    stream.get_mut().write_all(&line).unwrap();
+    let mut answer = String::new();
+    stream.read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|e| panic!("{e}: {answer:?}"))
+}
+
+fn connect(root: &Path) -> BufReader<UnixStream> {
+    BufReader::new(UnixStream::connect(root.join("state/control.sock")).unwrap())
+}
+
+/// Writes `bytes` as `dir/name` atomically (as the README says to deploy a plugin).
+fn deploy(dir: &Path, name: &str, bytes: &[u8]) {
+    let staging = dir.join(format!(".{name}.new"));
+    fs::write(&staging, bytes).unwrap();
+    fs::rename(staging, dir.join(name)).unwrap();
+}
+
+fn reload(stream: &mut BufReader<UnixStream>) -> serde_json::Value {
+    call(stream, &serde_json::json!({"cmd": "reload"}))
+}
+
+fn inspect_kv(root: &Path) -> Option<serde_json::Value> {
+    let output = inspect(root, "kv", &["--json"]);
+    output
+        .status
+        .success()
+        .then(|| serde_json::from_slice::<serde_json::Value>(&output.stdout).ok())
+        .flatten()
+}
+
+const LARGE_KEYS: usize = 11;
+const LARGE_LEN: usize = 100_000;
+
+#[test]
+fn kill_9_while_a_large_state_is_checkpointed_and_swapped_never_tears_it() -> TestResult {
+    let kills = count_from_env("MICROKERNEL_TORTURE_KILLS", 100);
+    let root = setup(&["kv"]);
+    let plugins = root.path().join("plugins");
+    // Two builds of kv with different bytes: every rescan that finds the other one swaps.
+    let build_a = fs::read(plugins.join("libkv.so"))?;
+    let mut build_b = build_a.clone();
+    build_b.extend_from_slice(b"another build of the same version");
+
+    // A state of more than 1 MiB.
+    let daemon = Daemon::start(root.path());
+    let large = "x".repeat(LARGE_LEN);
+    for key in 0..LARGE_KEYS {
+        daemon.send(
+            "kv",
+            &format!(r#"{{"op":"put","key":"large-{key}","value":"{large}"}}"#),
+        );
+    }
+    daemon.send("kv", r#"{"op":"put","key":"tick","value":0}"#);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    assert!(fs::metadata(root.path().join("state/kv.state"))?.len() > 1 << 20);
+
+    let mut acknowledged = vec![0u64];
+    let mut random = Lcg(7);
+    let mut seen_ticks = std::collections::BTreeSet::new();
+    for kill in 0..kills {
+        let mut daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "20ms"]);
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            // Swaps, as fast as they go, until the kill.
+            scope.spawn(|| {
+                let mut stream = connect(root.path());
+                let mut b = kill % 2 == 0;
+                while !stop.load(Ordering::Relaxed) {
+                    deploy(&plugins, "libkv.so", if b { &build_b } else { &build_a });
+                    b = !b;
+                    let mut line =
+                        serde_json::to_vec(&serde_json::json!({"cmd": "reload"})).unwrap();
+                    line.push(b'\n');
+                    if stream.get_mut().write_all(&line).is_err() {
+                        return;
+                    }
+                    let mut answer = String::new();
+                    if stream.read_line(&mut answer).unwrap_or(0) == 0 {
+                        return;
+                    }
+                }
+            });
+            // Puts, each acknowledged before the next, until the kill.
+            let alive = Duration::from_millis(random.below(300));
+            let started = std::time::Instant::now();
+            let mut stream = connect(root.path());
+            while started.elapsed() < alive {
+                let tick = acknowledged.last().unwrap() + 1;
+                let put = serde_json::json!({
+                    "cmd": "send", "service": "kv", "kind": "request",
+                    "payload": hex::encode(format!(r#"{{"op":"put","key":"tick","value":{tick}}}"#)),
+                    "timeout_ms": null,
+                });
+                if call(&mut stream, &put)["code"] == 0 {
+                    acknowledged.push(tick);
+                }
+                std::thread::sleep(Duration::from_millis(random.below(20)));
+            }
+            daemon.child.kill().unwrap();
+            daemon.child.wait().unwrap();
+            stop.store(true, Ordering::Relaxed);
+        });
+        // The file opens, holds the large values, and a tick the service acknowledged.
+        let state = inspect_kv(root.path())
+            .unwrap_or_else(|| panic!("kill {kill}: kv.state does not open\n{}", daemon.log()));
+        let content = &state["content"];
+        for key in 0..LARGE_KEYS {
+            assert_eq!(
+                content[format!("large-{key}")].as_str().map(str::len),
+                Some(LARGE_LEN),
+                "kill {kill}: large-{key}"
+            );
+        }
+        let tick = content["tick"].as_u64().unwrap();
+        assert!(
+            acknowledged.contains(&tick),
+            "kill {kill}: tick {tick} was never acknowledged"
+        );
+        seen_ticks.insert(tick);
+    }
+    // The checkpoints kept up: many kills found a newer tick than the one before (not all:
+    // a kill can come before the first checkpoint of its run).
+    assert!(
+        kills < 10 || seen_ticks.len() as u64 > kills / 4,
+        "{seen_ticks:?}"
+    );
+    eprintln!(
+        "torture: {kills} kills, every state file opened, {} distinct acknowledged ticks found",
+        seen_ticks.len()
+    );
+    Ok(())
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+fn mappings(pid: u32) -> usize {
+    fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .count()
+}
+
+#[test]
+fn a_thousand_swaps_under_load_lose_no_request_and_leak_nothing() -> TestResult {
+    let swaps = count_from_env("MICROKERNEL_SOAK_SWAPS", 50).max(12);
+    let root = setup(&["echo"]);
+    let plugins = root.path().join("plugins");
+    let daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "0"]);
+    let pid = daemon.child.id();
+    let v2 = fs::read(fixture("echo-v2"))?;
+    let builds = [v2.clone(), {
+        let mut other = v2.clone();
+        other.extend_from_slice(b"another build of 2.0.0");
+        other
+    }];
+
+    let ok = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let done = AtomicBool::new(false);
+    let mut at_ten = (0, 0);
+    std::thread::scope(|scope| {
+        for _ in 0..4 {
+            scope.spawn(|| {
+                let mut stream = connect(root.path());
+                let request = serde_json::json!({
+                    "cmd": "send", "service": "echo", "kind": "echo",
+                    "payload": hex::encode("load"), "timeout_ms": 30_000,
+                });
+                while !done.load(Ordering::Relaxed) {
+                    if call(&mut stream, &request)["code"] == 0 {
+                        ok.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+        let mut control = connect(root.path());
+        for swap in 0..swaps {
+            deploy(&plugins, "libecho_v2.so", &builds[(swap % 2) as usize]);
+            let answer = reload(&mut control);
+            let lines = answer["lines"].to_string();
+            assert!(
+                answer["failed"] == false && lines.contains("replaced echo"),
+                "swap {swap}: {answer}"
+            );
+            if swap == 10 {
+                at_ten = (rss_kb(pid), mappings(pid));
+            }
+        }
+        done.store(true, Ordering::Relaxed);
+    });
+    let (rss_after, mappings_after) = (rss_kb(pid), mappings(pid));
+    assert_eq!(failed.load(Ordering::Relaxed), 0);
+    // Every request was counted once, through every version.
+    let count = daemon.send("echo", "{}")["count"].as_u64().unwrap();
+    assert_eq!(count, ok.load(Ordering::Relaxed) + 1);
+    assert_eq!(
+        mappings_after, at_ten.1,
+        "mappings after swap 10 and at the end"
+    );
+    assert!(
+        rss_after < at_ten.0 + 1024,
+        "resident memory grew from {} kB (swap 10) to {rss_after} kB (swap {swaps})",
+        at_ten.0
+    );
+    eprintln!(
+        "soak: {swaps} swaps, {} requests, 0 failed, resident {} -> {rss_after} kB, mappings {}",
+        ok.load(Ordering::Relaxed),
+        at_ten.0,
+        mappings_after
+    );
+    Ok(())
+}
