@@ -89,6 +89,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // of killing the host.
     signal_hook::flag::register(signal_hook::consts::SIGXFSZ, Default::default())
         .context("installing the SIGXFSZ handler")?;
+    // Before any thread: a thread per instance must not mean an arena per thread.
+    crate::loader::limit_malloc_arenas(2);
     // This thread never runs plugin code on its own (see `loader::threads`).
     threads::adopt_current_thread();
     prepare_for_a_wedged_loader();

@@ -32,8 +32,8 @@ pub use error::LoadError;
 pub use host_handle::HostServices;
 pub use instance::Instance;
 pub use library::{
-    exit_without_destructors, is_mapped, loader_busy, loader_wedged, Library, Loader, PluginFile,
-    MAX_PLUGIN_SIZE,
+    exit_without_destructors, is_mapped, limit_malloc_arenas, loader_busy, loader_wedged, Library,
+    Loader, PluginFile, MAX_PLUGIN_SIZE,
 };
 pub use manifest::Manifest;
 pub use probe::{run_probe_child, Probe, StateSource};

@@ -109,6 +109,12 @@ pub enum ReloadError {
         /// Why it failed.
         reason: String,
     },
+    /// A file changed between two reads of one rescan: the next rescan takes it.
+    #[error("plugin {path} changed while it was read; the next rescan takes it")]
+    Changed {
+        /// The file.
+        path: PathBuf,
+    },
     /// The plugins directory or a plugin file is not trusted (see [`crate::trust`]).
     #[error(transparent)]
     Untrusted(#[from] TrustError),
@@ -157,6 +163,14 @@ enum Blame {
     State,
     /// Something outside the file: tried again at the next rescan.
     Elsewhere,
+}
+
+fn blame_reload(error: &ReloadError, replacing_live_state: bool) -> Blame {
+    match error {
+        ReloadError::Kernel(error) => blame(error, replacing_live_state),
+        ReloadError::Load(error) if error.is_the_files_fault() => Blame::File,
+        _ => Blame::Elsewhere,
+    }
 }
 
 fn blame(error: &KernelError, replacing_live_state: bool) -> Blame {
@@ -516,20 +530,20 @@ impl Reloader {
                 Action::Restart => to_start.push(plan.service.clone()),
                 Action::Replace => match self.library(kernel, &plan.candidates[0], &mut loaded) {
                     Ok(library) => replaces.push((plan, library)),
-                    Err(error) => self.failed(plan, &plan.candidates[0], error, false, report),
+                    Err(error) => self.failed(plan, &plan.candidates[0], error, report),
                 },
                 Action::Add => {
                     for candidate in &plan.candidates {
                         let registered = self
                             .library(kernel, candidate, &mut loaded)
-                            .and_then(|library| kernel.register(library, plan.config.clone()));
+                            .and_then(|library| Ok(kernel.register(library, plan.config.clone())?));
                         match registered {
                             Ok(()) => {
                                 report.added.push(plan.service.clone());
                                 to_start.push(plan.service.clone());
                                 break;
                             }
-                            Err(error) => self.failed(plan, candidate, error, false, report),
+                            Err(error) => self.failed(plan, candidate, error, report),
                         }
                     }
                 }
@@ -563,12 +577,7 @@ impl Reloader {
                         .good(&plan.service, &winner.path, &winner.sha256, &swap.to);
                     report.replaced.push(swap);
                 }
-                Err(error) => {
-                    let live = kernel
-                        .info(&plan.service)
-                        .is_some_and(|i| i.status == Status::Running);
-                    self.failed(plan, winner, error, live, report);
-                }
+                Err(error) => self.failed(plan, winner, error.into(), report),
             }
         }
 
@@ -664,10 +673,9 @@ impl Reloader {
         others.sort_by_key(|c| Some(hex::encode(c.sha256)) != last_good);
         let reason = crate::error_chain(&error);
         for candidate in others {
-            let mut none = BTreeMap::new();
             let outcome = self
-                .library(kernel, candidate, &mut none)
-                .and_then(|library| kernel.replace(library, plan.config.clone()));
+                .library(kernel, candidate, &mut BTreeMap::new())
+                .and_then(|library| Ok(kernel.replace(library, plan.config.clone())?));
             match outcome {
                 Ok(swap) => {
                     let line = format!(
@@ -695,7 +703,7 @@ impl Reloader {
                     return true;
                 }
                 Err(error) => {
-                    if blame(&error, false) == Blame::File {
+                    if blame_reload(&error, false) == Blame::File {
                         self.verdicts.reject(
                             &plan.service,
                             &candidate.path,
@@ -726,15 +734,15 @@ impl Reloader {
     }
 
     /// A failure of `candidate`: rejected when it is the file's own, reported either way.
+    /// In a replace, an import refused is the new file's (the state is the live one).
     fn failed(
         &self,
         plan: &Plan,
         candidate: &Candidate,
-        error: KernelError,
-        live: bool,
+        error: ReloadError,
         report: &mut ScanReport,
     ) {
-        if blame(&error, live || matches!(plan.action, Action::Replace)) == Blame::File {
+        if blame_reload(&error, matches!(plan.action, Action::Replace)) == Blame::File {
             self.verdicts.reject(
                 &plan.service,
                 &candidate.path,
@@ -744,7 +752,7 @@ impl Reloader {
                 crate::error_chain(&error),
             );
         }
-        report.errors.push(error.into());
+        report.errors.push(error);
     }
 
     /// Remembers the file `service` runs now as its last good file.
@@ -764,32 +772,20 @@ impl Reloader {
         kernel: &Kernel,
         candidate: &Candidate,
         loaded: &mut BTreeMap<PathBuf, Library>,
-    ) -> Result<Library, KernelError> {
+    ) -> Result<Library, ReloadError> {
         if let Some(library) = loaded.remove(&candidate.path) {
             return Ok(library);
         }
         let file = PluginFile::read(&candidate.path)?;
         let (mode, owner) = file.mode_and_owner();
-        let untrusted = |error: TrustError| {
-            KernelError::Load(LoadError::Read {
-                path: candidate.path.clone(),
-                source: std::io::Error::other(error.to_string()),
-            })
-        };
-        self.trust
-            .check_file(&candidate.path, mode, owner)
-            .map_err(untrusted)?;
-        if let Some(list) = self.trust.allow_list().map_err(untrusted)? {
-            list.permits(&candidate.path, &candidate.sha256)
-                .map_err(untrusted)?;
+        self.trust.check_file(&candidate.path, mode, owner)?;
+        if let Some(list) = self.trust.allow_list()? {
+            list.permits(&candidate.path, &candidate.sha256)?;
         }
         if file.sha256() != &candidate.sha256 {
-            return Err(KernelError::Load(LoadError::Read {
+            return Err(ReloadError::Changed {
                 path: candidate.path.clone(),
-                source: std::io::Error::other(
-                    "the file changed while it was read; the next rescan takes it",
-                ),
-            }));
+            });
         }
         Ok(kernel.loader().load_file(&file)?)
     }

@@ -85,6 +85,8 @@ impl Default for Record {
 #[derive(Debug, Default)]
 struct Inner {
     record: Record,
+    /// Whether the record changed since it was last written.
+    dirty: bool,
     /// Files that failed to load for a reason of their own, by path: they provide no service
     /// the host could tell. Not persisted: a restart reads them again.
     broken: BTreeMap<PathBuf, String>,
@@ -142,9 +144,16 @@ impl Verdicts {
     /// verdicts hold in memory until the next write.
     pub fn persist(&self, store: Option<&StateStore>) {
         let Some(store) = store else { return };
-        let bytes = serde_json::to_vec_pretty(&self.lock().record).expect("the record serializes");
-        if let Err(error) = store.write_record(RECORD, &bytes) {
-            tracing::error!(error = %crate::error_chain(&error), "the plugin record could not be written; its verdicts hold until the host stops");
+        let mut inner = self.lock();
+        if !inner.dirty {
+            return;
+        }
+        let bytes = serde_json::to_vec_pretty(&inner.record).expect("the record serializes");
+        match store.write_record(RECORD, &bytes) {
+            Ok(()) => inner.dirty = false,
+            Err(error) => {
+                tracing::error!(error = %crate::error_chain(&error), "the plugin record could not be written; its verdicts hold until the host stops, and it is tried again at the next rescan");
+            }
         }
     }
 
@@ -180,6 +189,7 @@ impl Verdicts {
         let sha = hex_of(sha256);
         let config = config.map(hex_of);
         let mut inner = self.lock();
+        inner.dirty = true;
         let record = inner.record.services.entry(service.to_owned()).or_default();
         record
             .rejected
@@ -199,17 +209,17 @@ impl Verdicts {
 
     /// Records that `file` runs `service`: its last good file.
     pub fn good(&self, service: &str, file: &Path, sha256: &[u8; 32], version: &str) {
-        let mut inner = self.lock();
-        inner
-            .record
-            .services
-            .entry(service.to_owned())
-            .or_default()
-            .good = Some(FileRef {
+        let good = Some(FileRef {
             sha256: hex_of(sha256),
             file: file.to_owned(),
             version: version.to_owned(),
         });
+        let mut inner = self.lock();
+        let record = inner.record.services.entry(service.to_owned()).or_default();
+        if record.good != good {
+            record.good = good;
+            inner.dirty = true;
+        }
     }
 
     /// The SHA-256 (hex) of the file that last ran `service`.
@@ -231,6 +241,7 @@ impl Verdicts {
     /// tried again.
     pub fn clear(&self, service: Option<&str>) {
         let mut inner = self.lock();
+        inner.dirty = true;
         match service {
             Some(service) => {
                 if let Some(record) = inner.record.services.get_mut(service) {
