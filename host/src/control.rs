@@ -2,10 +2,11 @@
 //! speaks one JSON object per line each way. `microkernel ctl` is its client.
 //!
 //! Bounded against clients that misbehave (see [`Limits`]): one thread reads every
-//! connection without blocking (`poll`), so an idle connection costs a descriptor and a
-//! buffer, never a thread; a few workers carry whole requests out and answer with a write
-//! timeout. Requests have a maximum size, connections an idle timeout and a cap (at the cap
-//! the oldest idle connection gives way; with none idle the newcomer is told "busy"), and
+//! connection and writes every answer without blocking (`poll`), so an idle connection, or
+//! one that does not read its answer, costs a descriptor and a buffer, never a thread; a few
+//! workers carry whole requests out. Requests have a maximum size, connections an idle
+//! timeout, answers a time limit to be read, and connections a cap (at the cap the oldest
+//! idle connection gives way; with none idle the newcomer is told "busy"), and
 //! every malformed request gets an error answer.
 
 use std::{
@@ -204,7 +205,7 @@ impl ControlServer {
             let context = context.clone();
             let busy = busy.clone();
             threads::spawn_detached("control-worker", move || {
-                work(&jobs, &back, &wake, &busy, &context, limits)
+                work(&jobs, &back, &wake, &busy, &context)
             })
             .context("starting a control worker")?;
         }
@@ -251,7 +252,7 @@ pub struct Limits {
     /// How long a connection may take to send a whole request (from its opening, or from
     /// its last answer): then it is closed.
     pub idle: Duration,
-    /// How long writing an answer may take (a client that does not read): then the
+    /// How long a client may take to read its answer (one that does not read): then the
     /// connection is closed.
     pub write: Duration,
     /// Requests carried out at once (each on a worker thread).
@@ -293,8 +294,24 @@ struct Conn {
     buf: Vec<u8>,
     /// Since when it has been waiting for a whole request.
     since: Instant,
-    /// A number, to match it when it comes back from a worker.
+    /// A number, for the log.
     id: u64,
+    /// An answer still to send (written by the acceptor as the client reads it), and how
+    /// much of it is sent.
+    out: Vec<u8>,
+    out_at: usize,
+}
+
+impl Conn {
+    /// When it is closed if nothing happens: `idle` after it began waiting for a request,
+    /// or `write` after its answer was ready.
+    fn deadline(&self, limits: &Limits) -> Instant {
+        if self.out.is_empty() {
+            self.since + limits.idle
+        } else {
+            self.since + limits.write
+        }
+    }
 }
 
 /// A request line for a worker, with its connection.
@@ -341,7 +358,12 @@ impl Acceptor {
                 ));
                 fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
                 for conn in &self.conns {
-                    fds.push(PollFd::new(conn.stream.as_fd(), PollFlags::POLLIN));
+                    let wanted = if conn.out.is_empty() {
+                        PollFlags::POLLIN
+                    } else {
+                        PollFlags::POLLOUT
+                    };
+                    fds.push(PollFd::new(conn.stream.as_fd(), wanted));
                 }
                 match nix::poll::poll(&mut fds, timeout) {
                     Ok(_) | Err(nix::errno::Errno::EINTR) => {}
@@ -363,12 +385,18 @@ impl Acceptor {
                 let mut sink = [0u8; 64];
                 while matches!((&self.wake).read(&mut sink), Ok(n) if n > 0) {}
             }
-            for conn in self.back.try_iter() {
-                self.conns.push(conn);
-            }
-            // Reading may close connections: from the last index down.
+            // Reading and writing may close connections: from the last index down.
             for index in readable.into_iter().rev() {
-                self.read(index);
+                if self.conns[index].out.is_empty() {
+                    self.read(index);
+                } else {
+                    self.flush(index);
+                }
+            }
+            // Answers from the workers: most go out at once.
+            for conn in self.back.try_iter().collect::<Vec<_>>() {
+                self.conns.push(conn);
+                self.flush(self.conns.len() - 1);
             }
             // Pipelined requests already read are dispatched too.
             for index in (0..self.conns.len()).rev() {
@@ -381,9 +409,15 @@ impl Acceptor {
         }
     }
 
-    /// How long `poll` may wait: until the next connection's idle deadline.
+    /// How long `poll` may wait: until the next connection's deadline (to send a request,
+    /// or to read its answer), or the end of a pause in accepting.
     fn next_timeout(&self) -> PollTimeout {
-        let next = self.conns.iter().map(|c| c.since + self.limits.idle).min();
+        let next = self
+            .conns
+            .iter()
+            .map(|c| c.deadline(&self.limits))
+            .chain(self.refused_at.map(|at| at + Duration::from_millis(100)))
+            .min();
         match next {
             None => PollTimeout::NONE,
             Some(at) => {
@@ -418,7 +452,7 @@ impl Acceptor {
                     .conns
                     .iter()
                     .enumerate()
-                    .filter(|(_, c)| c.buf.is_empty())
+                    .filter(|(_, c)| c.buf.is_empty() && c.out.is_empty())
                     .min_by_key(|(_, c)| c.since)
                     .map(|(i, _)| i);
                 match idle {
@@ -450,6 +484,8 @@ impl Acceptor {
                 buf: Vec::new(),
                 since: Instant::now(),
                 id: *next_id,
+                out: Vec::new(),
+                out_at: 0,
             });
         }
     }
@@ -514,8 +550,33 @@ impl Acceptor {
         }
     }
 
-    /// Hands connection `index` to a worker if it holds a whole request line.
+    /// Writes what connection `index` has to send, as far as it goes without waiting;
+    /// closes it on an error. Once all is written, it waits for its next request.
+    fn flush(&mut self, index: usize) {
+        let conn = &mut self.conns[index];
+        while conn.out_at < conn.out.len() {
+            match (&conn.stream).write(&conn.out[conn.out_at..]) {
+                Ok(0) => break,
+                Ok(n) => conn.out_at += n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    self.conns.swap_remove(index);
+                    return;
+                }
+            }
+        }
+        conn.out = Vec::new();
+        conn.out_at = 0;
+        conn.since = Instant::now();
+    }
+
+    /// Hands connection `index` to a worker if it holds a whole request line (and has no
+    /// answer still to send).
     fn dispatch_if_complete(&mut self, index: usize) {
+        if !self.conns[index].out.is_empty() {
+            return;
+        }
         let Some(end) = self.conns[index].buf.iter().position(|&b| b == b'\n') else {
             return;
         };
@@ -545,18 +606,26 @@ impl Acceptor {
         }
     }
 
-    /// Closes the connections that have not sent a whole request in time.
+    /// Closes the connections that have not sent a whole request, or read their answer, in
+    /// time.
     fn close_idle(&mut self) {
-        let limit = self.limits.idle;
+        let now = Instant::now();
         let (stale, fresh): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut self.conns)
             .into_iter()
-            .partition(|c| c.since.elapsed() >= limit);
+            .partition(|c| c.deadline(&self.limits) <= now);
         self.conns = fresh;
         for conn in stale {
-            refuse(
-                conn.stream,
-                &format!("closed: no whole request within {limit:?}"),
-            );
+            if conn.out.is_empty() {
+                refuse(
+                    conn.stream,
+                    &format!("closed: no whole request within {:?}", self.limits.idle),
+                );
+            } else {
+                tracing::debug!(
+                    connection = conn.id,
+                    "control client did not read its answer in time; connection closed"
+                );
+            }
         }
     }
 }
@@ -578,31 +647,23 @@ fn write_response(mut stream: &UnixStream, response: &Response) -> std::io::Resu
     stream.write_all(&line)
 }
 
-/// A worker: carries requests out, answers (giving up on a client that does not read),
-/// and hands the connection back for its next request.
+/// A worker: carries requests out and hands each connection back with its answer, which
+/// the acceptor sends as the client reads it: a client that does not read holds no worker.
 fn work(
     jobs: &Receiver<Job>,
     back: &Sender<Conn>,
     mut wake: &UnixStream,
     busy: &AtomicUsize,
     context: &Context,
-    limits: Limits,
 ) {
     for Job { conn, line } in jobs.iter() {
-        let response = answer(&line, context);
-        let written = conn
-            .stream
-            .set_nonblocking(false)
-            .and_then(|()| conn.stream.set_write_timeout(Some(limits.write)))
-            .and_then(|()| write_response(&conn.stream, &response))
-            .and_then(|()| conn.stream.set_nonblocking(true));
+        let mut out = serde_json::to_vec(&answer(&line, context)).unwrap_or_default();
+        out.push(b'\n');
         busy.fetch_sub(1, Ordering::Relaxed);
-        if let Err(error) = written {
-            tracing::debug!(%error, connection = conn.id, "control answer not delivered; connection closed");
-            continue;
-        }
         let conn = Conn {
             since: Instant::now(),
+            out,
+            out_at: 0,
             ..conn
         };
         if back.send(conn).is_err() {
