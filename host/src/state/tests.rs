@@ -271,6 +271,8 @@ mod fuzz {
             if let Some(cut) = cut {
                 damaged.truncate(cut.index(damaged.len()));
             }
+            // Two edits of one byte can cancel out (the 100 000-case run found that).
+            prop_assume!(damaged != sealed);
             prop_assert!(open(&keys, Path::new("f"), &damaged, Some(&service)).is_err());
         }
     }
