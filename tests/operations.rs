@@ -558,9 +558,10 @@ fn with_an_allow_list_only_the_listed_plugins_are_loaded() -> TestResult {
 }
 
 #[test]
-fn a_host_whose_state_directory_is_replaced_stops_writing_there_and_says_so() -> TestResult {
+fn a_host_whose_state_directory_is_moved_keeps_its_state_there_and_never_writes_at_the_path(
+) -> TestResult {
     let root = setup(&["kv"]);
-    let daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "0"]);
+    let mut daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "0"]);
     daemon.send("kv", r#"{"op":"put","key":"first","value":1}"#);
     let state = root.path().join("state");
     let moved = root.path().join("state.moved");
@@ -586,27 +587,44 @@ fn a_host_whose_state_directory_is_replaced_stops_writing_there_and_says_so() ->
         |_| state.join("control.sock").exists(),
         "the second host to take the path",
     );
-    // The first host, asked to checkpoint, writes nothing into the second's directory.
+    // The first host checkpoints into its own directory, where it is now, not the path.
     let moved_socket = moved.join("control.sock");
-    let checkpoint = microkernel(&[
-        "ctl",
-        "--socket",
-        moved_socket.to_str().unwrap(),
-        "checkpoint",
-    ]);
-    assert_eq!(checkpoint.status.code(), Some(1));
-    assert!(
-        stdout(&checkpoint).contains("removed or replaced"),
-        "{}",
-        stdout(&checkpoint)
-    );
+    let ctl = |args: &[&str]| {
+        let mut all = vec!["ctl", "--socket", moved_socket.to_str().unwrap()];
+        all.extend_from_slice(args);
+        microkernel(&all)
+    };
+    let checkpoint = ctl(&["checkpoint"]);
+    assert!(checkpoint.status.success(), "{}", stdout(&checkpoint));
     assert!(!state.join("kv.state").exists());
     daemon.wait_for(
-        |d| {
-            d.log()
-                .contains("the state directory was removed or replaced")
-        },
+        |d| d.log().contains("the state directory was moved"),
         "the host to say so",
+    );
+    // And saves there when it stops, leaving the second host's socket alone.
+    let put = ctl(&["send", "kv", r#"{"op":"put","key":"second","value":2}"#]);
+    assert!(put.status.success(), "{}", stderr(&put));
+    signal(&daemon.child, nix::sys::signal::Signal::SIGTERM);
+    let status = exit_within(&mut daemon.child, Duration::from_secs(20));
+    assert_eq!(status.code(), Some(0), "{}", daemon.log());
+    assert!(
+        state.join("control.sock").exists(),
+        "the first host removed the second's socket"
+    );
+    let inspect = microkernel(&[
+        "inspect-state",
+        "--key-file",
+        root.path().join("key").to_str().unwrap(),
+        moved.join("kv.state").to_str().unwrap(),
+        "--json",
+    ]);
+    let content: serde_json::Value = serde_json::from_slice(&inspect.stdout)?;
+    assert_eq!(
+        (
+            content["content"]["first"].as_u64(),
+            content["content"]["second"].as_u64()
+        ),
+        (Some(1), Some(2))
     );
     signal(&second, nix::sys::signal::Signal::SIGTERM);
     exit_within(&mut second, Duration::from_secs(20));

@@ -357,9 +357,10 @@ fn a_replace_that_could_not_save_the_state_is_tried_again_at_the_next_rescan() -
     let mut reloader = Reloader::new(plugins.path());
     reloader.scan(&kernel, None);
     echo_count(&kernel);
-    // The state directory is briefly gone (moved away, as a careless backup would).
-    let away = persisted.dir.path().join("state.away");
-    fs::rename(persisted.state_dir(), &away)?;
+    // The state file briefly cannot be replaced (a directory stands in its way).
+    let blocker = persisted.state_file("echo");
+    let _ = fs::remove_file(&blocker);
+    fs::create_dir_all(blocker.join("in-the-way"))?;
     add_plugin(plugins.path(), "echo-v2");
     let report = reloader.scan(&kernel, None);
     assert!(
@@ -373,7 +374,7 @@ fn a_replace_that_could_not_save_the_state_is_tried_again_at_the_next_rescan() -
         report.errors
     );
     assert_eq!(kernel.info("echo").unwrap().version, "1.0.0");
-    fs::rename(&away, persisted.state_dir())?;
+    fs::remove_dir_all(&blocker)?;
     let report = reloader.scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.replaced[0].to, "2.0.0");

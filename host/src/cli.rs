@@ -183,6 +183,9 @@ pub struct CtlArgs {
     /// The state directory, where the socket is by default.
     #[command(flatten)]
     pub state: StateDirArg,
+    /// How long to wait for the host's answer before giving up (exit 2).
+    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    pub wait: Duration,
     /// What to ask.
     #[command(subcommand)]
     pub command: CtlCommand,

@@ -116,6 +116,9 @@ pub enum Response {
 #[derive(Debug)]
 pub struct ControlServer {
     path: PathBuf,
+    /// (device, inode) of the socket file bound: only that file is removed at the end (the
+    /// path may lead to another host's socket by then).
+    bound: Option<(u64, u64)>,
     /// Until [`ControlServer::serve`] hands it to the control thread.
     listener: Option<UnixListener>,
 }
@@ -154,6 +157,7 @@ impl ControlServer {
         // From here on, dropping `self` removes the socket file.
         let server = ControlServer {
             path: path.to_owned(),
+            bound: socket_identity(path),
             listener: Some(listener),
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -188,9 +192,10 @@ impl ControlServer {
             .with_context(|| format!("control socket {}", self.path.display()))?;
         let (wake_rx, wake_tx) =
             UnixStream::pair().context("creating the control socket's wake-up pair")?;
-        wake_rx.set_nonblocking(true)?;
-        wake_tx.set_nonblocking(true)?;
-        let (jobs_tx, jobs) = bounded::<Job>(limits.connections);
+        wake_rx
+            .set_nonblocking(true)
+            .and_then(|()| wake_tx.set_nonblocking(true))
+            .context("making the control socket's wake-up pair non-blocking")?;
         let (back_tx, back) = unbounded::<Conn>();
         let context = Arc::new(Context {
             kernel,
@@ -198,17 +203,27 @@ impl ControlServer {
             events,
         });
         let busy = Arc::new(AtomicUsize::new(0));
-        for _ in 0..limits.workers {
-            let jobs = jobs.clone();
-            let back = back_tx.clone();
-            let wake = wake_tx.try_clone()?;
-            let context = context.clone();
-            let busy = busy.clone();
-            threads::spawn_detached("control-worker", move || {
-                work(&jobs, &back, &wake, &busy, &context)
-            })
-            .context("starting a control worker")?;
-        }
+        // Two pools: requests to services (which may wait as long as their timeout) never
+        // hold back the operator's commands (reload, checkpoint, stop, start).
+        let pool = |workers: usize| -> anyhow::Result<Sender<Job>> {
+            let (jobs_tx, jobs) = bounded::<Job>(limits.connections);
+            for _ in 0..workers {
+                let jobs = jobs.clone();
+                let back = back_tx.clone();
+                let wake = wake_tx
+                    .try_clone()
+                    .context("duplicating the control socket's wake-up socket for a worker")?;
+                let context = context.clone();
+                let busy = busy.clone();
+                threads::spawn_detached("control-worker", move || {
+                    work(&jobs, &back, &wake, &busy, &context)
+                })
+                .context("starting a control worker")?;
+            }
+            Ok(jobs_tx)
+        };
+        let requests = pool(limits.workers)?;
+        let operations = pool(limits.workers.div_ceil(2))?;
         tracing::info!(
             socket = %self.path.display(),
             max_connections = limits.connections,
@@ -223,7 +238,9 @@ impl ControlServer {
                 owner,
                 limits,
                 conns: Vec::new(),
-                jobs: jobs_tx,
+                requests,
+                operations,
+                context,
                 back,
                 refused_at: None,
                 busy,
@@ -237,8 +254,17 @@ impl ControlServer {
 
 impl Drop for ControlServer {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if self.bound.is_some() && socket_identity(&self.path) == self.bound {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
+}
+
+fn socket_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 /// The control socket's bounds: what one buggy or hostile client can hold.
@@ -314,10 +340,10 @@ impl Conn {
     }
 }
 
-/// A request line for a worker, with its connection.
+/// A request for a worker, with its connection.
 struct Job {
     conn: Conn,
-    line: Vec<u8>,
+    request: Request,
 }
 
 /// The thread that accepts connections and reads requests, for all of them, without
@@ -330,7 +356,11 @@ struct Acceptor {
     limits: Limits,
     /// Connections waiting for a request (idle or part-way through one).
     conns: Vec<Conn>,
-    jobs: Sender<Job>,
+    /// Workers for requests to services (`send`).
+    requests: Sender<Job>,
+    /// Workers for the other commands (`list` is answered by the acceptor itself).
+    operations: Sender<Job>,
+    context: Arc<Context>,
     back: Receiver<Conn>,
     /// When accepting last failed for want of descriptors: accepting pauses a moment.
     refused_at: Option<Instant>,
@@ -595,8 +625,19 @@ impl Acceptor {
         let rest = conn.buf.split_off(end + 1);
         let mut line = std::mem::replace(&mut conn.buf, rest);
         line.pop();
+        let (pool, request) = match parse(&line) {
+            // Answered here: malformed requests, and `list` (it only reads what the kernel
+            // shows, and never waits on plugin code), so the operator always gets one.
+            Err(response) => return self.answer_now(conn, &response),
+            Ok(Request::List) => {
+                let response = handle(Request::List, &self.context);
+                return self.answer_now(conn, &response);
+            }
+            Ok(request @ Request::Send { .. }) => (&self.requests, request),
+            Ok(request) => (&self.operations, request),
+        };
         self.busy.fetch_add(1, Ordering::Relaxed);
-        if let Err(returned) = self.jobs.try_send(Job { conn, line }) {
+        if let Err(returned) = pool.try_send(Job { conn, request }) {
             self.busy.fetch_sub(1, Ordering::Relaxed);
             let job = returned.into_inner();
             refuse(
@@ -604,6 +645,19 @@ impl Acceptor {
                 "busy: too many control requests under way; try again",
             );
         }
+    }
+
+    /// Sends `response` on `conn` (as far as it goes without waiting).
+    fn answer_now(&mut self, conn: Conn, response: &Response) {
+        let mut out = serde_json::to_vec(response).unwrap_or_default();
+        out.push(b'\n');
+        self.conns.push(Conn {
+            since: Instant::now(),
+            out,
+            out_at: 0,
+            ..conn
+        });
+        self.flush(self.conns.len() - 1);
     }
 
     /// Closes the connections that have not sent a whole request, or read their answer, in
@@ -656,8 +710,8 @@ fn work(
     busy: &AtomicUsize,
     context: &Context,
 ) {
-    for Job { conn, line } in jobs.iter() {
-        let mut out = serde_json::to_vec(&answer(&line, context)).unwrap_or_default();
+    for Job { conn, request } in jobs.iter() {
+        let mut out = serde_json::to_vec(&handle(request, context)).unwrap_or_default();
         out.push(b'\n');
         busy.fetch_sub(1, Ordering::Relaxed);
         let conn = Conn {
@@ -673,21 +727,22 @@ fn work(
     }
 }
 
-/// The answer to one request line: malformed lines (invalid UTF-8 included) get an error.
+/// A request line, or the error answer a malformed one (invalid UTF-8 included) gets.
+fn parse(line: &[u8]) -> Result<Request, Response> {
+    let line = std::str::from_utf8(line).map_err(|e| Response::Error {
+        message: format!("bad control request: not valid UTF-8 ({e})"),
+    })?;
+    serde_json::from_str::<Request>(line).map_err(|e| Response::Error {
+        message: format!("bad control request: {e}"),
+    })
+}
+
+/// The answer to one request line.
+#[cfg(test)]
 fn answer(line: &[u8], context: &Context) -> Response {
-    let line = match std::str::from_utf8(line) {
-        Ok(line) => line,
-        Err(e) => {
-            return Response::Error {
-                message: format!("bad control request: not valid UTF-8 ({e})"),
-            }
-        }
-    };
-    match serde_json::from_str::<Request>(line) {
-        Ok(request) => handle(request, &context.kernel, &context.verdicts, &context.events),
-        Err(e) => Response::Error {
-            message: format!("bad control request: {e}"),
-        },
+    match parse(line) {
+        Ok(request) => handle(request, context),
+        Err(error) => error,
     }
 }
 
@@ -699,12 +754,12 @@ fn done(lines: Vec<(String, bool)>) -> Response {
     }
 }
 
-fn handle(
-    request: Request,
-    kernel: &Kernel,
-    verdicts: &Verdicts,
-    events: &Sender<Event>,
-) -> Response {
+fn handle(request: Request, context: &Context) -> Response {
+    let Context {
+        kernel,
+        verdicts,
+        events,
+    } = context;
     match request {
         Request::List => {
             let mut services = kernel.list();
@@ -811,18 +866,38 @@ fn describe_file_type(kind: std::fs::FileType) -> &'static str {
     }
 }
 
-/// Sends one command to the host listening on `path` and returns its response.
-pub fn call(path: &Path, request: &Request) -> anyhow::Result<Response> {
+/// Sends one command to the host listening on `path` and returns its response, waiting at
+/// most `wait` for it.
+pub fn call(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Response> {
     let mut stream = UnixStream::connect(path).with_context(|| {
         format!("cannot connect to control socket {} (is the host running? see --socket and --state-dir)", path.display())
     })?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.set_write_timeout(Some(wait))?;
+    let no_answer = |e: std::io::Error| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            anyhow::anyhow!(
+                "no answer from the host on control socket {} within {} (see ctl --wait)",
+                path.display(),
+                humantime::format_duration(wait)
+            )
+        } else {
+            anyhow::Error::new(e).context(format!(
+                "talking to the host on control socket {}",
+                path.display()
+            ))
+        }
+    };
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream.write_all(line.as_bytes())?;
+    stream.write_all(line.as_bytes()).map_err(no_answer)?;
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)
-        .with_context(|| format!("reading from control socket {}", path.display()))?;
+        .map_err(no_answer)?;
     if answer.is_empty() {
         bail!(
             "the host closed control socket {} without answering",

@@ -179,7 +179,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         );
         Ok(())
     };
-    let (signal, up) = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up)?;
+    let Stop {
+        signal,
+        up,
+        failure,
+    } = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up);
     let wedged = crate::loader::loader_wedged();
 
     // Everything from here on is bounded: SIGTERM ends the host within the operation
@@ -200,6 +204,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // plugin destructor runs (one that hangs would keep the host from ever exiting).
     let report = kernel.stop_for_exit(deadline);
     let _ = fs::remove_dir_all(kernel.loader().shadow_dir());
+    if let Some(failure) = failure {
+        return Err(failure.context(format!(
+            "the host stopped ({}; every state that came back was saved)",
+            stop_summary(&kernel, &report)
+        )));
+    }
     if wedged {
         bail!(
             "stopped because a plugin library's destructors hang in dlclose (see the log): the dynamic loader is blocked for good; restart the host"
@@ -220,15 +230,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 "abandoned: still in plugin code when the host stopped (a state exported before that was saved; see each service's error)"
             );
         }
-        let services: Vec<String> = report
-            .failures
-            .iter()
-            .map(|(s, e)| format!("{s} ({}; {})", crate::error_chain(e), kept(&kernel, s)))
-            .collect();
-        bail!(
-            "stopped, but these services failed to stop cleanly: {}",
-            services.join(", ")
-        )
+        bail!("stopped, but {}", stop_summary(&kernel, &report))
     }
 }
 
@@ -249,6 +251,43 @@ fn kept(kernel: &Kernel, service: &str) -> String {
     }
 }
 
+/// Why the main loop ended.
+struct Stop {
+    /// What asked for it (a signal's name).
+    signal: &'static str,
+    /// Whether the first scan was done.
+    up: bool,
+    /// A failure that ended the host (reported once every service is stopped).
+    failure: Option<anyhow::Error>,
+}
+
+impl Stop {
+    fn on(signal: &'static str, up: bool) -> Stop {
+        Stop {
+            signal,
+            up,
+            failure: None,
+        }
+    }
+}
+
+/// One line on how a stop went, for an error that ends the host.
+fn stop_summary(kernel: &Kernel, report: &crate::StopReport) -> String {
+    if report.failures.is_empty() {
+        format!("{} services stopped cleanly", report.stopped.len())
+    } else {
+        let failed: Vec<String> = report
+            .failures
+            .iter()
+            .map(|(s, e)| format!("{s} ({}; {})", crate::error_chain(e), kept(kernel, s)))
+            .collect();
+        format!(
+            "these services failed to stop cleanly: {}",
+            failed.join(", ")
+        )
+    }
+}
+
 fn main_loop(
     kernel: &Kernel,
     reloads: &Sender<Work>,
@@ -256,7 +295,7 @@ fn main_loop(
     checkpoints: &Receiver<Instant>,
     started: &Receiver<()>,
     up: &mut dyn FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<(&'static str, bool)> {
+) -> Stop {
     let mut started = Some(started);
     let health = tick(Duration::from_millis(500));
     let mut state_dir_lost = false;
@@ -264,30 +303,34 @@ fn main_loop(
     loop {
         select! {
             recv(health) -> _ => {
-                let lost = kernel.state_store().is_some_and(|store| !store.directory_is_ours());
-                if lost && !state_dir_lost {
-                    let dir = kernel.state_store().map(|s| s.dir().display().to_string());
-                    tracing::error!(dir, "the state directory was removed or replaced while the host ran: no state is written there any more (another host may use that path now); restart the host");
+                let moved = kernel.state_store().and_then(|store| Some((store.dir(), store.moved_to()?)));
+                if let (Some((dir, now)), false) = (&moved, state_dir_lost) {
+                    tracing::error!(dir = %dir.display(), now = %now.display(), "the state directory was moved, renamed or removed while the host ran: the host keeps its state in its own directory, where it is now, and writes nothing at the old path (another host may use it); restart the host to use the path again");
                 }
-                state_dir_lost = lost;
+                state_dir_lost = moved.is_some();
                 if crate::loader::loader_wedged() {
                     tracing::error!("a plugin library's destructors hang: saving every state and stopping, to be restarted");
-                    return Ok(("a wedged dynamic loader", started.is_none()));
+                    return Stop::on("a wedged dynamic loader", started.is_none());
                 }
             }
             recv(started.unwrap_or(&never())) -> _ => {
                 // The first scan is done: the services are up.
                 started = None;
-                up()?;
+                if let Err(failure) = up() {
+                    // The services run: they are stopped, their states saved, before the
+                    // host reports this and exits.
+                    tracing::error!(error = format!("{failure:#}"), "the host could not start serving; stopping every service");
+                    return Stop { signal: "a failure to serve", up: true, failure: Some(failure) };
+                }
             }
             recv(events) -> event => match event {
-                Ok(Event::Shutdown(signal)) => return Ok((signal, started.is_none())),
+                Ok(Event::Shutdown(signal)) => return Stop::on(signal, started.is_none()),
                 Ok(Event::Reload { service, retry, reply }) => {
                     if reloads.send(Work::Reload(ReloadRequest { service, retry, reply })).is_err() {
                         tracing::error!("the reload thread is gone; reload not done");
                     }
                 }
-                Err(_) => return Ok(("shutdown", started.is_none())),
+                Err(_) => return Stop::on("shutdown", started.is_none()),
             },
             recv(checkpoints) -> _ => kernel.checkpoint_in_background(),
             recv(sweeps) -> _ => {
@@ -545,11 +588,13 @@ fn snapshot(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
 /// Makes sure no other host uses the same state directory (two hosts would overwrite each
 /// other's state). The lock is held until the returned file is dropped.
 fn lock_state_dir(dir: &Path) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = dir.join(".lock");
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .with_context(|| format!("opening lock file {}", path.display()))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
@@ -591,7 +636,12 @@ impl PidFile {
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
+        // Only our own: another host may have written its PID there since.
+        let ours = fs::read_to_string(&self.0)
+            .is_ok_and(|text| text.trim() == std::process::id().to_string());
+        if ours {
+            let _ = fs::remove_file(&self.0);
+        }
     }
 }
 

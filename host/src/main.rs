@@ -66,16 +66,17 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => daemon::run(args).map(|()| ExitCode::SUCCESS),
         Command::Keygen { out } => {
             let key = StateKey::write_new(&out)?;
-            println!(
+            writeln!(
+                std::io::stdout(),
                 "wrote a new state key to {} (id {}, mode 0600)",
                 out.display(),
                 key.id_hex()
-            );
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Reload { pid_file } => {
             let pid = daemon::signal_reload(&pid_file)?;
-            println!("sent SIGHUP to {pid}");
+            writeln!(std::io::stdout(), "sent SIGHUP to {pid}")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Ctl(args) => ctl(args),
@@ -119,7 +120,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             service: service.clone(),
         },
     };
-    let response = control::call(&socket, &request)?;
+    let response = control::call(&socket, &request, args.wait)?;
     let mut out = std::io::stdout().lock();
     match response {
         Response::Services {
@@ -218,6 +219,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
     let keys = daemon::key_ring(&args.keys)?;
     let (header, content) = state::inspect(&keys, &args.state_file)?;
     let parsed: Option<serde_json::Value> = serde_json::from_slice(&content).ok();
@@ -228,23 +230,24 @@ fn inspect(args: InspectArgs) -> anyhow::Result<ExitCode> {
             "header": header,
             "content": content,
         });
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?;
     } else {
-        println!("file:        {}", args.state_file.display());
-        println!("format:      {}", header.format);
-        println!("service:     {}", header.service);
-        println!("exported by: version {}", header.exported_by);
-        println!("key id:      {}", header.key_id);
-        println!("nonce:       {}", header.nonce);
-        println!(
+        writeln!(out, "file:        {}", args.state_file.display())?;
+        writeln!(out, "format:      {}", header.format)?;
+        writeln!(out, "service:     {}", header.service)?;
+        writeln!(out, "exported by: version {}", header.exported_by)?;
+        writeln!(out, "key id:      {}", header.key_id)?;
+        writeln!(out, "nonce:       {}", header.nonce)?;
+        writeln!(
+            out,
             "sealed:      {} bytes (state {} bytes)",
             header.sealed_len,
             content.len()
-        );
-        println!("content:");
+        )?;
+        writeln!(out, "content:")?;
         match parsed {
-            Some(value) => println!("{}", serde_json::to_string_pretty(&value)?),
-            None => println!("{}", hex::encode(&content)),
+            Some(value) => writeln!(out, "{}", serde_json::to_string_pretty(&value)?)?,
+            None => writeln!(out, "{}", hex::encode(&content))?,
         }
     }
     Ok(ExitCode::SUCCESS)

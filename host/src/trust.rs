@@ -25,6 +25,20 @@ pub enum TrustError {
         /// Its permission bits.
         mode: u32,
     },
+    /// A directory above it can be written by another user (who can then replace it).
+    #[error("{what} {below} is in {path}, which is writable by {who} (mode {mode:04o}) and not sticky: whoever can write it can replace what is below and run code in the host; run `chmod go-w {path}` (or start the host with --allow-insecure-permissions)")]
+    AncestorWritable {
+        /// What is below it.
+        what: &'static str,
+        /// The path below it.
+        below: PathBuf,
+        /// The directory.
+        path: PathBuf,
+        /// `its group`, `other users`, or both.
+        who: &'static str,
+        /// Its permission bits.
+        mode: u32,
+    },
     /// It belongs to another user than the host's (and not to root).
     #[error("{what} {path} is owned by uid {owner}, neither the host's user (uid {me}) nor root: that user can change it to run code in the host (or start the host with --allow-insecure-permissions)")]
     Owner {
@@ -96,27 +110,40 @@ pub struct AllowList {
 }
 
 impl Trust {
-    /// Checks a path (the plugins directory, a plugin file, the allow list) under strict
-    /// modes: neither writable by group or others, nor owned by another user than the
-    /// host's or root.
+    /// Checks a path (the plugins directory, a configuration file, the allow list) under
+    /// strict modes, as sshd does: it is neither writable by group or others nor owned by
+    /// another user than the host's or root, and neither is any directory above it (where
+    /// a directory that others may write but with the sticky bit, as `/tmp`, is fine: none
+    /// of them can rename what is not theirs). Symbolic links are followed: what is checked
+    /// is where they lead.
     pub fn check(&self, what: &'static str, path: &Path) -> Result<(), TrustError> {
         if !self.strict_modes {
             return Ok(());
         }
-        let meta = fs::metadata(path).map_err(|source| TrustError::Io {
+        let io = |path: &Path, source| TrustError::Io {
             what,
             path: path.to_owned(),
             source,
-        })?;
-        check_metadata(what, path, meta.mode(), meta.uid())
+        };
+        let real = fs::canonicalize(path).map_err(|e| io(path, e))?;
+        let meta = fs::metadata(&real).map_err(|e| io(&real, e))?;
+        check_metadata(what, path, meta.mode(), meta.uid())?;
+        check_ancestors(what, &real)
     }
 
-    /// Checks a plugin file's mode and owner as read (see [`Trust::check`]).
+    /// Checks a plugin file: its mode and owner as read, and (under strict modes) the
+    /// directories above where it really is (see [`Trust::check`]).
     pub fn check_file(&self, path: &Path, mode: u32, uid: u32) -> Result<(), TrustError> {
         if !self.strict_modes {
             return Ok(());
         }
-        check_metadata("plugin", path, mode, uid)
+        check_metadata("plugin", path, mode, uid)?;
+        let real = fs::canonicalize(path).map_err(|source| TrustError::Io {
+            what: "plugin",
+            path: path.to_owned(),
+            source,
+        })?;
+        check_ancestors("plugin", &real)
     }
 
     /// Reads the allow list, if there is one (checked as any trusted path is).
@@ -132,6 +159,35 @@ impl Trust {
         })?;
         AllowList::parse(path, &text).map(Some)
     }
+}
+
+/// Every directory above `real` (a canonical path): owned by the host's user or root, and
+/// not writable by group or others unless sticky.
+fn check_ancestors(what: &'static str, real: &Path) -> Result<(), TrustError> {
+    for dir in real.ancestors().skip(1) {
+        let meta = fs::metadata(dir).map_err(|source| TrustError::Io {
+            what: "directory",
+            path: dir.to_owned(),
+            source,
+        })?;
+        let sticky = meta.mode() & 0o1000 != 0;
+        let mode = if sticky {
+            meta.mode() & !0o022
+        } else {
+            meta.mode()
+        };
+        check_metadata("directory", dir, mode, meta.uid()).map_err(|error| match error {
+            TrustError::Writable { path, who, .. } => TrustError::AncestorWritable {
+                what,
+                below: real.to_owned(),
+                path,
+                who,
+                mode: meta.mode() & 0o7777,
+            },
+            other => other,
+        })?;
+    }
+    Ok(())
 }
 
 fn check_metadata(
@@ -176,7 +232,9 @@ impl AllowList {
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
+            // `sha256sum` starts a line with `\` when it escapes the file name.
             let word = line.split_whitespace().next().unwrap_or_default();
+            let word = word.strip_prefix('\\').unwrap_or(word);
             let mut digest = [0u8; 32];
             hex::decode_to_slice(word, &mut digest).map_err(|_| TrustError::ListSyntax {
                 path: path.to_owned(),

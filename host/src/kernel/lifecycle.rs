@@ -651,8 +651,7 @@ fn is_worth_retrying(error: &KernelError) -> bool {
     matches!(
         error,
         KernelError::State {
-            source: crate::state::StateError::Io { .. }
-                | crate::state::StateError::DirectoryReplaced { .. },
+            source: crate::state::StateError::Io { .. },
             ..
         }
     )

@@ -485,6 +485,11 @@ impl Kernel {
         &self.inner.loader
     }
 
+    /// How long an operation on a service (start, stop, checkpoint, replace) may wait.
+    pub fn operation_timeout(&self) -> Duration {
+        self.inner.config.operation_timeout
+    }
+
     /// The state store, if the kernel persists state.
     pub fn state_store(&self) -> Option<&StateStore> {
         self.inner.config.state.as_ref()

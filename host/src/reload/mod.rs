@@ -32,6 +32,7 @@ use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     fs,
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 use sha2::{Digest, Sha256};
@@ -93,12 +94,22 @@ pub enum ReloadError {
         second: PathBuf,
     },
     /// A file rejected earlier, not chosen while its content and configuration are the same.
-    #[error("service `{service}`: rejected {rejection}; not chosen until its content or configuration changes (`ctl reload --retry` tries it again)")]
+    #[error("service `{service}`: {path} (version {}) was rejected: {}; not chosen until its content or configuration changes (`ctl reload --retry` tries it again)", rejection.file.version, rejection.reason)]
     Rejected {
         /// The service.
         service: String,
-        /// The file and why.
+        /// The file, under its current name.
+        path: PathBuf,
+        /// The record: why, and under which name it was rejected.
         rejection: Rejection,
+    },
+    /// A service that is not running has no file it can run.
+    #[error("service `{service}` is not running: every one of its plugin files is rejected{}", match last_good { Some(good) => format!(", and its last good file {} (version {}, sha256 {}) is not in the plugins directory any more", good.file.display(), good.version, good.sha256.get(..12).unwrap_or(&good.sha256)), None => String::new() })]
+    NothingToRun {
+        /// The service.
+        service: String,
+        /// Its last good file, when it is gone.
+        last_good: Option<FileRef>,
     },
     /// A file that failed to load for a reason of its own, earlier: not read again until it
     /// changes.
@@ -163,6 +174,29 @@ enum Blame {
     State,
     /// Something outside the file: tried again at the next rescan.
     Elsewhere,
+}
+
+/// The operation timeout a failure ran into, if it is a timeout.
+fn timeout_of_kernel(error: &KernelError) -> Option<Duration> {
+    let cause = match error {
+        KernelError::StartFailed { cause, .. } => cause,
+        KernelError::Swap(
+            SwapError::RolledBack { cause, .. } | SwapError::RollbackFailed { cause, .. },
+        ) => cause,
+        _ => return None,
+    };
+    match cause {
+        InstanceError::Timeout { timeout, .. } => Some(*timeout),
+        _ => None,
+    }
+}
+
+fn timeout_of(error: &ReloadError) -> Option<Duration> {
+    match error {
+        ReloadError::Kernel(error) => timeout_of_kernel(error),
+        ReloadError::Load(LoadError::ProbeTimedOut { timeout, .. }) => Some(*timeout),
+        _ => None,
+    }
 }
 
 fn blame_reload(error: &ReloadError, replacing_live_state: bool) -> Blame {
@@ -246,6 +280,9 @@ impl Reloader {
     /// The configuration text of a service: `<plugins-dir>/<service>.conf`, if present.
     pub fn config_of(&self, service: &str) -> Result<Option<String>, ReloadError> {
         let path = self.dir.join(format!("{service}.conf"));
+        if path.exists() {
+            self.trust.check("configuration file", &path)?;
+        }
         match fs::read_to_string(&path) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -297,6 +334,11 @@ impl Reloader {
                 report.errors.push(error);
             }
         }
+        self.verdicts.set_present(
+            self.known
+                .iter()
+                .map(|(path, known)| (path.clone(), known.sha256)),
+        );
         self.verdicts.set_broken(
             self.known
                 .iter()
@@ -467,19 +509,35 @@ impl Reloader {
                 config.as_ref().map(|c| Sha256::digest(c.as_bytes()).into());
             let mut chosen = Vec::new();
             for candidate in candidates {
-                match self
-                    .verdicts
-                    .rejection(service, &candidate.sha256, config_sha.as_ref())
-                {
+                let rejection = self.verdicts.rejection(
+                    service,
+                    &candidate.sha256,
+                    config_sha.as_ref(),
+                    kernel.operation_timeout(),
+                );
+                match rejection {
                     Some(rejection) => report.errors.push(ReloadError::Rejected {
                         service: service.to_owned(),
+                        path: candidate.path.clone(),
                         rejection,
                     }),
                     None => chosen.push(candidate),
                 }
             }
             chosen.sort_by(|a, b| b.version.cmp(&a.version).then(a.path.cmp(&b.path)));
+            let last_good = self.verdicts.last_good(service);
             let Some(winner) = chosen.first() else {
+                if kernel.info(service).is_none() {
+                    let present = |good: &FileRef| {
+                        self.known
+                            .values()
+                            .any(|k| hex::encode(k.sha256) == good.sha256)
+                    };
+                    report.errors.push(ReloadError::NothingToRun {
+                        service: service.to_owned(),
+                        last_good: last_good.filter(|good| !present(good)),
+                    });
+                }
                 continue;
             };
             if let Some(twin) = chosen[1..]
@@ -492,6 +550,26 @@ impl Reloader {
                     first: winner.path.clone(),
                     second: twin.path.clone(),
                 });
+                // Ambiguous: what runs keeps running. A service that does not run yet (a
+                // restart) starts from its last good file if it is one of the two.
+                let is_good = |c: &Candidate| {
+                    last_good
+                        .as_ref()
+                        .is_some_and(|g| g.sha256 == hex::encode(c.sha256))
+                };
+                if kernel.info(service).is_none() {
+                    if let Some(good) = chosen.iter().find(|c| is_good(c)).cloned() {
+                        chosen.retain(|c| c.version < good.version);
+                        chosen.insert(0, good);
+                        plans.push(Plan {
+                            service: service.to_owned(),
+                            action: Action::Add,
+                            candidates: chosen,
+                            config,
+                            config_sha,
+                        });
+                    }
+                }
                 continue;
             }
             let action = match kernel.info(service) {
@@ -670,8 +748,10 @@ impl Reloader {
             .filter(|c| hex::encode(c.sha256) != info.sha256)
             .collect();
         // Stable: the last good file first, the others keep their order (best first).
-        others.sort_by_key(|c| Some(hex::encode(c.sha256)) != last_good);
+        others
+            .sort_by_key(|c| last_good.as_ref().map(|g| &g.sha256) != Some(&hex::encode(c.sha256)));
         let reason = crate::error_chain(&error);
+        let timeout = timeout_of_kernel(&error);
         for candidate in others {
             let outcome = self
                 .library(kernel, candidate, &mut BTreeMap::new())
@@ -689,14 +769,7 @@ impl Reloader {
                     tracing::warn!(service = %plan.service, "{line}");
                     report.fell_back.push(line);
                     if let Some(failed) = &failed {
-                        self.verdicts.reject(
-                            &plan.service,
-                            &failed.path,
-                            &failed.sha256,
-                            &info.version,
-                            plan.config_sha.as_ref(),
-                            reason.clone(),
-                        );
+                        self.reject(plan, failed, reason.clone(), timeout);
                     }
                     self.record_running(kernel, &plan.service);
                     report.errors.push(error.into());
@@ -704,13 +777,11 @@ impl Reloader {
                 }
                 Err(error) => {
                     if blame_reload(&error, false) == Blame::File {
-                        self.verdicts.reject(
-                            &plan.service,
-                            &candidate.path,
-                            &candidate.sha256,
-                            &candidate.version.to_string(),
-                            plan.config_sha.as_ref(),
+                        self.reject(
+                            plan,
+                            candidate,
                             crate::error_chain(&error),
+                            timeout_of(&error),
                         );
                     }
                     tracing::warn!(service = %plan.service, plugin = %candidate.path.display(), error = %crate::error_chain(&error), "fallback failed too");
@@ -719,18 +790,32 @@ impl Reloader {
         }
         if blamed == Blame::File {
             if let Some(failed) = &failed {
-                self.verdicts.reject(
-                    &plan.service,
-                    &failed.path,
-                    &failed.sha256,
-                    &info.version,
-                    plan.config_sha.as_ref(),
-                    reason,
-                );
+                self.reject(plan, failed, reason, timeout);
             }
         }
         report.errors.push(error.into());
         false
+    }
+
+    /// Rejects `candidate` for the plan's service and configuration.
+    fn reject(
+        &self,
+        plan: &Plan,
+        candidate: &Candidate,
+        reason: String,
+        timeout: Option<Duration>,
+    ) {
+        self.verdicts.reject(
+            &plan.service,
+            Rejection::new(
+                &candidate.path,
+                &candidate.sha256,
+                &candidate.version.to_string(),
+                plan.config_sha.as_ref(),
+                reason,
+                timeout,
+            ),
+        );
     }
 
     /// A failure of `candidate`: rejected when it is the file's own, reported either way.
@@ -743,13 +828,11 @@ impl Reloader {
         report: &mut ScanReport,
     ) {
         if blame_reload(&error, matches!(plan.action, Action::Replace)) == Blame::File {
-            self.verdicts.reject(
-                &plan.service,
-                &candidate.path,
-                &candidate.sha256,
-                &candidate.version.to_string(),
-                plan.config_sha.as_ref(),
+            self.reject(
+                plan,
+                candidate,
                 crate::error_chain(&error),
+                timeout_of(&error),
             );
         }
         report.errors.push(error);

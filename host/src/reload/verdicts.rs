@@ -42,8 +42,37 @@ pub struct Rejection {
     pub config_sha256: Option<String>,
     /// What went wrong.
     pub reason: String,
+    /// When it was rejected for not returning in time: the operation timeout then, in
+    /// milliseconds. A host run with a longer one tries the file again.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
     /// When (seconds since the Unix epoch).
     pub at: u64,
+}
+
+impl Rejection {
+    /// A rejection of the file `sha256` at `file`, providing `version`, with the
+    /// configuration `config`, made now.
+    pub fn new(
+        file: &Path,
+        sha256: &[u8; 32],
+        version: &str,
+        config: Option<&[u8; 32]>,
+        reason: String,
+        timeout: Option<std::time::Duration>,
+    ) -> Self {
+        Rejection {
+            file: FileRef {
+                sha256: hex_of(sha256),
+                file: file.to_owned(),
+                version: version.to_owned(),
+            },
+            config_sha256: config.map(hex_of),
+            reason,
+            timeout_ms: timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+            at: unix_now(),
+        }
+    }
 }
 
 impl std::fmt::Display for Rejection {
@@ -90,6 +119,9 @@ struct Inner {
     /// Files that failed to load for a reason of their own, by path: they provide no service
     /// the host could tell. Not persisted: a restart reads them again.
     broken: BTreeMap<PathBuf, String>,
+    /// The plugin files in the directory at the last rescan, by SHA-256 (hex): what `list`
+    /// shows rejected is what is there, under its current name.
+    present: BTreeMap<String, Vec<PathBuf>>,
 }
 
 /// The verdicts on plugin files: shared by the reloader (which makes them) and the control
@@ -157,84 +189,66 @@ impl Verdicts {
         }
     }
 
-    /// Why `sha256` was rejected for `service` with this configuration, if it was.
+    /// Why `sha256` was rejected for `service` with this configuration, if it was (and
+    /// still is: a file rejected for a timeout shorter than `operation_timeout` is not).
     pub fn rejection(
         &self,
         service: &str,
         sha256: &[u8; 32],
         config: Option<&[u8; 32]>,
+        operation_timeout: std::time::Duration,
     ) -> Option<Rejection> {
         let sha = hex_of(sha256);
         let config = config.map(hex_of);
+        let now_ms = u64::try_from(operation_timeout.as_millis()).unwrap_or(u64::MAX);
         self.lock()
             .record
             .services
             .get(service)?
             .rejected
             .iter()
-            .find(|r| r.file.sha256 == sha && r.config_sha256 == config)
+            .find(|r| {
+                r.file.sha256 == sha
+                    && r.config_sha256 == config
+                    && r.timeout_ms.is_none_or(|then| now_ms <= then)
+            })
             .cloned()
     }
 
-    /// Records that `file` (with this configuration) must not be chosen again for `service`.
-    pub fn reject(
-        &self,
-        service: &str,
-        file: &Path,
-        sha256: &[u8; 32],
-        version: &str,
-        config: Option<&[u8; 32]>,
-        reason: String,
-    ) {
-        let sha = hex_of(sha256);
-        let config = config.map(hex_of);
+    /// Records that a file (with a configuration) must not be chosen again for `service`.
+    pub fn reject(&self, service: &str, rejection: Rejection) {
+        tracing::warn!(service, plugin = %rejection.file.file.display(), version = %rejection.file.version, reason = %rejection.reason, "plugin file rejected: not chosen again until its content or its configuration changes");
         let mut inner = self.lock();
         inner.dirty = true;
         let record = inner.record.services.entry(service.to_owned()).or_default();
-        record
-            .rejected
-            .retain(|r| !(r.file.sha256 == sha && r.config_sha256 == config));
-        tracing::warn!(service, plugin = %file.display(), version, %reason, "plugin file rejected: not chosen again until its content or its configuration changes");
-        record.rejected.push(Rejection {
-            file: FileRef {
-                sha256: sha,
-                file: file.to_owned(),
-                version: version.to_owned(),
-            },
-            config_sha256: config,
-            reason,
-            at: unix_now(),
+        record.rejected.retain(|r| {
+            !(r.file.sha256 == rejection.file.sha256 && r.config_sha256 == rejection.config_sha256)
         });
+        record.rejected.push(rejection);
     }
 
-    /// Records that `file` runs `service`: its last good file.
+    /// Records that `file` runs `service`: its last good file. Its rejections (under
+    /// another configuration) are forgotten: it has proven itself.
     pub fn good(&self, service: &str, file: &Path, sha256: &[u8; 32], version: &str) {
+        let sha = hex_of(sha256);
         let good = Some(FileRef {
-            sha256: hex_of(sha256),
+            sha256: sha.clone(),
             file: file.to_owned(),
             version: version.to_owned(),
         });
         let mut inner = self.lock();
         let record = inner.record.services.entry(service.to_owned()).or_default();
-        if record.good != good {
+        let rejected = record.rejected.len();
+        record.rejected.retain(|r| r.file.sha256 != sha);
+        if record.good != good || record.rejected.len() != rejected {
             record.good = good;
             inner.dirty = true;
         }
     }
 
-    /// The SHA-256 (hex) of the file that last ran `service`.
-    pub fn last_good(&self, service: &str) -> Option<String> {
-        let inner = self.lock();
-        Some(
-            inner
-                .record
-                .services
-                .get(service)?
-                .good
-                .as_ref()?
-                .sha256
-                .clone(),
-        )
+    /// The file that last ran `service`.
+    pub fn last_good(&self, service: &str) -> Option<FileRef> {
+        self.lock().record.services.get(service)?.good.clone()
     }
 
     /// Forgets the rejections (of one service, or all, with the broken files): they are
@@ -257,23 +271,50 @@ impl Verdicts {
         }
     }
 
-    /// The rejections of `service`, one line each.
+    /// The rejections of `service` whose files are in the plugins directory, one line each,
+    /// under the files' current names.
     pub fn rejected_lines(&self, service: &str) -> Vec<String> {
-        self.lock()
-            .record
-            .services
-            .get(service)
-            .map(|r| r.rejected.iter().map(ToString::to_string).collect())
-            .unwrap_or_default()
+        let inner = self.lock();
+        let Some(record) = inner.record.services.get(service) else {
+            return Vec::new();
+        };
+        let mut lines = Vec::new();
+        for rejection in &record.rejected {
+            for path in inner
+                .present
+                .get(&rejection.file.sha256)
+                .into_iter()
+                .flatten()
+            {
+                let mut shown = rejection.clone();
+                shown.file.file = path.clone();
+                lines.push(shown.to_string());
+            }
+        }
+        lines
+    }
+
+    /// Sets the plugin files in the directory (path and SHA-256).
+    pub(super) fn set_present(&self, files: impl IntoIterator<Item = (PathBuf, [u8; 32])>) {
+        let mut present: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
+        for (path, sha) in files {
+            present.entry(hex_of(&sha)).or_default().push(path);
+        }
+        self.lock().present = present;
     }
 
     /// Every service with rejections.
     pub fn services_with_rejections(&self) -> Vec<String> {
-        self.lock()
+        let inner = self.lock();
+        inner
             .record
             .services
             .iter()
-            .filter(|(_, r)| !r.rejected.is_empty())
+            .filter(|(_, r)| {
+                r.rejected
+                    .iter()
+                    .any(|rejection| inner.present.contains_key(&rejection.file.sha256))
+            })
             .map(|(s, _)| s.clone())
             .collect()
     }

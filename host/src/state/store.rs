@@ -103,15 +103,6 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
     },
-    /// The state directory is not the one the host started with any more (removed, renamed
-    /// or replaced): nothing is written there, since another host may now use that path.
-    #[error("state file {path} not written: the state directory {dir} was removed or replaced while the host ran (restart the host to use the new one)")]
-    DirectoryReplaced {
-        /// The file that was to be written.
-        path: PathBuf,
-        /// The state directory.
-        dir: PathBuf,
-    },
 }
 
 impl StateError {
@@ -167,10 +158,17 @@ const TMP_RANDOM_LEN: usize = 6;
 
 /// Reads and writes the state files of one state directory. Lives as long as the kernel.
 #[derive(Debug)]
+///
+/// Every file is read and written through a handle on the directory opened at the start,
+/// never through its path again: if the directory is moved, renamed or replaced while the
+/// host runs, the host goes on in its own directory, wherever it is now, and never writes
+/// into whatever took its path (another host's, perhaps).
 pub struct StateStore {
+    /// The path the directory was opened at.
     dir: PathBuf,
-    /// (device, inode) of the directory when the store was made: a directory removed or
-    /// replaced since is not written to.
+    /// The directory itself.
+    handle: fs::File,
+    /// (device, inode) of the directory: whether the path still leads to it.
     identity: (u64, u64),
     keys: KeyRing,
 }
@@ -199,22 +197,38 @@ impl StateStore {
                 tracing::warn!(dir = %dir.display(), mode = format!("{mode:04o}"), "the state directory is accessible to other users; run `chmod 700` on it");
             }
         }
-        let identity = identity_of(dir).map_err(|source| StateError::Io {
+        let open = |source| StateError::Io {
             path: dir.to_owned(),
-            op: "reading the metadata of the state directory",
+            op: "opening the state directory",
             source,
-        })?;
+        };
+        let handle = fs::File::open(dir).map_err(open)?;
+        let identity = {
+            use std::os::unix::fs::MetadataExt;
+            let meta = handle.metadata().map_err(open)?;
+            (meta.dev(), meta.ino())
+        };
         Ok(StateStore {
             dir: dir.to_owned(),
+            handle,
             identity,
             keys,
         })
     }
 
-    /// Whether the state directory is still the one the store was made with (not removed,
-    /// renamed or replaced since).
-    pub fn directory_is_ours(&self) -> bool {
-        identity_of(&self.dir).is_ok_and(|id| id == self.identity)
+    /// `name` in the directory itself, wherever it is now (through `/proc/self/fd`).
+    fn at(&self, name: &str) -> PathBuf {
+        use std::os::fd::AsRawFd;
+        PathBuf::from(format!("/proc/self/fd/{}/{name}", self.handle.as_raw_fd()))
+    }
+
+    /// Where the state directory is now, when its path no longer leads to it (it was moved
+    /// or renamed, or removed: then the path ends in ` (deleted)`).
+    pub fn moved_to(&self) -> Option<PathBuf> {
+        if identity_of(&self.dir).is_ok_and(|id| id == self.identity) {
+            return None;
+        }
+        Some(fs::read_link(self.at("")).unwrap_or_else(|_| PathBuf::from("(unknown)")))
     }
 
     /// The keys this store seals and opens with.
@@ -222,14 +236,16 @@ impl StateStore {
         &self.keys
     }
 
-    /// The state directory.
+    /// The state directory (the path it was opened at).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
-    /// Where `service`'s state lives.
+    /// Where `service`'s state lives: in the state directory, or where it was moved to.
     pub fn path(&self, service: &str) -> PathBuf {
-        self.dir.join(format!("{service}.state"))
+        self.moved_to()
+            .unwrap_or_else(|| self.dir.clone())
+            .join(format!("{service}.state"))
     }
 
     /// Seals `bytes`, exported by `version` of `service`, and replaces the service's file
@@ -242,20 +258,20 @@ impl StateStore {
                 path: path.clone(),
                 field,
             })?;
-        self.write_atomically(&path, &sealed)
+        self.write_atomically(&format!("{service}.state"), &path, &sealed)
     }
 
     /// Replaces the file `name` of the state directory (one of [`RECORD_FILES`]) atomically
     /// and durably, as a state file is: for the host's own small records.
     pub fn write_record(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {
         debug_assert!(RECORD_FILES.contains(&name));
-        self.write_atomically(&self.dir.join(name), bytes)
+        self.write_atomically(name, &self.dir.join(name), bytes)
     }
 
     /// Reads the file `name` of the state directory, if it exists.
     pub fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.dir.join(name);
-        match fs::read(&path) {
+        match fs::read(self.at(name)) {
             Ok(data) => Ok(Some(data)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Io {
@@ -266,38 +282,29 @@ impl StateStore {
         }
     }
 
-    /// Temporary file in the same directory (`.<name>.tmp-XXXXXX`), write, fsync, rename,
-    /// fsync of the directory: either the old file or the new one survives a crash.
-    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    /// Replaces the directory's file `name` (shown as `path`): temporary file in the same
+    /// directory (`.<name>.tmp-XXXXXX`), write, fsync, rename, fsync of the directory:
+    /// either the old file or the new one survives a crash.
+    fn write_atomically(&self, name: &str, path: &Path, bytes: &[u8]) -> Result<(), StateError> {
         let io = |op, source| StateError::Io {
             path: path.to_owned(),
             op,
             source,
         };
-        if !self.directory_is_ours() {
-            return Err(StateError::DirectoryReplaced {
-                path: path.to_owned(),
-                dir: self.dir.clone(),
-            });
-        }
-        let name = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("the host names its files in UTF-8");
         let mut file = tempfile::Builder::new()
             .prefix(&format!(".{name}{TMP_INFIX}"))
             .rand_bytes(TMP_RANDOM_LEN)
-            .tempfile_in(&self.dir)
+            .tempfile_in(self.at(""))
             .map_err(|e| io("creating a temporary file", e))?;
         file.as_file()
             .set_permissions(fs::Permissions::from_mode(0o600))
             .map_err(|e| io("setting permissions", e))?;
         file.write_all(bytes).map_err(|e| io("writing", e))?;
         file.as_file().sync_all().map_err(|e| io("fsync", e))?;
-        file.persist(path)
+        file.persist(self.at(name))
             .map_err(|e| io("renaming into place", e.error))?;
-        fs::File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
+        self.handle
+            .sync_all()
             .map_err(|e| io("fsync of the state directory", e))?;
         Ok(())
     }
@@ -308,13 +315,14 @@ impl StateStore {
     /// running. Returns what it removed.
     pub fn remove_leftovers(&self) -> Vec<PathBuf> {
         let mut removed = Vec::new();
-        for entry in fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+        for entry in fs::read_dir(self.at("")).into_iter().flatten().flatten() {
             let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+            let name = entry.file_name();
             if is_file
-                && entry.file_name().to_str().is_some_and(is_temporary_name)
+                && name.to_str().is_some_and(is_temporary_name)
                 && fs::remove_file(entry.path()).is_ok()
             {
-                removed.push(entry.path());
+                removed.push(self.dir.join(name));
             }
         }
         removed
@@ -323,7 +331,7 @@ impl StateStore {
     /// Opens `service`'s state, if it has a file.
     pub fn load(&self, service: &str) -> Result<Option<SavedState>, StateError> {
         let path = self.path(service);
-        let data = match fs::read(&path) {
+        let data = match fs::read(self.at(&format!("{service}.state"))) {
             Ok(data) => data,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
@@ -349,18 +357,20 @@ impl StateStore {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
-        let mut target = self.dir.join(format!("{service}.state.bad-{stamp}"));
+        let mut target = format!("{service}.state.bad-{stamp}");
         let mut n = 1;
-        while target.exists() {
-            target = self.dir.join(format!("{service}.state.bad-{stamp}-{n}"));
+        while self.at(&target).exists() {
+            target = format!("{service}.state.bad-{stamp}-{n}");
             n += 1;
         }
-        fs::rename(&path, &target).map_err(|source| StateError::Io {
-            path: path.clone(),
-            op: "moving aside",
-            source,
+        fs::rename(self.at(&format!("{service}.state")), self.at(&target)).map_err(|source| {
+            StateError::Io {
+                path: path.clone(),
+                op: "moving aside",
+                source,
+            }
         })?;
-        Ok(target)
+        Ok(path.with_file_name(target))
     }
 }
 
