@@ -706,3 +706,199 @@ fn clients_that_never_read_their_answers_hold_no_worker_and_are_closed() -> Test
     );
     Ok(())
 }
+
+#[test]
+fn the_control_socket_comes_back_after_running_out_of_descriptors() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let pid = daemon.child.id().to_string();
+    let hard = Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid,
+            "--nofile",
+            "--output",
+            "HARD",
+            "--noheadings",
+        ])
+        .output()?;
+    let hard = String::from_utf8_lossy(&hard.stdout).trim().to_owned();
+    let limit = |soft: usize| {
+        let status = Command::new("prlimit")
+            .args(["--pid", &pid, &format!("--nofile={soft}:{hard}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    // Not one descriptor left: the host cannot accept the operator's connection.
+    limit(3);
+    let socket = root.path().join("state/control.sock");
+    let refused = microkernel(&[
+        "ctl",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--wait",
+        "1s",
+        "list",
+    ]);
+    assert_eq!(refused.status.code(), Some(2), "{}", stdout(&refused));
+    assert!(
+        stderr(&refused).contains("no answer from the host"),
+        "{}",
+        stderr(&refused)
+    );
+    // Descriptors again: it answers, without a restart.
+    limit(1024);
+    let list = microkernel(&[
+        "ctl",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--wait",
+        "10s",
+        "list",
+    ]);
+    assert!(list.status.success(), "{}\n{}", stderr(&list), daemon.log());
+    Ok(())
+}
+
+#[test]
+fn requests_that_wait_on_a_busy_service_never_hold_back_the_operators_commands() -> TestResult {
+    use std::io::{Read, Write};
+    let root = setup(&["fixture-echo-faulty"]);
+    let daemon = Daemon::start_with(root.path(), &["--operation-timeout", "1s"]);
+    let socket = root.path().join("state/control.sock");
+    // More requests than there are workers, each waiting on a service busy for minutes.
+    let sleep = serde_json::json!({
+        "cmd": "send", "service": "echo", "kind": "sleep",
+        "payload": hex::encode("120000"), "timeout_ms": 600_000,
+    });
+    let mut line = serde_json::to_vec(&sleep)?;
+    line.push(b'\n');
+    let waiting: Vec<_> = (0..12)
+        .map(|_| {
+            let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+            stream.write_all(&line).unwrap();
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    // (A checkpoint of the busy service is answered too: it gives up after the operation
+    // timeout.)
+    for command in [&["list"][..], &["reload"], &["checkpoint"]] {
+        let mut args = vec!["--wait", "10s"];
+        args.extend_from_slice(command);
+        let output = daemon.ctl(&args);
+        assert!(
+            !stderr(&output).contains("no answer"),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+    }
+    // Those requests are still waiting: the operator did not wait for them.
+    for mut stream in waiting {
+        stream.set_nonblocking(true)?;
+        let mut byte = [0u8; 1];
+        assert!(
+            matches!(stream.read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_reload_of_a_service_no_file_provides_is_an_error() -> TestResult {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let reload = daemon.ctl(&["reload", "nosuch"]);
+    assert_eq!(reload.status.code(), Some(1));
+    assert!(
+        stdout(&reload).contains("provides a service `nosuch`"),
+        "{}",
+        stdout(&reload)
+    );
+    assert!(daemon.ctl(&["reload", "echo"]).status.success());
+    Ok(())
+}
+
+#[test]
+fn writing_to_a_full_standard_output_is_an_error_not_a_panic() -> TestResult {
+    let root = setup(&["kv"]);
+    let daemon = Daemon::start(root.path());
+    daemon.send("kv", r#"{"op":"put","key":"a","value":1}"#);
+    assert_eq!(daemon.terminate().code(), Some(0));
+    let full = fs::OpenOptions::new().write(true).open("/dev/full")?;
+    let output = Command::new(BIN)
+        .args([
+            "inspect-state",
+            "--key-file",
+            root.path().join("key").to_str().unwrap(),
+            root.path().join("state/kv.state").to_str().unwrap(),
+        ])
+        .stdout(full)
+        .output()?;
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("No space left on device"),
+        "{}",
+        stderr(&output)
+    );
+    assert!(!stderr(&output).contains("panicked"));
+    Ok(())
+}
+
+#[test]
+fn strict_modes_check_the_directories_above_where_links_lead_and_configuration() -> TestResult {
+    use sha2::Digest;
+    // A plugins directory inside a directory anyone may write (and not sticky).
+    let open = tempfile::tempdir()?;
+    chmod(open.path(), 0o777);
+    let root = setup(&["echo"]);
+    let inside = open.path().join("plugins");
+    fs::rename(root.path().join("plugins"), &inside)?;
+    std::os::unix::fs::symlink(&inside, root.path().join("plugins"))?;
+    let output = microkernel(&run_args(root.path()));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("which is writable by") && stderr(&output).contains("not sticky"),
+        "{}",
+        stderr(&output)
+    );
+    fs::remove_file(root.path().join("plugins"))?;
+    fs::rename(&inside, root.path().join("plugins"))?;
+
+    // A plugin that is a link into such a directory; a configuration anyone may write.
+    let daemon = Daemon::start(root.path());
+    fs::copy(fixture("kv"), open.path().join("libkv.so"))?;
+    std::os::unix::fs::symlink(
+        open.path().join("libkv.so"),
+        root.path().join("plugins/libkv.so"),
+    )?;
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1));
+    assert!(
+        stdout(&reload).contains("not sticky"),
+        "{}",
+        stdout(&reload)
+    );
+    fs::remove_file(root.path().join("plugins/libkv.so"))?;
+    let conf = root.path().join("plugins/echo.conf");
+    fs::write(&conf, "{}")?;
+    chmod(&conf, 0o666);
+    let reload = daemon.ctl(&["reload"]);
+    assert!(
+        stdout(&reload).contains("configuration file")
+            && stdout(&reload).contains("echo.conf is writable"),
+        "{}",
+        stdout(&reload)
+    );
+    chmod(&conf, 0o644);
+    drop(daemon);
+
+    // sha256sum escapes a line with `\` when the name needs it: such lines are read too.
+    let list = root.path().join("allowed");
+    let digest = hex::encode(sha2::Sha256::digest(fs::read(fixture("echo"))?));
+    fs::write(&list, format!("\\{digest}  lib\\necho.so\n"))?;
+    let daemon = Daemon::start_with(root.path(), &["--allow-sha256", list.to_str().unwrap()]);
+    assert_eq!(daemon.send("echo", "{}")["version"], "1.0.0");
+    Ok(())
+}

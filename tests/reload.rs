@@ -600,3 +600,117 @@ fn a_new_version_stuck_in_start_is_given_up_and_never_serves() -> TestResult {
     }
     Ok(())
 }
+
+#[test]
+fn a_file_rejected_for_a_timeout_is_tried_again_with_a_longer_operation_timeout() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["fixture-echo-faulty"]);
+    fs::write(
+        plugins.path().join("echo.conf"),
+        r#"{"start":"sleep","sleep_ms":1500}"#,
+    )?;
+    let with_timeout = |timeout: Duration| {
+        let mut config = persisted.config(host::BadStatePolicy::Refuse);
+        config.operation_timeout = timeout;
+        persisted.kernel_with(plugins.path(), config)
+    };
+    let (kernel, report) = with_timeout(Duration::from_millis(300));
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::Kernel(KernelError::StartFailed {
+                cause: InstanceError::Timeout { .. },
+                ..
+            })]
+        ),
+        "{:?}",
+        report.errors
+    );
+    drop(kernel);
+    let (kernel, report) = with_timeout(Duration::from_millis(300));
+    assert!(
+        matches!(
+            &report.errors[..],
+            [
+                ReloadError::Rejected { .. },
+                ReloadError::NothingToRun { .. }
+            ]
+        ),
+        "{:?}",
+        report.errors
+    );
+    drop(kernel);
+    // The host's timeout was too short, not the file wrong.
+    let (kernel, report) = with_timeout(Duration::from_secs(10));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(kernel.info("echo").unwrap().status, Status::Running);
+    Ok(())
+}
+
+#[test]
+fn a_file_that_runs_is_no_longer_shown_rejected() -> TestResult {
+    let plugins = plugin_dir(&["echo"]);
+    let kernel = kernel();
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    fs::write(plugins.path().join("echo.conf"), r#"{"start":"fail"}"#)?;
+    add_plugin(plugins.path(), "fixture-echo-faulty");
+    reloader.scan(&kernel, None);
+    assert_eq!(reloader.verdicts().rejected_lines("echo").len(), 1);
+    fs::write(plugins.path().join("echo.conf"), "{}")?;
+    let report = reloader.scan(&kernel, None);
+    assert_eq!(report.replaced[0].to, "9.0.0");
+    assert!(reloader.verdicts().rejected_lines("echo").is_empty());
+    Ok(())
+}
+
+#[test]
+fn at_start_a_duplicate_version_runs_the_last_good_file_and_names_both() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["kv", "logger", "echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    drop(kernel);
+    let mut twin = fs::read(plugins.path().join("libkv.so"))?;
+    twin.extend_from_slice(b"another build of the same version");
+    fs::write(plugins.path().join("libkv-b.so"), twin)?;
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(
+        matches!(&report.errors[..], [ReloadError::SameVersion { .. }]),
+        "{:?}",
+        report.errors
+    );
+    let kv = kernel.info("kv").unwrap();
+    assert_eq!(
+        (kv.status, kv.path.file_name().unwrap().to_str()),
+        (Status::Running, Some("libkv.so"))
+    );
+    Ok(())
+}
+
+#[test]
+fn a_service_whose_files_are_all_rejected_says_where_its_last_good_file_went() -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    let v2 = add_plugin(plugins.path(), "echo-v2");
+    assert_eq!(reloader.scan(&kernel, None).replaced.len(), 1);
+    // v2 removed: v1 refuses v2's state and is rejected; v2 serves on from memory.
+    fs::remove_file(&v2)?;
+    reloader.scan(&kernel, None);
+    drop(kernel);
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(kernel.info("echo").is_none());
+    let nothing = report
+        .errors
+        .iter()
+        .find(|e| matches!(e, ReloadError::NothingToRun { .. }))
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| panic!("{:?}", report.errors));
+    assert!(
+        nothing.contains("libecho_v2.so") && nothing.contains("not in the plugins directory"),
+        "{nothing}"
+    );
+    Ok(())
+}

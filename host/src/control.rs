@@ -550,7 +550,13 @@ impl Acceptor {
         loop {
             match (&conn.stream).read(&mut chunk) {
                 Ok(0) => {
-                    self.conns.swap_remove(index);
+                    let conn = self.conns.swap_remove(index);
+                    if !conn.buf.is_empty() {
+                        refuse(
+                            conn.stream,
+                            "bad control request: the connection ended before the request's newline",
+                        );
+                    }
                     return;
                 }
                 Ok(n) => {

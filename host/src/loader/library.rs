@@ -73,6 +73,17 @@ impl Loader {
                 format!("creating a shadow directory in {}: {e}", parent.display()),
             )
         };
+        let noexec = nix::sys::statvfs::statvfs(&parent)
+            .is_ok_and(|fs| fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
+        if noexec {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the shadow directory's file system ({}) is mounted noexec: no plugin can be mapped from it; choose another with --shadow-dir",
+                    parent.display()
+                ),
+            ));
+        }
         let shadow_dir = builder.tempdir_in(&parent).map_err(in_parent)?;
         let owner = lock_owner_file(shadow_dir.path()).map_err(in_parent)?;
         Ok(Loader {

@@ -103,6 +103,14 @@ pub enum ReloadError {
         /// The record: why, and under which name it was rejected.
         rejection: Rejection,
     },
+    /// `ctl reload SERVICE` named a service no file provides.
+    #[error("no plugin file in {dir} provides a service `{service}`")]
+    NoSuchService {
+        /// The name asked for.
+        service: String,
+        /// The plugins directory.
+        dir: PathBuf,
+    },
     /// A service that is not running has no file it can run.
     #[error("service `{service}` is not running: every one of its plugin files is rejected{}", match last_good { Some(good) => format!(", and its last good file {} (version {}, sha256 {}) is not in the plugins directory any more", good.file.display(), good.version, good.sha256.get(..12).unwrap_or(&good.sha256)), None => String::new() })]
     NothingToRun {
@@ -324,6 +332,19 @@ impl Reloader {
             (Ok(allowed), Ok(files)) => {
                 self.forget_removed(kernel, &files);
                 let loaded = self.load_changed(kernel, files, only, allowed.as_ref(), &mut report);
+                if let Some(only) = only {
+                    let provided = self.known.values().any(|k| {
+                        k.provides
+                            .as_ref()
+                            .is_ok_and(|(service, _)| service == only)
+                    });
+                    if !provided && kernel.info(only).is_none() {
+                        report.errors.push(ReloadError::NoSuchService {
+                            service: only.to_owned(),
+                            dir: self.dir.clone(),
+                        });
+                    }
+                }
                 self.apply(kernel, loaded, only, &mut report);
             }
             (Ok(_), Err(source)) => {
