@@ -196,6 +196,8 @@ impl ControlServer {
             .set_nonblocking(true)
             .and_then(|()| wake_tx.set_nonblocking(true))
             .context("making the control socket's wake-up pair non-blocking")?;
+        // One descriptor, shared by every worker.
+        let wake_tx = Arc::new(wake_tx);
         let (back_tx, back) = unbounded::<Conn>();
         let context = Arc::new(Context {
             kernel,
@@ -210,9 +212,7 @@ impl ControlServer {
             for _ in 0..workers {
                 let jobs = jobs.clone();
                 let back = back_tx.clone();
-                let wake = wake_tx
-                    .try_clone()
-                    .context("duplicating the control socket's wake-up socket for a worker")?;
+                let wake = wake_tx.clone();
                 let context = context.clone();
                 let busy = busy.clone();
                 threads::spawn_detached("control-worker", move || {
@@ -287,15 +287,16 @@ pub struct Limits {
 
 impl Limits {
     /// At most 64 connections, and never more than a quarter of the descriptors this
-    /// process may open (the rest is for plugins and state writes); 1 MiB requests; 5 s to
-    /// send a request or read an answer; 8 workers.
+    /// process may still open (the rest is for plugins and state writes); 1 MiB requests;
+    /// 5 s to send a request or read an answer; 8 workers for requests to services, 4 for
+    /// the other commands.
     pub fn for_this_process() -> Self {
-        let descriptors =
-            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
-                .unwrap_or(1024);
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
+            .unwrap_or(1024);
+        let open = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
         Limits {
-            connections: (descriptors / 4).clamp(4, 64),
+            connections: (limit.saturating_sub(open) / 4).clamp(1, 64),
             request_bytes: 1 << 20,
             idle: Duration::from_secs(5),
             write: Duration::from_secs(5),
