@@ -15,6 +15,16 @@ use host::{
 
 use crate::support::*;
 
+/// echo 1.x running from a plugins directory of its own, persisting with `persisted`, and
+/// the reloader of that directory (which has seen it).
+fn echo_v1(persisted: &Persisted) -> (host::Kernel, tempfile::TempDir, Reloader) {
+    let plugins = plugin_dir(&["echo"]);
+    let (kernel, _) = persisted.kernel(plugins.path());
+    let mut reloader = Reloader::new(plugins.path());
+    reloader.scan(&kernel, None);
+    (kernel, plugins, reloader)
+}
+
 #[test]
 fn echo_is_replaced_under_load_without_losing_a_request() -> TestResult {
     let persisted = Persisted::new();
@@ -73,10 +83,7 @@ fn rolls_back(
     expected: impl Fn(&ReloadError) -> bool,
 ) -> TestResult {
     let persisted = Persisted::new();
-    let plugins = plugin_dir(&["echo"]);
-    let (kernel, _) = persisted.kernel(plugins.path());
-    let mut reloader = Reloader::new(plugins.path());
-    reloader.scan(&kernel, None);
+    let (kernel, plugins, mut reloader) = echo_v1(&persisted);
     for _ in 0..3 {
         echo_count(&kernel);
     }
@@ -253,10 +260,7 @@ fn removing_the_running_version_downgrades_to_the_highest_left_which_may_refuse_
 fn a_version_that_refused_the_state_is_never_chosen_again_until_its_configuration_changes(
 ) -> TestResult {
     let persisted = Persisted::new();
-    let plugins = plugin_dir(&["echo"]);
-    let (kernel, _) = persisted.kernel(plugins.path());
-    let mut reloader = Reloader::new(plugins.path());
-    reloader.scan(&kernel, None);
+    let (kernel, plugins, mut reloader) = echo_v1(&persisted);
     echo_count(&kernel);
     // Version 9 refuses the state it is given.
     fs::write(plugins.path().join("echo.conf"), r#"{"import":"fail"}"#)?;
@@ -352,10 +356,7 @@ fn at_start_a_version_that_fails_falls_back_to_the_last_good_one_and_says_so() -
 #[test]
 fn a_replace_that_could_not_save_the_state_is_tried_again_at_the_next_rescan() -> TestResult {
     let persisted = Persisted::new();
-    let plugins = plugin_dir(&["echo"]);
-    let (kernel, _) = persisted.kernel(plugins.path());
-    let mut reloader = Reloader::new(plugins.path());
-    reloader.scan(&kernel, None);
+    let (kernel, plugins, mut reloader) = echo_v1(&persisted);
     echo_count(&kernel);
     // The state file briefly cannot be replaced (a directory stands in its way).
     let blocker = persisted.state_file("echo");
@@ -690,10 +691,7 @@ fn at_start_a_duplicate_version_runs_the_last_good_file_and_names_both() -> Test
 #[test]
 fn a_service_whose_files_are_all_rejected_says_where_its_last_good_file_went() -> TestResult {
     let persisted = Persisted::new();
-    let plugins = plugin_dir(&["echo"]);
-    let (kernel, _) = persisted.kernel(plugins.path());
-    let mut reloader = Reloader::new(plugins.path());
-    reloader.scan(&kernel, None);
+    let (kernel, plugins, mut reloader) = echo_v1(&persisted);
     let v2 = add_plugin(plugins.path(), "echo-v2");
     assert_eq!(reloader.scan(&kernel, None).replaced.len(), 1);
     // v2 removed: v1 refuses v2's state and is rejected; v2 serves on from memory.
