@@ -1,16 +1,8 @@
-//! The control socket: a Unix domain socket (mode 0600, peers of another uid refused) that
-//! speaks one JSON object per line each way. `microkernel ctl` is its client.
-//!
-//! Bounded against clients that misbehave (see [`Limits`]): one thread reads every
-//! connection and writes every answer without blocking (`poll`), so an idle connection, or
-//! one that does not read its answer, costs a descriptor and a buffer, never a thread; a few
-//! workers carry whole requests out. Requests have a maximum size, connections an idle
-//! timeout, answers a time limit to be read, and connections a cap (at the cap the oldest
-//! idle connection gives way; with none idle the newcomer is told "busy"), and
-//! every malformed request gets an error answer.
+//! The listening side: one thread that accepts connections, reads requests and writes
+//! answers without blocking on any client, and the workers that carry requests out.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     os::{
         fd::AsFd,
         unix::{
@@ -29,88 +21,12 @@ use std::{
 use anyhow::{bail, Context as _};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
-use serde::{Deserialize, Serialize};
 
-use crate::{daemon::Event, loader::threads, reload::Verdicts, Checkpoint, Kernel, ServiceInfo};
-
-/// A command sent to the host.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "cmd", rename_all = "lowercase")]
-pub enum Request {
-    /// The services.
-    List,
-    /// A request to a service.
-    Send {
-        /// Target service.
-        service: String,
-        /// Request kind.
-        kind: String,
-        /// Payload, hex.
-        payload: String,
-        /// Timeout in milliseconds; the host's default when absent.
-        timeout_ms: Option<u64>,
-    },
-    /// A rescan.
-    Reload {
-        /// Limit to one service.
-        service: Option<String>,
-        /// Try the files rejected earlier again.
-        #[serde(default)]
-        retry: bool,
-    },
-    /// A checkpoint of every service.
-    Checkpoint,
-    /// Stop a service.
-    Stop {
-        /// The service.
-        service: String,
-    },
-    /// Start a service.
-    Start {
-        /// The service.
-        service: String,
-    },
-}
-
-/// The host's answer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "result", rename_all = "lowercase")]
-pub enum Response {
-    /// `list`.
-    Services {
-        /// Every service.
-        services: Vec<ServiceInfo>,
-        /// Plugin files that failed to load for a reason of their own (they provide no
-        /// service the host could tell), one line each.
-        #[serde(default)]
-        broken: Vec<String>,
-        /// Services that are not registered and have rejected files only: `(service, line)`.
-        #[serde(default)]
-        rejected_elsewhere: Vec<(String, String)>,
-    },
-    /// `send`.
-    Reply {
-        /// Reply code.
-        code: u32,
-        /// Reply message.
-        message: String,
-        /// Reply data, hex.
-        data: String,
-    },
-    /// What was done, line by line (`reload`, `checkpoint`, `start`, `stop`); `failed` when
-    /// any line is an error.
-    Done {
-        /// One line per action.
-        lines: Vec<String>,
-        /// Whether something failed.
-        failed: bool,
-    },
-    /// The command could not be carried out.
-    Error {
-        /// Why.
-        message: String,
-    },
-}
+use super::{
+    commands::{handle, parse, Context},
+    Request, Response,
+};
+use crate::{daemon::Event, loader::threads, reload::Verdicts, Kernel};
 
 /// The listening side. Removes its socket file when dropped.
 #[derive(Debug)]
@@ -303,13 +219,6 @@ impl Limits {
             workers: 8,
         }
     }
-}
-
-/// What the workers need to carry a request out.
-struct Context {
-    kernel: Arc<Kernel>,
-    verdicts: Verdicts,
-    events: Sender<Event>,
 }
 
 /// An open control connection, owned by the acceptor while it waits for a request, and by
@@ -734,132 +643,8 @@ fn work(
     }
 }
 
-/// A request line, or the error answer a malformed one (invalid UTF-8 included) gets.
-fn parse(line: &[u8]) -> Result<Request, Response> {
-    let line = std::str::from_utf8(line).map_err(|e| Response::Error {
-        message: format!("bad control request: not valid UTF-8 ({e})"),
-    })?;
-    serde_json::from_str::<Request>(line).map_err(|e| Response::Error {
-        message: format!("bad control request: {e}"),
-    })
-}
-
-/// The answer to one request line.
-#[cfg(test)]
-fn answer(line: &[u8], context: &Context) -> Response {
-    match parse(line) {
-        Ok(request) => handle(request, context),
-        Err(error) => error,
-    }
-}
-
-fn done(lines: Vec<(String, bool)>) -> Response {
-    let failed = lines.iter().any(|(_, failed)| *failed);
-    Response::Done {
-        lines: lines.into_iter().map(|(line, _)| line).collect(),
-        failed,
-    }
-}
-
-fn handle(request: Request, context: &Context) -> Response {
-    let Context {
-        kernel,
-        verdicts,
-        events,
-    } = context;
-    match request {
-        Request::List => {
-            let mut services = kernel.list();
-            for info in &mut services {
-                info.rejected = verdicts.rejected_lines(&info.name);
-            }
-            let rejected_elsewhere = verdicts
-                .services_with_rejections()
-                .into_iter()
-                .filter(|s| !services.iter().any(|info| info.name == *s))
-                .flat_map(|s| {
-                    verdicts
-                        .rejected_lines(&s)
-                        .into_iter()
-                        .map(move |line| (s.clone(), line))
-                })
-                .collect();
-            Response::Services {
-                services,
-                broken: verdicts.broken_lines(),
-                rejected_elsewhere,
-            }
-        }
-        Request::Send {
-            service,
-            kind,
-            payload,
-            timeout_ms,
-        } => match hex::decode(&payload) {
-            Ok(payload) => {
-                let reply = kernel.request(
-                    &service,
-                    &kind,
-                    &payload,
-                    timeout_ms.map(Duration::from_millis),
-                );
-                Response::Reply {
-                    code: reply.code,
-                    message: reply.message,
-                    data: hex::encode(reply.data),
-                }
-            }
-            Err(e) => Response::Error {
-                message: format!("payload is not hex: {e}"),
-            },
-        },
-        Request::Reload { service, retry } => {
-            let (tx, rx) = bounded(1);
-            if events
-                .send(Event::Reload {
-                    service,
-                    retry,
-                    reply: Some(tx),
-                })
-                .is_err()
-            {
-                return Response::Error {
-                    message: "the host is shutting down".into(),
-                };
-            }
-            match rx.recv() {
-                Ok(lines) => done(lines),
-                Err(_) => Response::Error {
-                    message: "the host is shutting down".into(),
-                },
-            }
-        }
-        Request::Checkpoint => {
-            let lines = kernel
-                .checkpoint()
-                .into_iter()
-                .map(|(service, result)| match result {
-                    Ok(Checkpoint::Written) => (format!("{service}: written"), false),
-                    Ok(Checkpoint::Unchanged) => (format!("{service}: unchanged"), false),
-                    Err(e) => (format!("{service}: {}", crate::error_chain(&e)), true),
-                })
-                .collect();
-            done(lines)
-        }
-        Request::Stop { service } => match kernel.stop(&service) {
-            Ok(()) => done(vec![(format!("{service}: stopped"), false)]),
-            Err(e) => done(vec![(crate::error_chain(&e), true)]),
-        },
-        Request::Start { service } => match kernel.start(&service) {
-            Ok(()) => done(vec![(format!("{service}: running"), false)]),
-            Err(e) => done(vec![(crate::error_chain(&e), true)]),
-        },
-    }
-}
-
 /// Names a kind of file, for messages.
 fn describe_file_type(kind: std::fs::FileType) -> &'static str {
-    use std::os::unix::fs::FileTypeExt;
     if kind.is_dir() {
         "a directory"
     } else if kind.is_symlink() {
@@ -870,119 +655,5 @@ fn describe_file_type(kind: std::fs::FileType) -> &'static str {
         "a device"
     } else {
         "a regular file"
-    }
-}
-
-/// Sends one command to the host listening on `path` and returns its response, waiting at
-/// most `wait` for it.
-pub fn call(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Response> {
-    let mut stream = UnixStream::connect(path).with_context(|| {
-        format!("cannot connect to control socket {} (is the host running? see --socket and --state-dir)", path.display())
-    })?;
-    stream.set_read_timeout(Some(wait))?;
-    stream.set_write_timeout(Some(wait))?;
-    let no_answer = |e: std::io::Error| {
-        if matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        ) {
-            anyhow::anyhow!(
-                "no answer from the host on control socket {} within {} (see ctl --wait)",
-                path.display(),
-                humantime::format_duration(wait)
-            )
-        } else {
-            anyhow::Error::new(e).context(format!(
-                "talking to the host on control socket {}",
-                path.display()
-            ))
-        }
-    };
-    let mut line = serde_json::to_string(request)?;
-    line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(no_answer)?;
-    let mut answer = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut answer)
-        .map_err(no_answer)?;
-    if answer.is_empty() {
-        bail!(
-            "the host closed control socket {} without answering",
-            path.display()
-        );
-    }
-    serde_json::from_str(&answer).with_context(|| format!("bad answer from the host: {answer}"))
-}
-
-#[cfg(test)]
-mod tests {
-    //! Property tests of the control protocol: whatever a client sends, the host answers
-    //! with a response (an error for anything malformed) and never panics.
-    //! `PROPTEST_CASES=100000 cargo test -p host --lib control` runs a longer search.
-
-    use std::sync::Arc;
-
-    use proptest::prelude::*;
-
-    use super::{answer, Context, Request, Response};
-    use crate::{reload::Verdicts, Kernel, KernelConfig};
-
-    fn context() -> Context {
-        let (events, _) = crossbeam_channel::unbounded();
-        Context {
-            kernel: Arc::new(Kernel::new(KernelConfig::default()).unwrap()),
-            verdicts: Verdicts::default(),
-            events,
-        }
-    }
-
-    fn request() -> impl Strategy<Value = Request> {
-        let name = "[a-z]{0,8}|kernel";
-        prop_oneof![
-            Just(Request::List),
-            Just(Request::Checkpoint),
-            (
-                name,
-                ".{0,8}",
-                "[0-9a-f]{0,16}|.{0,8}",
-                proptest::option::of(0u64..50)
-            )
-                .prop_map(|(service, kind, payload, timeout_ms)| Request::Send {
-                    service,
-                    kind,
-                    payload,
-                    timeout_ms
-                }),
-            (proptest::option::of(name), any::<bool>())
-                .prop_map(|(service, retry)| Request::Reload { service, retry }),
-            name.prop_map(|service| Request::Stop { service }),
-            name.prop_map(|service| Request::Start { service }),
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn arbitrary_bytes_get_an_answer(line in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let context = context();
-            let response = answer(&line, &context);
-            if serde_json::from_slice::<Request>(&line).is_err() {
-                prop_assert!(matches!(response, Response::Error { .. }), "{:?}", response);
-            }
-        }
-
-        #[test]
-        fn every_request_gets_an_answer_and_damaged_ones_an_error(
-            request in request(),
-            cut in any::<prop::sample::Index>(),
-        ) {
-            let context = context();
-            let line = serde_json::to_vec(&request).unwrap();
-            let _ = answer(&line, &context);
-            let cut = &line[..cut.index(line.len())];
-            let response = answer(cut, &context);
-            if serde_json::from_slice::<Request>(cut).is_err() {
-                prop_assert!(matches!(response, Response::Error { .. }), "{:?}", response);
-            }
-        }
     }
 }

@@ -1,0 +1,150 @@
+//! The control socket: a Unix domain socket (mode 0600, peers of another uid refused) that
+//! speaks one JSON object per line each way. `microkernel ctl` is its client.
+//!
+//! Bounded against clients that misbehave (see [`Limits`]): one thread reads every
+//! connection and writes every answer without blocking (`poll`), so an idle connection, or
+//! one that does not read its answer, costs a descriptor and a buffer, never a thread; a few
+//! workers carry whole requests out. Requests have a maximum size, connections an idle
+//! timeout, answers a time limit to be read, and connections a cap (at the cap the oldest
+//! idle connection gives way; with none idle the newcomer is told "busy"), and
+//! every malformed request gets an error answer.
+
+mod commands;
+mod server;
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _};
+use serde::{Deserialize, Serialize};
+
+pub use server::{ControlServer, Limits};
+
+use crate::ServiceInfo;
+
+/// A command sent to the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Request {
+    /// The services.
+    List,
+    /// A request to a service.
+    Send {
+        /// Target service.
+        service: String,
+        /// Request kind.
+        kind: String,
+        /// Payload, hex.
+        payload: String,
+        /// Timeout in milliseconds; the host's default when absent.
+        timeout_ms: Option<u64>,
+    },
+    /// A rescan.
+    Reload {
+        /// Limit to one service.
+        service: Option<String>,
+        /// Try the files rejected earlier again.
+        #[serde(default)]
+        retry: bool,
+    },
+    /// A checkpoint of every service.
+    Checkpoint,
+    /// Stop a service.
+    Stop {
+        /// The service.
+        service: String,
+    },
+    /// Start a service.
+    Start {
+        /// The service.
+        service: String,
+    },
+}
+
+/// The host's answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "lowercase")]
+pub enum Response {
+    /// `list`.
+    Services {
+        /// Every service.
+        services: Vec<ServiceInfo>,
+        /// Plugin files that failed to load for a reason of their own (they provide no
+        /// service the host could tell), one line each.
+        #[serde(default)]
+        broken: Vec<String>,
+        /// Services that are not registered and have rejected files only: `(service, line)`.
+        #[serde(default)]
+        rejected_elsewhere: Vec<(String, String)>,
+    },
+    /// `send`.
+    Reply {
+        /// Reply code.
+        code: u32,
+        /// Reply message.
+        message: String,
+        /// Reply data, hex.
+        data: String,
+    },
+    /// What was done, line by line (`reload`, `checkpoint`, `start`, `stop`); `failed` when
+    /// any line is an error.
+    Done {
+        /// One line per action.
+        lines: Vec<String>,
+        /// Whether something failed.
+        failed: bool,
+    },
+    /// The command could not be carried out.
+    Error {
+        /// Why.
+        message: String,
+    },
+}
+
+/// Sends one command to the host listening on `path` and returns its response, waiting at
+/// most `wait` for it.
+pub fn call(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Response> {
+    let mut stream = UnixStream::connect(path).with_context(|| {
+        format!("cannot connect to control socket {} (is the host running? see --socket and --state-dir)", path.display())
+    })?;
+    stream.set_read_timeout(Some(wait))?;
+    stream.set_write_timeout(Some(wait))?;
+    let no_answer = |e: std::io::Error| {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            anyhow::anyhow!(
+                "no answer from the host on control socket {} within {} (see ctl --wait)",
+                path.display(),
+                humantime::format_duration(wait)
+            )
+        } else {
+            anyhow::Error::new(e).context(format!(
+                "talking to the host on control socket {}",
+                path.display()
+            ))
+        }
+    };
+    let mut line = serde_json::to_string(request)?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(no_answer)?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(no_answer)?;
+    if answer.is_empty() {
+        bail!(
+            "the host closed control socket {} without answering",
+            path.display()
+        );
+    }
+    serde_json::from_str(&answer).with_context(|| format!("bad answer from the host: {answer}"))
+}
+
+#[cfg(test)]
+mod tests;
