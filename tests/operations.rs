@@ -602,6 +602,11 @@ fn a_host_whose_state_directory_is_moved_keeps_its_state_there_and_never_writes_
         |d| d.log().contains("the state directory was moved"),
         "the host to say so",
     );
+    assert!(
+        daemon.log().contains(&format!("now={}", moved.display())),
+        "{}",
+        daemon.log()
+    );
     // And saves there when it stops, leaving the second host's socket alone.
     let put = ctl(&["send", "kv", r#"{"op":"put","key":"second","value":2}"#]);
     assert!(put.status.success(), "{}", stderr(&put));
@@ -865,7 +870,22 @@ fn strict_modes_check_the_directories_above_where_links_lead_and_configuration()
         stderr(&output)
     );
     fs::remove_file(root.path().join("plugins"))?;
+    // Reached through a link held in such a directory, it is refused too.
     fs::rename(&inside, root.path().join("plugins"))?;
+    std::os::unix::fs::symlink(root.path(), open.path().join("link"))?;
+    let mut args = run_args(root.path());
+    args[2] = open
+        .path()
+        .join("link/plugins")
+        .to_string_lossy()
+        .into_owned();
+    let output = microkernel(&args);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("not sticky"),
+        "{}",
+        stderr(&output)
+    );
 
     // A plugin that is a link into such a directory; a configuration anyone may write.
     let daemon = Daemon::start(root.path());
@@ -901,5 +921,36 @@ fn strict_modes_check_the_directories_above_where_links_lead_and_configuration()
     fs::write(&list, format!("\\{digest}  lib\\necho.so\n"))?;
     let daemon = Daemon::start_with(root.path(), &["--allow-sha256", list.to_str().unwrap()]);
     assert_eq!(daemon.send("echo", "{}")["version"], "1.0.0");
+    Ok(())
+}
+
+#[test]
+fn a_client_that_pipelines_faster_than_it_is_served_holds_one_request_of_memory() -> TestResult {
+    use std::io::{Read, Write};
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "0"]);
+    let socket = root.path().join("state/control.sock");
+    let rss_before = host_status(&daemon, "VmRSS");
+    let stream = std::os::unix::net::UnixStream::connect(&socket)?;
+    let mut reader = stream.try_clone()?;
+    // Reads (and drops) every answer, so the host never waits for this client.
+    let drain = std::thread::spawn(move || {
+        let mut sink = vec![0u8; 1 << 16];
+        while matches!(reader.read(&mut sink), Ok(n) if n > 0) {}
+    });
+    // Requests of 1 KiB (the padding is ignored), 1024 of them per MiB.
+    let line = format!("{{\"cmd\":\"list\",\"pad\":\"{}\"}}\n", "x".repeat(1000));
+    let lines = line.repeat(1024);
+    let mut writer = stream;
+    for _ in 0..48 {
+        writer.write_all(lines.as_bytes())?;
+    }
+    let rss_after = host_status(&daemon, "VmRSS");
+    writer.shutdown(std::net::Shutdown::Both)?;
+    drain.join().unwrap();
+    assert!(
+        rss_after < rss_before + 16 * 1024,
+        "resident memory grew from {rss_before} kB to {rss_after} kB for 48 MiB of pipelined requests"
+    );
     Ok(())
 }

@@ -304,8 +304,14 @@ fn main_loop(
         select! {
             recv(health) -> _ => {
                 let moved = kernel.state_store().and_then(|store| Some((store.dir(), store.moved_to()?)));
-                if let (Some((dir, now)), false) = (&moved, state_dir_lost) {
-                    tracing::error!(dir = %dir.display(), now = %now.display(), "the state directory was moved, renamed or removed while the host ran: the host keeps its state in its own directory, where it is now, and writes nothing at the old path (another host may use it); restart the host to use the path again");
+                match (&moved, state_dir_lost) {
+                    (Some((dir, now)), false) if now.to_string_lossy().ends_with(" (deleted)") => {
+                        tracing::error!(dir = %dir.display(), "the state directory was deleted (or moved to another file system, which copies it and deletes it) while the host ran: no state can be saved from now on, and what changed since the last save is lost at exit; put the directory back and restart the host");
+                    }
+                    (Some((dir, now)), false) => {
+                        tracing::error!(dir = %dir.display(), now = %now.display(), "the state directory was moved or renamed while the host ran: the host keeps saving in its own directory, where it is now, and writes nothing at the old path (another host may use it); restart the host to use the path again");
+                    }
+                    _ => {}
                 }
                 state_dir_lost = moved.is_some();
                 if crate::loader::loader_wedged() {

@@ -128,7 +128,8 @@ impl Trust {
         let real = fs::canonicalize(path).map_err(|e| io(path, e))?;
         let meta = fs::metadata(&real).map_err(|e| io(&real, e))?;
         check_metadata(what, path, meta.mode(), meta.uid())?;
-        check_ancestors(what, &real)
+        check_ancestors(what, &real)?;
+        check_ancestors(what, &lexical(path))
     }
 
     /// Checks a plugin file: its mode and owner as read, and (under strict modes) the
@@ -143,7 +144,8 @@ impl Trust {
             path: path.to_owned(),
             source,
         })?;
-        check_ancestors("plugin", &real)
+        check_ancestors("plugin", &real)?;
+        check_ancestors("plugin", &lexical(path))
     }
 
     /// Reads the allow list, if there is one (checked as any trusted path is).
@@ -159,6 +161,12 @@ impl Trust {
         })?;
         AllowList::parse(path, &text).map(Some)
     }
+}
+
+/// `path` made absolute without resolving symbolic links: the directories that hold the
+/// links on the way are checked too (whoever can write one can point the link elsewhere).
+fn lexical(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_owned())
 }
 
 /// Every directory above `real` (a canonical path): owned by the host's user or root, and

@@ -298,10 +298,17 @@ impl Acceptor {
                 ));
                 fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
                 for conn in &self.conns {
-                    let wanted = if conn.out.is_empty() {
-                        PollFlags::POLLIN
-                    } else {
+                    // Nothing more is read from a connection while it has a whole request
+                    // (or a full buffer) waiting: a client that pipelines faster than it is
+                    // served holds one request's worth of memory, not all it sent.
+                    let wanted = if !conn.out.is_empty() {
                         PollFlags::POLLOUT
+                    } else if conn.buf.contains(&b'\n')
+                        || conn.buf.len() > self.limits.request_bytes
+                    {
+                        PollFlags::empty()
+                    } else {
+                        PollFlags::POLLIN
                     };
                     fds.push(PollFd::new(conn.stream.as_fd(), wanted));
                 }
@@ -352,6 +359,14 @@ impl Acceptor {
     /// How long `poll` may wait: until the next connection's deadline (to send a request,
     /// or to read its answer), or the end of a pause in accepting.
     fn next_timeout(&self) -> PollTimeout {
+        // A whole request already read (pipelined) is served at once.
+        if self
+            .conns
+            .iter()
+            .any(|c| c.out.is_empty() && c.buf.contains(&b'\n'))
+        {
+            return PollTimeout::ZERO;
+        }
         let next = self
             .conns
             .iter()

@@ -24,6 +24,14 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// The shadow directory's file system is mounted noexec: nothing can be mapped from it.
+    #[error("failed to load plugin {path}: the shadow directory {shadow_dir} is on a file system mounted noexec; remount it, or restart the host with another --shadow-dir")]
+    ShadowNoexec {
+        /// The plugin file.
+        path: PathBuf,
+        /// The shadow directory.
+        shadow_dir: PathBuf,
+    },
     /// The file has no ELF header: it is not a shared library at all.
     #[error("failed to load plugin {path}: not a shared library (no ELF header)")]
     NotSharedLibrary {
@@ -161,6 +169,7 @@ impl LoadError {
             self,
             LoadError::Read { .. }
                 | LoadError::ShadowCopy { .. }
+                | LoadError::ShadowNoexec { .. }
                 | LoadError::ProbeFailed { .. }
                 | LoadError::LoaderWedged { .. }
         )

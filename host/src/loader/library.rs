@@ -73,9 +73,7 @@ impl Loader {
                 format!("creating a shadow directory in {}: {e}", parent.display()),
             )
         };
-        let noexec = nix::sys::statvfs::statvfs(&parent)
-            .is_ok_and(|fs| fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
-        if noexec {
+        if is_noexec(&parent) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 format!(
@@ -143,6 +141,14 @@ impl Loader {
             });
         }
 
+        // A shadow directory whose file system was remounted noexec maps nothing: the host's
+        // trouble, not the file's.
+        if is_noexec(self.shadow_dir.path()) {
+            return Err(LoadError::ShadowNoexec {
+                path: path.to_owned(),
+                shadow_dir: self.shadow_dir.path().to_owned(),
+            });
+        }
         // A unique private copy: `dlopen` of a path (or inode) that is already open returns
         // the library already loaded, and overwriting a mapped file crashes the process.
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -184,6 +190,12 @@ impl Loader {
         }
         opened
     }
+}
+
+/// Whether the file system of `dir` is mounted noexec (nothing can be mapped from it).
+fn is_noexec(dir: &Path) -> bool {
+    nix::sys::statvfs::statvfs(dir)
+        .is_ok_and(|fs| fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC))
 }
 
 /// What every shadow directory's name starts with.

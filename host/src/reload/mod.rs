@@ -307,7 +307,7 @@ impl Reloader {
         );
         self.verdicts.persist(kernel.state_store());
         for error in &report.errors {
-            tracing::error!(error = %crate::error_chain(error), "rescan: not applied; what ran keeps running");
+            tracing::error!(error = %crate::error_chain(error), "rescan: not applied");
         }
         tracing::info!(
             added = report.added.len(),

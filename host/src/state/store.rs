@@ -228,7 +228,9 @@ impl StateStore {
         if identity_of(&self.dir).is_ok_and(|id| id == self.identity) {
             return None;
         }
-        Some(fs::read_link(self.at("")).unwrap_or_else(|_| PathBuf::from("(unknown)")))
+        use std::os::fd::AsRawFd;
+        let link = format!("/proc/self/fd/{}", self.handle.as_raw_fd());
+        Some(fs::read_link(link).unwrap_or_else(|_| PathBuf::from("(unknown)")))
     }
 
     /// The keys this store seals and opens with.
