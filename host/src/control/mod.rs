@@ -132,12 +132,15 @@ pub fn call(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Re
     };
     let mut line = serde_json::to_string(request)?;
     line.push('\n');
-    stream.write_all(line.as_bytes()).map_err(no_answer)?;
+    // A host that refuses the connection (busy) answers and closes before reading: its
+    // answer is read even when the request could not be written.
+    let written = stream.write_all(line.as_bytes());
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)
         .map_err(no_answer)?;
     if answer.is_empty() {
+        written.map_err(no_answer)?;
         bail!(
             "the host closed control socket {} without answering",
             path.display()

@@ -23,7 +23,7 @@ use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use super::{
-    commands::{handle, parse, Context},
+    commands::{begin, handle, parse, Context, Outcome, Pending},
     Request, Response,
 };
 use crate::{daemon::Event, loader::threads, reload::Verdicts, Kernel};
@@ -119,27 +119,35 @@ impl ControlServer {
             kernel,
             verdicts,
             events,
+            checkpoint: Default::default(),
         });
         let busy = Arc::new(AtomicUsize::new(0));
-        // Two pools: requests to services (which may wait as long as their timeout) never
-        // hold back the operator's commands (reload, checkpoint, stop, start).
-        let pool = |workers: usize| -> anyhow::Result<Sender<Job>> {
-            let (jobs_tx, jobs) = bounded::<Job>(limits.connections);
-            for _ in 0..workers {
-                let jobs = jobs.clone();
-                let back = back_tx.clone();
-                let wake = wake_tx.clone();
-                let context = context.clone();
-                let busy = busy.clone();
-                threads::spawn_detached("control-worker", move || {
-                    work(&jobs, &back, &wake, &busy, &context)
-                })
-                .context("starting a control worker")?;
-            }
-            Ok(jobs_tx)
-        };
-        let requests = pool(limits.workers)?;
-        let operations = pool(limits.workers.div_ceil(2))?;
+        let sends = Arc::new(Sends::default());
+        // Workers for the commands that wait on a service's operations lock (stop, start).
+        let (operations, jobs) = bounded::<Job>(limits.connections);
+        for _ in 0..limits.workers {
+            let jobs = jobs.clone();
+            let back = back_tx.clone();
+            let wake = wake_tx.clone();
+            let context = context.clone();
+            let busy = busy.clone();
+            threads::spawn_detached("control-worker", move || {
+                work(&jobs, &back, &wake, &busy, &context)
+            })
+            .context("starting a control worker")?;
+        }
+        // One thread waits for every answer to come (replies, rescans, checkpoints).
+        let (waiter, waiting) = unbounded::<Waiting>();
+        {
+            let back = back_tx.clone();
+            let wake = wake_tx.clone();
+            let busy = busy.clone();
+            let sends = sends.clone();
+            threads::spawn_detached("control-wait", move || {
+                wait_for_answers(&waiting, &back, &wake, &busy, &sends)
+            })
+            .context("starting the control socket's waiting thread")?;
+        }
         tracing::info!(
             socket = %self.path.display(),
             max_connections = limits.connections,
@@ -154,8 +162,9 @@ impl ControlServer {
                 owner,
                 limits,
                 conns: Vec::new(),
-                requests,
                 operations,
+                waiter,
+                sends,
                 context,
                 back,
                 refused_at: None,
@@ -197,15 +206,17 @@ pub struct Limits {
     /// How long a client may take to read its answer (one that does not read): then the
     /// connection is closed.
     pub write: Duration,
-    /// Requests carried out at once (each on a worker thread).
+    /// `stop` and `start` commands carried out at once (each on a worker thread; nothing
+    /// else takes a thread: answers that take time are waited for by one thread, all
+    /// together).
     pub workers: usize,
 }
 
 impl Limits {
     /// At most 64 connections, and never more than a quarter of the descriptors this
     /// process may still open (the rest is for plugins and state writes); 1 MiB requests;
-    /// 5 s to send a request or read an answer; 8 workers for requests to services, 4 for
-    /// the other commands.
+    /// 5 s to send a request or read an answer; 4 workers for `stop` and `start`; requests
+    /// to services waiting for replies at most the cap less a reserve for other commands.
     pub fn for_this_process() -> Self {
         let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
@@ -216,7 +227,7 @@ impl Limits {
             request_bytes: 1 << 20,
             idle: Duration::from_secs(5),
             write: Duration::from_secs(5),
-            workers: 8,
+            workers: 4,
         }
     }
 }
@@ -266,10 +277,12 @@ struct Acceptor {
     limits: Limits,
     /// Connections waiting for a request (idle or part-way through one).
     conns: Vec<Conn>,
-    /// Workers for requests to services (`send`).
-    requests: Sender<Job>,
-    /// Workers for the other commands (`list` is answered by the acceptor itself).
+    /// Workers for `stop` and `start`.
     operations: Sender<Job>,
+    /// The thread that waits for answers to come.
+    waiter: Sender<Waiting>,
+    /// How many requests to services wait for their replies.
+    sends: Arc<Sends>,
     context: Arc<Context>,
     back: Receiver<Conn>,
     /// When accepting last failed for want of descriptors: accepting pauses a moment.
@@ -403,6 +416,12 @@ impl Acceptor {
             let busy = self.busy.load(Ordering::Relaxed);
             if self.conns.len() + busy >= self.limits.connections {
                 // The oldest idle connection gives way; if none is idle, the newcomer does.
+                // Those just accepted may hold a request not read yet: read first.
+                for index in (0..self.conns.len()).rev() {
+                    if self.conns[index].buf.is_empty() && self.conns[index].out.is_empty() {
+                        self.read(index);
+                    }
+                }
                 let idle = self
                     .conns
                     .iter()
@@ -556,19 +575,45 @@ impl Acceptor {
         let rest = conn.buf.split_off(end + 1);
         let mut line = std::mem::replace(&mut conn.buf, rest);
         line.pop();
-        let (pool, request) = match parse(&line) {
-            // Answered here: malformed requests, and `list` (it only reads what the kernel
-            // shows, and never waits on plugin code), so the operator always gets one.
+        let request = match parse(&line) {
+            Ok(request) => request,
             Err(response) => return self.answer_now(conn, &response),
-            Ok(Request::List) => {
-                let response = handle(Request::List, &self.context);
+        };
+        // Requests to services may wait long: some room is always left for the other
+        // commands, and for the other services.
+        let send_to = match &request {
+            Request::Send { service, .. } if service != "kernel" => Some(service.clone()),
+            _ => None,
+        };
+        if let Some(service) = &send_to {
+            let reserve = (self.limits.connections / 4).clamp(1, 4);
+            let most = self.limits.connections.saturating_sub(reserve).max(1);
+            if let Err(message) = self.sends.admit(service, most) {
+                return self.answer_now(conn, &Response::Error { message });
+            }
+        }
+        // Nothing here waits: an answer known at once goes out, one to come is waited for
+        // by the waiting thread, and `stop` and `start` go to a worker.
+        let request = match begin(request, &self.context) {
+            Ok(Outcome::Now(response)) => {
+                if let Some(service) = &send_to {
+                    self.sends.done(service);
+                }
                 return self.answer_now(conn, &response);
             }
-            Ok(request @ Request::Send { .. }) => (&self.requests, request),
-            Ok(request) => (&self.operations, request),
+            Ok(Outcome::Later(pending)) => {
+                self.busy.fetch_add(1, Ordering::Relaxed);
+                let _ = self.waiter.send(Waiting {
+                    conn,
+                    pending,
+                    send_to,
+                });
+                return;
+            }
+            Err(request) => request,
         };
         self.busy.fetch_add(1, Ordering::Relaxed);
-        if let Err(returned) = pool.try_send(Job { conn, request }) {
+        if let Err(returned) = self.operations.try_send(Job { conn, request }) {
             self.busy.fetch_sub(1, Ordering::Relaxed);
             let job = returned.into_inner();
             refuse(
@@ -610,6 +655,140 @@ impl Acceptor {
                     connection = conn.id,
                     "control client did not read its answer in time; connection closed"
                 );
+            }
+        }
+    }
+}
+
+/// A connection whose answer is to come.
+struct Waiting {
+    conn: Conn,
+    pending: Pending,
+    /// The service, for a request to one (counted apart).
+    send_to: Option<String>,
+}
+
+/// Requests to services waiting for their replies, by service.
+#[derive(Debug, Default)]
+struct Sends(std::sync::Mutex<std::collections::HashMap<String, usize>>);
+
+impl Sends {
+    /// Counts one more request to `service`, unless `most` wait already, or half of them for
+    /// that one service: a busy service does not hold back requests to the others.
+    fn admit(&self, service: &str, most: usize) -> Result<(), String> {
+        let mut waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let all: usize = waiting.values().sum();
+        let theirs = waiting.get(service).copied().unwrap_or(0);
+        let share = (most / 2).max(1);
+        if all >= most {
+            return Err(format!(
+                "busy: {all} requests to services are waiting for their replies; try again"
+            ));
+        }
+        if theirs >= share {
+            return Err(format!(
+                "busy: {theirs} requests to `{service}` are waiting for its replies; try again"
+            ));
+        }
+        *waiting.entry(service.to_owned()).or_default() += 1;
+        Ok(())
+    }
+
+    /// One request to `service` has its answer.
+    fn done(&self, service: &str) {
+        let mut waiting = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = waiting.get_mut(service) {
+            *count -= 1;
+            if *count == 0 {
+                waiting.remove(service);
+            }
+        }
+    }
+}
+
+/// The waiting thread: waits for every answer to come at once (`select` over their
+/// channels), and hands each connection back with its answer; a reply that does not come
+/// by its request's deadline is answered as timed out.
+fn wait_for_answers(
+    new: &Receiver<Waiting>,
+    back: &Sender<Conn>,
+    wake: &UnixStream,
+    busy: &AtomicUsize,
+    sends: &Sends,
+) {
+    let mut waiting: Vec<Waiting> = Vec::new();
+    let answer = |item: Waiting, response: Response| {
+        busy.fetch_sub(1, Ordering::Relaxed);
+        if let Some(service) = &item.send_to {
+            sends.done(service);
+        }
+        let mut out = serde_json::to_vec(&response).unwrap_or_default();
+        out.push(b'\n');
+        let conn = Conn {
+            since: Instant::now(),
+            out,
+            out_at: 0,
+            ..item.conn
+        };
+        let sent = back.send(conn).is_ok();
+        let _ = { wake }.write(&[1]);
+        sent
+    };
+    loop {
+        let ready = {
+            let mut select = crossbeam_channel::Select::new();
+            select.recv(new);
+            for item in &waiting {
+                item.pending.add_to(&mut select);
+            }
+            match waiting.iter().filter_map(|w| w.pending.deadline()).min() {
+                Some(deadline) => select.ready_deadline(deadline).ok(),
+                None => Some(select.ready()),
+            }
+        };
+        match ready {
+            Some(0) => match new.try_recv() {
+                Ok(item) => waiting.push(item),
+                Err(crossbeam_channel::TryRecvError::Disconnected) if waiting.is_empty() => return,
+                Err(_) => {}
+            },
+            Some(index) => {
+                let item = waiting.swap_remove(index - 1);
+                match item.pending.try_answer() {
+                    Ok(response) => {
+                        let item = Waiting {
+                            pending: Pending::Answer(crossbeam_channel::never()),
+                            ..item
+                        };
+                        if !answer(item, response) {
+                            return;
+                        }
+                    }
+                    Err(pending) => waiting.push(Waiting { pending, ..item }),
+                }
+            }
+            None => {
+                let now = Instant::now();
+                let (late, on_time): (Vec<Waiting>, Vec<Waiting>) = waiting
+                    .into_iter()
+                    .partition(|w| w.pending.deadline().is_some_and(|d| d <= now));
+                waiting = on_time;
+                for item in late {
+                    let Waiting {
+                        conn,
+                        pending,
+                        send_to,
+                    } = item;
+                    let response = pending.timed_out();
+                    let item = Waiting {
+                        conn,
+                        pending: Pending::Answer(crossbeam_channel::never()),
+                        send_to,
+                    };
+                    if !answer(item, response) {
+                        return;
+                    }
+                }
             }
         }
     }

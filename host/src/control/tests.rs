@@ -18,6 +18,7 @@ fn context() -> Context {
         kernel: Arc::new(Kernel::new(KernelConfig::default()).unwrap()),
         verdicts: Verdicts::default(),
         events,
+        checkpoint: Default::default(),
     }
 }
 

@@ -29,6 +29,7 @@ use plugin_api::Reply;
 use sha2::{Digest, Sha256};
 
 pub use deps::DependencyError;
+pub use routing::PendingReply;
 pub use swap::{SwapError, SwapReport};
 
 use crate::{
@@ -621,6 +622,22 @@ impl Kernel {
         let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
         self.inner
             .route_request("external", Vec::new(), to, kind, payload, timeout)
+    }
+
+    /// Sends a request from outside the host without waiting for the reply: the reply
+    /// comes on the returned [`PendingReply`] (within `timeout`), unless it is known at once
+    /// (an unknown service, a mailbox still full after `room`, a request to `kernel`).
+    pub fn post_request(
+        &self,
+        to: &str,
+        kind: &str,
+        payload: &[u8],
+        timeout: Option<Duration>,
+        room: Duration,
+    ) -> Result<PendingReply, Reply> {
+        let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
+        self.inner
+            .post_request("external", Vec::new(), to, kind, payload, timeout, room)
     }
 
     /// Queues an event from outside the host.

@@ -15,6 +15,39 @@ use crate::{
     loader::HostServices,
 };
 
+/// A request posted to a service's mailbox, whose reply has yet to come.
+#[derive(Debug)]
+pub struct PendingReply {
+    /// Where the reply comes.
+    pub rx: crossbeam_channel::Receiver<Reply>,
+    /// When the requester stops waiting.
+    pub deadline: Instant,
+    to: String,
+    kind: String,
+    timeout: Duration,
+}
+
+impl PendingReply {
+    /// The reply, from what waiting for it gave: a reply, or a timeout or a service that
+    /// stopped, in words.
+    pub fn reply(self, got: Result<Reply, RecvTimeoutError>) -> Reply {
+        let PendingReply {
+            to, kind, timeout, ..
+        } = self;
+        match got {
+            Ok(reply) => reply,
+            Err(RecvTimeoutError::Timeout) => Reply::error(
+                codes::TIMEOUT,
+                format!("`{to}` did not reply to `{kind}` within {timeout:?}"),
+            ),
+            Err(RecvTimeoutError::Disconnected) => Reply::error(
+                codes::NOT_FOUND,
+                format!("service `{to}` stopped before replying"),
+            ),
+        }
+    }
+}
+
 /// The name under which the kernel answers requests and receives events.
 pub const KERNEL: &str = "kernel";
 
@@ -97,24 +130,47 @@ impl KernelInner {
         payload: &[u8],
         timeout: Duration,
     ) -> Reply {
+        match self.post_request(from, chain, to, kind, payload, timeout, timeout) {
+            Ok(pending) => {
+                let got = pending.rx.recv_deadline(pending.deadline);
+                pending.reply(got)
+            }
+            Err(reply) => reply,
+        }
+    }
+
+    /// Routes a request without waiting for its reply: waits at most `room` for room in a
+    /// full mailbox, and returns where the reply will come (within `timeout`), or the reply
+    /// already known (404, 508, a full mailbox, a request to the kernel).
+    #[expect(clippy::too_many_arguments, reason = "a request's parts, passed once")]
+    pub(crate) fn post_request(
+        &self,
+        from: &str,
+        chain: Vec<String>,
+        to: &str,
+        kind: &str,
+        payload: &[u8],
+        timeout: Duration,
+        room: Duration,
+    ) -> Result<PendingReply, Reply> {
         if to == KERNEL {
-            return self.kernel_request(kind, payload);
+            return Err(self.kernel_request(kind, payload));
         }
         if chain.iter().any(|waiting| waiting == to) {
-            return Reply::error(
+            return Err(Reply::error(
                 codes::LOOP,
                 format!("call loop: {} -> {to}", chain.join(" -> ")),
-            );
+            ));
         }
         let Some(slot) = self.slot(to) else {
-            return Reply::error(codes::NOT_FOUND, format!("no service `{to}`"));
+            return Err(Reply::error(codes::NOT_FOUND, format!("no service `{to}`")));
         };
         let status = slot.status();
         if !matches!(status, Status::Running | Status::Starting) {
-            return Reply::error(
+            return Err(Reply::error(
                 codes::NOT_FOUND,
                 format!("service `{to}` is not running ({status})"),
-            );
+            ));
         }
         let deadline = Instant::now() + timeout;
         let (reply_tx, reply_rx) = bounded(1);
@@ -123,28 +179,25 @@ impl KernelInner {
             chain,
             reply: reply_tx,
         };
-        match slot.mailbox.tx.send_timeout(envelope, timeout) {
-            Ok(()) => {}
-            Err(SendTimeoutError::Timeout(_)) => {
-                return Reply::error(
-                    codes::TIMEOUT,
-                    format!("the mailbox of `{to}` stayed full for {timeout:?}"),
-                )
-            }
-            Err(SendTimeoutError::Disconnected(_)) => {
-                return Reply::error(codes::NOT_FOUND, format!("service `{to}` is gone"))
-            }
-        }
-        match reply_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-            Ok(reply) => reply,
-            Err(RecvTimeoutError::Timeout) => Reply::error(
+        match slot.mailbox.tx.send_timeout(envelope, room.min(timeout)) {
+            Ok(()) => Ok(PendingReply {
+                rx: reply_rx,
+                deadline,
+                to: to.to_owned(),
+                kind: kind.to_owned(),
+                timeout,
+            }),
+            Err(SendTimeoutError::Timeout(_)) => Err(Reply::error(
                 codes::TIMEOUT,
-                format!("`{to}` did not reply to `{kind}` within {timeout:?}"),
-            ),
-            Err(RecvTimeoutError::Disconnected) => Reply::error(
+                format!(
+                    "the mailbox of `{to}` stayed full for {:?}",
+                    room.min(timeout)
+                ),
+            )),
+            Err(SendTimeoutError::Disconnected(_)) => Err(Reply::error(
                 codes::NOT_FOUND,
-                format!("service `{to}` stopped before replying"),
-            ),
+                format!("service `{to}` is gone"),
+            )),
         }
     }
 
