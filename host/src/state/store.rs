@@ -35,7 +35,7 @@ const FORMAT_VERSION: u16 = 1;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     /// A file-system operation failed.
-    #[error("state file {path}: {op} failed")]
+    #[error("{} {path}: {op} failed", kind_of(path))]
     Io {
         /// The file or directory.
         path: PathBuf,
@@ -103,6 +103,21 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
     },
+}
+
+/// What a path of the state directory is, in words.
+fn kind_of(path: &Path) -> &'static str {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    if RECORD_FILES.contains(&name) {
+        "plugin record"
+    } else if name.ends_with(".state") || name.contains(".state.") {
+        "state file"
+    } else {
+        "state directory"
+    }
 }
 
 impl StateError {
