@@ -103,7 +103,11 @@ fn kill_9_while_a_large_state_is_checkpointed_and_swapped_never_tears_it() -> Te
             // Swaps, as fast as they go, until the kill.
             scope.spawn(|| {
                 adopt();
-                let mut stream = connect(root.path());
+                // The kill may come before this thread even connects.
+                let Ok(stream) = UnixStream::connect(root.path().join("state/control.sock")) else {
+                    return;
+                };
+                let mut stream = BufReader::new(stream);
                 let mut b = kill % 2 == 0;
                 while !stop.load(Ordering::Relaxed) {
                     deploy(&plugins, "libkv.so", if b { &build_b } else { &build_a });
