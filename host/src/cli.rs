@@ -172,6 +172,10 @@ pub struct RunArgs {
     /// or owns (by default they are refused, as sshd's StrictModes does).
     #[arg(long)]
     pub allow_insecure_permissions: bool,
+    /// How long a control client may take to read an answer before its connection is
+    /// closed (for tests on slow machines).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, hide = true)]
+    pub control_answer_timeout: Duration,
 }
 
 /// `microkernel ctl`.

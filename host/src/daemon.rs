@@ -167,7 +167,11 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let verdicts = reloader.verdicts();
     let reloads = spawn_reload_thread(kernel.clone(), reloader, started_tx)?;
     let mut up = || -> anyhow::Result<()> {
-        control.serve(kernel.clone(), verdicts.clone(), events_tx.clone())?;
+        let limits = crate::control::Limits {
+            write: args.control_answer_timeout,
+            ..crate::control::Limits::for_this_process()
+        };
+        control.serve_with(kernel.clone(), verdicts.clone(), events_tx.clone(), limits)?;
         if args.watch {
             spawn_watcher(args.plugins.clone(), events_tx.clone())?;
         }
