@@ -717,9 +717,10 @@ fn wait_for_answers(
     sends: &Sends,
 ) {
     let mut waiting: Vec<Waiting> = Vec::new();
-    let answer = |item: Waiting, response: Response| {
+    // Hands `conn` back with `response`; false once the acceptor is gone.
+    let answer = |conn: Conn, send_to: Option<String>, response: Response| {
         busy.fetch_sub(1, Ordering::Relaxed);
-        if let Some(service) = &item.send_to {
+        if let Some(service) = &send_to {
             sends.done(service);
         }
         let mut out = serde_json::to_vec(&response).unwrap_or_default();
@@ -728,13 +729,14 @@ fn wait_for_answers(
             since: Instant::now(),
             out,
             out_at: 0,
-            ..item.conn
+            ..conn
         };
         let sent = back.send(conn).is_ok();
         let _ = { wake }.write(&[1]);
         sent
     };
     loop {
+        // Index 0 is the channel of new items; index i + 1 is `waiting[i]`.
         let ready = {
             let mut select = crossbeam_channel::Select::new();
             select.recv(new);
@@ -749,22 +751,27 @@ fn wait_for_answers(
         match ready {
             Some(0) => match new.try_recv() {
                 Ok(item) => waiting.push(item),
-                Err(crossbeam_channel::TryRecvError::Disconnected) if waiting.is_empty() => return,
-                Err(_) => {}
+                // The acceptor is gone (it never goes while the host runs).
+                Err(crossbeam_channel::TryRecvError::Disconnected) => return,
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
             },
             Some(index) => {
-                let item = waiting.swap_remove(index - 1);
-                match item.pending.try_answer() {
+                let Waiting {
+                    conn,
+                    pending,
+                    send_to,
+                } = waiting.swap_remove(index - 1);
+                match pending.try_answer() {
                     Ok(response) => {
-                        let item = Waiting {
-                            pending: Pending::Answer(crossbeam_channel::never()),
-                            ..item
-                        };
-                        if !answer(item, response) {
+                        if !answer(conn, send_to, response) {
                             return;
                         }
                     }
-                    Err(pending) => waiting.push(Waiting { pending, ..item }),
+                    Err(pending) => waiting.push(Waiting {
+                        conn,
+                        pending,
+                        send_to,
+                    }),
                 }
             }
             None => {
@@ -773,19 +780,13 @@ fn wait_for_answers(
                     .into_iter()
                     .partition(|w| w.pending.deadline().is_some_and(|d| d <= now));
                 waiting = on_time;
-                for item in late {
-                    let Waiting {
-                        conn,
-                        pending,
-                        send_to,
-                    } = item;
-                    let response = pending.timed_out();
-                    let item = Waiting {
-                        conn,
-                        pending: Pending::Answer(crossbeam_channel::never()),
-                        send_to,
-                    };
-                    if !answer(item, response) {
+                for Waiting {
+                    conn,
+                    pending,
+                    send_to,
+                } in late
+                {
+                    if !answer(conn, send_to, pending.timed_out()) {
                         return;
                     }
                 }
