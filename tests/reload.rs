@@ -512,6 +512,32 @@ fn a_new_version_whose_dependencies_do_not_run_is_refused_before_anything_stops(
 }
 
 #[test]
+fn a_new_version_refusing_the_state_leaves_the_old_instance_serving_without_a_restart() -> TestResult
+{
+    let persisted = Persisted::new();
+    // This echo refuses any state it is given (at its first start it is given none): had
+    // it been stopped for the new version, it could not come back.
+    let plugins = plugin_dir(&["fixture-echo-faulty"]);
+    fs::write(plugins.path().join("echo.conf"), r#"{"import":"fail"}"#)?;
+    let (kernel, _) = persisted.kernel(plugins.path());
+    assert_eq!(echo_count(&kernel), 1);
+
+    let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let error = kernel
+        .replace(again, Some(r#"{"import":"fail"}"#.into()))
+        .unwrap_err();
+    assert!(
+        matches!(&error, KernelError::Swap(SwapError::RolledBack { cause: InstanceError::Import(cause), .. })
+            if cause.contains("import refused")),
+        "{error}"
+    );
+    // The same instance: it imported nothing, and counts on.
+    assert_eq!(kernel.info("echo").unwrap().status, Status::Running);
+    assert_eq!(echo_count(&kernel), 2);
+    Ok(())
+}
+
+#[test]
 fn when_both_versions_fail_the_service_is_down_but_its_state_is_on_disk() -> TestResult {
     let persisted = Persisted::new();
     // This echo refuses any state it is given; at its first start it is given none.
@@ -521,13 +547,15 @@ fn when_both_versions_fail_the_service_is_down_but_its_state_is_on_disk() -> Tes
     assert_eq!(echo_count(&kernel), 1);
     assert_eq!(echo_count(&kernel), 2);
 
+    // The new version imports the state, then fails to start: the old one has stopped by
+    // then, and cannot come back (it refuses the state).
     let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
     let error = kernel
-        .replace(again, Some(r#"{"import":"fail"}"#.into()))
+        .replace(again, Some(r#"{"start":"fail"}"#.into()))
         .unwrap_err();
     assert!(
-        matches!(&error, KernelError::Swap(SwapError::RollbackFailed { cause: InstanceError::Import(cause), rollback: InstanceError::Import(rollback), .. })
-            if cause.contains("import refused") && rollback.contains("import refused")),
+        matches!(&error, KernelError::Swap(SwapError::RollbackFailed { cause: InstanceError::Start(cause), rollback: InstanceError::Import(rollback), .. })
+            if cause.contains("start") && rollback.contains("import refused")),
         "{error}"
     );
     assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);

@@ -11,9 +11,9 @@ use crate::BadStatePolicy;
 #[command(name = "microkernel", version, propagate_version = true)]
 pub struct Cli {
     /// Log level (error, warn, info, debug, trace) or a filter like `info,plugin=debug`;
-    /// `RUST_LOG`, when set, takes precedence.
-    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
-    pub log_level: String,
+    /// `RUST_LOG`, when set, takes precedence. [default: info; warn for `bench`]
+    #[arg(long, global = true, value_name = "FILTER")]
+    pub log_level: Option<String>,
 
     /// Log line format: `text` for people, `json` (one object per line) for log collectors.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -55,10 +55,47 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Decrypt a state file and print its header and content.
     InspectState(InspectArgs),
+    /// Measure what the host costs on this machine, each cost next to its floor (the least
+    /// the same work costs here, measured in the same run): requests, swap pauses, reloads,
+    /// state writes, memory, start-up. Prints a table; writes summary.json, machine.json
+    /// and swap-pause.svg into the out directory. Needs the bench's plugins, built with
+    /// `.ci/bench-plugins DIR` (see docs/PERFORMANCE.md).
+    Bench(BenchArgs),
+    /// Answer JSON lines on standard input with JSON lines on standard output: the
+    /// out-of-process plugin `bench` compares the host with.
+    #[command(hide = true)]
+    BenchPeer,
     /// Open a plugin file in this process, check it, create and drop an instance, and print
     /// one report line: what `run` does in a child process before it opens a new file.
     #[command(hide = true)]
     Probe(ProbeArgs),
+}
+
+/// `microkernel bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The built plugins: libnoop.so, libecho.so, libkv.so, versions/named-1.0.0.so and
+    /// versions/named-2.0.0.so, and startup/ (the services started together).
+    #[arg(long, value_name = "DIR")]
+    pub plugins: PathBuf,
+    /// Where summary.json, machine.json and swap-pause.svg are written (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// A few samples of each measure: under a minute instead of a few minutes.
+    #[arg(long)]
+    pub quick: bool,
+    /// Where state is written while measuring: a directory on the disk the host's state
+    /// will live on (a scratch directory is made in it and removed). The out directory when
+    /// not given.
+    #[arg(long, value_name = "DIR")]
+    pub disk: Option<PathBuf>,
+    /// Only these measures (repeat, or separate with commas): requests, memory, swap,
+    /// persist, checkpoint, reload, startup.
+    #[arg(long, value_name = "MEASURE", value_delimiter = ',', value_parser = ["requests", "memory", "swap", "persist", "checkpoint", "reload", "startup"])]
+    pub only: Vec<String>,
+    /// One or two samples of each measure: checks that the bench runs (figures meaningless).
+    #[arg(long, hide = true, conflicts_with = "quick")]
+    pub smoke: bool,
 }
 
 /// `microkernel probe` (internal).
@@ -151,6 +188,13 @@ pub struct RunArgs {
     /// Timeout of requests sent from outside (`ctl send`).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
     pub request_timeout: Duration,
+    /// How long a thread that expects a message soon polls for it before it sleeps: an
+    /// executor after each message, a requester waiting for its reply. Waking a sleeping
+    /// thread costs 30 to 70 µs on a virtual machine, a request through the host 4 µs;
+    /// polling uses CPU time nothing else wants (it yields the CPU between polls). `0s`
+    /// sleeps at once: less CPU, slower exchanges.
+    #[arg(long, value_name = "DURATION", default_value = "100us", value_parser = parse_duration)]
+    pub spin: Duration,
     /// How long to wait for a service to start, or to reach a checkpoint, a hot replace or a
     /// stop, before reporting it stuck; SIGINT and SIGTERM end the host within it.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]

@@ -136,6 +136,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         mailbox_capacity: args.mailbox_capacity as usize,
         request_timeout: args.request_timeout,
         operation_timeout: args.operation_timeout,
+        spin: args.spin,
         shadow_dir: args.shadow_dir.clone(),
         state,
         on_bad_state: args.on_bad_state,

@@ -23,21 +23,41 @@ use std::{
 };
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, SendTimeoutError, Sender};
-use plugin_api::{codes, Message, Reply};
+use plugin_api::{abi::RMessage, codes, Reply};
 
 use crate::loader::{threads, HostServices, Instance, Library};
+
+/// A request or an event on its way to a service: the fewest allocations that carry it (the
+/// recipient is the mailbox's service, the sender a shared name).
+pub(crate) struct Letter {
+    pub from: Arc<str>,
+    pub kind: String,
+    pub payload: Vec<u8>,
+}
+
+impl Letter {
+    /// Lends it to the plugin of `to` for the length of a call.
+    fn lend<'a>(&'a self, to: &'a str) -> RMessage<'a> {
+        RMessage {
+            from: (*self.from).into(),
+            to: to.into(),
+            kind: self.kind.as_str().into(),
+            payload: self.payload.as_slice().into(),
+        }
+    }
+}
 
 /// A message for a service's executor.
 pub(crate) enum Envelope {
     /// A request; the reply goes back through `reply`.
     Request {
-        message: Message,
+        letter: Letter,
         /// Services waiting, in order, for this request to complete (its call chain).
-        chain: Vec<String>,
+        chain: Vec<Arc<str>>,
         reply: Sender<Reply>,
     },
     /// A one-way event.
-    Event { message: Message },
+    Event { letter: Letter },
     /// Export the state (a checkpoint); the instance keeps running. Like `Suspend` and
     /// `Stop`, meant for the executor of that epoch only: another one drops it unanswered
     /// (a message left in the mailbox for an executor given up must not stop its successor).
@@ -52,6 +72,8 @@ pub(crate) enum Envelope {
         epoch: u64,
         exported: Sender<(Instant, Result<Vec<u8>, String>)>,
         verdict: Receiver<Verdict>,
+        /// Answered once `stop` returned, after [`Verdict::Stop`].
+        stopped: Sender<()>,
     },
     /// Optionally export the state (answered at once, so that a `stop` that hangs does not
     /// hold it back), then stop the instance, answer how that went, and exit.
@@ -126,16 +148,22 @@ impl Mailbox {
 thread_local! {
     /// On an executor thread: the call chain of the message being handled (ending with the
     /// executor's own service). Empty on every other thread.
-    static CHAIN: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    static CHAIN: RefCell<Vec<Arc<str>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// The call chain of the current thread (see [`CHAIN`]).
-pub(crate) fn current_chain() -> Vec<String> {
+pub(crate) fn current_chain() -> Vec<Arc<str>> {
     CHAIN.with(|chain| chain.borrow().clone())
 }
 
-fn set_chain(chain: Vec<String>) {
-    CHAIN.with(|c| *c.borrow_mut() = chain);
+/// Sets the chain to `chain` followed by `me`, reusing the thread's vector.
+fn set_chain(chain: &[Arc<str>], me: Option<&Arc<str>>) {
+    CHAIN.with(|c| {
+        let mut c = c.borrow_mut();
+        c.clear();
+        c.extend_from_slice(chain);
+        c.extend(me.cloned());
+    });
 }
 
 /// The plugin function an executor is in, shown when it does not answer in time.
@@ -253,10 +281,10 @@ pub(crate) struct Launch {
     pub library: Arc<Library>,
     pub services: Arc<dyn HostServices>,
     pub config: Option<String>,
-    /// State to import before `start`: the version that exported it, and the bytes.
-    pub state: Option<(String, Vec<u8>)>,
     /// How long creating, importing and starting may take.
     pub timeout: Duration,
+    /// How long the executor polls its mailbox before it sleeps (see [`recv_soon`]).
+    pub spin: Duration,
 }
 
 /// A running executor: its thread, what it is doing, and how the kernel tells it that it
@@ -356,6 +384,41 @@ impl Executor {
     }
 }
 
+/// Receives from `rx`, waiting at most until `deadline` (for ever when `None`). A message
+/// expected soon (a reply, the next request of a busy client) is polled for during `spin`
+/// first, giving the CPU away between polls, and only then waited for asleep: waking a
+/// sleeping thread costs tens of microseconds on a virtual machine (it is what a request
+/// cost before, 30 to 70 µs for a 4 µs exchange), polling costs the CPU time of a thread
+/// that would otherwise be idle, and a thread that shares its CPU with the sender lets it
+/// run at once.
+pub(crate) fn recv_soon<T>(
+    rx: &Receiver<T>,
+    spin: Duration,
+    deadline: Option<Instant>,
+) -> Result<T, RecvTimeoutError> {
+    if !spin.is_zero() {
+        let started = Instant::now();
+        loop {
+            match rx.try_recv() {
+                Ok(message) => return Ok(message),
+                Err(crossbeam_channel::TryRecvError::Disconnected) => {
+                    return Err(RecvTimeoutError::Disconnected)
+                }
+                Err(crossbeam_channel::TryRecvError::Empty) => {}
+            }
+            let now = Instant::now();
+            if now - started >= spin || deadline.is_some_and(|d| now >= d) {
+                break;
+            }
+            std::thread::yield_now();
+        }
+    }
+    match deadline {
+        Some(deadline) => rx.recv_deadline(deadline),
+        None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
+    }
+}
+
 /// Why [`ask`] got no answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum AskError {
@@ -372,6 +435,7 @@ pub(crate) enum AskError {
 pub(crate) fn ask<T>(
     mailbox: &Sender<Envelope>,
     make: impl FnOnce(Sender<T>) -> Envelope,
+    spin: Duration,
     deadline: Instant,
 ) -> Result<T, AskError> {
     let (tx, rx) = bounded(1);
@@ -380,7 +444,7 @@ pub(crate) fn ask<T>(
         Err(SendTimeoutError::Timeout(_)) => return Err(AskError::Full),
         Err(SendTimeoutError::Disconnected(_)) => return Err(AskError::Closed),
     }
-    rx.recv_deadline(deadline).map_err(|e| match e {
+    recv_soon(&rx, spin, Some(deadline)).map_err(|e| match e {
         RecvTimeoutError::Timeout => AskError::NoAnswer,
         RecvTimeoutError::Disconnected => AskError::Closed,
     })
@@ -393,105 +457,216 @@ pub(crate) struct LaunchFailure {
     pub stuck: Option<Stuck>,
 }
 
-/// Starts an executor thread: it creates the instance, imports the state, starts it, and
-/// then serves `mailbox`. Returns once the instance runs, or with the reason it did not.
-/// Waits at most `launch.timeout` in all, the exit of a thread that failed included.
-pub(crate) fn launch(
+/// The state an instance imports: the version that exported it, and the bytes (shared, so
+/// that a hot replace keeps them for a rollback without a copy).
+pub(crate) type State = (String, Arc<Vec<u8>>);
+
+/// How long the threads of a hot replace poll for each other before they sleep: the old
+/// executor for its verdict, the new one for its go-ahead. A replace is rare and its pause
+/// is what users notice; a thread woken from sleep adds tens of microseconds to it.
+const HANDOFF_SPIN: Duration = Duration::from_millis(2);
+
+/// An executor thread whose instance exists but does not serve yet: it imports a state when
+/// given one ([`Pending::import`]), then starts when told to ([`Pending::start`]). Made
+/// before a hot replace suspends the old version, so that neither the thread nor the
+/// instance is made while requests are held. Dropped, it drops its instance and ends.
+pub(crate) struct Pending {
+    executor: Executor,
+    /// What each stage came to: created, imported, started.
+    stages: Receiver<Result<(), InstanceError>>,
+    state: Option<Sender<Option<State>>>,
+    go: Option<Sender<()>>,
+    timeout: Duration,
+    spin: Duration,
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("executor", &self.executor)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts an executor thread and waits (at most `launch.timeout`) until it has created its
+/// instance.
+pub(crate) fn prepare(
     launch: Launch,
     mailbox: Receiver<Envelope>,
-) -> Result<Executor, LaunchFailure> {
-    let (ready_tx, ready_rx) = bounded::<Result<(), InstanceError>>(1);
+) -> Result<Pending, LaunchFailure> {
+    let (stages_tx, stages) = bounded::<Result<(), InstanceError>>(3);
+    let (state_tx, state_rx) = bounded::<Option<State>>(1);
+    let (go_tx, go_rx) = bounded::<()>(1);
     let name = format!("svc-{}", launch.service);
-    let timeout = launch.timeout;
-    let deadline = Instant::now() + timeout;
+    let (timeout, spin) = (launch.timeout, launch.spin);
     let doing = Doing::default();
     let given_up = Arc::new(AtomicBool::new(false));
     let (late_tx, late_state) = bounded(1);
     let epoch = NEXT_EPOCH.fetch_add(1, Ordering::Relaxed);
     let me = Me {
-        service: launch.service.clone(),
+        service: Arc::from(launch.service.as_str()),
+        spin: launch.spin,
         doing: doing.clone(),
         epoch,
         given_up: given_up.clone(),
         late_state: late_tx,
     };
-    let thread =
-        threads::spawn(&name, move || run(launch, mailbox, ready_tx, me)).map_err(|e| {
-            LaunchFailure {
-                error: InstanceError::Thread(e.to_string()),
-                stuck: None,
+    let waits = Waits {
+        stages: stages_tx,
+        state: state_rx,
+        go: go_rx,
+    };
+    let thread = threads::spawn(&name, move || run(launch, mailbox, waits, me)).map_err(|e| {
+        LaunchFailure {
+            error: InstanceError::Thread(e.to_string()),
+            stuck: None,
+        }
+    })?;
+    let pending = Pending {
+        executor: Executor {
+            thread,
+            doing,
+            epoch,
+            given_up,
+            late_state,
+        },
+        stages,
+        state: Some(state_tx),
+        go: Some(go_tx),
+        timeout,
+        spin,
+    };
+    pending.stage("the instance to be created")
+}
+
+impl Pending {
+    /// Waits for the outcome of the stage under way; on failure, for the thread to end.
+    fn stage(self, waited_for: &'static str) -> Result<Pending, LaunchFailure> {
+        let deadline = Instant::now() + self.timeout;
+        let error = match recv_soon(&self.stages, self.spin, Some(deadline)) {
+            Ok(Ok(())) => return Ok(self),
+            Ok(Err(error)) => error,
+            Err(RecvTimeoutError::Timeout) => {
+                // Stuck in plugin code. Dropping the channels tells the thread, if it ever
+                // gets out, to drop its instance instead of going on.
+                let call = self.executor.doing();
+                return Err(LaunchFailure {
+                    error: InstanceError::Timeout {
+                        call,
+                        timeout: self.timeout,
+                    },
+                    stuck: Some(self.executor.stuck(waited_for)),
+                });
             }
-        })?;
-    let executor = Executor {
-        thread,
-        doing,
-        epoch,
-        given_up,
-        late_state,
-    };
-    let error = match ready_rx.recv_deadline(deadline) {
-        Ok(Ok(())) => return Ok(executor),
-        Ok(Err(error)) => error,
-        Err(RecvTimeoutError::Timeout) => {
-            // Stuck in plugin code. Dropping `ready_rx` tells the thread, if it ever gets
-            // out, to stop its instance instead of serving.
-            drop(ready_rx);
-            let call = executor.doing();
-            return Err(LaunchFailure {
-                error: InstanceError::Timeout { call, timeout },
-                stuck: Some(executor.stuck("the instance to start")),
-            });
+            Err(RecvTimeoutError::Disconnected) => {
+                InstanceError::Thread("the executor thread exited".into())
+            }
+        };
+        // The instance is being dropped: that is plugin code too.
+        let stuck = self
+            .executor
+            .exit(deadline, "a failed instance to be dropped")
+            .err();
+        Err(LaunchFailure { error, stuck })
+    }
+
+    /// Hands the instance the state to import (`None`: a fresh start), and returns at once:
+    /// the import runs while the caller does something else.
+    pub fn import(&mut self, state: Option<State>) {
+        if let Some(tx) = self.state.take() {
+            let _ = tx.send(state);
         }
-        Err(RecvTimeoutError::Disconnected) => {
-            InstanceError::Thread("the executor thread exited".into())
+    }
+
+    /// Waits (at most the timeout) until the state given with [`Pending::import`] is imported.
+    pub fn imported(self) -> Result<Pending, LaunchFailure> {
+        self.stage("the state to be imported")
+    }
+
+    /// Lets the instance start, and waits (at most the timeout) until it serves.
+    pub fn start(mut self) -> Result<Executor, LaunchFailure> {
+        if let Some(go) = self.go.take() {
+            let _ = go.send(());
         }
-    };
-    // The instance is being dropped: that is plugin code too.
-    let stuck = executor
-        .exit(deadline, "a failed instance to be dropped")
-        .err();
-    Err(LaunchFailure { error, stuck })
+        let started = self.stage("the instance to start")?;
+        Ok(started.executor)
+    }
+
+    /// Gives it up before it started: it drops its instance and ends. Waits for that until
+    /// `deadline`; a thread still in plugin code then is returned.
+    pub fn abandon(self, deadline: Instant) -> Option<Stuck> {
+        let Pending { executor, .. } = self;
+        executor
+            .exit(deadline, "an instance given up to be dropped")
+            .err()
+    }
+}
+
+/// Starts an executor thread: it creates the instance, imports the state, starts it, and
+/// then serves `mailbox`. Returns once the instance runs, or with the reason it did not.
+/// Waits at most `launch.timeout` for each of the three, the exit of a thread that failed
+/// included.
+pub(crate) fn launch(
+    launch: Launch,
+    mailbox: Receiver<Envelope>,
+    state: Option<State>,
+) -> Result<Executor, LaunchFailure> {
+    let mut pending = prepare(launch, mailbox)?;
+    pending.import(state);
+    pending.imported()?.start()
 }
 
 /// What an executor thread knows of itself.
 struct Me {
-    service: String,
+    service: Arc<str>,
+    spin: Duration,
     doing: Doing,
     epoch: u64,
     given_up: Arc<AtomicBool>,
     late_state: Sender<Result<Vec<u8>, String>>,
 }
 
-fn run(
-    launch: Launch,
-    mailbox: Receiver<Envelope>,
-    ready: Sender<Result<(), InstanceError>>,
-    me: Me,
-) {
+/// How a launching executor thread hears from the kernel, and answers.
+struct Waits {
+    stages: Sender<Result<(), InstanceError>>,
+    state: Receiver<Option<State>>,
+    go: Receiver<()>,
+}
+
+fn run(launch: Launch, mailbox: Receiver<Envelope>, waits: Waits, me: Me) {
     let Launch {
         service,
         library,
         services,
         config,
-        state,
         timeout: _,
+        spin: _,
     } = launch;
     let doing = &me.doing;
-    set_chain(vec![service.clone()]);
+    set_chain(&[], Some(&me.service));
     let created = doing.call(Call::New, || {
         Instance::new(library, services, config.as_deref())
     });
     let mut instance = match created {
         Ok(instance) => instance,
         Err(e) => {
-            let _ = ready.send(Err(InstanceError::Create(e)));
+            let _ = waits.stages.send(Err(InstanceError::Create(e)));
             return;
         }
     };
+    // Dropped on this thread before it ends (and, on failure, before the answer, so that
+    // the launcher's wait for the exit covers it).
+    let drop_it = |instance: Instance| doing.call(Call::Drop, || drop(instance));
     let failed = |error: InstanceError, instance: Instance| {
-        // Dropped before the answer, so the launcher's wait for the exit covers it.
-        doing.call(Call::Drop, || drop(instance));
-        let _ = ready.send(Err(error));
+        drop_it(instance);
+        let _ = waits.stages.send(Err(error));
+    };
+    // The kernel gone from any of these waits gave the instance up.
+    if waits.stages.send(Ok(())).is_err() {
+        return drop_it(instance);
+    }
+    let Ok(state) = recv_soon(&waits.state, HANDOFF_SPIN, None) else {
+        return drop_it(instance);
     };
     if let Some((version, bytes)) = &state {
         let imported = doing.call(Call::ImportState, || instance.import_state(version, bytes));
@@ -500,18 +675,23 @@ fn run(
         }
     }
     drop(state);
+    if waits.stages.send(Ok(())).is_err() {
+        return drop_it(instance);
+    }
+    if recv_soon(&waits.go, HANDOFF_SPIN, None).is_err() {
+        return drop_it(instance);
+    }
     if let Err(e) = doing.call(Call::Start, || instance.start()) {
         return failed(InstanceError::Start(e), instance);
     }
-    if ready.send(Ok(())).is_err() {
-        // The kernel gave up waiting (see `launch`): this instance must not serve.
+    if waits.stages.send(Ok(())).is_err() {
+        // The kernel gave up waiting (see `Pending::stage`): this instance must not serve.
         stop(&service, &mut instance, doing);
     } else {
         me.serve(&mut instance, &mailbox);
     }
-    set_chain(Vec::new());
-    // Dropped here, on this thread, before the thread exits.
-    doing.call(Call::Drop, || drop(instance));
+    set_chain(&[], None);
+    drop_it(instance);
 }
 
 impl Me {
@@ -520,7 +700,7 @@ impl Me {
     }
 
     fn serve(&self, instance: &mut Instance, mailbox: &Receiver<Envelope>) {
-        let (service, doing) = (self.service.as_str(), &self.doing);
+        let (service, doing) = (&*self.service, &self.doing);
         loop {
             if self.given_up() {
                 // The kernel stopped waiting for this executor (a stop that did not finish in
@@ -531,26 +711,26 @@ impl Me {
                 stop(service, instance, doing);
                 return;
             }
-            let Ok(envelope) = mailbox.recv() else {
+            let Ok(envelope) = recv_soon(mailbox, self.spin, None) else {
                 return;
             };
             match envelope {
                 Envelope::Request {
-                    message,
-                    mut chain,
+                    letter,
+                    chain,
                     reply,
                 } => {
-                    chain.push(service.to_owned());
-                    set_chain(chain);
-                    let answer = doing.call(Call::Handle, || instance.handle(message));
-                    set_chain(vec![service.to_owned()]);
+                    set_chain(&chain, Some(&self.service));
+                    let answer = doing.call(Call::Handle, || instance.handle(letter.lend(service)));
+                    set_chain(&[], Some(&self.service));
                     // The requester may have timed out and gone: nothing to do then.
                     let _ = reply.send(answer);
                 }
-                Envelope::Event { message } => {
-                    let kind = message.kind.clone();
-                    if let Err(error) = doing.call(Call::OnEvent, || instance.on_event(message)) {
-                        tracing::warn!(service, kind, %error, "event handler failed");
+                Envelope::Event { letter } => {
+                    let handled =
+                        doing.call(Call::OnEvent, || instance.on_event(letter.lend(service)));
+                    if let Err(error) = handled {
+                        tracing::warn!(service, kind = letter.kind, %error, "event handler failed");
                     }
                 }
                 // Meant for another executor of the service: dropped, unanswered.
@@ -562,7 +742,10 @@ impl Me {
                     let _ = reply.send(doing.call(Call::ExportState, || instance.export_state()));
                 }
                 Envelope::Suspend {
-                    exported, verdict, ..
+                    exported,
+                    verdict,
+                    stopped,
+                    ..
                 } => {
                     let held_since = Instant::now();
                     let state = doing.call(Call::ExportState, || instance.export_state());
@@ -571,8 +754,9 @@ impl Me {
                         continue;
                     }
                     // Without a verdict (the kernel went away), resuming loses nothing.
-                    if verdict.recv() == Ok(Verdict::Stop) {
+                    if recv_soon(&verdict, HANDOFF_SPIN, None) == Ok(Verdict::Stop) {
                         stop(service, instance, doing);
+                        let _ = stopped.send(());
                         return;
                     }
                 }

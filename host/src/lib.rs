@@ -32,6 +32,7 @@ pub use kernel::{
     BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo,
     Status, StopReport,
 };
+pub mod bench;
 pub mod cli;
 pub mod control;
 pub mod daemon;

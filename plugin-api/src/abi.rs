@@ -57,18 +57,20 @@ pub struct RManifest {
     pub dependencies: RVec<RString>,
 }
 
-/// A request or an event, as it crosses the boundary.
+/// A request or an event, as it crosses the boundary: borrowed from the host for the length
+/// of the call. A plugin copies what it keeps (the SDK copies it all, once, into its own
+/// memory), so nothing is allocated on one side of the boundary and freed on the other.
 #[repr(C)]
-#[derive(StableAbi, Debug, Clone)]
-pub struct RMessage {
+#[derive(StableAbi, Debug, Clone, Copy)]
+pub struct RMessage<'a> {
     /// The sending service, or `kernel`, or `external` for requests from outside the host.
-    pub from: RString,
+    pub from: RStr<'a>,
     /// The receiving service.
-    pub to: RString,
+    pub to: RStr<'a>,
     /// What is asked or announced; each service documents the kinds it understands.
-    pub kind: RString,
+    pub kind: RStr<'a>,
     /// Opaque bytes; JSON by convention.
-    pub payload: RVec<u8>,
+    pub payload: RSlice<'a, u8>,
 }
 
 /// The answer to a request, as it crosses the boundary.
@@ -98,9 +100,9 @@ pub struct ServiceVTable {
     /// Stops the service; it must join every thread it started.
     pub stop: unsafe extern "C" fn(this: *mut c_void) -> RCallResult<()>,
     /// Handles one request and returns the reply.
-    pub handle: unsafe extern "C" fn(this: *mut c_void, request: RMessage) -> RReply,
+    pub handle: unsafe extern "C" fn(this: *mut c_void, request: RMessage<'_>) -> RReply,
     /// Handles one event.
-    pub on_event: unsafe extern "C" fn(this: *mut c_void, event: RMessage) -> RCallResult<()>,
+    pub on_event: unsafe extern "C" fn(this: *mut c_void, event: RMessage<'_>) -> RCallResult<()>,
     /// Serializes the service's state.
     pub export_state: unsafe extern "C" fn(this: *mut c_void) -> RCallResult<RVec<u8>>,
     /// Replaces the service's state with one exported by `from_version` of the service.

@@ -95,12 +95,23 @@ impl Message {
         })
     }
 
-    fn from_raw(raw: RMessage) -> Self {
+    /// Copies a message the host lends for the length of a call.
+    fn from_raw(raw: RMessage<'_>) -> Self {
         Message {
-            from: raw.from.into_string(),
-            to: raw.to.into_string(),
-            kind: raw.kind.into_string(),
-            payload: raw.payload.into_vec(),
+            from: raw.from.as_str().to_owned(),
+            to: raw.to.as_str().to_owned(),
+            kind: raw.kind.as_str().to_owned(),
+            payload: raw.payload.as_slice().to_vec(),
+        }
+    }
+
+    /// Lends the message to a plugin for the length of a call (what a host does).
+    pub fn as_raw(&self) -> RMessage<'_> {
+        RMessage {
+            from: self.from.as_str().into(),
+            to: self.to.as_str().into(),
+            kind: self.kind.as_str().into(),
+            payload: self.payload.as_slice().into(),
         }
     }
 }
@@ -554,7 +565,7 @@ pub mod export_parts {
         guard("stop", || service.stop())
     }
 
-    unsafe extern "C" fn handle<S: Service>(this: *mut c_void, request: RMessage) -> RReply {
+    unsafe extern "C" fn handle<S: Service>(this: *mut c_void, request: RMessage<'_>) -> RReply {
         // SAFETY: as in `start`.
         let service = unsafe { instance::<S>(this) };
         let request = Message::from_raw(request);
@@ -566,7 +577,7 @@ pub mod export_parts {
 
     unsafe extern "C" fn on_event<S: Service>(
         this: *mut c_void,
-        event: RMessage,
+        event: RMessage<'_>,
     ) -> RCallResult<()> {
         // SAFETY: as in `start`.
         let service = unsafe { instance::<S>(this) };

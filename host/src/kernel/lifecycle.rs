@@ -12,7 +12,10 @@ use super::{
     Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
 };
 use crate::{
-    executor::{self, ask, AskError, Envelope, Executor, InstanceError, Launch, LaunchFailure},
+    executor::{
+        self, ask, AskError, Envelope, Executor, InstanceError, Launch, LaunchFailure, Pending,
+        State,
+    },
     loader::{threads, Library},
 };
 
@@ -149,25 +152,43 @@ impl KernelInner {
         Ok(())
     }
 
+    fn launch_of(
+        &self,
+        slot: &ServiceSlot,
+        library: Arc<Library>,
+        config: Option<String>,
+    ) -> Launch {
+        Launch {
+            service: slot.name.clone(),
+            library,
+            services: routing::context(&slot.name, self),
+            config,
+            timeout: self.config.operation_timeout,
+            spin: self.config.spin,
+        }
+    }
+
+    /// An executor for `slot` that creates its instance, imports `state` and serves.
     pub(super) fn launch(
         &self,
         slot: &ServiceSlot,
         library: Arc<Library>,
         config: Option<String>,
-        state: Option<(String, Vec<u8>)>,
+        state: Option<State>,
     ) -> Result<Executor, LaunchFailure> {
-        let services = routing::context(&slot.name, self);
-        executor::launch(
-            Launch {
-                service: slot.name.clone(),
-                library,
-                services,
-                config,
-                state,
-                timeout: self.config.operation_timeout,
-            },
-            slot.mailbox.rx.clone(),
-        )
+        let launch = self.launch_of(slot, library, config);
+        executor::launch(launch, slot.mailbox.rx.clone(), state)
+    }
+
+    /// An executor for `slot` whose instance is created and waits (see [`Pending`]).
+    pub(super) fn prepare(
+        &self,
+        slot: &ServiceSlot,
+        library: Arc<Library>,
+        config: Option<String>,
+    ) -> Result<Pending, LaunchFailure> {
+        let launch = self.launch_of(slot, library, config);
+        executor::prepare(launch, slot.mailbox.rx.clone())
     }
 
     pub(super) fn start(&self, service: &str) -> Result<(), KernelError> {
@@ -219,7 +240,9 @@ impl KernelInner {
                 stuck: format!("still {stuck}"),
             });
         }
-        let state = self.restore(slot)?;
+        let state = self
+            .restore(slot)?
+            .map(|(version, bytes)| (version, Arc::new(bytes)));
         slot.publish(ops, Some(Status::Starting));
         let restored = state
             .as_ref()
@@ -401,6 +424,7 @@ impl KernelInner {
                 state,
                 stopped: stopped_tx,
             },
+            self.config.spin,
             deadline,
         );
         let stopped = stopped_rx.recv_deadline(deadline);
@@ -568,6 +592,7 @@ impl KernelInner {
         let bytes = ask(
             &slot.mailbox.tx,
             |reply| Envelope::Export { epoch, reply },
+            self.config.spin,
             deadline,
         )
         .map_err(|e| {

@@ -7,11 +7,11 @@ use std::{
 };
 
 use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError, TrySendError};
-use plugin_api::{abi::LogLevel, codes, Message, Reply};
+use plugin_api::{abi::LogLevel, codes, Reply};
 
 use super::{KernelInner, Status};
 use crate::{
-    executor::{self, Envelope},
+    executor::{self, Envelope, Letter},
     loader::HostServices,
 };
 
@@ -54,20 +54,27 @@ pub const KERNEL: &str = "kernel";
 /// What one service's instances see of the host: the service's name and a weak handle to
 /// the kernel (a plugin holding its handle must not keep the kernel alive).
 struct ServiceContext {
-    service: String,
+    service: Arc<str>,
     kernel: Weak<KernelInner>,
+}
+
+/// The sender of requests and events from outside the host.
+pub(super) fn external() -> &'static Arc<str> {
+    static EXTERNAL: std::sync::LazyLock<Arc<str>> =
+        std::sync::LazyLock::new(|| Arc::from("external"));
+    &EXTERNAL
 }
 
 pub(super) fn context(service: &str, kernel: &KernelInner) -> Arc<dyn HostServices> {
     Arc::new(ServiceContext {
-        service: service.to_owned(),
+        service: Arc::from(service),
         kernel: kernel.weak_self(),
     })
 }
 
 impl HostServices for ServiceContext {
     fn log(&self, level: LogLevel, target: &str, message: &str) {
-        let service = self.service.as_str();
+        let service = &*self.service;
         match level {
             LogLevel::Error => {
                 tracing::error!(target: "plugin", service = %service, module = %target, "{message}")
@@ -109,10 +116,9 @@ impl HostServices for ServiceContext {
     }
 }
 
-fn message(from: &str, to: &str, kind: &str, payload: &[u8]) -> Message {
-    Message {
-        from: from.to_owned(),
-        to: to.to_owned(),
+fn letter(from: &Arc<str>, kind: &str, payload: &[u8]) -> Letter {
+    Letter {
+        from: from.clone(),
         kind: kind.to_owned(),
         payload: payload.to_vec(),
     }
@@ -123,8 +129,8 @@ impl KernelInner {
     /// in a full mailbox included). `chain` lists the services waiting on this request.
     pub(crate) fn route_request(
         &self,
-        from: &str,
-        chain: Vec<String>,
+        from: &Arc<str>,
+        chain: Vec<Arc<str>>,
         to: &str,
         kind: &str,
         payload: &[u8],
@@ -132,7 +138,8 @@ impl KernelInner {
     ) -> Reply {
         match self.post_request(from, chain, to, kind, payload, timeout, timeout) {
             Ok(pending) => {
-                let got = pending.rx.recv_deadline(pending.deadline);
+                let got =
+                    executor::recv_soon(&pending.rx, self.config.spin, Some(pending.deadline));
                 pending.reply(got)
             }
             Err(reply) => reply,
@@ -145,8 +152,8 @@ impl KernelInner {
     #[expect(clippy::too_many_arguments, reason = "a request's parts, passed once")]
     pub(crate) fn post_request(
         &self,
-        from: &str,
-        chain: Vec<String>,
+        from: &Arc<str>,
+        chain: Vec<Arc<str>>,
         to: &str,
         kind: &str,
         payload: &[u8],
@@ -156,7 +163,8 @@ impl KernelInner {
         if to == KERNEL {
             return Err(self.kernel_request(kind, payload));
         }
-        if chain.iter().any(|waiting| waiting == to) {
+        if chain.iter().any(|waiting| &**waiting == to) {
+            let chain: Vec<&str> = chain.iter().map(|s| &**s).collect();
             return Err(Reply::error(
                 codes::LOOP,
                 format!("call loop: {} -> {to}", chain.join(" -> ")),
@@ -175,7 +183,7 @@ impl KernelInner {
         let deadline = Instant::now() + timeout;
         let (reply_tx, reply_rx) = bounded(1);
         let envelope = Envelope::Request {
-            message: message(from, to, kind, payload),
+            letter: letter(from, kind, payload),
             chain,
             reply: reply_tx,
         };
@@ -204,7 +212,7 @@ impl KernelInner {
     /// Queues an event; fails when the target does not run or its mailbox is full.
     pub(crate) fn route_event(
         &self,
-        from: &str,
+        from: &Arc<str>,
         to: &str,
         kind: &str,
         payload: &[u8],
@@ -212,7 +220,7 @@ impl KernelInner {
         if to == KERNEL {
             tracing::info!(
                 target: "kernel",
-                from,
+                from = &**from,
                 kind,
                 payload = %String::from_utf8_lossy(&payload[..payload.len().min(256)]),
                 "event for the kernel"
@@ -225,7 +233,7 @@ impl KernelInner {
             return Err(format!("service `{to}` is not running ({status})"));
         }
         let envelope = Envelope::Event {
-            message: message(from, to, kind, payload),
+            letter: letter(from, kind, payload),
         };
         slot.mailbox.tx.try_send(envelope).map_err(|e| match e {
             TrySendError::Full(_) => format!(

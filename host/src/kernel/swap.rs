@@ -4,29 +4,33 @@
 //! Order (ARCHITECTURE.md has the reasoning):
 //! 1. the new library is already loaded and checked (a failure there changed nothing);
 //! 2. its dependencies must run, or nothing is touched;
-//! 3. the executor is suspended through the mailbox: it exports the state after every
-//!    request queued before, then holds (requests queue behind it);
-//! 4. the state is sealed and written durably; on failure the old instance resumes;
-//! 5. the old instance stops and its executor exits (waited for until the operation
-//!    timeout; an executor stuck in `stop` or `drop` is left to end alone, keeping the old
-//!    library loaded, and the replace goes on: the state is safe);
-//! 6. a new executor creates the new instance, imports the state, starts it and serves the
-//!    mailbox: the requests held meanwhile go to the new version;
-//! 7. if 6 fails, the new library is closed and a fresh instance of the old version imports
+//! 3. a new executor thread creates the new instance, which waits: nothing of this is in
+//!    the pause (a failure here changed nothing either);
+//! 4. the old executor is suspended through the mailbox: it exports the state after every
+//!    request queued before, then holds (requests queue behind it). The pause starts;
+//! 5. the new instance imports the state while the kernel seals it and writes it durably;
+//!    if either fails, the old instance resumes (it never stopped);
+//! 6. the old instance stops (its `stop` is waited for until the operation timeout; one
+//!    stuck in it is left to end alone, keeping the old library loaded, and the replace goes
+//!    on: the state is safe);
+//! 7. the new instance starts and serves the mailbox: the requests held meanwhile go to the
+//!    new version. The pause ends;
+//! 8. if 7 fails, the new library is closed and a fresh instance of the old version imports
 //!    the same state and serves instead;
-//! 8. the library that is no longer used is retired: closed once no plugin code can run in
-//!    it (see `retired.rs`), and checked to be unmapped.
+//! 9. the old executor's thread ends (its instance is dropped on it), and the library no
+//!    longer used is retired: closed once no plugin code can run in it (see `retired.rs`),
+//!    and checked to be unmapped.
 //!
 //! Every wait on plugin code is bounded by the operation timeout, and every early return
-//! after step 3 resumes the old instance (the [`Suspension`] guard).
+//! after step 4 and before step 6 resumes the old instance (the [`Suspension`] guard).
 
 use std::{sync::Arc, time::Duration, time::Instant};
 
-use crossbeam_channel::{bounded, Sender};
+use crossbeam_channel::{bounded, Receiver, Sender};
 
 use super::{KernelError, KernelInner, OpsGuard, Run, ServiceSlot, Status};
 use crate::{
-    executor::{ask, AskError, Envelope, LaunchFailure, Stuck, Verdict},
+    executor::{ask, recv_soon, AskError, Envelope, LaunchFailure, State, Stuck, Verdict},
     loader::Library,
 };
 
@@ -102,17 +106,19 @@ pub struct SwapReport {
 /// verdict. Dropped without [`Suspension::stop`], it resumes serving.
 struct Suspension {
     held_since: Instant,
-    state: Vec<u8>,
     verdict: Option<Sender<Verdict>>,
+    /// Answered once the instance's `stop` returned (after [`Verdict::Stop`]).
+    stopped: Receiver<()>,
 }
 
 impl Suspension {
-    /// Tells the old instance to stop; its executor then exits.
-    fn stop(mut self) -> Vec<u8> {
+    /// Tells the old instance to stop, and waits until its `stop` returned, at most until
+    /// `deadline`. Returns whether it did.
+    fn stop(mut self, spin: Duration, deadline: Instant) -> bool {
         if let Some(verdict) = self.verdict.take() {
             let _ = verdict.send(Verdict::Stop);
         }
-        std::mem::take(&mut self.state)
+        recv_soon(&self.stopped, spin, Some(deadline)).is_ok()
     }
 }
 
@@ -157,12 +163,30 @@ impl KernelInner {
         if !matches!(ops.run, Run::Running(_)) {
             return self.replace_idle(&slot, ops, new, config, from, to);
         }
+        let rolled_back = |cause| SwapError::RolledBack {
+            service: service.clone(),
+            old: from.clone(),
+            new: to.clone(),
+            cause,
+        };
 
-        // 3. Suspend: the export follows every request queued before it.
-        let suspension = match self.suspend(&slot, &ops) {
-            Ok(suspension) => suspension,
+        // 3. The new instance, made before the pause.
+        let mut pending = match self.prepare(&slot, new.clone(), config.clone()) {
+            Ok(pending) => pending,
+            Err(LaunchFailure { error, stuck }) => {
+                self.retire(&service, new, stuck);
+                let error = rolled_back(error);
+                slot.record_error(&error);
+                return Err(error.into());
+            }
+        };
+
+        // 4. Suspend: the export follows every request queued before it.
+        let (suspension, bytes) = match self.suspend(&slot, &ops) {
+            Ok(suspended) => suspended,
             Err(cause) => {
-                self.retire(&service, new, None);
+                let stuck = pending.abandon(self.deadline());
+                self.retire(&service, new, stuck);
                 let error = SwapError::Export {
                     service,
                     version: from,
@@ -172,12 +196,16 @@ impl KernelInner {
                 return Err(error.into());
             }
         };
+        let state: State = (from.clone(), Arc::new(bytes));
 
-        // 4. Persist, or resume the old instance (dropping the suspension does).
+        // 5. The new instance imports while the state is persisted; if either fails, the old
+        // instance resumes (dropping the suspension does).
+        pending.import(Some(state.clone()));
         if let Some(store) = &self.config.state {
-            if let Err(source) = store.save(&service, &from, &suspension.state) {
+            if let Err(source) = store.save(&service, &from, &state.1) {
                 drop(suspension);
-                self.retire(&service, new, None);
+                let stuck = pending.abandon(self.deadline());
+                self.retire(&service, new, stuck);
                 let error = SwapError::Persist { service, source };
                 slot.record_error(&error);
                 return Err(error.into());
@@ -185,35 +213,61 @@ impl KernelInner {
             self.state_writes
                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
+        let pending = match pending.imported() {
+            Ok(pending) => pending,
+            Err(LaunchFailure { error, stuck }) => {
+                drop(suspension);
+                self.retire(&service, new, stuck);
+                tracing::error!(cause = %error, "new version failed; the old one goes on");
+                let error = rolled_back(error);
+                slot.record_error(&error);
+                return Err(error.into());
+            }
+        };
 
-        // 5. Stop the old instance; its executor exits, or is left stuck.
+        // 6. Stop the old instance: its `stop`, not yet the end of its thread.
         let held_since = suspension.held_since;
-        let bytes = suspension.stop();
-        let old_stuck = ops.run.take_executor(Status::Failed).and_then(|executor| {
-            executor
-                .exit(self.deadline(), "the old instance to stop")
-                .err()
-        });
-        if let Some(stuck) = &old_stuck {
-            tracing::warn!(service, %stuck, "the old instance did not end in time; going on, its library stays loaded");
+        let stopped = suspension.stop(self.config.spin, self.deadline());
+        let mut old = ops.run.take_executor(Status::Failed);
+        let mut old_stuck = None;
+        if !stopped {
+            if let Some(executor) = old.take() {
+                let stuck = executor.stuck("the old instance to stop");
+                tracing::warn!(service, %stuck, "the old instance did not stop in time; going on, its library stays loaded");
+                old_stuck = Some(stuck);
+            }
         }
 
-        // 6. The new version, or 7. the old one again.
+        // 7. The new version serves, or 8. the old one again; 9. the old thread ends.
+        let started = pending.start();
+        let held = held_since.elapsed();
+        if let Some(executor) = old {
+            old_stuck = executor
+                .exit(self.deadline(), "the old instance to be dropped")
+                .err();
+            if let Some(stuck) = &old_stuck {
+                tracing::warn!(service, %stuck, "the old instance's thread did not end in time; its library stays loaded");
+            }
+        }
         self.switch(
             &slot,
             &mut ops,
-            new,
-            config,
+            (new, config),
             (from, to),
-            bytes,
-            held_since,
+            state,
+            (started, held),
             old_stuck,
         )
     }
 
-    /// Step 3: asks the executor to export and hold. The error says why it did not.
-    fn suspend(&self, slot: &ServiceSlot, ops: &OpsGuard<'_>) -> Result<Suspension, String> {
+    /// Step 4: asks the executor to export and hold. The error says why it did not.
+    fn suspend(
+        &self,
+        slot: &ServiceSlot,
+        ops: &OpsGuard<'_>,
+    ) -> Result<(Suspension, Vec<u8>), String> {
         let (verdict_tx, verdict_rx) = bounded(1);
+        let (stopped_tx, stopped_rx) = bounded(1);
         let timeout = self.config.operation_timeout;
         let (doing, epoch) = match &ops.run {
             Run::Running(executor) => (executor.doing(), executor.epoch()),
@@ -225,7 +279,9 @@ impl KernelInner {
                 epoch,
                 exported,
                 verdict: verdict_rx,
+                stopped: stopped_tx,
             },
+            self.config.spin,
             self.deadline(),
         );
         // Had it answered after the deadline, it would have found nobody waiting and gone
@@ -239,14 +295,14 @@ impl KernelInner {
             }
             AskError::Closed => "the mailbox is closed".to_owned(),
         })?;
-        let mut suspension = Suspension {
+        let suspension = Suspension {
             held_since,
-            state: Vec::new(),
             verdict: Some(verdict_tx),
+            stopped: stopped_rx,
         };
         // On an export error, `suspension` is dropped: the old instance resumes.
-        suspension.state = exported?;
-        Ok(suspension)
+        let bytes = exported?;
+        Ok((suspension, bytes))
     }
 
     /// The service is not running (never started, stopped, failed, or stuck): the library is
@@ -292,24 +348,21 @@ impl KernelInner {
         })
     }
 
-    /// Steps 6 to 8: the new version serves, or the old one again.
+    /// Steps 7 to 9: the new version serves, or the old one again.
     #[expect(clippy::too_many_arguments, reason = "the steps' state, passed once")]
     fn switch(
         &self,
         slot: &ServiceSlot,
         ops: &mut OpsGuard<'_>,
-        new: Arc<Library>,
-        config: Option<String>,
+        (new, config): (Arc<Library>, Option<String>),
         (from, to): (String, String),
-        bytes: Vec<u8>,
-        held_since: Instant,
+        state: State,
+        (started, held): (Result<crate::executor::Executor, LaunchFailure>, Duration),
         old_stuck: Option<Stuck>,
     ) -> Result<SwapReport, KernelError> {
         let service = slot.name.clone();
-        let state = Some((from.clone(), bytes));
-        match self.launch(slot, new.clone(), config.clone(), state.clone()) {
+        match started {
             Ok(executor) => {
-                let held = held_since.elapsed();
                 ops.run = Run::Running(executor);
                 ops.config = config;
                 ops.last_saved = None;
@@ -320,7 +373,7 @@ impl KernelInner {
                     info.last_error = None;
                 });
                 slot.publish(ops, None);
-                // 8. Closed once nothing runs the old code any more.
+                // 9. Closed once nothing runs the old code any more.
                 let unmapped = self.retire(&service, old, old_stuck);
                 tracing::info!(held_us = held.as_micros() as u64, unmapped, "replaced");
                 Ok(SwapReport {
@@ -342,37 +395,37 @@ impl KernelInner {
                 }
                 tracing::error!(cause = %cause, "new version failed; rolling back");
                 // The old version comes back as it ran: its library, its configuration.
-                let error = match self.launch(slot, ops.library.clone(), ops.config.clone(), state)
-                {
-                    Ok(executor) => {
-                        ops.run = Run::Running(executor);
-                        SwapError::RolledBack {
-                            service,
-                            old: from,
-                            new: to,
-                            cause,
-                        }
-                    }
-                    Err(LaunchFailure {
-                        error: rollback,
-                        stuck,
-                    }) => {
-                        ops.run = match stuck {
-                            Some(stuck) => Run::Stuck(stuck),
-                            None => {
-                                slot.mailbox.drain(&slot.name);
-                                Run::Idle(Status::Failed)
+                let error =
+                    match self.launch(slot, ops.library.clone(), ops.config.clone(), Some(state)) {
+                        Ok(executor) => {
+                            ops.run = Run::Running(executor);
+                            SwapError::RolledBack {
+                                service,
+                                old: from,
+                                new: to,
+                                cause,
                             }
-                        };
-                        SwapError::RollbackFailed {
-                            service,
-                            old: from,
-                            new: to,
-                            cause,
-                            rollback,
                         }
-                    }
-                };
+                        Err(LaunchFailure {
+                            error: rollback,
+                            stuck,
+                        }) => {
+                            ops.run = match stuck {
+                                Some(stuck) => Run::Stuck(stuck),
+                                None => {
+                                    slot.mailbox.drain(&slot.name);
+                                    Run::Idle(Status::Failed)
+                                }
+                            };
+                            SwapError::RollbackFailed {
+                                service,
+                                old: from,
+                                new: to,
+                                cause,
+                                rollback,
+                            }
+                        }
+                    };
                 slot.record_error(&error);
                 slot.publish(ops, None);
                 Err(error.into())

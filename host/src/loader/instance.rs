@@ -3,7 +3,7 @@ use std::sync::Arc;
 use abi_stable::std_types::{ROption, RString};
 use plugin_api::{
     abi::{RMessage, RawService},
-    Message, Reply,
+    Reply,
 };
 
 use super::{host_handle, HostServices, Library};
@@ -59,16 +59,18 @@ impl Instance {
         into_result(unsafe { (self.raw.vtable().stop)(self.raw.this()) })
     }
 
-    /// Calls the plugin's `handle`; panics and errors come back as code 500.
-    pub fn handle(&mut self, request: Message) -> Reply {
-        // SAFETY: as in `start`; the reply is copied into host memory at once.
-        Reply::from_raw(unsafe { (self.raw.vtable().handle)(self.raw.this(), to_raw(request)) })
+    /// Calls the plugin's `handle` (lending it the request); panics and errors come back as
+    /// code 500.
+    pub fn handle(&mut self, request: RMessage<'_>) -> Reply {
+        // SAFETY: as in `start`; what the request borrows outlives the call, and the reply
+        // is copied into host memory at once.
+        Reply::from_raw(unsafe { (self.raw.vtable().handle)(self.raw.this(), request) })
     }
 
-    /// Calls the plugin's `on_event`.
-    pub fn on_event(&mut self, event: Message) -> Result<(), String> {
-        // SAFETY: as in `start`.
-        into_result(unsafe { (self.raw.vtable().on_event)(self.raw.this(), to_raw(event)) })
+    /// Calls the plugin's `on_event` (lending it the event).
+    pub fn on_event(&mut self, event: RMessage<'_>) -> Result<(), String> {
+        // SAFETY: as in `start`; what the event borrows outlives the call.
+        into_result(unsafe { (self.raw.vtable().on_event)(self.raw.this(), event) })
     }
 
     /// Calls the plugin's `export_state`.
@@ -95,14 +97,5 @@ impl Drop for Instance {
         // SAFETY: `raw.this` was created by this library's `new_service` and is freed exactly
         // once, here, while `self.library` still keeps the library open.
         unsafe { (self.raw.vtable().drop)(self.raw.this()) }
-    }
-}
-
-fn to_raw(message: Message) -> RMessage {
-    RMessage {
-        from: message.from.into(),
-        to: message.to.into(),
-        kind: message.kind.into(),
-        payload: message.payload.into(),
     }
 }

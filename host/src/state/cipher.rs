@@ -1,7 +1,7 @@
 //! The one place that knows the state files are sealed with AES-256-GCM.
 
 use aes_gcm::{
-    aead::{Aead, KeyInit, Payload},
+    aead::{Aead, AeadInOut, KeyInit, Payload},
     Aes256Gcm,
 };
 
@@ -29,6 +29,20 @@ pub fn seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8
             },
         )
         .expect("AES-GCM encryption only fails for messages over 64 GiB")
+}
+
+/// Encrypts `buffer` in place, authenticating it together with `aad`; returns the tag.
+pub fn seal_in_place(
+    key: &[u8; 32],
+    nonce: &[u8; NONCE_LEN],
+    aad: &[u8],
+    buffer: &mut [u8],
+) -> [u8; TAG_LEN] {
+    let cipher = Aes256Gcm::new(&(*key).into());
+    cipher
+        .encrypt_inout_detached(&(*nonce).into(), aad, buffer.into())
+        .expect("AES-GCM encryption only fails for messages over 64 GiB")
+        .into()
 }
 
 /// Decrypts and authenticates; `None` if the key is wrong or anything (ciphertext, tag,

@@ -186,6 +186,8 @@ pub struct StateStore {
     /// (device, inode) of the directory: whether the path still leads to it.
     identity: (u64, u64),
     keys: KeyRing,
+    /// Bytes written to files that were renamed into place, since the store was opened.
+    written: std::sync::atomic::AtomicU64,
 }
 
 fn identity_of(dir: &Path) -> io::Result<(u64, u64)> {
@@ -228,6 +230,7 @@ impl StateStore {
             handle,
             identity,
             keys,
+            written: Default::default(),
         })
     }
 
@@ -246,6 +249,11 @@ impl StateStore {
         use std::os::fd::AsRawFd;
         let link = format!("/proc/self/fd/{}", self.handle.as_raw_fd());
         Some(fs::read_link(link).unwrap_or_else(|_| PathBuf::from("(unknown)")))
+    }
+
+    /// The bytes written (state files and records) since the store was opened.
+    pub fn bytes_written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The keys this store seals and opens with.
@@ -323,6 +331,8 @@ impl StateStore {
         self.handle
             .sync_all()
             .map_err(|e| io("fsync of the state directory", e))?;
+        self.written
+            .fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -1,0 +1,327 @@
+//! Requests and events through the kernel, against the same exchange over a bare channel.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _};
+use crossbeam_channel::{bounded, Sender};
+use nix::{
+    sched::{sched_getaffinity, sched_setaffinity, CpuSet},
+    unistd::Pid,
+};
+
+use super::{
+    stats::{micros, Samples},
+    Bench, Goal, Row,
+};
+use crate::{executor::recv_soon, loader::threads, Kernel, KernelConfig};
+
+/// The payload of every request: 64 bytes.
+const PAYLOAD: [u8; 64] = [b'x'; 64];
+
+/// A message on the bare channel: a request (the payload and where the reply goes), or an
+/// event.
+enum BareMessage {
+    Request(Vec<u8>, Sender<Vec<u8>>),
+    Event(Vec<u8>),
+}
+
+/// The floor: a thread serving a bounded channel of the kernel's mailbox type, replying with
+/// nothing on a one-shot channel, as an executor would if the host cost nothing.
+struct Bare {
+    tx: Sender<BareMessage>,
+    spin: Duration,
+}
+
+impl Bare {
+    /// Its threads wait as the kernel's do: polling for `spin`, then asleep.
+    fn start(capacity: usize, spin: Duration) -> anyhow::Result<Bare> {
+        let (tx, rx) = bounded::<BareMessage>(capacity);
+        threads::spawn_detached("bench-bare", move || {
+            while let Ok(message) = recv_soon(&rx, spin, None) {
+                match message {
+                    BareMessage::Request(payload, reply) => {
+                        drop(payload);
+                        let _ = reply.send(Vec::new());
+                    }
+                    BareMessage::Event(payload) => drop(payload),
+                }
+            }
+        })?;
+        Ok(Bare { tx, spin })
+    }
+
+    fn round_trip(&self) -> Vec<u8> {
+        let (reply, answer) = bounded(1);
+        self.tx
+            .send(BareMessage::Request(PAYLOAD.to_vec(), reply))
+            .expect("the bare server runs");
+        recv_soon(&answer, self.spin, None).expect("the bare server replies")
+    }
+}
+
+/// The measured exchanges' threads pinned: the client (this thread) on one CPU, every
+/// server (the bare ones and the executors) on another, so that the floor and the host are
+/// measured with their threads placed alike (left to the scheduler, a pair of threads lands
+/// on one CPU or on two, and an exchange costs 4 µs or 70 µs accordingly, from one run to
+/// the next). Dropped, this thread may run anywhere again.
+struct Placement {
+    before: CpuSet,
+}
+
+impl Placement {
+    /// Pins this thread and the threads named `servers`; `None` with fewer than two CPUs.
+    fn pin(servers: &[&str]) -> Option<Placement> {
+        let this = Pid::from_raw(0);
+        let before = sched_getaffinity(this).ok()?;
+        let cpus: Vec<usize> = (0..CpuSet::count())
+            .filter(|&cpu| before.is_set(cpu).unwrap_or(false))
+            .collect();
+        let [client, server, ..] = cpus[..] else {
+            return None;
+        };
+        let only = |cpu| {
+            let mut set = CpuSet::new();
+            set.set(cpu).ok().map(|()| set)
+        };
+        sched_setaffinity(this, &only(client)?).ok()?;
+        let placement = Placement { before };
+        for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+            let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            let tid = task.file_name().to_string_lossy().parse::<i32>();
+            if let (true, Ok(tid)) = (servers.contains(&name.trim()), tid) {
+                sched_setaffinity(Pid::from_raw(tid), &only(server)?).ok()?;
+            }
+        }
+        Some(placement)
+    }
+}
+
+impl Drop for Placement {
+    fn drop(&mut self) {
+        let _ = sched_setaffinity(Pid::from_raw(0), &self.before);
+    }
+}
+
+/// Times `n` calls of `f`.
+fn time(samples: &mut Samples, n: usize, mut f: impl FnMut()) {
+    for _ in 0..n {
+        let started = Instant::now();
+        f();
+        samples.push(started.elapsed());
+    }
+}
+
+pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
+    let kernel = Kernel::new(KernelConfig::default())?;
+    for plugin in ["libnoop.so", "libecho.so"] {
+        kernel.load(&bench.plugin(plugin), None)?;
+    }
+    if let Some((service, error)) = kernel.start_all().into_iter().next() {
+        bail!("starting {service}: {}", crate::error_chain(&error));
+    }
+    let config = KernelConfig::default();
+    let bare = Bare::start(config.mailbox_capacity, config.spin)?;
+    // The same without polling: what every exchange cost before the host polled.
+    let sleepy = Bare::start(config.mailbox_capacity, Duration::ZERO)?;
+    // Both servers run (and bear their names) once they have answered.
+    bare.round_trip();
+    sleepy.round_trip();
+    let placement = Placement::pin(&["bench-bare", "svc-noop", "svc-echo"]);
+    let rounds = bench.effort.pick(20, 10, 2);
+    let batch = bench.effort.pick(2000, 1000, 50);
+
+    let request = |to: &str| {
+        let reply = kernel.request(to, to, &PAYLOAD, None);
+        assert!(
+            reply.is_ok(),
+            "{to} failed: {}",
+            String::from_utf8_lossy(&reply.data)
+        );
+    };
+    let (mut floor, mut noop, mut echo, mut asleep) = Default::default();
+    // Warm up every path, then interleave: each batch of one is next to a batch of the others.
+    time(&mut Samples::default(), batch, || drop(bare.round_trip()));
+    time(&mut Samples::default(), batch, || request("noop"));
+    time(&mut Samples::default(), batch, || request("echo"));
+    for _ in 0..rounds {
+        time(&mut floor, batch, || drop(bare.round_trip()));
+        time(&mut asleep, batch, || drop(sleepy.round_trip()));
+        time(&mut noop, batch, || request("noop"));
+        time(&mut echo, batch, || request("echo"));
+    }
+    let floor_is = "a bare round trip: bounded channel, one-shot reply, a server thread doing nothing, both polling as the host does";
+    let mut rows = vec![
+        Row::new(
+            "request/reply to noop (64 B), median",
+            (micros(noop.median()), micros(floor.median())),
+            "µs",
+            floor_is,
+            Goal::RatioAtMost(1.5),
+            noop.len(),
+        ),
+        Row::new(
+            "request/reply to noop (64 B), p90",
+            (micros(noop.quantile(0.9)), micros(floor.quantile(0.9))),
+            "µs",
+            floor_is,
+            Goal::RatioAtMost(1.5),
+            noop.len(),
+        ),
+        Row::new(
+            "request/reply to echo (JSON reply), median",
+            (micros(echo.median()), micros(floor.median())),
+            "µs",
+            floor_is,
+            Goal::None,
+            echo.len(),
+        ),
+        Row::new(
+            "bare round trip, threads sleeping at once (no polling)",
+            (micros(asleep.median()), micros(floor.median())),
+            "µs",
+            floor_is,
+            Goal::None,
+            asleep.len(),
+        ),
+    ];
+
+    // Events, one way, pipelined: as many as the mailbox takes, then a request behind them
+    // (answered once every event before it was handled).
+    let events = bench.effort.pick(100_000, 50_000, 1000);
+    let (mut kernel_rates, mut bare_rates) = (Vec::new(), Vec::new());
+    for _ in 0..rounds.min(10) {
+        let started = Instant::now();
+        for _ in 0..events {
+            while bare
+                .tx
+                .try_send(BareMessage::Event(PAYLOAD.to_vec()))
+                .is_err()
+            {
+                std::thread::yield_now();
+            }
+        }
+        bare.round_trip();
+        bare_rates.push(events as f64 / started.elapsed().as_secs_f64() / 1000.0);
+        let started = Instant::now();
+        for _ in 0..events {
+            while kernel.emit("noop", "event", &PAYLOAD).is_err() {
+                std::thread::yield_now();
+            }
+        }
+        request("noop");
+        kernel_rates.push(events as f64 / started.elapsed().as_secs_f64() / 1000.0);
+    }
+    rows.push(Row::new(
+        "events to noop, one way, pipelined",
+        (median(&mut kernel_rates), median(&mut bare_rates)),
+        "k/s",
+        "the bare channel's throughput, same capacity",
+        Goal::RatioAtLeast(0.5),
+        kernel_rates.len(),
+    ));
+
+    drop(placement);
+    // What a plugin in another process costs: JSON lines over a Unix socket.
+    let mut peer = Peer::spawn()?;
+    let mut remote = Samples::default();
+    time(&mut Samples::default(), batch, || peer.round_trip());
+    for _ in 0..rounds {
+        time(&mut remote, batch, || peer.round_trip());
+    }
+    rows.push(Row::new(
+        "out-of-process plugin: JSON line over a Unix socket",
+        (micros(remote.median()), micros(floor.median())),
+        "µs",
+        floor_is,
+        Goal::None,
+        remote.len(),
+    ));
+    kernel.shutdown();
+    Ok(rows)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// A child process answering JSON lines, the way socket-based plugin systems talk to their
+/// plugins: `microkernel bench-peer` (see [`serve_json_lines`]).
+struct Peer {
+    child: std::process::Child,
+    stream: UnixStream,
+    reader: BufReader<UnixStream>,
+    line: String,
+    request: Vec<u8>,
+}
+
+impl Peer {
+    fn spawn() -> anyhow::Result<Peer> {
+        let (ours, theirs) = UnixStream::pair()?;
+        let exe = std::env::current_exe().context("finding this program")?;
+        let child = Command::new(&exe)
+            .arg("bench-peer")
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs.try_clone()?)))
+            .stdout(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting {} bench-peer", exe.display()))?;
+        ours.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let mut request = serde_json::to_vec(&serde_json::json!({
+            "to": "noop",
+            "kind": "noop",
+            "payload": hex::encode(PAYLOAD),
+        }))?;
+        request.push(b'\n');
+        Ok(Peer {
+            child,
+            reader: BufReader::new(ours.try_clone()?),
+            stream: ours,
+            line: String::new(),
+            request,
+        })
+    }
+
+    fn round_trip(&mut self) {
+        self.stream
+            .write_all(&self.request)
+            .expect("the peer reads");
+        self.line.clear();
+        self.reader
+            .read_line(&mut self.line)
+            .expect("the peer answers");
+        let reply: serde_json::Value =
+            serde_json::from_str(&self.line).expect("the peer answers JSON");
+        assert_eq!(reply["code"], 0, "the peer answered {reply}");
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+        let _ = self.child.wait();
+    }
+}
+
+/// `microkernel bench-peer`: answers each JSON line of standard input (a request) with a
+/// JSON line on standard output (an empty reply), until the end of the input.
+pub fn serve_json_lines() -> anyhow::Result<()> {
+    let stdin = std::io::stdin().lock();
+    let mut stdout = std::io::stdout().lock();
+    for line in stdin.lines() {
+        let line = line?;
+        let request: serde_json::Value = serde_json::from_str(&line)?;
+        let payload = hex::decode(request["payload"].as_str().unwrap_or_default())?;
+        drop(payload);
+        let mut reply = serde_json::to_vec(&serde_json::json!({ "code": 0, "data": "" }))?;
+        reply.push(b'\n');
+        stdout.write_all(&reply)?;
+        stdout.flush()?;
+    }
+    Ok(())
+}
