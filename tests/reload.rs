@@ -101,6 +101,8 @@ fn rolls_back(
         (info.version.as_str(), info.status),
         ("1.0.0", Status::Running)
     );
+    // The version refused is closed at once: nothing of it runs, nothing keeps it loaded.
+    assert!(info.pinned.is_empty(), "{:?}", info.pinned);
     let reply = json(&kernel.request("echo", "echo", b"", None));
     assert_eq!(
         (reply["version"].as_str(), reply["count"].as_u64()),

@@ -27,22 +27,46 @@ use plugin_api::{abi::RMessage, codes, Reply};
 
 use crate::loader::{threads, HostServices, Instance, Library};
 
-/// A request or an event on its way to a service: the fewest allocations that carry it (the
-/// recipient is the mailbox's service, the sender a shared name).
+/// A request or an event on its way to a service, in the fewest allocations that carry it:
+/// the recipient is the mailbox's service; the sender a shared name, or none for `external`
+/// (a reference count shared by every request from outside would bounce between the CPUs);
+/// kind and payload one buffer.
 pub(crate) struct Letter {
-    pub from: Arc<str>,
-    pub kind: String,
-    pub payload: Vec<u8>,
+    from: Option<Arc<str>>,
+    /// The kind's bytes, then the payload's.
+    body: Vec<u8>,
+    kind_len: usize,
 }
 
 impl Letter {
+    /// A letter from `from` (`None`: from outside the host).
+    pub fn new(from: Option<Arc<str>>, kind: &str, payload: &[u8]) -> Letter {
+        let mut body = Vec::with_capacity(kind.len() + payload.len());
+        body.extend_from_slice(kind.as_bytes());
+        body.extend_from_slice(payload);
+        Letter {
+            from,
+            body,
+            kind_len: kind.len(),
+        }
+    }
+
+    fn from(&self) -> &str {
+        self.from.as_deref().unwrap_or("external")
+    }
+
+    fn kind(&self) -> &str {
+        // Written from a `&str` in `new`.
+        std::str::from_utf8(&self.body[..self.kind_len]).unwrap_or_default()
+    }
+
     /// Lends it to the plugin of `to` for the length of a call.
     fn lend<'a>(&'a self, to: &'a str) -> RMessage<'a> {
         RMessage {
-            from: (*self.from).into(),
+            from: self.from().into(),
             to: to.into(),
-            kind: self.kind.as_str().into(),
-            payload: self.payload.as_slice().into(),
+            kind: self.kind().into(),
+            payload: self.body[self.kind_len..].into(),
         }
     }
 }
@@ -494,7 +518,9 @@ pub(crate) fn prepare(
     launch: Launch,
     mailbox: Receiver<Envelope>,
 ) -> Result<Pending, LaunchFailure> {
-    let (stages_tx, stages) = bounded::<Result<(), InstanceError>>(3);
+    // A rendezvous: a stage's outcome is delivered only if the kernel takes it, so a thread
+    // whose launcher gave up (timed out) never takes that for a go-ahead.
+    let (stages_tx, stages) = bounded::<Result<(), InstanceError>>(0);
     let (state_tx, state_rx) = bounded::<Option<State>>(1);
     let (go_tx, go_rx) = bounded::<()>(1);
     let name = format!("svc-{}", launch.service);
@@ -595,7 +621,15 @@ impl Pending {
     /// Gives it up before it started: it drops its instance and ends. Waits for that until
     /// `deadline`; a thread still in plugin code then is returned.
     pub fn abandon(self, deadline: Instant) -> Option<Stuck> {
-        let Pending { executor, .. } = self;
+        let Pending {
+            executor,
+            stages,
+            state,
+            go,
+            ..
+        } = self;
+        // Closed first: the thread waits on them, and ends when they are.
+        drop((stages, state, go));
         executor
             .exit(deadline, "an instance given up to be dropped")
             .err()
@@ -730,7 +764,7 @@ impl Me {
                     let handled =
                         doing.call(Call::OnEvent, || instance.on_event(letter.lend(service)));
                     if let Err(error) = handled {
-                        tracing::warn!(service, kind = letter.kind, %error, "event handler failed");
+                        tracing::warn!(service, kind = letter.kind(), %error, "event handler failed");
                     }
                 }
                 // Meant for another executor of the service: dropped, unanswered.

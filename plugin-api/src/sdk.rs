@@ -270,6 +270,12 @@ pub trait Service: Sized + 'static {
 
     /// Creates an instance. `config` is the content of the plugin's configuration file, if
     /// it has one (see the README).
+    ///
+    /// During a hot replace, `new` (and [`Service::import_state`]) run while the previous
+    /// version still serves, so that requests are held as briefly as can be; only
+    /// [`Service::start`] waits for the previous version's [`Service::stop`]. Take what only
+    /// one instance may hold (a port, a lock file) in `start`, and release it in `stop`, not
+    /// in `Drop`: the previous instance is dropped after the new one started.
     fn new(host: Host, config: Option<&str>) -> Result<Self, BoxError>;
 
     /// Called once before the first request. An error leaves the service failed.

@@ -158,7 +158,7 @@ pub(super) fn reload(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         PluginFile::read(&versions[1])?,
     ];
 
-    let n = bench.effort.pick(40, 12, 2);
+    let n = bench.effort.pick(100, 12, 2);
     let (mut reloads, mut floors) = (Samples::default(), Samples::default());
     for round in 0..=n {
         let version = ["2.0.0", "1.0.0"][round % 2];
@@ -238,7 +238,7 @@ pub(super) fn startup(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         }
     }
     let loader = daemon_loader(store.clone())?;
-    let n = bench.effort.pick(6, 3, 1);
+    let n = bench.effort.pick(10, 3, 1);
     let (mut startups, mut floors) = (Samples::default(), Samples::default());
     for round in 0..=n {
         let started = Instant::now();

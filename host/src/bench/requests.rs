@@ -131,7 +131,6 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     // Both servers run (and bear their names) once they have answered.
     bare.round_trip();
     sleepy.round_trip();
-    let placement = Placement::pin(&["bench-bare", "svc-noop", "svc-echo"]);
     let rounds = bench.effort.pick(20, 10, 2);
     let batch = bench.effort.pick(2000, 1000, 50);
 
@@ -194,6 +193,7 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     // (answered once every event before it was handled).
     let events = bench.effort.pick(100_000, 50_000, 1000);
     let (mut kernel_rates, mut bare_rates) = (Vec::new(), Vec::new());
+    let placement = Placement::pin(&["bench-bare", "svc-noop"]);
     for _ in 0..rounds.min(10) {
         let started = Instant::now();
         for _ in 0..events {

@@ -175,9 +175,9 @@ pub(super) fn pauses(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         let loader = Loader::new(None, None)?;
         let mut direct = Direct::new(&loader, &kv, store(&dir)?, &state)?;
         let n = match size {
-            s if s >= 16 << 20 => bench.effort.pick(20, 6, 2),
-            s if s >= 1 << 20 => bench.effort.pick(60, 15, 2),
-            _ => bench.effort.pick(200, 40, 3),
+            s if s >= 16 << 20 => bench.effort.pick(40, 6, 2),
+            s if s >= 1 << 20 => bench.effort.pick(150, 15, 2),
+            _ => bench.effort.pick(500, 40, 3),
         };
         let (mut held, mut steps) = (Samples::default(), Steps::default());
         // One of each to warm up, then one of each in turn.
@@ -232,7 +232,7 @@ pub(super) fn persist(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     let key = StateKey::generate();
     let mut buffer = state.clone();
     let floor_path = dir.join("floor.bin");
-    let n = bench.effort.pick(20, 8, 2);
+    let n = bench.effort.pick(40, 8, 2);
     let (mut stored, mut direct) = (Samples::default(), Samples::default());
     for round in 0..=n {
         let started = Instant::now();

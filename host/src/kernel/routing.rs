@@ -117,11 +117,9 @@ impl HostServices for ServiceContext {
 }
 
 fn letter(from: &Arc<str>, kind: &str, payload: &[u8]) -> Letter {
-    Letter {
-        from: from.clone(),
-        kind: kind.to_owned(),
-        payload: payload.to_vec(),
-    }
+    // Requests from outside carry no reference to the shared name (see `Letter`).
+    let from = (!Arc::ptr_eq(from, external())).then(|| from.clone());
+    Letter::new(from, kind, payload)
 }
 
 impl KernelInner {
