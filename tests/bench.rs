@@ -14,12 +14,7 @@ use crate::{
 fn build_bench_plugins(dir: &Path) {
     fixture_dir();
     let mut script = Command::new(workspace().join(".ci/bench-plugins"));
-    for (key, _) in std::env::vars_os() {
-        let key = key.to_string_lossy();
-        if key.starts_with("CARGO_") && key != "CARGO_HOME" || key == "RUSTFLAGS" {
-            script.env_remove(&*key);
-        }
-    }
+    without_cargo_env(&mut script);
     let output = script
         .arg(dir)
         .arg("--debug")

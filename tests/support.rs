@@ -51,14 +51,20 @@ const ISOLATED: &[&str] = &["old-api", "abi-mismatch"];
 /// nested build behaves like one from a shell.
 pub fn cargo() -> Command {
     let mut command = Command::new(env!("CARGO"));
+    without_cargo_env(&mut command);
+    command.arg("--quiet").arg("--color=never");
+    command
+}
+
+/// Removes from `command` the variables of the cargo that runs the tests (a script that
+/// runs cargo then behaves as from a shell).
+pub fn without_cargo_env(command: &mut Command) {
     for (key, _) in std::env::vars_os() {
         let key = key.to_string_lossy();
         if key.starts_with("CARGO_") && key != "CARGO_HOME" || key == "RUSTFLAGS" {
             command.env_remove(&*key);
         }
     }
-    command.arg("--quiet").arg("--color=never");
-    command
 }
 
 fn run(mut command: Command) {

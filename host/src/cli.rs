@@ -81,7 +81,8 @@ pub struct BenchArgs {
     /// Where summary.json, machine.json and swap-pause.svg are written (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
-    /// A few samples of each measure: under a minute instead of a few minutes.
+    /// Fewer samples of each measure: about 10 s instead of about 30 s on a 2-CPU machine
+    /// (the figures are less steady).
     #[arg(long)]
     pub quick: bool,
     /// Where state is written while measuring: a directory on the disk the host's state
