@@ -52,6 +52,19 @@ fn plugins_start_in_dependency_order_and_answer_through_the_kernel() -> TestResu
     assert_eq!(json(&get)["value"], serde_json::json!([1, 2]));
     let missing = kernel.request("kv", "get", br#"{"op":"get","key":"zz"}"#, None);
     assert_eq!(missing.code, codes::NOT_FOUND);
+    // A bad request is told what was wrong in words, not in Rust's debug notation.
+    for (payload, said) in [
+        (&br#"{"op":"nope"}"#[..], "unknown op `nope`"),
+        (br#"{"key":"a"}"#, "no string `op`"),
+    ] {
+        let bad = kernel.request("kv", "x", payload, None);
+        assert_eq!(bad.code, codes::BAD_REQUEST);
+        assert!(
+            bad.message.contains(said) && !bad.message.contains("Some("),
+            "{}",
+            bad.message
+        );
+    }
 
     let logged = kernel.request("logger", "log", b"a line", None);
     assert_eq!(json(&logged)["logged"], 1);

@@ -56,9 +56,13 @@ impl Service for Kv {
                 Reply::json(&serde_json::json!({ "previous": previous }))
             }
             Some("len") => Reply::json(&serde_json::json!({ "len": self.map.len() })),
-            other => Reply::error(
+            Some(other) => Reply::error(
                 codes::BAD_REQUEST,
-                format!("unknown op {other:?}; expected put, get, delete or len"),
+                format!("unknown op `{other}`; expected put, get, delete or len"),
+            ),
+            None => Reply::error(
+                codes::BAD_REQUEST,
+                "request has no string `op`; expected put, get, delete or len",
             ),
         };
         Ok(reply)
