@@ -7,9 +7,10 @@
 //! the kernel closes the instance's library, so that no thread-local destructor registered
 //! by the plugin can pin the library.
 //!
-//! Every wait on an executor has a deadline and goes through one of two functions: [`ask`]
-//! (post a message, wait for its answer) and [`Executor::exit`] (wait for the thread to end,
-//! thread-local destructors included). An executor that does not answer or end in time is
+//! Every wait on an executor has a deadline and goes through one of three functions: [`ask`]
+//! (post a message, wait for its answer), [`Pending`]'s stages (an instance being created,
+//! importing, starting) and [`Executor::exit`] (wait for the thread to end, thread-local
+//! destructors included). An executor that does not answer or end in time is
 //! stuck in plugin code: [`Stuck`] keeps its thread (and, through the instance it owns, its
 //! library) and names the call it is in.
 
@@ -29,8 +30,8 @@ use crate::loader::{threads, HostServices, Instance, Library};
 
 /// A request or an event on its way to a service, in the fewest allocations that carry it:
 /// the recipient is the mailbox's service; the sender a shared name, or none for `external`
-/// (a reference count shared by every request from outside would bounce between the CPUs);
-/// kind and payload one buffer.
+/// (a reference count shared by every request from outside would bounce between the CPUs,
+/// which was half an event's cost); kind and payload one buffer.
 pub(crate) struct Letter {
     from: Option<Arc<str>>,
     /// The kind's bytes, then the payload's.
@@ -305,7 +306,7 @@ pub(crate) struct Launch {
     pub library: Arc<Library>,
     pub services: Arc<dyn HostServices>,
     pub config: Option<String>,
-    /// How long creating, importing and starting may take.
+    /// How long creating, importing and starting may each take.
     pub timeout: Duration,
     /// How long the executor polls its mailbox before it sleeps (see [`recv_soon`]).
     pub spin: Duration,
@@ -411,10 +412,9 @@ impl Executor {
 /// Receives from `rx`, waiting at most until `deadline` (for ever when `None`). A message
 /// expected soon (a reply, the next request of a busy client) is polled for during `spin`
 /// first, giving the CPU away between polls, and only then waited for asleep: waking a
-/// sleeping thread costs tens of microseconds on a virtual machine (it is what a request
-/// cost before, 30 to 70 µs for a 4 µs exchange), polling costs the CPU time of a thread
-/// that would otherwise be idle, and a thread that shares its CPU with the sender lets it
-/// run at once.
+/// sleeping thread costs 30 to 70 µs on a virtual machine, a whole request 2 µs; polling
+/// costs the CPU time of a thread that would otherwise be idle, and a thread that shares
+/// its CPU with the sender lets it run at once.
 pub(crate) fn recv_soon<T>(
     rx: &Receiver<T>,
     spin: Duration,

@@ -104,16 +104,6 @@ impl Message {
             payload: raw.payload.as_slice().to_vec(),
         }
     }
-
-    /// Lends the message to a plugin for the length of a call (what a host does).
-    pub fn as_raw(&self) -> RMessage<'_> {
-        RMessage {
-            from: self.from.as_str().into(),
-            to: self.to.as_str().into(),
-            kind: self.kind.as_str().into(),
-            payload: self.payload.as_slice().into(),
-        }
-    }
 }
 
 /// The answer to a request: a code (see [`codes`]), a message and data.

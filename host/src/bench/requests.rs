@@ -55,12 +55,13 @@ impl Bare {
         Ok(Bare { tx, spin })
     }
 
-    fn round_trip(&self) -> Vec<u8> {
+    fn round_trip(&self) -> anyhow::Result<()> {
         let (reply, answer) = bounded(1);
         self.tx
             .send(BareMessage::Request(PAYLOAD.to_vec(), reply))
-            .expect("the bare server runs");
-        recv_soon(&answer, self.spin, None).expect("the bare server replies")
+            .context("the bare server is gone")?;
+        recv_soon(&answer, self.spin, None).context("the bare server did not reply")?;
+        Ok(())
     }
 }
 
@@ -107,12 +108,36 @@ impl Drop for Placement {
     }
 }
 
-/// Times `n` calls of `f`.
-fn time(samples: &mut Samples, n: usize, mut f: impl FnMut()) {
+/// Times `n` calls of `f`; stops at its first error.
+fn time(
+    samples: &mut Samples,
+    n: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     for _ in 0..n {
         let started = Instant::now();
-        f();
+        f()?;
         samples.push(started.elapsed());
+    }
+    Ok(())
+}
+
+/// Retries `send` while it fails (a full mailbox), giving the CPU away between tries; an
+/// error still there after `STALLED` is returned.
+fn send_until_taken(mut send: impl FnMut() -> Result<(), String>) -> anyhow::Result<()> {
+    const STALLED: Duration = Duration::from_secs(10);
+    let mut since = None;
+    loop {
+        match send() {
+            Ok(()) => return Ok(()),
+            Err(error) => {
+                let since = *since.get_or_insert_with(Instant::now);
+                if since.elapsed() > STALLED {
+                    bail!("{error} (for {STALLED:?})");
+                }
+                std::thread::yield_now();
+            }
+        }
     }
 }
 
@@ -129,29 +154,28 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     // The same without polling: what every exchange cost before the host polled.
     let sleepy = Bare::start(config.mailbox_capacity, Duration::ZERO)?;
     // Both servers run (and bear their names) once they have answered.
-    bare.round_trip();
-    sleepy.round_trip();
+    bare.round_trip()?;
+    sleepy.round_trip()?;
     let rounds = bench.effort.pick(20, 10, 2);
     let batch = bench.effort.pick(2000, 1000, 50);
 
-    let request = |to: &str| {
+    let request = |to: &str| -> anyhow::Result<()> {
         let reply = kernel.request(to, to, &PAYLOAD, None);
-        assert!(
-            reply.is_ok(),
-            "{to} failed: {}",
-            String::from_utf8_lossy(&reply.data)
-        );
+        if !reply.is_ok() {
+            bail!("{to} answered {}: {}", reply.code, reply.message);
+        }
+        Ok(())
     };
     let (mut floor, mut noop, mut echo, mut asleep) = Default::default();
     // Warm up every path, then interleave: each batch of one is next to a batch of the others.
-    time(&mut Samples::default(), batch, || drop(bare.round_trip()));
-    time(&mut Samples::default(), batch, || request("noop"));
-    time(&mut Samples::default(), batch, || request("echo"));
+    time(&mut Samples::default(), batch, || bare.round_trip())?;
+    time(&mut Samples::default(), batch, || request("noop"))?;
+    time(&mut Samples::default(), batch, || request("echo"))?;
     for _ in 0..rounds {
-        time(&mut floor, batch, || drop(bare.round_trip()));
-        time(&mut asleep, batch, || drop(sleepy.round_trip()));
-        time(&mut noop, batch, || request("noop"));
-        time(&mut echo, batch, || request("echo"));
+        time(&mut floor, batch, || bare.round_trip())?;
+        time(&mut asleep, batch, || sleepy.round_trip())?;
+        time(&mut noop, batch, || request("noop"))?;
+        time(&mut echo, batch, || request("echo"))?;
     }
     let floor_is = "a bare round trip: bounded channel, one-shot reply, a server thread doing nothing, both polling as the host does";
     let mut rows = vec![
@@ -197,27 +221,28 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     for _ in 0..rounds.min(10) {
         let started = Instant::now();
         for _ in 0..events {
-            while bare
-                .tx
-                .try_send(BareMessage::Event(PAYLOAD.to_vec()))
-                .is_err()
-            {
-                std::thread::yield_now();
-            }
+            send_until_taken(|| {
+                bare.tx
+                    .try_send(BareMessage::Event(PAYLOAD.to_vec()))
+                    .map_err(|e| e.to_string())
+            })?;
         }
-        bare.round_trip();
+        bare.round_trip()?;
         bare_rates.push(events as f64 / started.elapsed().as_secs_f64() / 1000.0);
         let started = Instant::now();
         for _ in 0..events {
-            while kernel.emit("noop", "event", &PAYLOAD).is_err() {
-                std::thread::yield_now();
-            }
+            send_until_taken(|| kernel.emit("noop", "event", &PAYLOAD))?;
         }
-        request("noop");
+        request("noop")?;
         kernel_rates.push(events as f64 / started.elapsed().as_secs_f64() / 1000.0);
     }
+    let pinned = placement.is_some();
     rows.push(Row::new(
-        "events to noop, one way, pipelined",
+        if pinned {
+            "events to noop, one way, pipelined"
+        } else {
+            "events to noop, one way, pipelined (threads not pinned)"
+        },
         (median(&mut kernel_rates), median(&mut bare_rates)),
         "k/s",
         "the bare channel's throughput, same capacity",
@@ -229,9 +254,9 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     // What a plugin in another process costs: JSON lines over a Unix socket.
     let mut peer = Peer::spawn()?;
     let mut remote = Samples::default();
-    time(&mut Samples::default(), batch, || peer.round_trip());
+    time(&mut Samples::default(), batch, || peer.round_trip())?;
     for _ in 0..rounds {
-        time(&mut remote, batch, || peer.round_trip());
+        time(&mut remote, batch, || peer.round_trip())?;
     }
     rows.push(Row::new(
         "out-of-process plugin: JSON line over a Unix socket",
@@ -287,17 +312,20 @@ impl Peer {
         })
     }
 
-    fn round_trip(&mut self) {
+    fn round_trip(&mut self) -> anyhow::Result<()> {
         self.stream
             .write_all(&self.request)
-            .expect("the peer reads");
+            .context("writing to the peer process")?;
         self.line.clear();
         self.reader
             .read_line(&mut self.line)
-            .expect("the peer answers");
-        let reply: serde_json::Value =
-            serde_json::from_str(&self.line).expect("the peer answers JSON");
-        assert_eq!(reply["code"], 0, "the peer answered {reply}");
+            .context("reading the peer process's answer")?;
+        let reply: serde_json::Value = serde_json::from_str(&self.line)
+            .with_context(|| format!("the peer process answered {:?}", self.line))?;
+        if reply["code"] != 0 {
+            bail!("the peer process answered {reply}");
+        }
+        Ok(())
     }
 }
 

@@ -630,7 +630,7 @@ impl Kernel {
     ) -> Reply {
         let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
         self.inner
-            .route_request(routing::external(), Vec::new(), to, kind, payload, timeout)
+            .route_request(None, Vec::new(), to, kind, payload, timeout)
     }
 
     /// Sends a request from outside the host without waiting for the reply: the reply
@@ -645,21 +645,13 @@ impl Kernel {
         room: Duration,
     ) -> Result<PendingReply, Reply> {
         let timeout = timeout.unwrap_or(self.inner.config.request_timeout);
-        self.inner.post_request(
-            routing::external(),
-            Vec::new(),
-            to,
-            kind,
-            payload,
-            timeout,
-            room,
-        )
+        self.inner
+            .post_request(None, Vec::new(), to, kind, payload, timeout, room)
     }
 
     /// Queues an event from outside the host.
     pub fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String> {
-        self.inner
-            .route_event(routing::external(), to, kind, payload)
+        self.inner.route_event(None, to, kind, payload)
     }
 
     /// Every registered service, by name.

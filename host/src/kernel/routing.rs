@@ -58,13 +58,6 @@ struct ServiceContext {
     kernel: Weak<KernelInner>,
 }
 
-/// The sender of requests and events from outside the host.
-pub(super) fn external() -> &'static Arc<str> {
-    static EXTERNAL: std::sync::LazyLock<Arc<str>> =
-        std::sync::LazyLock::new(|| Arc::from("external"));
-    &EXTERNAL
-}
-
 pub(super) fn context(service: &str, kernel: &KernelInner) -> Arc<dyn HostServices> {
     Arc::new(ServiceContext {
         service: Arc::from(service),
@@ -97,7 +90,7 @@ impl HostServices for ServiceContext {
     fn request(&self, to: &str, kind: &str, payload: &[u8], timeout: Duration) -> Reply {
         match self.kernel.upgrade() {
             Some(kernel) => kernel.route_request(
-                &self.service,
+                Some(&self.service),
                 executor::current_chain(),
                 to,
                 kind,
@@ -110,24 +103,19 @@ impl HostServices for ServiceContext {
 
     fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String> {
         match self.kernel.upgrade() {
-            Some(kernel) => kernel.route_event(&self.service, to, kind, payload),
+            Some(kernel) => kernel.route_event(Some(&self.service), to, kind, payload),
             None => Err("the kernel is shutting down".into()),
         }
     }
 }
 
-fn letter(from: &Arc<str>, kind: &str, payload: &[u8]) -> Letter {
-    // Requests from outside carry no reference to the shared name (see `Letter`).
-    let from = (!Arc::ptr_eq(from, external())).then(|| from.clone());
-    Letter::new(from, kind, payload)
-}
-
 impl KernelInner {
-    /// Routes a request and waits for its reply, at most `timeout` in all (waiting for room
-    /// in a full mailbox included). `chain` lists the services waiting on this request.
+    /// Routes a request from `from` (`None`: from outside the host) and waits for its reply,
+    /// at most `timeout` in all (waiting for room in a full mailbox included). `chain` lists
+    /// the services waiting on this request.
     pub(crate) fn route_request(
         &self,
-        from: &Arc<str>,
+        from: Option<&Arc<str>>,
         chain: Vec<Arc<str>>,
         to: &str,
         kind: &str,
@@ -150,7 +138,7 @@ impl KernelInner {
     #[expect(clippy::too_many_arguments, reason = "a request's parts, passed once")]
     pub(crate) fn post_request(
         &self,
-        from: &Arc<str>,
+        from: Option<&Arc<str>>,
         chain: Vec<Arc<str>>,
         to: &str,
         kind: &str,
@@ -181,7 +169,7 @@ impl KernelInner {
         let deadline = Instant::now() + timeout;
         let (reply_tx, reply_rx) = bounded(1);
         let envelope = Envelope::Request {
-            letter: letter(from, kind, payload),
+            letter: Letter::new(from.cloned(), kind, payload),
             chain,
             reply: reply_tx,
         };
@@ -210,7 +198,7 @@ impl KernelInner {
     /// Queues an event; fails when the target does not run or its mailbox is full.
     pub(crate) fn route_event(
         &self,
-        from: &Arc<str>,
+        from: Option<&Arc<str>>,
         to: &str,
         kind: &str,
         payload: &[u8],
@@ -218,7 +206,7 @@ impl KernelInner {
         if to == KERNEL {
             tracing::info!(
                 target: "kernel",
-                from = &**from,
+                from = from.map_or("external", |f| &**f),
                 kind,
                 payload = %String::from_utf8_lossy(&payload[..payload.len().min(256)]),
                 "event for the kernel"
@@ -231,7 +219,7 @@ impl KernelInner {
             return Err(format!("service `{to}` is not running ({status})"));
         }
         let envelope = Envelope::Event {
-            letter: letter(from, kind, payload),
+            letter: Letter::new(from.cloned(), kind, payload),
         };
         slot.mailbox.tx.try_send(envelope).map_err(|e| match e {
             TrySendError::Full(_) => format!(

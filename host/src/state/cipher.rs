@@ -17,21 +17,8 @@ pub fn fresh_nonce() -> [u8; NONCE_LEN] {
     nonce
 }
 
-/// Encrypts `plaintext`, authenticating it together with `aad`. Returns ciphertext and tag.
-pub fn seal(key: &[u8; 32], nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Vec<u8> {
-    let cipher = Aes256Gcm::new(&(*key).into());
-    cipher
-        .encrypt(
-            &(*nonce).into(),
-            Payload {
-                msg: plaintext,
-                aad,
-            },
-        )
-        .expect("AES-GCM encryption only fails for messages over 64 GiB")
-}
-
-/// Encrypts `buffer` in place, authenticating it together with `aad`; returns the tag.
+/// Encrypts `buffer` in place, authenticating it together with `aad`; returns the tag,
+/// which follows the ciphertext in a state file.
 pub fn seal_in_place(
     key: &[u8; 32],
     nonce: &[u8; NONCE_LEN],

@@ -438,7 +438,15 @@ pub(super) fn seal(
 ) -> Result<Vec<u8>, &'static str> {
     let key = keys.current();
     let nonce = cipher::fresh_nonce();
-    let mut out = Vec::with_capacity(64 + bytes.len() + TAG_LEN);
+    // Exactly the file's size: the state is never moved once copied in.
+    let header_len = MAGIC.len()
+        + std::mem::size_of_val(&FORMAT_VERSION)
+        + key.id().len()
+        + 2
+        + service.len()
+        + version.len()
+        + NONCE_LEN;
+    let mut out = Vec::with_capacity(header_len + bytes.len() + TAG_LEN);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     out.extend_from_slice(&key.id());
@@ -448,8 +456,12 @@ pub(super) fn seal(
         out.extend_from_slice(field.as_bytes());
     }
     out.extend_from_slice(&nonce);
-    let sealed = cipher::seal(key.bytes(), &nonce, &out, bytes);
-    out.extend_from_slice(&sealed);
+    // Sealed where it lies: one buffer for the whole file, the header as associated data.
+    debug_assert_eq!(out.len(), header_len);
+    out.extend_from_slice(bytes);
+    let (header, body) = out.split_at_mut(header_len);
+    let tag = cipher::seal_in_place(key.bytes(), &nonce, header, body);
+    out.extend_from_slice(&tag);
     Ok(out)
 }
 
