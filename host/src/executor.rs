@@ -99,6 +99,10 @@ pub(crate) enum Envelope {
         verdict: Receiver<Verdict>,
         /// Answered once `stop` returned, after [`Verdict::Stop`].
         stopped: Sender<()>,
+        /// Then waited for (until its sender is dropped) before the instance is dropped: a
+        /// large instance's drop would compete with the new one's start for the CPUs and
+        /// the allocator.
+        release: Receiver<()>,
     },
     /// Optionally export the state (answered at once, so that a `stop` that hangs does not
     /// hold it back), then stop the instance, answer how that went, and exit.
@@ -496,8 +500,11 @@ const HANDOFF_SPIN: Duration = Duration::from_millis(2);
 /// instance is made while requests are held. Dropped, it drops its instance and ends.
 pub(crate) struct Pending {
     executor: Executor,
-    /// What each stage came to: created, imported, started.
+    /// What the first two stages came to: created, imported.
     stages: Receiver<Result<(), InstanceError>>,
+    /// What the last one came to: a rendezvous, so that an instance is told it may serve
+    /// only if the kernel takes the news (one it gave up waiting for stops instead).
+    started: Receiver<Result<(), InstanceError>>,
     state: Option<Sender<Option<State>>>,
     go: Option<Sender<()>>,
     timeout: Duration,
@@ -518,9 +525,10 @@ pub(crate) fn prepare(
     launch: Launch,
     mailbox: Receiver<Envelope>,
 ) -> Result<Pending, LaunchFailure> {
-    // A rendezvous: a stage's outcome is delivered only if the kernel takes it, so a thread
-    // whose launcher gave up (timed out) never takes that for a go-ahead.
-    let (stages_tx, stages) = bounded::<Result<(), InstanceError>>(0);
+    // Buffered: the thread goes on waiting for its state without waiting for the kernel to
+    // read how the creation or the import went (the kernel may be writing the state then).
+    let (stages_tx, stages) = bounded::<Result<(), InstanceError>>(2);
+    let (started_tx, started) = bounded::<Result<(), InstanceError>>(0);
     let (state_tx, state_rx) = bounded::<Option<State>>(1);
     let (go_tx, go_rx) = bounded::<()>(1);
     let name = format!("svc-{}", launch.service);
@@ -539,6 +547,7 @@ pub(crate) fn prepare(
     };
     let waits = Waits {
         stages: stages_tx,
+        started: started_tx,
         state: state_rx,
         go: go_rx,
     };
@@ -557,19 +566,33 @@ pub(crate) fn prepare(
             late_state,
         },
         stages,
+        started,
         state: Some(state_tx),
         go: Some(go_tx),
         timeout,
         spin,
     };
-    pending.stage("the instance to be created")
+    pending.stage(Stage::Created)
+}
+
+/// The stages of a [`Pending`] executor.
+#[derive(Debug, Clone, Copy)]
+enum Stage {
+    Created,
+    Imported,
+    Started,
 }
 
 impl Pending {
     /// Waits for the outcome of the stage under way; on failure, for the thread to end.
-    fn stage(self, waited_for: &'static str) -> Result<Pending, LaunchFailure> {
+    fn stage(self, stage: Stage) -> Result<Pending, LaunchFailure> {
         let deadline = Instant::now() + self.timeout;
-        let error = match recv_soon(&self.stages, self.spin, Some(deadline)) {
+        let (outcomes, waited_for) = match stage {
+            Stage::Created => (&self.stages, "the instance to be created"),
+            Stage::Imported => (&self.stages, "the state to be imported"),
+            Stage::Started => (&self.started, "the instance to start"),
+        };
+        let error = match recv_soon(outcomes, self.spin, Some(deadline)) {
             Ok(Ok(())) => return Ok(self),
             Ok(Err(error)) => error,
             Err(RecvTimeoutError::Timeout) => {
@@ -606,7 +629,7 @@ impl Pending {
 
     /// Waits (at most the timeout) until the state given with [`Pending::import`] is imported.
     pub fn imported(self) -> Result<Pending, LaunchFailure> {
-        self.stage("the state to be imported")
+        self.stage(Stage::Imported)
     }
 
     /// Lets the instance start, and waits (at most the timeout) until it serves.
@@ -614,7 +637,7 @@ impl Pending {
         if let Some(go) = self.go.take() {
             let _ = go.send(());
         }
-        let started = self.stage("the instance to start")?;
+        let started = self.stage(Stage::Started)?;
         Ok(started.executor)
     }
 
@@ -624,12 +647,13 @@ impl Pending {
         let Pending {
             executor,
             stages,
+            started,
             state,
             go,
             ..
         } = self;
         // Closed first: the thread waits on them, and ends when they are.
-        drop((stages, state, go));
+        drop((stages, started, state, go));
         executor
             .exit(deadline, "an instance given up to be dropped")
             .err()
@@ -663,6 +687,7 @@ struct Me {
 /// How a launching executor thread hears from the kernel, and answers.
 struct Waits {
     stages: Sender<Result<(), InstanceError>>,
+    started: Sender<Result<(), InstanceError>>,
     state: Receiver<Option<State>>,
     go: Receiver<()>,
 }
@@ -691,21 +716,21 @@ fn run(launch: Launch, mailbox: Receiver<Envelope>, waits: Waits, me: Me) {
     // Dropped on this thread before it ends (and, on failure, before the answer, so that
     // the launcher's wait for the exit covers it).
     let drop_it = |instance: Instance| doing.call(Call::Drop, || drop(instance));
-    let failed = |error: InstanceError, instance: Instance| {
+    let failed = |error: InstanceError, instance: Instance, to: &Sender<_>| {
         drop_it(instance);
-        let _ = waits.stages.send(Err(error));
+        let _ = to.send(Err(error));
     };
     // The kernel gone from any of these waits gave the instance up.
     if waits.stages.send(Ok(())).is_err() {
         return drop_it(instance);
     }
-    let Ok(state) = recv_soon(&waits.state, HANDOFF_SPIN, None) else {
+    let Ok(state) = recv_soon(&waits.state, me.spin, None) else {
         return drop_it(instance);
     };
     if let Some((version, bytes)) = &state {
         let imported = doing.call(Call::ImportState, || instance.import_state(version, bytes));
         if let Err(e) = imported {
-            return failed(InstanceError::Import(e), instance);
+            return failed(InstanceError::Import(e), instance, &waits.stages);
         }
     }
     drop(state);
@@ -716,9 +741,9 @@ fn run(launch: Launch, mailbox: Receiver<Envelope>, waits: Waits, me: Me) {
         return drop_it(instance);
     }
     if let Err(e) = doing.call(Call::Start, || instance.start()) {
-        return failed(InstanceError::Start(e), instance);
+        return failed(InstanceError::Start(e), instance, &waits.started);
     }
-    if waits.stages.send(Ok(())).is_err() {
+    if waits.started.send(Ok(())).is_err() {
         // The kernel gave up waiting (see `Pending::stage`): this instance must not serve.
         stop(&service, &mut instance, doing);
     } else {
@@ -779,6 +804,7 @@ impl Me {
                     exported,
                     verdict,
                     stopped,
+                    release,
                     ..
                 } => {
                     let held_since = Instant::now();
@@ -791,6 +817,7 @@ impl Me {
                     if recv_soon(&verdict, HANDOFF_SPIN, None) == Ok(Verdict::Stop) {
                         stop(service, instance, doing);
                         let _ = stopped.send(());
+                        let _ = release.recv();
                         return;
                     }
                 }

@@ -109,16 +109,20 @@ struct Suspension {
     verdict: Option<Sender<Verdict>>,
     /// Answered once the instance's `stop` returned (after [`Verdict::Stop`]).
     stopped: Receiver<()>,
+    /// Dropped, lets the stopped instance be dropped (see [`Envelope::Suspend`]).
+    release: Option<Sender<()>>,
 }
 
 impl Suspension {
     /// Tells the old instance to stop, and waits until its `stop` returned, at most until
-    /// `deadline`. Returns whether it did.
-    fn stop(mut self, spin: Duration, deadline: Instant) -> bool {
+    /// `deadline`. Returns whether it did, and what lets the instance be dropped (once the
+    /// new one serves).
+    fn stop(mut self, spin: Duration, deadline: Instant) -> (bool, Option<Sender<()>>) {
         if let Some(verdict) = self.verdict.take() {
             let _ = verdict.send(Verdict::Stop);
         }
-        recv_soon(&self.stopped, spin, Some(deadline)).is_ok()
+        let stopped = recv_soon(&self.stopped, spin, Some(deadline)).is_ok();
+        (stopped, self.release.take())
     }
 }
 
@@ -227,7 +231,7 @@ impl KernelInner {
 
         // 6. Stop the old instance: its `stop`, not yet the end of its thread.
         let held_since = suspension.held_since;
-        let stopped = suspension.stop(self.config.spin, self.deadline());
+        let (stopped, release) = suspension.stop(self.config.spin, self.deadline());
         let mut old = ops.run.take_executor(Status::Failed);
         let mut old_stuck = None;
         if !stopped {
@@ -241,6 +245,7 @@ impl KernelInner {
         // 7. The new version serves, or 8. the old one again; 9. the old thread ends.
         let started = pending.start();
         let held = held_since.elapsed();
+        drop(release);
         if let Some(executor) = old {
             old_stuck = executor
                 .exit(self.deadline(), "the old instance to be dropped")
@@ -268,6 +273,7 @@ impl KernelInner {
     ) -> Result<(Suspension, Vec<u8>), String> {
         let (verdict_tx, verdict_rx) = bounded(1);
         let (stopped_tx, stopped_rx) = bounded(1);
+        let (release_tx, release_rx) = bounded(0);
         let timeout = self.config.operation_timeout;
         let (doing, epoch) = match &ops.run {
             Run::Running(executor) => (executor.doing(), executor.epoch()),
@@ -280,6 +286,7 @@ impl KernelInner {
                 exported,
                 verdict: verdict_rx,
                 stopped: stopped_tx,
+                release: release_rx,
             },
             self.config.spin,
             self.deadline(),
@@ -299,6 +306,7 @@ impl KernelInner {
             held_since,
             verdict: Some(verdict_tx),
             stopped: stopped_rx,
+            release: Some(release_tx),
         };
         // On an export error, `suspension` is dropped: the old instance resumes.
         let bytes = exported?;
