@@ -768,6 +768,9 @@ pub fn exit_without_destructors(code: i32) -> ! {
 /// arenas per core, one more for each thread that finds the others busy; a host that starts
 /// a thread per service instance then grows for hundreds of hot replaces before its
 /// resident memory settles (1.6 MB over 400 swaps here, against 0.1 MB with two arenas).
+/// The fewer the arenas, the less of a swap's large buffers lands on pages an arena just gave
+/// back (each page faulted in again): with one arena a 16 MiB swap pause is 0.92 of its
+/// floor on a 2-CPU machine, with two 1.12 to 1.17 (see docs/PERFORMANCE.md).
 pub fn limit_malloc_arenas(arenas: i32) {
     if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
         return;
