@@ -71,6 +71,12 @@ impl Daemon {
     }
 
     pub(crate) fn start_with(root: &Path, extra: &[&str]) -> Daemon {
+        Daemon::start_with_env(root, extra, &[])
+    }
+
+    /// Started with `extra` arguments and `env` variables (and no `NOTIFY_SOCKET` of the
+    /// test's own environment).
+    pub(crate) fn start_with_env(root: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
         let log = fs::File::create(root.join("host.log")).unwrap();
         let p = |name: &str| root.join(name).to_string_lossy().into_owned();
         let child = Command::new(BIN)
@@ -78,6 +84,8 @@ impl Daemon {
             .args(["--pid-file", &p("host.pid")])
             .args(extra)
             .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -153,6 +161,49 @@ pub(crate) fn setup(packages: &[&str]) -> tempfile::TempDir {
     let output = microkernel(&["keygen", "--out", key.to_str().unwrap()]);
     assert!(output.status.success(), "{}", stderr(&output));
     root
+}
+
+#[test]
+fn the_daemon_tells_its_service_manager_when_it_is_ready_reloading_and_stopping() -> TestResult {
+    let root = setup(&["echo"]);
+    // What systemd does for a `Type=notify` unit: a datagram socket named in NOTIFY_SOCKET.
+    let socket = root.path().join("notify.sock");
+    let manager = std::os::unix::net::UnixDatagram::bind(&socket)?;
+    manager.set_read_timeout(Some(Duration::from_secs(20)))?;
+    let next = || -> String {
+        let mut buffer = vec![0; 4096];
+        let n = manager
+            .recv(&mut buffer)
+            .expect("a notification within 20 s");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+    let says = |message: &str, line: &str| message.lines().any(|l| l == line);
+    let daemon = Daemon::start_with_env(root.path(), &[], &[("NOTIFY_SOCKET", &socket)]);
+
+    let ready = next();
+    assert!(says(&ready, "READY=1"), "{ready}");
+    assert!(says(&ready, "STATUS=1 of 1 services running"), "{ready}");
+    // Ready means serving.
+    assert_eq!(daemon.send("echo", "hi")["echo"], "hi");
+
+    // A rescan is bracketed: RELOADING=1 with the monotonic time, then READY=1.
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+    let reloading = next();
+    assert!(says(&reloading, "RELOADING=1"), "{reloading}");
+    assert!(
+        reloading.lines().any(|l| l
+            .strip_prefix("MONOTONIC_USEC=")
+            .is_some_and(|us| us.parse::<u64>().is_ok_and(|us| us > 0))),
+        "{reloading}"
+    );
+    assert!(says(&next(), "READY=1"));
+
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}");
+    let stopping = next();
+    assert!(says(&stopping, "STOPPING=1"), "{stopping}");
+    Ok(())
 }
 
 #[test]

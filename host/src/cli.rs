@@ -38,6 +38,8 @@ pub enum LogFormat {
 pub enum Command {
     /// Run the host: load every plugin of a directory, start the services, serve until
     /// SIGINT or SIGTERM. SIGHUP rescans the directory and hot-replaces changed services.
+    /// Under a service manager that sets $NOTIFY_SOCKET (systemd's Type=notify), reports
+    /// READY=1, RELOADING=1 and STOPPING=1.
     Run(RunArgs),
     /// Write a new random state key (64 hex digits) to a file with mode 0600.
     Keygen {

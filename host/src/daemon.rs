@@ -187,6 +187,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             pid = std::process::id(),
             "host running: SIGHUP rescans, SIGINT/SIGTERM stop"
         );
+        crate::notify::ready(&running_status(&kernel));
         Ok(())
     };
     let Stop {
@@ -195,6 +196,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         failure,
     } = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up);
     let wedged = crate::loader::loader_wedged();
+    crate::notify::stopping(&format!("stopping every service ({signal})"));
 
     // Everything from here on is bounded: SIGTERM ends the host within the operation
     // timeout, plus the time to write the states that came back.
@@ -384,7 +386,9 @@ fn spawn_reload_thread(
                     retry,
                     replies,
                 } = Batch::of(first, reloads);
+                crate::notify::reloading();
                 let lines = report_lines(&reloader.scan_with(&kernel, only.as_deref(), retry));
+                crate::notify::ready(&running_status(&kernel));
                 for reply in replies {
                     let _ = reply.send(lines.clone());
                 }
@@ -412,6 +416,16 @@ fn prepare_for_a_wedged_loader() {
     let (tx, rx) = crossbeam_channel::bounded::<()>(0);
     let _ = rx.recv_timeout(Duration::from_micros(1));
     drop(tx);
+}
+
+/// The `STATUS=` line told to the service manager: how many services run.
+fn running_status(kernel: &Kernel) -> String {
+    let services = kernel.list();
+    let running = services
+        .iter()
+        .filter(|s| s.status == crate::Status::Running)
+        .count();
+    format!("{running} of {} services running", services.len())
 }
 
 /// What the reload thread is asked to do.

@@ -36,5 +36,6 @@ pub mod bench;
 pub mod cli;
 pub mod control;
 pub mod daemon;
+pub mod notify;
 pub mod reload;
 pub mod trust;
