@@ -207,6 +207,53 @@ fn the_daemon_tells_its_service_manager_when_it_is_ready_reloading_and_stopping(
 }
 
 #[test]
+fn ctl_takes_its_options_after_the_command_and_answers_about_what_was_asked() -> TestResult {
+    let root = setup(&["echo", "kv"]);
+    let daemon = Daemon::start(root.path());
+    let state = root.path().join("state");
+    let state = state.to_str().unwrap();
+    // --state-dir (and --wait) before the command or after it.
+    for args in [
+        vec!["ctl", "--state-dir", state, "list"],
+        vec!["ctl", "list", "--state-dir", state, "--wait", "10s"],
+    ] {
+        let list = microkernel(&args);
+        assert!(list.status.success(), "{args:?}: {}", stderr(&list));
+        assert!(stdout(&list).contains("echo"), "{}", stdout(&list));
+    }
+    // ctl's --state-dir is the host's to talk to, not one it creates.
+    let help = microkernel(&["ctl", "--help"]);
+    assert!(!stdout(&help).contains("mode 0700"), "{}", stdout(&help));
+
+    // `ctl send kernel list` does what it reads like.
+    let kernel = microkernel(&["ctl", "send", "kernel", "list", "--state-dir", state]);
+    assert!(kernel.status.success(), "{}", stderr(&kernel));
+    let services: serde_json::Value = serde_json::from_slice(&kernel.stdout)?;
+    assert!(
+        services
+            .as_array()
+            .is_some_and(|s| s.iter().any(|s| s["name"] == "echo")),
+        "{services}"
+    );
+
+    // A reload of one service answers about that service; a full one about the directory.
+    let one = daemon.ctl(&["reload", "echo"]);
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert!(
+        stdout(&one).contains("echo unchanged: 1.0.0 running from"),
+        "{}",
+        stdout(&one)
+    );
+    let all = daemon.ctl(&["reload"]);
+    assert!(
+        stdout(&all).contains("2 files unchanged"),
+        "{}",
+        stdout(&all)
+    );
+    Ok(())
+}
+
+#[test]
 fn the_daemon_serves_hot_replaces_on_sighup_and_stops_cleanly_with_its_state() -> TestResult {
     let root = setup(&["echo", "logger", "kv"]);
     let daemon = Daemon::start(root.path());

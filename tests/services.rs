@@ -52,9 +52,11 @@ fn plugins_start_in_dependency_order_and_answer_through_the_kernel() -> TestResu
     assert_eq!(json(&get)["value"], serde_json::json!([1, 2]));
     let missing = kernel.request("kv", "get", br#"{"op":"get","key":"zz"}"#, None);
     assert_eq!(missing.code, codes::NOT_FOUND);
-    // A bad request is told what was wrong in words, not in Rust's debug notation.
+    // A bad request is told what was wrong in words, not in Rust's debug notation; a
+    // payload that is not JSON is a bad request too (`request.json()?` in the plugin).
     for (payload, said) in [
-        (&br#"{"op":"nope"}"#[..], "unknown op `nope`"),
+        (&b"not json"[..], "is not the expected JSON"),
+        (br#"{"op":"nope"}"#, "unknown op `nope`"),
         (br#"{"key":"a"}"#, "no string `op`"),
     ] {
         let bad = kernel.request("kv", "x", payload, None);

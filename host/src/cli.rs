@@ -145,10 +145,13 @@ pub struct StateDirArg {
     pub dir: PathBuf,
 }
 
+/// The control socket's name in the state directory (where it is by default).
+pub const CONTROL_SOCKET: &str = "control.sock";
+
 impl StateDirArg {
     /// The control socket's default path.
     pub fn default_socket(&self) -> PathBuf {
-        self.dir.join("control.sock")
+        self.dir.join(CONTROL_SOCKET)
     }
 }
 
@@ -229,13 +232,20 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct CtlArgs {
     /// The control socket [default: STATE_DIR/control.sock].
-    #[arg(long, value_name = "PATH")]
+    #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
-    /// The state directory, where the socket is by default.
-    #[command(flatten)]
-    pub state: StateDirArg,
+    /// The state directory of the host to talk to: its control socket is there, unless
+    /// --socket says otherwise.
+    #[arg(
+        long = "state-dir",
+        global = true,
+        value_name = "DIR",
+        env = "MICROKERNEL_STATE_DIR",
+        default_value = "state"
+    )]
+    pub state_dir: PathBuf,
     /// How long to wait for the host's answer before giving up (exit 2).
-    #[arg(long, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
     pub wait: Duration,
     /// What to ask.
     #[command(subcommand)]
@@ -314,6 +324,6 @@ impl CtlArgs {
     pub fn socket_path(&self) -> PathBuf {
         self.socket
             .clone()
-            .unwrap_or_else(|| self.state.default_socket())
+            .unwrap_or_else(|| self.state_dir.join(CONTROL_SOCKET))
     }
 }

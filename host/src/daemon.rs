@@ -387,7 +387,8 @@ fn spawn_reload_thread(
                     replies,
                 } = Batch::of(first, reloads);
                 crate::notify::reloading();
-                let lines = report_lines(&reloader.scan_with(&kernel, only.as_deref(), retry));
+                let report = reloader.scan_with(&kernel, only.as_deref(), retry);
+                let lines = report_lines(&report, only.as_deref(), &kernel);
                 crate::notify::ready(&running_status(&kernel));
                 for reply in replies {
                     let _ = reply.send(lines.clone());
@@ -484,7 +485,9 @@ impl Batch {
     }
 }
 
-fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
+/// What a rescan did, line by line (and whether each is an error); `only` is the service a
+/// reload was limited to: its last line is about that service, not the whole directory.
+fn report_lines(report: &ScanReport, only: Option<&str>, kernel: &Kernel) -> Vec<(String, bool)> {
     let mut lines = Vec::new();
     for service in &report.added {
         lines.push((format!("added {service}"), false));
@@ -510,7 +513,29 @@ fn report_lines(report: &ScanReport) -> Vec<(String, bool)> {
     for error in &report.errors {
         lines.push((crate::error_chain(error), true));
     }
-    lines.push((format!("{} unchanged", report.unchanged), false));
+    match only {
+        Some(service) if lines.is_empty() => {
+            let line = match kernel.info(service) {
+                Some(info) => format!(
+                    "{service} unchanged: {} {} from {}",
+                    info.version,
+                    info.status,
+                    info.path.display()
+                ),
+                None => format!("{service} unchanged"),
+            };
+            lines.push((line, false));
+        }
+        Some(_) => {}
+        None => {
+            let files = if report.unchanged == 1 {
+                "file"
+            } else {
+                "files"
+            };
+            lines.push((format!("{} {files} unchanged", report.unchanged), false));
+        }
+    }
     lines
 }
 

@@ -36,7 +36,14 @@
 //! type in [`abi`] match. Anything else is refused with an error naming the first mismatch.
 
 pub mod abi;
+/// Re-exported so that a plugin can compare the `from_version` given to
+/// [`Service::import_state`] without a dependency of its own:
+/// `plugin_api::semver::Version::parse(from_version)?.major`.
+pub use semver;
 /// Re-exported so that a plugin can build and parse JSON payloads with no other dependency.
+/// For typed state and payloads, add `serde = { version = "1", features = ["derive"] }` to
+/// the plugin's own dependencies and derive `Serialize`/`Deserialize`: any serde version 1
+/// works with this `serde_json`.
 pub use serde_json;
 mod sdk;
 
@@ -46,8 +53,8 @@ pub mod __private;
 #[doc(hidden)]
 pub use sdk::export_parts;
 pub use sdk::{
-    codes, error_chain, is_valid_service_name, BoxError, Event, Host, Message, Reply, Request,
-    Service, DEFAULT_REQUEST_TIMEOUT,
+    codes, error_chain, is_valid_service_name, BadRequest, BoxError, Event, Host, Message, Reply,
+    Request, Service, DEFAULT_REQUEST_TIMEOUT,
 };
 
 #[cfg(test)]

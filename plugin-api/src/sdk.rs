@@ -72,25 +72,47 @@ pub type Request = Message;
 /// An event: one-way, queued, never answered.
 pub type Event = Message;
 
+/// An error that is the requester's fault: returned from [`Service::handle`] (directly or
+/// as the source of another error), it is answered with code [`codes::BAD_REQUEST`] (400)
+/// instead of [`codes::FAILED`] (500). [`Message::json`] and [`Message::text`] fail with it,
+/// so `let body: MyRequest = request.json()?;` answers a malformed payload with 400.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest(pub String);
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadRequest {}
+
+impl BadRequest {
+    /// Whether `error`, or one of its sources, is a [`BadRequest`].
+    pub fn is_in(error: &(dyn std::error::Error + 'static)) -> bool {
+        std::iter::successors(Some(error), |e| e.source()).any(|e| e.is::<BadRequest>())
+    }
+}
+
 impl Message {
-    /// Parses the payload as JSON.
+    /// Parses the payload as JSON; a payload that does not parse is a [`BadRequest`].
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, BoxError> {
         serde_json::from_slice(&self.payload).map_err(|e| {
-            format!(
+            BadRequest(format!(
                 "payload of `{}` from `{}` is not the expected JSON: {e}",
                 self.kind, self.from
-            )
+            ))
             .into()
         })
     }
 
-    /// The payload as UTF-8 text.
+    /// The payload as UTF-8 text; a payload that is not is a [`BadRequest`].
     pub fn text(&self) -> Result<&str, BoxError> {
         std::str::from_utf8(&self.payload).map_err(|e| {
-            format!(
+            BadRequest(format!(
                 "payload of `{}` from `{}` is not UTF-8: {e}",
                 self.kind, self.from
-            )
+            ))
             .into()
         })
     }
@@ -142,6 +164,12 @@ impl Reply {
             message: message.into(),
             data: Vec::new(),
         }
+    }
+
+    /// A reply with code [`codes::BAD_REQUEST`] (400): the request was malformed or not
+    /// understood.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Reply::error(codes::BAD_REQUEST, message)
     }
 
     /// Whether the code is [`codes::OK`].
@@ -281,7 +309,9 @@ pub trait Service: Sized + 'static {
         Ok(())
     }
 
-    /// Handles a request. An error becomes a reply with code [`codes::FAILED`].
+    /// Handles a request. An error becomes a reply with code [`codes::FAILED`] (500), or
+    /// [`codes::BAD_REQUEST`] (400) when it is, or was caused by, a [`BadRequest`] (as the
+    /// errors of [`Message::json`] and [`Message::text`] are).
     fn handle(&mut self, request: Request) -> Result<Reply, BoxError>;
 
     /// Handles an event.
@@ -289,14 +319,22 @@ pub trait Service: Sized + 'static {
         Ok(())
     }
 
-    /// Serializes the state that must survive a restart or an upgrade.
+    /// Serializes the state that must survive a restart or an upgrade. Called at every
+    /// checkpoint (every 10 s by default, `--checkpoint-interval`), at every hot replace and
+    /// at every stop. The host writes the state only when its bytes changed: make the
+    /// output deterministic (a `BTreeMap`, not a `HashMap`, for maps), or every checkpoint
+    /// rewrites it.
     fn export_state(&mut self) -> Result<Vec<u8>, BoxError> {
         Ok(Vec::new())
     }
 
     /// Replaces the state with one exported by version `from_version` of this service, which
-    /// may be older or newer than this one. Refuse what you cannot read: an error here
-    /// keeps the previous version running.
+    /// may be older or newer than this one (compare with [`crate::semver`]). Refuse what you
+    /// cannot read: an error here keeps the previous version running.
+    ///
+    /// Called after [`Service::new`] and before [`Service::start`] when there is a saved
+    /// state: at a start with a state file, and during a hot replace. Never on a fresh start
+    /// (no state saved yet): the instance then starts as `new` made it.
     fn import_state(&mut self, _from_version: &str, _state: &[u8]) -> Result<(), BoxError> {
         Ok(())
     }
@@ -565,9 +603,25 @@ pub mod export_parts {
         // SAFETY: as in `start`.
         let service = unsafe { instance::<S>(this) };
         let request = Message::from_raw(request);
-        match guard("handle", || service.handle(request)) {
+        // A `BadRequest` anywhere in the error's chain is the requester's fault: 400. Told
+        // apart (and the error dropped) under `catch_unwind`, as `guard` does.
+        let bad_request = std::cell::Cell::new(false);
+        let outcome = guard("handle", || {
+            service.handle(request).map_err(|error| {
+                bad_request.set(BadRequest::is_in(&*error));
+                error
+            })
+        });
+        match outcome {
             RResult::ROk(reply) => reply.into_raw(),
-            RResult::RErr(message) => Reply::error(codes::FAILED, message.into_string()).into_raw(),
+            RResult::RErr(message) => {
+                let code = if bad_request.get() {
+                    codes::BAD_REQUEST
+                } else {
+                    codes::FAILED
+                };
+                Reply::error(code, message.into_string()).into_raw()
+            }
         }
     }
 

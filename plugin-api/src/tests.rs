@@ -56,3 +56,29 @@ fn replies_round_trip_through_the_abi_type() {
     let err = Reply::error(codes::NOT_FOUND, "no such service `x`");
     assert_eq!(err.to_string(), "error 404: no such service `x`");
 }
+
+#[test]
+fn a_bad_request_is_found_anywhere_in_an_error_chain() {
+    #[derive(Debug)]
+    struct Wrapping(crate::BadRequest);
+    impl std::fmt::Display for Wrapping {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("while reading the request")
+        }
+    }
+    impl std::error::Error for Wrapping {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    let message = crate::Message {
+        payload: b"{".to_vec(),
+        ..Default::default()
+    };
+    let parsed = message.json::<crate::serde_json::Value>().unwrap_err();
+    assert!(crate::BadRequest::is_in(&*parsed), "{parsed}");
+    let wrapped = Wrapping(crate::BadRequest("no".into()));
+    assert!(crate::BadRequest::is_in(&wrapped));
+    let other: crate::BoxError = "something else broke".into();
+    assert!(!crate::BadRequest::is_in(&*other));
+}

@@ -230,9 +230,16 @@ impl KernelInner {
         })
     }
 
-    /// Requests addressed to `kernel`.
-    fn kernel_request(&self, kind: &str, _payload: &[u8]) -> Reply {
-        match kind {
+    /// Requests addressed to `kernel`: the command is the kind, or, when the kind is none of
+    /// the kernel's, the payload (so that `ctl send kernel list` works as it reads).
+    fn kernel_request(&self, kind: &str, payload: &[u8]) -> Reply {
+        const COMMANDS: [&str; 3] = ["ping", "list", "version"];
+        let command = if COMMANDS.contains(&kind) {
+            kind
+        } else {
+            std::str::from_utf8(payload).map_or(kind, str::trim)
+        };
+        match command {
             "ping" => Reply::json(&serde_json::json!({
                 "pong": true,
                 "uptime_ms": u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
@@ -242,9 +249,12 @@ impl KernelInner {
                 "host": env!("CARGO_PKG_VERSION"),
                 "plugin_api": plugin_api::abi::API_VERSION,
             })),
-            other => Reply::error(
+            _ => Reply::error(
                 codes::BAD_REQUEST,
-                format!("the kernel understands `ping`, `list` and `version`, not `{other}`"),
+                format!(
+                    "the kernel understands `ping`, `list` and `version` (as the kind or as the payload), not kind `{kind}` with payload `{}`",
+                    String::from_utf8_lossy(&payload[..payload.len().min(64)])
+                ),
             ),
         }
     }

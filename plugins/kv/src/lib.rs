@@ -37,10 +37,8 @@ impl Service for Kv {
     }
 
     fn handle(&mut self, request: Request) -> Result<Reply, BoxError> {
-        let body: Value = match request.json() {
-            Ok(body) => body,
-            Err(e) => return Ok(Reply::error(codes::BAD_REQUEST, e.to_string())),
-        };
+        // A payload that is not JSON is the client's fault: answered 400.
+        let body: Value = request.json()?;
         let reply = match body["op"].as_str() {
             Some("put") => {
                 let value = body.get("value").cloned().unwrap_or(Value::Null);
