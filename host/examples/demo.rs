@@ -40,7 +40,8 @@ impl Demo {
     }
 
     fn microkernel(&self, args: &[&str]) -> Result<String> {
-        println!("$ microkernel {}", args.join(" "));
+        let shown: Vec<String> = args.iter().map(|a| host::cli::shell_quote(a)).collect();
+        println!("$ microkernel {}", shown.join(" "));
         let text = self.quietly(args)?;
         print!("{text}");
         Ok(text)
@@ -107,12 +108,11 @@ impl Demo {
 }
 
 fn main() -> Result {
-    say("Building the host and the example plugins (cargo build)");
+    say("Building the host and the example plugins (cargo build: a few minutes the first time)");
     let status = Command::new(env!("CARGO"))
         .current_dir(workspace())
         .args([
-            "build", "--quiet", "-p", "host", "-p", "echo", "-p", "echo-v2", "-p", "logger", "-p",
-            "kv",
+            "build", "-p", "host", "-p", "echo", "-p", "echo-v2", "-p", "logger", "-p", "kv",
         ])
         .status()?;
     if !status.success() {

@@ -327,3 +327,32 @@ impl CtlArgs {
             .unwrap_or_else(|| self.state_dir.join(CONTROL_SOCKET))
     }
 }
+
+/// `arg` as a POSIX shell reads it back: as it is when it holds only characters no shell
+/// treats specially, otherwise in single quotes. For commands printed to be copied.
+pub fn shell_quote(arg: &str) -> String {
+    let plain = |c: char| c.is_ascii_alphanumeric() || "_-./:=,@%+".contains(c);
+    if !arg.is_empty() && arg.chars().all(plain) {
+        arg.to_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shell_quote;
+
+    #[test]
+    fn printed_arguments_survive_a_shell() {
+        assert_eq!(shell_quote("--state-dir"), "--state-dir");
+        assert_eq!(shell_quote("/tmp/x/state"), "/tmp/x/state");
+        assert_eq!(
+            shell_quote(r#"{"op":"put","key":"a","value":1}"#),
+            r#"'{"op":"put","key":"a","value":1}'"#
+        );
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("a b"), "'a b'");
+    }
+}
