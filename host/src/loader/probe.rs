@@ -248,7 +248,30 @@ pub fn run_probe_child(
         let _ = std::io::stdin().read_to_end(&mut bytes);
         (version.to_owned(), bytes)
     });
-    let outcome = match library::open(name, file, &[0; 32]) {
+    // On a thread of its own, as the host loads files on its reload thread: code whose
+    // damage depends on the stack it runs on then meets the same kind of stack here.
+    // A panic (the checks of a corrupt layout can panic) ends this process without a
+    // report, as a crash does: the file is refused without the host opening it.
+    let outcome = std::thread::scope(|scope| {
+        match scope
+            .spawn(|| probe(file, name, config_dir, state.as_ref()))
+            .join()
+        {
+            Ok(outcome) => outcome,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    });
+    println!("{REPORT_PREFIX}{outcome}");
+    0
+}
+
+fn probe(
+    file: &Path,
+    name: &Path,
+    config_dir: Option<&Path>,
+    state: Option<&(String, Vec<u8>)>,
+) -> serde_json::Value {
+    match library::open(name, file, &[0; 32]) {
         Ok(library) => {
             let manifest = library.manifest().clone();
             let config = config_dir
@@ -259,7 +282,7 @@ pub fn run_probe_child(
             let instance = match instance {
                 Ok(mut instance) => {
                     let mut did = "created and dropped an instance".to_owned();
-                    if let Some((version, bytes)) = &state {
+                    if let Some((version, bytes)) = state {
                         did = match instance.import_state(version, bytes) {
                             Ok(()) => match instance.export_state() {
                                 Ok(exported) => format!(
@@ -288,7 +311,5 @@ pub fn run_probe_child(
             })
         }
         Err(error) => serde_json::json!({ "refused": format!("{:#}", anyhow::Error::from(error)) }),
-    };
-    println!("{REPORT_PREFIX}{outcome}");
-    0
+    }
 }
