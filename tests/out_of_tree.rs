@@ -57,6 +57,24 @@ fn the_readme_plugin_recipe_builds_loads_and_serves() -> TestResult {
         String::from_utf8_lossy(&output.stderr)
     );
 
+    // Its own tests, with the test kit.
+    let tested = cargo()
+        .current_dir(&crate_dir)
+        .args([
+            "test",
+            "--config",
+            "profile.dev.debug=\"line-tables-only\"",
+            "--target-dir",
+        ])
+        .arg(target_dir())
+        .output()?;
+    let said = String::from_utf8_lossy(&tested.stdout);
+    assert!(
+        tested.status.success() && said.contains("test result: ok. 1 passed"),
+        "{said}{}",
+        String::from_utf8_lossy(&tested.stderr)
+    );
+
     let plugins = tempfile::tempdir()?;
     fs::copy(
         target_dir().join("debug/libhello.so"),

@@ -49,6 +49,8 @@ mod sdk;
 
 #[doc(hidden)]
 pub mod __private;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 #[doc(hidden)]
 pub use sdk::export_parts;

@@ -45,9 +45,9 @@ impl Service for Echo {
 
     fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), BoxError> {
         let state: serde_json::Value = serde_json::from_slice(state)?;
-        let field = match from_version.split('.').next() {
-            Some("1") => "count",
-            Some("2") => "requests",
+        let field = match plugin_api::semver::Version::parse(from_version)?.major {
+            1 => "count",
+            2 => "requests",
             _ => {
                 return Err(format!(
                     "echo {} cannot read state of version {from_version}",
@@ -70,3 +70,61 @@ impl Service for Echo {
 }
 
 export_service!(Echo);
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::{
+        serde_json::{self, json, Value},
+        testing::Harness,
+    };
+
+    use super::Echo;
+
+    fn reply(echo: &mut Harness<Echo>, payload: &str) -> Value {
+        serde_json::from_slice(&echo.request("echo", payload).data).unwrap()
+    }
+
+    #[test]
+    fn version_1s_count_is_migrated_and_counting_goes_on() {
+        let mut echo = Harness::<Echo>::new(None).unwrap();
+        echo.import_state("1.0.0", br#"{"count": 41}"#).unwrap();
+        echo.start().unwrap();
+        assert_eq!(reply(&mut echo, "hi")["count"], 42);
+        let exported: Value = serde_json::from_slice(&echo.export_state().unwrap()).unwrap();
+        assert_eq!(exported, json!({"format": 2, "requests": 42}));
+        assert!(
+            echo.logs()
+                .iter()
+                .any(|l| l.message == "migrated version 1.0.0's count (41) to format 2"),
+            "{:?}",
+            echo.logs()
+        );
+    }
+
+    #[test]
+    fn its_own_state_comes_back_as_it_left() {
+        let mut old = Harness::<Echo>::new(None).unwrap();
+        old.start().unwrap();
+        reply(&mut old, "a");
+        let state = old.export_state().unwrap();
+        let mut new = Harness::<Echo>::new(None).unwrap();
+        new.import_state("2.0.0", &state).unwrap();
+        assert_eq!(reply(&mut new, "b")["count"], 2);
+    }
+
+    #[test]
+    fn a_state_it_cannot_read_is_refused() {
+        let mut echo = Harness::<Echo>::new(None).unwrap();
+        let newer = echo
+            .import_state("3.1.0", br#"{"requests": 1}"#)
+            .unwrap_err();
+        assert!(
+            newer.contains("cannot read state of version 3.1.0"),
+            "{newer}"
+        );
+        let garbled = echo.import_state("1.0.0", b"{").unwrap_err();
+        assert!(garbled.contains("EOF"), "{garbled}");
+        let not_semver = echo.import_state("one", br#"{"count": 1}"#).unwrap_err();
+        assert!(!not_semver.is_empty());
+    }
+}

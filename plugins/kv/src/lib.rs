@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use plugin_api::{
     codes, export_service,
     serde_json::{self, Value},
-    BoxError, Host, Reply, Request, Service,
+    BadRequest, BoxError, Host, Reply, Request, Service,
 };
 
 struct Kv {
@@ -23,7 +23,7 @@ struct Kv {
 fn key(request: &Value) -> Result<&str, BoxError> {
     request["key"]
         .as_str()
-        .ok_or_else(|| "request has no string `key`".into())
+        .ok_or_else(|| BadRequest("request has no string `key`".into()).into())
 }
 
 impl Service for Kv {
@@ -77,3 +77,53 @@ impl Service for Kv {
 }
 
 export_service!(Kv);
+
+#[cfg(test)]
+mod tests {
+    use plugin_api::{codes, testing::Harness};
+
+    use super::Kv;
+
+    #[test]
+    fn it_stores_and_answers_and_its_state_is_the_map() {
+        let mut kv = Harness::<Kv>::new(None).unwrap();
+        kv.start().unwrap();
+        let put = kv.request("put", r#"{"op":"put","key":"a","value":[1,2]}"#);
+        assert!(put.is_ok(), "{}", put.message);
+        let get = kv.request("get", r#"{"op":"get","key":"a"}"#);
+        assert_eq!(get.data, br#"{"value":[1,2]}"#);
+        assert_eq!(
+            kv.request("get", r#"{"op":"get","key":"b"}"#).code,
+            codes::NOT_FOUND
+        );
+
+        // The same map exports the same bytes: a checkpoint of it writes nothing.
+        let state = kv.export_state().unwrap();
+        assert_eq!(state, kv.export_state().unwrap());
+        let mut again = Harness::<Kv>::new(None).unwrap();
+        again.import_state("1.0.0", &state).unwrap();
+        assert_eq!(
+            again.request("len", r#"{"op":"len"}"#).data,
+            br#"{"len":1}"#
+        );
+    }
+
+    #[test]
+    fn a_bad_request_is_answered_400_in_words() {
+        let mut kv = Harness::<Kv>::new(None).unwrap();
+        for (payload, said) in [
+            ("not json", "is not the expected JSON"),
+            (r#"{"op":"nope"}"#, "unknown op `nope`"),
+            (r#"{"op":"get"}"#, "no string `key`"),
+        ] {
+            let reply = kv.request("x", payload);
+            assert_eq!(
+                reply.code,
+                codes::BAD_REQUEST,
+                "{payload}: {}",
+                reply.message
+            );
+            assert!(reply.message.contains(said), "{}", reply.message);
+        }
+    }
+}
