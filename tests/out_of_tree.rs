@@ -1,6 +1,7 @@
-//! The README's "write your own plugin" recipe, followed to the letter: the two files are
-//! taken from README.md, written to a fresh directory outside the workspace, built with
-//! cargo, loaded and called.
+//! Plugins made outside the workspace, as their authors make them: the README's "write your
+//! own plugin" recipe followed to the letter (the two files taken from README.md, written to
+//! a fresh directory), and the crate `microkernel new-plugin` writes; each tested with its
+//! own tests, built with cargo, loaded and called.
 
 use std::fs;
 
@@ -88,5 +89,57 @@ fn the_readme_plugin_recipe_builds_loads_and_serves() -> TestResult {
         (reply["hello"].as_str(), reply["greeted"].as_u64()),
         (Some("world"), Some(1))
     );
+    Ok(())
+}
+
+#[test]
+fn a_plugin_written_by_new_plugin_builds_passes_its_tests_and_serves() -> TestResult {
+    let root = tempfile::tempdir()?;
+    let dir = root.path().join("tally");
+    let api = workspace().join("plugin-api");
+    let made = crate::cli::microkernel(&[
+        "new-plugin",
+        "tally",
+        "--path",
+        dir.to_str().unwrap(),
+        "--plugin-api",
+        api.to_str().unwrap(),
+    ]);
+    assert!(made.status.success(), "{}", crate::cli::stderr(&made));
+    assert!(crate::cli::stdout(&made).contains("cargo test"));
+    // The same dependency versions as the workspace, and its build directory: quick.
+    fs::copy(workspace().join("Cargo.lock"), dir.join("Cargo.lock"))?;
+    for command in ["test", "build"] {
+        let output = cargo()
+            .current_dir(&dir)
+            .args([
+                command,
+                "--config",
+                "profile.dev.debug=\"line-tables-only\"",
+                "--target-dir",
+            ])
+            .arg(target_dir())
+            .output()?;
+        let said = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "cargo {command}: {said}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        if command == "test" {
+            assert!(said.contains("test result: ok. 3 passed"), "{said}");
+        }
+    }
+
+    let plugins = tempfile::tempdir()?;
+    fs::copy(
+        target_dir().join("debug/libtally.so"),
+        plugins.path().join("libtally.so"),
+    )?;
+    let kernel = kernel();
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let reply = json(&kernel.request("tally", "count", br#"{"key":"a"}"#, None));
+    assert_eq!(reply["count"], 1);
     Ok(())
 }

@@ -57,6 +57,20 @@ pub enum Command {
     Ctl(CtlArgs),
     /// Decrypt a state file and print its header and content.
     InspectState(InspectArgs),
+    /// Write a new plugin crate: a stateful example service, its tests (with plugin-api's
+    /// test kit) and a README saying how to build it and drop it in. It builds anywhere: it
+    /// is a workspace of its own.
+    NewPlugin {
+        /// The service's name (and the crate's): 1 to 64 of a-z, 0-9, `_` and `-`.
+        name: String,
+        /// Where to write it (created; must not exist, or be empty) [default: ./NAME].
+        #[arg(long, value_name = "DIR")]
+        path: Option<PathBuf>,
+        /// The plugin-api directory to depend on; without it, plugin-api of this host's
+        /// version, from the crates registry.
+        #[arg(long, value_name = "PATH")]
+        plugin_api: Option<PathBuf>,
+    },
     /// Measure what the host costs on this machine, each cost next to its floor (the least
     /// the same work costs here, measured in the same run): requests, swap pauses, reloads,
     /// state writes, memory, start-up. Prints a table; writes summary.json, machine.json

@@ -38,4 +38,5 @@ pub mod control;
 pub mod daemon;
 pub mod notify;
 pub mod reload;
+pub mod scaffold;
 pub mod trust;

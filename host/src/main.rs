@@ -2,6 +2,7 @@
 
 use std::{
     io::{IsTerminal, Write},
+    path::PathBuf,
     process::ExitCode,
 };
 
@@ -102,6 +103,25 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             })?;
             // Goals missed are in the table and the summary: the bench itself succeeded.
             drop(rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::NewPlugin {
+            name,
+            path,
+            plugin_api,
+        } => {
+            let dir = path.unwrap_or_else(|| PathBuf::from(&name));
+            let api = match plugin_api {
+                Some(path) => host::scaffold::Api::Path(path),
+                None => host::scaffold::Api::Version,
+            };
+            host::scaffold::new_plugin(&name, &dir, &api)?;
+            let lib = name.replace('-', "_");
+            writeln!(
+                std::io::stdout(),
+                "wrote the plugin `{name}` to {dir}\n\n    cd {dir}\n    cargo test\n    cargo build --release   # target/release/lib{lib}.so\n\nand see {dir}/README.md to drop it into a host",
+                dir = dir.display()
+            )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchPeer => {
