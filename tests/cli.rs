@@ -207,6 +207,78 @@ fn the_daemon_tells_its_service_manager_when_it_is_ready_reloading_and_stopping(
 }
 
 #[test]
+fn metrics_are_served_to_a_prometheus_scrape() -> TestResult {
+    let root = setup(&["echo", "kv"]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let daemon = Daemon::start_with(root.path(), &["--metrics-listen", &addr]);
+    for _ in 0..3 {
+        daemon.send("echo", "hi");
+    }
+    let bad = daemon.ctl(&["send", "kv", r#"{"op":"nope"}"#]);
+    assert!(!bad.status.success());
+    // A hot replace, and a file that does not load.
+    add_plugin(&root.path().join("plugins"), "echo-v2");
+    fs::write(root.path().join("plugins/libbroken.so"), b"not a plugin")?;
+    let _ = daemon.ctl(&["reload"]);
+    assert!(daemon.ctl(&["checkpoint"]).status.success());
+
+    let scrape = ureq::get(&format!("http://{addr}/metrics")).call()?;
+    assert_eq!(scrape.status(), 200);
+    let kind = scrape.header("Content-Type").unwrap_or_default().to_owned();
+    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    let text = scrape.into_string()?;
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    };
+    assert_eq!(
+        value(r#"microkernel_replies_total{service="echo",code="0"}"#),
+        3.0
+    );
+    assert_eq!(
+        value(r#"microkernel_replies_total{service="kv",code="400"}"#),
+        1.0
+    );
+    assert_eq!(
+        value(r#"microkernel_request_duration_seconds_count{service="echo"}"#),
+        3.0
+    );
+    assert_eq!(value(r#"microkernel_swaps_total{service="echo"}"#), 1.0);
+    assert!(value(r#"microkernel_swap_held_seconds{service="echo"}"#) > 0.0);
+    assert_eq!(value(r#"microkernel_mailbox_depth{service="kv"}"#), 0.0);
+    assert!(value(r#"microkernel_checkpoints_total{outcome="written"}"#) >= 1.0);
+    assert!(value("microkernel_state_written_bytes_total") > 0.0);
+    assert!(value("microkernel_plugin_load_failures_total") >= 1.0);
+    // Anything but /metrics is a 404.
+    match ureq::get(&format!("http://{addr}/")).call() {
+        Err(ureq::Error::Status(404, _)) => {}
+        other => panic!("{other:?}"),
+    }
+    Ok(())
+}
+
+#[test]
+fn a_metrics_address_that_cannot_be_bound_stops_the_host_before_it_starts() -> TestResult {
+    let root = setup(&["echo"]);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = taken.local_addr()?.to_string();
+    let mut args = run_args(root.path());
+    args.extend(["--metrics-listen".to_owned(), addr.clone()]);
+    let run = microkernel(&args);
+    assert!(!run.status.success());
+    let err = stderr(&run);
+    assert!(
+        err.contains(&format!("binding the metrics address {addr}")),
+        "{err}"
+    );
+    Ok(())
+}
+
+#[test]
 fn ctl_takes_its_options_after_the_command_and_answers_about_what_was_asked() -> TestResult {
     let root = setup(&["echo", "kv"]);
     let daemon = Daemon::start(root.path());

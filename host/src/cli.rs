@@ -202,6 +202,11 @@ pub struct RunArgs {
     /// Also rescan when a `.so` in the plugins directory changes (debounced).
     #[arg(long)]
     pub watch: bool,
+    /// Serve metrics in the Prometheus text format at http://ADDR/metrics (for example
+    /// 127.0.0.1:9464; off by default). Anyone who can reach ADDR can read them: service
+    /// names, counts and timings, no payloads or state.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Capacity of each service's mailbox.
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub mailbox_capacity: u32,

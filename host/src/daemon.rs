@@ -161,6 +161,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // Bound before anything starts (a bad socket path fails here), served once the services
     // are up: a client that connects early gets its answer from the running host.
     let mut control = ControlServer::bind(&socket)?;
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr, kernel.clone())?;
+    }
     let checkpoints = if args.checkpoint_interval.is_zero() {
         never()
     } else {
@@ -417,6 +420,34 @@ fn prepare_for_a_wedged_loader() {
     let (tx, rx) = crossbeam_channel::bounded::<()>(0);
     let _ = rx.recv_timeout(Duration::from_micros(1));
     drop(tx);
+}
+
+/// Serves `kernel`'s metrics at `http://addr/metrics` on a thread of its own (bound here,
+/// so that a bad address stops the host before any service starts).
+fn serve_metrics(addr: std::net::SocketAddr, kernel: Arc<Kernel>) -> anyhow::Result<()> {
+    let server = tiny_http::Server::http(addr)
+        .map_err(|e| anyhow::anyhow!("binding the metrics address {addr}: {e}"))?;
+    tracing::info!(%addr, "metrics served at /metrics");
+    threads::spawn_detached("metrics", move || {
+        let text = tiny_http::Header::from_bytes(
+            "Content-Type",
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .expect("a valid header");
+        for request in server.incoming_requests() {
+            let response = if request.url() == "/metrics"
+                && *request.method() == tiny_http::Method::Get
+            {
+                tiny_http::Response::from_string(kernel.metrics_text()).with_header(text.clone())
+            } else {
+                tiny_http::Response::from_string("metrics are at /metrics\n").with_status_code(404)
+            };
+            // A client gone before its answer costs nothing else.
+            let _ = request.respond(response);
+        }
+    })
+    .context("starting the metrics thread")?;
+    Ok(())
 }
 
 /// The `STATUS=` line told to the service manager: how many services run.

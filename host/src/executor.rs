@@ -80,6 +80,8 @@ pub(crate) enum Envelope {
         /// Services waiting, in order, for this request to complete (its call chain).
         chain: Vec<Arc<str>>,
         reply: Sender<Reply>,
+        /// When it was posted (its latency is measured from there).
+        sent: Instant,
     },
     /// A one-way event.
     Event { letter: Letter },
@@ -314,6 +316,8 @@ pub(crate) struct Launch {
     pub timeout: Duration,
     /// How long the executor polls its mailbox before it sleeps (see [`recv_soon`]).
     pub spin: Duration,
+    /// Where its replies and events are counted.
+    pub metrics: crate::metrics::ServiceMetrics,
 }
 
 /// A running executor: its thread, what it is doing, and how the kernel tells it that it
@@ -540,6 +544,7 @@ pub(crate) fn prepare(
     let me = Me {
         service: Arc::from(launch.service.as_str()),
         spin: launch.spin,
+        metrics: launch.metrics.clone(),
         doing: doing.clone(),
         epoch,
         given_up: given_up.clone(),
@@ -678,6 +683,7 @@ pub(crate) fn launch(
 struct Me {
     service: Arc<str>,
     spin: Duration,
+    metrics: crate::metrics::ServiceMetrics,
     doing: Doing,
     epoch: u64,
     given_up: Arc<AtomicBool>,
@@ -700,6 +706,7 @@ fn run(launch: Launch, mailbox: Receiver<Envelope>, waits: Waits, me: Me) {
         config,
         timeout: _,
         spin: _,
+        metrics: _,
     } = launch;
     let doing = &me.doing;
     set_chain(&[], Some(&me.service));
@@ -778,14 +785,17 @@ impl Me {
                     letter,
                     chain,
                     reply,
+                    sent,
                 } => {
                     set_chain(&chain, Some(&self.service));
                     let answer = doing.call(Call::Handle, || instance.handle(letter.lend(service)));
                     set_chain(&[], Some(&self.service));
+                    self.metrics.reply(answer.code, sent.elapsed());
                     // The requester may have timed out and gone: nothing to do then.
                     let _ = reply.send(answer);
                 }
                 Envelope::Event { letter } => {
+                    self.metrics.event();
                     let handled =
                         doing.call(Call::OnEvent, || instance.on_event(letter.lend(service)));
                     if let Err(error) = handled {

@@ -16,6 +16,7 @@
 
 pub mod kernel;
 pub mod loader;
+pub mod metrics;
 pub mod state;
 
 mod executor;

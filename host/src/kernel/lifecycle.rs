@@ -165,6 +165,7 @@ impl KernelInner {
             config,
             timeout: self.config.operation_timeout,
             spin: self.config.spin,
+            metrics: self.metrics.service(&slot.name),
         }
     }
 
@@ -582,6 +583,16 @@ impl KernelInner {
     /// A failure is logged (each tick) and returned, not kept as the service's last error:
     /// a service too busy for one checkpoint is not failed.
     pub(super) fn checkpoint(&self, slot: &ServiceSlot) -> Result<Checkpoint, KernelError> {
+        let result = self.checkpoint_once(slot);
+        self.metrics.checkpoint(match &result {
+            Ok(Checkpoint::Written) => "written",
+            Ok(Checkpoint::Unchanged) => "unchanged",
+            Err(_) => "failed",
+        });
+        result
+    }
+
+    fn checkpoint_once(&self, slot: &ServiceSlot) -> Result<Checkpoint, KernelError> {
         let deadline = self.deadline();
         let mut ops = slot.lock_ops(deadline)?;
         let Run::Running(executor) = &ops.run else {

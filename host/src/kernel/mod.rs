@@ -292,6 +292,7 @@ pub(crate) struct KernelInner {
     ever_registered: Mutex<std::collections::BTreeSet<String>>,
     started_at: SystemTime,
     state_writes: std::sync::atomic::AtomicU64,
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 /// A registered service. Lives from registration until the kernel shuts down.
@@ -467,6 +468,7 @@ impl Kernel {
                 ever_registered: Mutex::new(Default::default()),
                 started_at: SystemTime::now(),
                 state_writes: Default::default(),
+                metrics: crate::metrics::Metrics::new(),
             }),
         };
         // A probe has the state a service would import imported: a running service is
@@ -664,6 +666,31 @@ impl Kernel {
         self.inner
             .slot(service)
             .map(|slot| self.inner.info_of(&slot))
+    }
+
+    /// Every metric, in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        let inner = &self.inner;
+        let mailboxes: Vec<(String, usize)> = inner
+            .services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(name, slot)| (name.clone(), slot.mailbox.tx.len()))
+            .collect();
+        let written = inner
+            .config
+            .state
+            .as_ref()
+            .map_or(0, StateStore::bytes_written);
+        inner.metrics.encode(
+            &mailboxes,
+            [
+                written,
+                inner.loader.libraries_opened(),
+                inner.loader.load_failures(),
+            ],
+        )
     }
 
     /// Counters.

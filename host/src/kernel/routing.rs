@@ -161,17 +161,20 @@ impl KernelInner {
         };
         let status = slot.status();
         if !matches!(status, Status::Running | Status::Starting) {
+            self.metrics.refused(to, codes::NOT_FOUND);
             return Err(Reply::error(
                 codes::NOT_FOUND,
                 format!("service `{to}` is not running ({status})"),
             ));
         }
-        let deadline = Instant::now() + timeout;
+        let sent = Instant::now();
+        let deadline = sent + timeout;
         let (reply_tx, reply_rx) = bounded(1);
         let envelope = Envelope::Request {
             letter: Letter::new(from.cloned(), kind, payload),
             chain,
             reply: reply_tx,
+            sent,
         };
         match slot.mailbox.tx.send_timeout(envelope, room.min(timeout)) {
             Ok(()) => Ok(PendingReply {
@@ -181,13 +184,16 @@ impl KernelInner {
                 kind: kind.to_owned(),
                 timeout,
             }),
-            Err(SendTimeoutError::Timeout(_)) => Err(Reply::error(
-                codes::TIMEOUT,
-                format!(
-                    "the mailbox of `{to}` stayed full for {:?}",
-                    room.min(timeout)
-                ),
-            )),
+            Err(SendTimeoutError::Timeout(_)) => {
+                self.metrics.refused(to, codes::TIMEOUT);
+                Err(Reply::error(
+                    codes::TIMEOUT,
+                    format!(
+                        "the mailbox of `{to}` stayed full for {:?}",
+                        room.min(timeout)
+                    ),
+                ))
+            }
             Err(SendTimeoutError::Disconnected(_)) => Err(Reply::error(
                 codes::NOT_FOUND,
                 format!("service `{to}` is gone"),

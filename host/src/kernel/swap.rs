@@ -181,6 +181,7 @@ impl KernelInner {
                 self.retire(&service, new, stuck);
                 let error = rolled_back(error);
                 slot.record_error(&error);
+                self.metrics.rolled_back(&service);
                 return Err(error.into());
             }
         };
@@ -225,6 +226,7 @@ impl KernelInner {
                 tracing::error!(cause = %error, "new version failed; the old one goes on");
                 let error = rolled_back(error);
                 slot.record_error(&error);
+                self.metrics.rolled_back(&service);
                 return Err(error.into());
             }
         };
@@ -384,6 +386,7 @@ impl KernelInner {
                 // 9. Closed once nothing runs the old code any more.
                 let unmapped = self.retire(&service, old, old_stuck);
                 tracing::info!(held_us = held.as_micros() as u64, unmapped, "replaced");
+                self.metrics.swapped(&service, held);
                 Ok(SwapReport {
                     service,
                     from,
@@ -436,6 +439,7 @@ impl KernelInner {
                     };
                 slot.record_error(&error);
                 slot.publish(ops, None);
+                self.metrics.rolled_back(&slot.name);
                 Err(error.into())
             }
         }

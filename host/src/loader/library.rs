@@ -41,6 +41,8 @@ pub struct Loader {
     close_timeout: Duration,
     next_id: AtomicU64,
     opened: AtomicU64,
+    /// Loads that failed (the file's fault or not).
+    failed: AtomicU64,
 }
 
 impl std::fmt::Debug for Loader {
@@ -92,6 +94,7 @@ impl Loader {
             close_timeout: DEFAULT_CLOSE_TIMEOUT,
             next_id: AtomicU64::new(0),
             opened: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
         })
     }
 
@@ -125,8 +128,21 @@ impl Loader {
         self.load_file(&PluginFile::read(path)?)
     }
 
+    /// How many loads failed.
+    pub fn load_failures(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
     /// Like [`Loader::load`], for a file already read (and hashed).
     pub fn load_file(&self, file: &PluginFile) -> Result<Library, LoadError> {
+        let loaded = self.load_file_inner(file);
+        if loaded.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        loaded
+    }
+
+    fn load_file_inner(&self, file: &PluginFile) -> Result<Library, LoadError> {
         let PluginFile {
             path,
             bytes,
