@@ -207,6 +207,27 @@ fn the_daemon_tells_its_service_manager_when_it_is_ready_reloading_and_stopping(
 }
 
 #[test]
+fn a_service_manager_that_does_not_read_its_socket_never_holds_back_a_reload_or_a_stop(
+) -> TestResult {
+    let root = setup(&["echo"]);
+    let socket = root.path().join("notify.sock");
+    // Bound, never read: its queue fills after a few notifications.
+    let _deaf = std::os::unix::net::UnixDatagram::bind(&socket)?;
+    let daemon = Daemon::start_with_env(root.path(), &[], &[("NOTIFY_SOCKET", &socket)]);
+    for round in 0..20 {
+        let reload = daemon.ctl(&["reload", "--wait", "10s"]);
+        assert!(
+            reload.status.success(),
+            "reload {round}: {}",
+            stderr(&reload)
+        );
+    }
+    let status = daemon.terminate();
+    assert!(status.success(), "{status}");
+    Ok(())
+}
+
+#[test]
 fn metrics_are_served_to_a_prometheus_scrape() -> TestResult {
     let root = setup(&["echo", "kv"]);
     let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -228,7 +249,7 @@ fn metrics_are_served_to_a_prometheus_scrape() -> TestResult {
     let scrape = ureq::get(&format!("http://{addr}/metrics")).call()?;
     assert_eq!(scrape.status(), 200);
     let kind = scrape.header("Content-Type").unwrap_or_default().to_owned();
-    assert!(kind.starts_with("text/plain; version=0.0.4"), "{kind}");
+    assert!(kind.starts_with("application/openmetrics-text"), "{kind}");
     let text = scrape.into_string()?;
     let value = |series: &str| -> f64 {
         text.lines()
@@ -253,11 +274,32 @@ fn metrics_are_served_to_a_prometheus_scrape() -> TestResult {
     assert!(value(r#"microkernel_checkpoints_total{outcome="written"}"#) >= 1.0);
     assert!(value("microkernel_state_written_bytes_total") > 0.0);
     assert!(value("microkernel_plugin_load_failures_total") >= 1.0);
+    assert!(text.ends_with("# EOF\n"), "{text}");
     // Anything but /metrics is a 404.
     match ureq::get(&format!("http://{addr}/")).call() {
         Err(ureq::Error::Status(404, _)) => {}
         other => panic!("{other:?}"),
     }
+
+    // Clients that connect and send nothing take no descriptor of the host's (they wait in
+    // the listen backlog) and no thread; the host serves on.
+    let descriptors = || {
+        fs::read_dir(format!("/proc/{}/fd", daemon.child.id()))
+            .unwrap()
+            .count()
+    };
+    let before = descriptors();
+    let idle: Vec<_> = (0..50)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        descriptors() <= before + 2,
+        "{} descriptors, {before} before",
+        descriptors()
+    );
+    assert!(daemon.ctl(&["checkpoint"]).status.success());
+    drop(idle);
     Ok(())
 }
 

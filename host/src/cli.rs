@@ -202,7 +202,8 @@ pub struct RunArgs {
     /// Also rescan when a `.so` in the plugins directory changes (debounced).
     #[arg(long)]
     pub watch: bool,
-    /// Serve metrics in the Prometheus text format at http://ADDR/metrics (for example
+    /// Serve metrics in the OpenMetrics text format (what Prometheus scrapes) at
+    /// http://ADDR/metrics (for example
     /// 127.0.0.1:9464; off by default). Anyone who can reach ADDR can read them: service
     /// names, counts and timings, no payloads or state.
     #[arg(long, value_name = "ADDR")]

@@ -119,8 +119,9 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let lib = name.replace('-', "_");
             writeln!(
                 std::io::stdout(),
-                "wrote the plugin `{name}` to {dir}\n\n    cd {dir}\n    cargo test\n    cargo build --release   # target/release/lib{lib}.so\n\nand see {dir}/README.md to drop it into a host",
-                dir = dir.display()
+                "wrote the plugin `{name}` to {shown}\n\n    cd {quoted}\n    cargo test\n    cargo build --release   # target/release/lib{lib}.so\n\nand see README.md there to drop it into a host",
+                shown = dir.display(),
+                quoted = host::cli::shell_quote(&dir.to_string_lossy())
             )?;
             Ok(ExitCode::SUCCESS)
         }

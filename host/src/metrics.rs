@@ -1,5 +1,5 @@
-//! The host's metrics, in the Prometheus text format (`run --metrics-listen ADDR` serves them
-//! at `/metrics`).
+//! The host's metrics, in the OpenMetrics text format that Prometheus scrapes
+//! (`run --metrics-listen ADDR` serves them at `/metrics`).
 //!
 //! Counted where they happen, with handles made once per service so that a request costs two
 //! atomic additions and a histogram observation: replies by service and code, request

@@ -41,12 +41,14 @@ pub mod codes {
     pub const LOOP: u32 = 508;
 }
 
-/// Whether `name` is a valid service name: `[a-z0-9][a-z0-9_-]{0,63}`.
+/// Whether `name` is a valid service name: `[a-z0-9][a-z0-9_-]{0,63}`, and not `kernel`
+/// (the host's own name: requests to it never reach a service).
 ///
 /// Service names become file names (`<name>.state`), so nothing else is accepted.
 pub fn is_valid_service_name(name: &str) -> bool {
     let bytes = name.as_bytes();
-    !bytes.is_empty()
+    name != "kernel"
+        && !bytes.is_empty()
         && bytes.len() <= 64
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
         && bytes

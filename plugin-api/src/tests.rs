@@ -15,6 +15,7 @@ fn service_names_are_restricted_to_file_name_safe_characters() {
     }
     for bad in [
         "",
+        "kernel",
         "Echo",
         "-echo",
         "_echo",

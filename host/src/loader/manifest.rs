@@ -30,7 +30,7 @@ impl Manifest {
         let name = lossy(raw.name.as_bytes());
         if !is_valid_service_name(&name) {
             return Err(format!(
-                "service name {name:?} is invalid: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit"
+                "service name {name:?} is invalid: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit, other than `kernel` (the host's own)"
             ));
         }
         if raw.version.len() > MAX_VERSION_LEN {
