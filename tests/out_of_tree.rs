@@ -39,51 +39,7 @@ fn the_readme_plugin_recipe_builds_loads_and_serves() -> TestResult {
     fs::create_dir_all(crate_dir.join("src"))?;
     fs::write(crate_dir.join("Cargo.toml"), manifest)?;
     fs::write(crate_dir.join("src/lib.rs"), source)?;
-    // The workspace's lock file pins the same dependency versions, and the shared target
-    // directory with the workspace's debug level reuses their build.
-    fs::copy(workspace().join("Cargo.lock"), crate_dir.join("Cargo.lock"))?;
-    let output = cargo()
-        .current_dir(&crate_dir)
-        .args([
-            "build",
-            "--config",
-            "profile.dev.debug=\"line-tables-only\"",
-            "--target-dir",
-        ])
-        .arg(target_dir())
-        .output()?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-
-    // Its own tests, with the test kit.
-    let tested = cargo()
-        .current_dir(&crate_dir)
-        .args([
-            "test",
-            "--config",
-            "profile.dev.debug=\"line-tables-only\"",
-            "--target-dir",
-        ])
-        .arg(target_dir())
-        .output()?;
-    let said = String::from_utf8_lossy(&tested.stdout);
-    assert!(
-        tested.status.success() && said.contains("test result: ok. 1 passed"),
-        "{said}{}",
-        String::from_utf8_lossy(&tested.stderr)
-    );
-
-    let plugins = tempfile::tempdir()?;
-    fs::copy(
-        target_dir().join("debug/libhello.so"),
-        plugins.path().join("libhello.so"),
-    )?;
-    let kernel = kernel();
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
-    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let kernel = test_build_and_load(&crate_dir, "hello", 1)?;
     let reply = json(&kernel.request("hello", "greet", b"world", None));
     assert_eq!(
         (reply["hello"].as_str(), reply["greeted"].as_u64()),
@@ -107,11 +63,25 @@ fn a_plugin_written_by_new_plugin_builds_passes_its_tests_and_serves() -> TestRe
     ]);
     assert!(made.status.success(), "{}", crate::cli::stderr(&made));
     assert!(crate::cli::stdout(&made).contains("cargo test"));
-    // The same dependency versions as the workspace, and its build directory: quick.
+    let kernel = test_build_and_load(&dir, "tally", 3)?;
+    let reply = json(&kernel.request("tally", "count", br#"{"key":"a"}"#, None));
+    assert_eq!(reply["count"], 1);
+    Ok(())
+}
+
+/// Runs the tests of the plugin crate in `dir` (expecting `tests` to pass), builds it, and
+/// loads `lib<name>.so` in a kernel, which is returned.
+fn test_build_and_load(
+    dir: &std::path::Path,
+    name: &str,
+    tests: usize,
+) -> Result<host::Kernel, Box<dyn std::error::Error>> {
+    // The workspace's lock file pins the same dependency versions, and the shared target
+    // directory with the workspace's debug level reuses their build.
     fs::copy(workspace().join("Cargo.lock"), dir.join("Cargo.lock"))?;
     for command in ["test", "build"] {
         let output = cargo()
-            .current_dir(&dir)
+            .current_dir(dir)
             .args([
                 command,
                 "--config",
@@ -127,19 +97,18 @@ fn a_plugin_written_by_new_plugin_builds_passes_its_tests_and_serves() -> TestRe
             String::from_utf8_lossy(&output.stderr)
         );
         if command == "test" {
-            assert!(said.contains("test result: ok. 3 passed"), "{said}");
+            let passed = format!("test result: ok. {tests} passed");
+            assert!(said.contains(&passed), "{said}");
         }
     }
-
     let plugins = tempfile::tempdir()?;
+    let file = format!("lib{name}.so");
     fs::copy(
-        target_dir().join("debug/libtally.so"),
-        plugins.path().join("libtally.so"),
+        target_dir().join("debug").join(&file),
+        plugins.path().join(&file),
     )?;
     let kernel = kernel();
     let report = Reloader::new(plugins.path()).scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
-    let reply = json(&kernel.request("tally", "count", br#"{"key":"a"}"#, None));
-    assert_eq!(reply["count"], 1);
-    Ok(())
+    Ok(kernel)
 }
