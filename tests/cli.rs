@@ -335,6 +335,12 @@ fn ctl_takes_its_options_after_the_command_and_answers_about_what_was_asked() ->
         assert!(list.status.success(), "{args:?}: {}", stderr(&list));
         assert!(stdout(&list).contains("echo"), "{}", stdout(&list));
     }
+    let zero = microkernel(&["ctl", "list", "--state-dir", state, "--wait", "0s"]);
+    assert!(
+        stderr(&zero).contains("a wait must be longer than 0"),
+        "{}",
+        stderr(&zero)
+    );
     // ctl's --state-dir is the host's to talk to, not one it creates.
     let help = microkernel(&["ctl", "--help"]);
     assert!(!stdout(&help).contains("mode 0700"), "{}", stdout(&help));

@@ -265,7 +265,7 @@ pub struct CtlArgs {
     )]
     pub state_dir: PathBuf,
     /// How long to wait for the host's answer before giving up (exit 2).
-    #[arg(long, global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, global = true, value_name = "DURATION", default_value = "5m", value_parser = parse_wait)]
     pub wait: Duration,
     /// What to ask.
     #[command(subcommand)]
@@ -337,6 +337,14 @@ pub struct InspectArgs {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("{e} (write durations like 250ms, 10s, 1m, or 0)"))
+}
+
+/// A wait for the host's answer: a duration, not zero.
+fn parse_wait(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        wait if wait.is_zero() => Err("a wait must be longer than 0 (for example 10s)".into()),
+        wait => Ok(wait),
+    }
 }
 
 impl CtlArgs {
