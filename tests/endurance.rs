@@ -67,6 +67,44 @@ fn inspect_kv(root: &Path) -> Option<serde_json::Value> {
         .flatten()
 }
 
+/// How long an acknowledged put may take to reach the disk while checkpoints (every 20 ms)
+/// and hot replaces (back to back) each write the live state. A product failure past this.
+const DURABLE_WITHIN: Duration = Duration::from_secs(120);
+
+/// The writes of a state file seen by polling its identity: every write is a new file renamed
+/// over the old one, so a new inode (or a new modification time, should the inode be
+/// reused) is a new write. Writes of one service are serialized (each exports and saves under
+/// the service's operation lock), so the second write seen after a moment exported its state
+/// after that moment: the first may have exported before it and renamed after.
+struct Writes {
+    last: Option<(u64, i64, i64)>,
+    seen: u32,
+}
+
+impl Writes {
+    fn since(path: &Path) -> Writes {
+        Writes {
+            last: identity(path),
+            seen: 0,
+        }
+    }
+
+    fn seen_twice(&mut self, path: &Path) -> bool {
+        let now = identity(path);
+        if now != self.last {
+            self.last = now;
+            self.seen += 1;
+        }
+        self.seen >= 2
+    }
+}
+
+fn identity(path: &Path) -> Option<(u64, i64, i64)> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::metadata(path).ok()?;
+    Some((meta.ino(), meta.mtime(), meta.mtime_nsec()))
+}
+
 const LARGE_KEYS: usize = 11;
 const LARGE_LEN: usize = 100_000;
 
@@ -96,9 +134,11 @@ fn kill_9_while_a_large_state_is_checkpointed_and_swapped_never_tears_it() -> Te
     let mut acknowledged = vec![0u64];
     let mut random = Lcg(7);
     let mut seen_ticks = std::collections::BTreeSet::new();
+    let state_file = root.path().join("state/kv.state");
     for kill in 0..kills {
         let mut daemon = Daemon::start_with(root.path(), &["--checkpoint-interval", "20ms"]);
         let stop = AtomicBool::new(false);
+        let mut durable = None;
         std::thread::scope(|scope| {
             // Swaps, as fast as they go, until the kill.
             scope.spawn(|| {
@@ -124,11 +164,28 @@ fn kill_9_while_a_large_state_is_checkpointed_and_swapped_never_tears_it() -> Te
                     }
                 }
             });
-            // Puts, each acknowledged before the next, until the kill.
+            // Puts, each acknowledged before the next, for a random while; then on, until a
+            // tick acknowledged after that while is seen durable; then the kill. So every
+            // kill comes after a newer state reached the disk, however slow the machine.
             let alive = Duration::from_millis(random.below(300));
             let started = std::time::Instant::now();
             let mut stream = connect(root.path());
-            while started.elapsed() < alive {
+            let mut durable_after: Option<(u64, Writes)> = None;
+            let acknowledged_before = acknowledged.len();
+            loop {
+                if let Some((_, writes)) = &mut durable_after {
+                    if writes.seen_twice(&state_file) {
+                        break;
+                    }
+                    if started.elapsed() > DURABLE_WITHIN {
+                        // Failed below, once the daemon and the swapping thread are stopped.
+                        break;
+                    }
+                } else if started.elapsed() >= alive && acknowledged.len() > acknowledged_before {
+                    // Whatever is written from now on was exported after this ack.
+                    let tick = *acknowledged.last().unwrap();
+                    durable_after = Some((tick, Writes::since(&state_file)));
+                }
                 let tick = acknowledged.last().unwrap() + 1;
                 let put = serde_json::json!({
                     "cmd": "send", "service": "kv", "kind": "request",
@@ -143,7 +200,14 @@ fn kill_9_while_a_large_state_is_checkpointed_and_swapped_never_tears_it() -> Te
             daemon.child.kill().unwrap();
             daemon.child.wait().unwrap();
             stop.store(true, Ordering::Relaxed);
+            durable = durable_after.filter(|(_, writes)| writes.seen >= 2);
         });
+        let Some((durable, _)) = durable else {
+            panic!(
+                "kill {kill}: no acknowledged put reached the disk in {DURABLE_WITHIN:?}\n{}",
+                daemon.log()
+            );
+        };
         // The file opens, holds the large values, and a tick the service acknowledged.
         let state = inspect_kv(root.path())
             .unwrap_or_else(|| panic!("kill {kill}: kv.state does not open\n{}", daemon.log()));
@@ -160,11 +224,15 @@ fn kill_9_while_a_large_state_is_checkpointed_and_swapped_never_tears_it() -> Te
             acknowledged.contains(&tick),
             "kill {kill}: tick {tick} was never acknowledged"
         );
+        // Nothing seen durable before the kill is lost by it.
+        assert!(
+            tick >= durable,
+            "kill {kill}: tick {durable} was on disk before the kill, {tick} after it"
+        );
         seen_ticks.insert(tick);
     }
-    // Not vacuous: kills came after checkpoints of newer states (how many depends on how
-    // busy the machine is: a kill can come before the first checkpoint of its run).
-    assert!(kills < 10 || seen_ticks.len() > 1, "{seen_ticks:?}");
+    // Not vacuous: every kill came after a state newer than the last kill's was written.
+    assert_eq!(seen_ticks.len() as u64, kills, "{seen_ticks:?}");
     eprintln!(
         "torture: {kills} kills, every state file opened, {} distinct acknowledged ticks found",
         seen_ticks.len()

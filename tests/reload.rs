@@ -742,3 +742,35 @@ fn a_service_whose_files_are_all_rejected_says_where_its_last_good_file_went() -
     );
     Ok(())
 }
+
+#[test]
+fn every_replace_writes_the_live_state_so_back_to_back_replaces_lose_no_acknowledged_put(
+) -> TestResult {
+    let persisted = Persisted::new();
+    let plugins = plugin_dir(&["kv"]);
+    let (kernel, report) = persisted.kernel(plugins.path());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    // Two builds of kv, replacing each other: no checkpoint runs in this kernel (nothing
+    // ticks) and no probe checkpoints before loading, so each file seen below is the one the
+    // replace wrote itself.
+    let builds = tempfile::tempdir()?;
+    let a = builds.path().join("a.so");
+    let b = builds.path().join("b.so");
+    fs::copy(fixture("kv"), &a)?;
+    let mut other = fs::read(fixture("kv"))?;
+    other.extend_from_slice(b"another build of the same version");
+    fs::write(&b, other)?;
+    for tick in 1..=10u64 {
+        let put = format!(r#"{{"op":"put","key":"tick","value":{tick}}}"#);
+        assert!(kernel
+            .request("kv", "request", put.as_bytes(), None)
+            .is_ok());
+        let build = if tick % 2 == 0 { &a } else { &b };
+        kernel.replace(kernel.loader().load(build)?, None)?;
+        let saved = kernel.state_store().unwrap().load("kv")?.unwrap();
+        let saved: serde_json::Value = serde_json::from_slice(&saved.bytes)?;
+        assert_eq!(saved["tick"], tick, "after replace {tick}");
+    }
+    assert_eq!(kernel.info("kv").unwrap().swaps, 10);
+    Ok(())
+}
