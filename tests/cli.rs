@@ -607,3 +607,32 @@ fn a_control_socket_that_cannot_be_bound_stops_the_host_before_any_service_start
     assert!(!root.path().join("state/echo.state").exists());
     Ok(())
 }
+
+/// The dynamic loader, run as a program: the host then runs as valgrind or an emulator
+/// would run it, with `/proc/self/exe` naming another program than the host.
+const DYNAMIC_LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
+
+#[test]
+fn a_host_run_through_a_loader_of_its_own_probes_with_itself_not_the_loader() -> TestResult {
+    let root = setup(&["echo"]);
+    let log = fs::File::create(root.path().join("host.log"))?;
+    let child = Command::new(DYNAMIC_LOADER)
+        .arg(BIN)
+        .args(run_args(root.path()))
+        .env_remove("RUST_LOG")
+        .env_remove("NOTIFY_SOCKET")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()?;
+    let daemon = Daemon {
+        child,
+        root: root.path().to_owned(),
+    };
+    daemon.wait_for(
+        |d| d.ctl(&["list"]).status.success(),
+        "the control socket to answer",
+    );
+    assert_eq!(daemon.send("echo", "{}")["count"], 1, "{}", daemon.log());
+    assert_eq!(daemon.terminate().code(), Some(0));
+    Ok(())
+}

@@ -318,6 +318,39 @@ fn probing_kernel() -> Kernel {
 }
 
 #[test]
+fn a_probe_that_fails_before_it_opens_the_file_is_the_hosts_trouble_and_is_tried_again(
+) -> TestResult {
+    adopt();
+    capture_logs();
+    // The probe's program is a link: first to a program that is not this host (as valgrind's
+    // tool was, run as `/proc/self/exe`), then to the host.
+    let programs = tempfile::tempdir()?;
+    let program = programs.path().join("probe");
+    std::os::unix::fs::symlink("/bin/false", &program)?;
+    let kernel = Kernel::new(KernelConfig {
+        probe: Some(Probe::new(program.clone(), Duration::from_secs(10))),
+        ..Default::default()
+    })?;
+    let plugins = plugin_dir(&["echo"]);
+    let mut reloader = Reloader::new(plugins.path());
+    let report = reloader.scan(&kernel, None);
+    assert!(
+        matches!(&report.errors[..], [ReloadError::Load(error @ LoadError::ProbeDidNotStart { path, how, .. })]
+            if path.ends_with("libecho.so") && how == "exited with status 1" && !error.is_the_files_fault()),
+        "{:?}",
+        report.errors
+    );
+    assert!(kernel.info("echo").is_none());
+    // Not remembered as the file's fault: the next rescan tries it again, and it loads.
+    fs::remove_file(&program)?;
+    std::os::unix::fs::symlink(BIN, &program)?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(echo_count(&kernel), 1);
+    Ok(())
+}
+
+#[test]
 fn a_plugin_that_kills_its_process_when_opened_is_refused_by_the_probe() -> TestResult {
     let kernel = probing_kernel();
     let plugins = plugin_dir(&["fixture-faulty", "echo"]);

@@ -145,11 +145,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         shadow_dir: args.shadow_dir.clone(),
         state,
         on_bad_state: args.on_bad_state,
-        // This very program, even if its file has since been replaced by an upgrade.
-        probe: Some(Probe::new(
-            PathBuf::from("/proc/self/exe"),
-            args.probe_timeout,
-        )),
+        probe: Some(Probe::new(Probe::this_program(), args.probe_timeout)),
     })?);
 
     let (events_tx, events) = unbounded();

@@ -137,6 +137,20 @@ pub enum LoadError {
         #[source]
         source: std::io::Error,
     },
+    /// The probe process ended before it got to the file: the host's machinery failed (the
+    /// program is not this host, a thread or memory limit stopped it), not the file. The
+    /// file is tried again at the next rescan.
+    #[error("could not check plugin {path}: the probe {program} {how} before it opened the file: this is the host's trouble, not the file's; it is tried again at the next rescan{}", if stderr.is_empty() { String::new() } else { format!(" (the probe said: {stderr})") })]
+    ProbeDidNotStart {
+        /// The plugin file.
+        path: PathBuf,
+        /// The program run as the probe.
+        program: PathBuf,
+        /// How the process ended (`exited with status 1`, `killed by SIGKILL`).
+        how: String,
+        /// The end of what the process wrote to its standard error.
+        stderr: String,
+    },
     /// An earlier library's destructors never returned from `dlclose`, which holds the
     /// dynamic loader's lock: opening anything now would wait for ever.
     #[error("failed to load plugin {path}: an earlier plugin's destructors hang while it is unloaded, holding the dynamic loader's lock; restart the host to load plugins again")]
@@ -171,6 +185,7 @@ impl LoadError {
                 | LoadError::ShadowCopy { .. }
                 | LoadError::ShadowNoexec { .. }
                 | LoadError::ProbeFailed { .. }
+                | LoadError::ProbeDidNotStart { .. }
                 | LoadError::LoaderWedged { .. }
         )
     }

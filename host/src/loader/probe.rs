@@ -38,6 +38,13 @@ pub struct Probe {
 /// The line a probe child prints on its standard output when it survived.
 const REPORT_PREFIX: &str = "microkernel-probe: ";
 
+/// The line a probe child prints once it runs and is about to open the file: a child that
+/// ends without it never got to the file, and the failure is the host's, not the file's.
+const READY_LINE: &str = "microkernel-probe: ready";
+
+/// The exit status of a probe child that could not start the thread that opens the file.
+const EXIT_NO_THREAD: i32 = 4;
+
 /// At most this much of a child's standard error is kept for the error message.
 const STDERR_TAIL: usize = 2048;
 
@@ -48,6 +55,30 @@ impl Probe {
     /// A probe running `program` with `timeout`.
     pub fn new(program: PathBuf, timeout: Duration) -> Self {
         Probe { program, timeout }
+    }
+
+    /// This very program, to run as the probe: `/proc/self/exe`, which stays this program
+    /// even once its file is replaced by an upgrade; unless this process runs through a
+    /// loader of its own (valgrind, an emulator), where `/proc/self/exe` is that tool: then
+    /// the program `argv[0]` names, found now (call this at start-up, before any `chdir`).
+    pub fn this_program() -> PathBuf {
+        use std::os::unix::fs::MetadataExt;
+        let exe = Path::new("/proc/self/exe");
+        let Some(named) = std::env::args_os()
+            .next()
+            .and_then(|argv0| find_program(argv0.as_ref()))
+        else {
+            return exe.to_owned();
+        };
+        match (fs::metadata(exe), fs::metadata(&named)) {
+            (Ok(exe_meta), Ok(named_meta))
+                if (exe_meta.dev(), exe_meta.ino()) == (named_meta.dev(), named_meta.ino()) =>
+            {
+                exe.to_owned()
+            }
+            (_, Ok(named_meta)) if named_meta.is_file() => named,
+            _ => exe.to_owned(),
+        }
     }
 
     /// Runs the child on `open_path` (the shadow copy the host would open), naming the file
@@ -147,21 +178,45 @@ impl Probe {
                 }
             }
         };
-        let Some(status) = status else {
+        if status.is_none() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        let out = read_back(&mut out, usize::MAX);
+        let stderr = read_back(&mut err, STDERR_TAIL);
+        let ready = out.lines().any(|line| line == READY_LINE);
+        let report = out
+            .lines()
+            .filter(|line| *line != READY_LINE)
+            .find_map(|line| line.strip_prefix(REPORT_PREFIX))
+            .map(str::to_owned);
+        let Some(status) = status else {
+            if !ready {
+                return Err(LoadError::ProbeDidNotStart {
+                    path: path.to_owned(),
+                    program: self.program.clone(),
+                    how: format!("did not get going within {:?}", self.timeout),
+                    stderr: one_line_tail(&stderr),
+                });
+            }
             return Err(LoadError::ProbeTimedOut {
                 path: path.to_owned(),
                 step,
                 timeout: self.timeout,
             });
         };
-        let report = read_back(&mut out, usize::MAX);
-        let stderr = read_back(&mut err, STDERR_TAIL);
-        let report = report
-            .lines()
-            .find_map(|line| line.strip_prefix(REPORT_PREFIX))
-            .map(str::to_owned);
+        if !ready || status.code() == Some(EXIT_NO_THREAD) {
+            return Err(LoadError::ProbeDidNotStart {
+                path: path.to_owned(),
+                program: self.program.clone(),
+                how: match (status.code(), status.signal()) {
+                    (Some(code), _) => format!("exited with status {code}"),
+                    (_, Some(signal)) => format!("was killed by {}", signal_name(signal)),
+                    _ => "ended".to_owned(),
+                },
+                stderr: one_line_tail(&stderr),
+            });
+        }
         match (status.code(), status.signal(), report) {
             (Some(0), _, Some(report)) => Ok(report),
             (_, Some(signal), _) => Err(LoadError::ProbeCrashed {
@@ -181,6 +236,22 @@ impl Probe {
             }),
         }
     }
+}
+
+/// The file a shell would run for `argv0`: a path as it is (made absolute), a bare name
+/// looked up in `$PATH`.
+fn find_program(argv0: &Path) -> Option<PathBuf> {
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.components().count() > 1 {
+        return std::path::absolute(argv0).ok();
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(argv0))
+        .find(|candidate| candidate.is_file())
+        .and_then(|found| std::path::absolute(found).ok())
 }
 
 fn read_back(file: &mut fs::File, limit: usize) -> String {
@@ -253,16 +324,29 @@ pub fn run_probe_child(
     // A panic (the checks of a corrupt layout can panic) ends this process without a
     // report, as a crash does: the file is refused without the host opening it.
     let outcome = std::thread::scope(|scope| {
-        match scope
-            .spawn(|| probe(file, name, config_dir, state.as_ref()))
-            .join()
-        {
-            Ok(outcome) => outcome,
-            Err(panic) => std::panic::resume_unwind(panic),
+        let thread = std::thread::Builder::new()
+            .name("probe".into())
+            .spawn_scoped(scope, || {
+                println!("{READY_LINE}");
+                let _ = std::io::Write::flush(&mut std::io::stdout());
+                probe(file, name, config_dir, state.as_ref())
+            });
+        match thread.map(|thread| thread.join()) {
+            Ok(Ok(outcome)) => Ok(outcome),
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(error) => Err(error),
         }
     });
-    println!("{REPORT_PREFIX}{outcome}");
-    0
+    match outcome {
+        Ok(outcome) => {
+            println!("{REPORT_PREFIX}{outcome}");
+            0
+        }
+        Err(error) => {
+            eprintln!("microkernel probe: could not start a thread to open the file: {error}");
+            EXIT_NO_THREAD
+        }
+    }
 }
 
 fn probe(
