@@ -236,3 +236,65 @@ fn a_file_larger_than_any_plugin_is_refused_unread() -> TestResult {
     assert!(matches!(&error, LoadError::TooLarge { .. }), "{error}");
     Ok(())
 }
+
+/// Two builds of the tokio fixture (same version, other bytes), and the number of mappings
+/// of the loader's private copies while one library is loaded.
+fn tokio_builds() -> (tempfile::TempDir, [std::path::PathBuf; 2]) {
+    let builds = tempfile::tempdir().unwrap();
+    let a = builds.path().join("a.so");
+    let b = builds.path().join("b.so");
+    fs::copy(fixture("fixture-tokio"), &a).unwrap();
+    let mut other = fs::read(fixture("fixture-tokio")).unwrap();
+    other.extend_from_slice(b"another build of the same version");
+    fs::write(&b, other).unwrap();
+    (builds, [a, b])
+}
+
+fn shadow_mappings(kernel: &host::Kernel) -> usize {
+    let shadow = kernel.loader().shadow_dir().to_string_lossy().into_owned();
+    fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|line| line.contains(&shadow))
+        .count()
+}
+
+#[test]
+fn a_hundred_swaps_of_a_plugin_with_a_tokio_runtime_leave_no_old_library_loaded() -> TestResult {
+    let kernel = kernel();
+    let (_builds, builds) = tokio_builds();
+    kernel.register(kernel.loader().load(&builds[0])?, None)?;
+    kernel.start("tokio")?;
+    let one_library = shadow_mappings(&kernel);
+    assert!(one_library > 0);
+    for swap in 1..=100 {
+        let reply = kernel.request("tokio", "count", b"", None);
+        assert_eq!(reply.data, swap.to_string().as_bytes(), "{reply:?}");
+        kernel.replace(kernel.loader().load(&builds[swap % 2])?, None)?;
+    }
+    // The new versions' runtimes (threads started in their `start`) pin no older version.
+    assert!(all_closed_soon(&kernel), "{:?}", kernel.info("tokio"));
+    assert_eq!(kernel.info("tokio").unwrap().pinned, Vec::<String>::new());
+    assert_eq!(shadow_mappings(&kernel), one_library);
+    assert_eq!(kernel.request("tokio", "count", b"", None).data, b"101");
+    Ok(())
+}
+
+#[test]
+fn a_version_that_leaves_a_thread_running_stays_loaded_and_the_next_ones_do_not() -> TestResult {
+    let kernel = kernel();
+    let (_builds, builds) = tokio_builds();
+    // This version's `stop` leaves a thread of its own running.
+    kernel.register(kernel.loader().load(&builds[0])?, Some("leak".into()))?;
+    kernel.start("tokio")?;
+    kernel.replace(kernel.loader().load(&builds[1])?, None)?;
+    kernel.replace(kernel.loader().load(&builds[0])?, None)?;
+    assert!(!all_closed_soon(&kernel));
+    assert_eq!(kernel.sweep(), 1, "only the leaking version stays");
+    let pinned = kernel.info("tokio").unwrap().pinned;
+    assert!(
+        matches!(&pinned[..], [one] if one.contains("leaked-thread")),
+        "{pinned:?}"
+    );
+    Ok(())
+}

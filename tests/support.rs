@@ -42,6 +42,7 @@ const PACKAGES: &[&str] = &[
     "fixture-echo-needs-kv",
     "fixture-faulty",
     "fixture-faulty-v2",
+    "fixture-tokio",
 ];
 
 /// Workspaces under `tests/fixtures-isolated` (see the README there).

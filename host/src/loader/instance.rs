@@ -6,7 +6,7 @@ use plugin_api::{
     Reply,
 };
 
-use super::{host_handle, HostServices, Library};
+use super::{host_handle, threads::CallCensus, HostServices, Library};
 
 /// One live service instance, created by a [`Library`].
 ///
@@ -41,22 +41,29 @@ impl Instance {
     ) -> Result<Self, String> {
         let handle = host_handle::new_handle(services);
         let config: ROption<RString> = config.map(RString::from).into();
-        let raw = (library.module().new_service())(handle, config)
-            .into_result()
-            .map_err(RString::into_string)?;
+        let census = CallCensus::before();
+        let raw = (library.module().new_service())(handle, config).into_result();
+        census.attribute(library.id());
+        let raw = raw.map_err(RString::into_string)?;
         Ok(Instance { raw, library })
     }
 
     /// Calls the plugin's `start`.
     pub fn start(&mut self) -> Result<(), String> {
+        let census = CallCensus::before();
         // SAFETY: `raw.this` is live until `drop`, and `&mut self` makes this the only call.
-        into_result(unsafe { (self.raw.vtable().start)(self.raw.this()) })
+        let result = into_result(unsafe { (self.raw.vtable().start)(self.raw.this()) });
+        census.attribute(self.library.id());
+        result
     }
 
     /// Calls the plugin's `stop`.
     pub fn stop(&mut self) -> Result<(), String> {
+        let census = CallCensus::before();
         // SAFETY: as in `start`.
-        into_result(unsafe { (self.raw.vtable().stop)(self.raw.this()) })
+        let result = into_result(unsafe { (self.raw.vtable().stop)(self.raw.this()) });
+        census.attribute(self.library.id());
+        result
     }
 
     /// Calls the plugin's `handle` (lending it the request); panics and errors come back as
@@ -85,17 +92,22 @@ impl Instance {
 
     /// Calls the plugin's `import_state`.
     pub fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
+        let census = CallCensus::before();
         // SAFETY: as in `start`; the arguments outlive the call.
-        into_result(unsafe {
+        let result = into_result(unsafe {
             (self.raw.vtable().import_state)(self.raw.this(), from_version.into(), state.into())
-        })
+        });
+        census.attribute(self.library.id());
+        result
     }
 }
 
 impl Drop for Instance {
     fn drop(&mut self) {
+        let census = CallCensus::before();
         // SAFETY: `raw.this` was created by this library's `new_service` and is freed exactly
         // once, here, while `self.library` still keeps the library open.
         unsafe { (self.raw.vtable().drop)(self.raw.this()) }
+        census.attribute(self.library.id());
     }
 }

@@ -298,6 +298,7 @@ pub(super) fn open(path: &Path, open_path: &Path, sha256: &[u8; 32]) -> Result<L
         module: None,
         raw: Some(raw),
         baseline,
+        id: NEXT_LIBRARY_ID.fetch_add(1, Ordering::Relaxed),
         close_timeout: DEFAULT_CLOSE_TIMEOUT,
     };
     let module = check_and_init(path, library.raw.as_ref().expect("just opened"))?;
@@ -573,12 +574,17 @@ pub struct Library {
     raw: Option<RawLibrary>,
     /// The threads alive before the library was opened.
     baseline: Census,
+    /// Names the library when threads are attributed to it (see `threads`).
+    id: threads::LibraryId,
     /// How long `dlclose` may take.
     close_timeout: Duration,
 }
 
 /// How long closing a library may take unless the loader says otherwise.
 const DEFAULT_CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The next [`Library`]'s id.
+static NEXT_LIBRARY_ID: AtomicU64 = AtomicU64::new(1);
 
 /// Set once a `dlclose` did not return in time: a library destructor hangs while holding the
 /// dynamic loader's lock, so nothing can be opened any more (it would wait for ever).
@@ -628,7 +634,12 @@ impl Library {
     /// alive now, not alive when it was opened, not the host's, and not attributed by
     /// `elsewhere` (given a thread's name) to something else.
     pub fn newcomers(&self, elsewhere: &dyn Fn(&str) -> bool) -> std::io::Result<Vec<ThreadInfo>> {
-        threads::newcomers(&self.baseline, elsewhere)
+        threads::newcomers(&self.baseline, self.id, elsewhere)
+    }
+
+    /// Names the library when threads are attributed to it.
+    pub(super) fn id(&self) -> threads::LibraryId {
+        self.id
     }
 
     /// Closes the library, unless a thread that may run its code is alive

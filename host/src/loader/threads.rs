@@ -10,9 +10,17 @@
 //!
 //! Threads are identified by their kernel thread id *and* their start time, so a thread id
 //! reused by a new thread is not mistaken for the old one.
+//!
+//! A thread is attributed to the library whose code started it where that can be seen: each
+//! call into an instance's lifecycle (`new`, `import_state`, `start`, `stop`, drop) is
+//! surrounded by a census ([`CallCensus`]), and a thread that appears during such calls of
+//! other libraries only does not keep this one loaded. So a new version's runtime (its
+//! threads started in `start`) does not pin every older version. A thread that appeared
+//! outside such calls (in a request, on a thread of the plugin's own) is still presumed to
+//! run the code of every library opened before it: the safe side.
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fs, io,
     sync::Mutex,
     thread,
@@ -67,23 +75,85 @@ impl Census {
     }
 }
 
-/// Threads alive now that were not in `baseline`, that the host did not start, and that
-/// `elsewhere` does not attribute to someone else (by name): the threads that may run code
-/// of a library opened when `baseline` was taken.
+/// Threads alive now that were not in `baseline`, that the host did not start, that were not
+/// seen appearing only during calls into other libraries than `library` (see
+/// [`CallCensus`]), and that `elsewhere` does not attribute to someone else (by name): the
+/// threads that may run code of the library `library`, opened when `baseline` was taken.
 pub fn newcomers(
     baseline: &Census,
+    library: LibraryId,
     elsewhere: &dyn Fn(&str) -> bool,
 ) -> io::Result<Vec<ThreadInfo>> {
     let live = live_threads()?;
+    let alive: BTreeSet<ThreadKey> = live.iter().map(|t| t.key).collect();
     let mut host = lock_registry();
     // Threads that have ended are forgotten (their keys can never come back).
-    let alive: BTreeSet<ThreadKey> = live.iter().map(|t| t.key).collect();
     host.retain(|key| alive.contains(key));
+    let mut attributed = lock_attributed();
+    attributed.retain(|key, _| alive.contains(key));
     Ok(live
         .into_iter()
         .filter(|t| !baseline.threads.contains(&t.key) && !host.contains(&t.key))
+        .filter(|t| {
+            attributed
+                .get(&t.key)
+                .is_none_or(|libraries| libraries.contains(&library))
+        })
         .filter(|t| !elsewhere(&t.name))
         .collect())
+}
+
+/// Names one opened library for attribution; never reused within a process.
+pub type LibraryId = u64;
+
+/// Threads seen appearing during calls into libraries' code, and which libraries' (more than
+/// one when calls overlapped).
+static ATTRIBUTED: Mutex<BTreeMap<ThreadKey, BTreeSet<LibraryId>>> = Mutex::new(BTreeMap::new());
+
+fn lock_attributed() -> std::sync::MutexGuard<'static, BTreeMap<ThreadKey, BTreeSet<LibraryId>>> {
+    ATTRIBUTED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The thread ids alive before a call into a library's code; [`CallCensus::attribute`] after
+/// the call gives the threads that appeared meanwhile to that library. Costs one listing of
+/// `/proc/self/task` before, and one after (plus a read per new thread).
+#[derive(Debug)]
+pub(crate) struct CallCensus(Option<BTreeSet<i32>>);
+
+impl CallCensus {
+    pub(crate) fn before() -> CallCensus {
+        CallCensus(thread_ids().ok())
+    }
+
+    /// Threads alive now and not before, that the host did not start, are `library`'s.
+    pub(crate) fn attribute(self, library: LibraryId) {
+        let (Some(before), Ok(now)) = (self.0, thread_ids()) else {
+            return;
+        };
+        let appeared: Vec<ThreadKey> = now
+            .difference(&before)
+            .filter_map(|&tid| read_thread(tid))
+            .map(|t| t.key)
+            .collect();
+        if appeared.is_empty() {
+            return;
+        }
+        let host = lock_registry();
+        let mut attributed = lock_attributed();
+        for key in appeared.into_iter().filter(|key| !host.contains(key)) {
+            attributed.entry(key).or_default().insert(library);
+        }
+    }
+}
+
+fn thread_ids() -> io::Result<BTreeSet<i32>> {
+    let mut tids = BTreeSet::new();
+    for entry in fs::read_dir("/proc/self/task")? {
+        if let Some(tid) = entry?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            tids.insert(tid);
+        }
+    }
+    Ok(tids)
 }
 
 /// The name the kernel gives a thread named `name`: its first 15 bytes.
@@ -273,9 +343,9 @@ mod tests {
             })
             .unwrap();
         ready_rx.recv().unwrap();
-        let found = newcomers(&before, &|_| false).unwrap();
+        let found = newcomers(&before, 1, &|_| false).unwrap();
         assert!(found.iter().any(|t| t.name == "stranger"), "{found:?}");
-        let elsewhere = newcomers(&before, &|name| name == "stranger").unwrap();
+        let elsewhere = newcomers(&before, 1, &|name| name == "stranger").unwrap();
         assert!(!elsewhere.iter().any(|t| t.name == "stranger"));
         drop(stop_tx);
         stranger.join().unwrap();
@@ -289,13 +359,43 @@ mod tests {
             let _ = stop_rx.recv();
         })
         .unwrap();
-        let found = newcomers(&before, &|_| false).unwrap();
+        let found = newcomers(&before, 1, &|_| false).unwrap();
         assert!(!found.iter().any(|t| t.name == "host-own"), "{found:?}");
         assert!(!thread.join_until(Instant::now() + Duration::from_millis(30)));
         drop(stop_tx);
         assert!(thread.join_until(Instant::now() + Duration::from_secs(10)));
         // Joined: asking again answers at once.
         assert!(thread.join_until(Instant::now()));
+    }
+
+    #[test]
+    fn a_thread_started_during_another_librarys_call_is_not_this_ones_newcomer() {
+        let before = Census::take().unwrap();
+        let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        // Library 102's `start` starts a worker, as a runtime does.
+        let call = CallCensus::before();
+        let worker = std::thread::Builder::new()
+            .name("worker-of-102".into())
+            .spawn(move || {
+                let _ = ready_tx.send(());
+                let _ = stop_rx.recv();
+            })
+            .unwrap();
+        ready_rx.recv().unwrap();
+        call.attribute(102);
+        let older = newcomers(&before, 101, &|_| false).unwrap();
+        assert!(
+            !older.iter().any(|t| t.name == "worker-of-102"),
+            "{older:?}"
+        );
+        let its_own = newcomers(&before, 102, &|_| false).unwrap();
+        assert!(
+            its_own.iter().any(|t| t.name == "worker-of-102"),
+            "{its_own:?}"
+        );
+        drop(stop_tx);
+        worker.join().unwrap();
     }
 
     #[test]
