@@ -66,8 +66,8 @@ pub enum Command {
         /// Where to write it (created; must not exist, or be empty) [default: ./NAME].
         #[arg(long, value_name = "DIR")]
         path: Option<PathBuf>,
-        /// The plugin-api directory to depend on; without it, plugin-api of this host's
-        /// version, from the crates registry.
+        /// The plugin-api directory to depend on; without it, the plugin-api source this
+        /// host was built from, if it is still on this machine (it is not in a registry).
         #[arg(long, value_name = "PATH")]
         plugin_api: Option<PathBuf>,
     },

@@ -113,7 +113,7 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             let dir = path.unwrap_or_else(|| PathBuf::from(&name));
             let api = match plugin_api {
                 Some(path) => host::scaffold::Api::Path(path),
-                None => host::scaffold::Api::Version,
+                None => host::scaffold::Api::built_from()?,
             };
             host::scaffold::new_plugin(&name, &dir, &api)?;
             let lib = name.replace('-', "_");

@@ -12,16 +12,28 @@ const CARGO_TOML: &str = include_str!("Cargo.toml.template");
 const LIB_RS: &str = include_str!("lib.rs.template");
 const README: &str = include_str!("README.md.template");
 
-/// Where `plugin-api` comes from in the crate written.
+/// Where `plugin-api` comes from in the crate written: a path to a `plugin-api` directory.
+/// (It is not published in a registry: the name `plugin-api` there is another project's.)
 #[derive(Debug, Clone)]
 pub enum Api {
     /// A path to a `plugin-api` directory.
     Path(PathBuf),
-    /// This host's version, from a registry.
-    Version,
 }
 
 impl Api {
+    /// The `plugin-api` source this host was built from, when it is still on this machine;
+    /// otherwise an error that says to name one.
+    pub fn built_from() -> anyhow::Result<Api> {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../plugin-api");
+        if source.join("Cargo.toml").is_file() {
+            return Ok(Api::Path(source));
+        }
+        bail!(
+            "no plugin-api to depend on: the source this host was built from ({}) is not on this machine, and plugin-api is not published in a registry; name a checkout of it with --plugin-api PATH",
+            source.display()
+        )
+    }
+
     /// The dependency's value in `Cargo.toml`, with the test kit's feature or not.
     fn dependency(&self, testing: bool) -> anyhow::Result<String> {
         let features = if testing {
@@ -42,10 +54,6 @@ impl Api {
                     .replace('\\', r"\\")
                     .replace('"', "\\\"");
                 format!(r#"{{ path = "{quoted}"{features} }}"#)
-            }
-            Api::Version => {
-                let version = plugin_api::abi::API_VERSION;
-                format!(r#"{{ version = "{version}"{features} }}"#)
             }
         })
     }
@@ -122,7 +130,10 @@ mod tests {
             bad.to_string().contains("not a valid service name"),
             "{bad}"
         );
-        let version = Api::Version.dependency(false).unwrap();
-        assert!(version.contains(plugin_api::abi::API_VERSION), "{version}");
+        // Without --plugin-api: the source this host was built from, never a registry's
+        // `plugin-api` (another project's crate).
+        let Api::Path(built_from) = Api::built_from().unwrap();
+        let dependency = Api::Path(built_from).dependency(false).unwrap();
+        assert!(dependency.starts_with("{ path = "), "{dependency}");
     }
 }
