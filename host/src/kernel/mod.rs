@@ -831,3 +831,6 @@ impl Drop for Kernel {
         self.shutdown();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -605,6 +605,41 @@ impl std::fmt::Debug for Library {
 }
 
 impl Library {
+    /// A service linked into this program, behind the same interface as a plugin file: its
+    /// instances are made and driven through the very glue `export_service!` gives a plugin
+    /// (the same `extern "C"` functions, the same copies across the boundary), with no file,
+    /// no `dlopen`, no census and nothing to unmap. For kernel tests that need no real
+    /// library, and for programs that embed the kernel with services of their own. Its path
+    /// is `linked:NAME`. The error is the manifest's (a service name the host refuses).
+    pub fn linked<S: plugin_api::Service>() -> Result<Library, String> {
+        use abi_stable::prefix_type::PrefixTypeTrait as _;
+        use plugin_api::{abi::PluginMod, export_parts};
+        // Leaked: a linked service's module lives as long as the program, as a library's
+        // static one lives as long as the library (a few bytes per call).
+        let module: PluginModRef = PluginMod {
+            manifest: export_parts::manifest::<S>,
+            new_service: export_parts::new_service::<S>,
+        }
+        .leak_into_prefix();
+        let manifest = Manifest::from_raw(&(module.manifest())())?;
+        Ok(Library {
+            path: PathBuf::from(format!("linked:{}", manifest.name)),
+            shadow: PathBuf::new(),
+            sha256: [0; 32],
+            manifest,
+            module: Some(module),
+            raw: None,
+            baseline: Census::default(),
+            id: NEXT_LIBRARY_ID.fetch_add(1, Ordering::Relaxed),
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+        })
+    }
+
+    /// Whether this is a service linked into the program ([`Library::linked`]), not a file.
+    pub fn is_linked(&self) -> bool {
+        self.raw.is_none()
+    }
+
     /// The plugin file this library was loaded from.
     pub fn path(&self) -> &Path {
         &self.path
@@ -654,6 +689,9 @@ impl Library {
         mut self,
         elsewhere: &dyn Fn(&str) -> bool,
     ) -> Result<bool, (Library, Vec<ThreadInfo>)> {
+        if self.is_linked() {
+            return Ok(true);
+        }
         match self.newcomers(elsewhere) {
             Ok(threads) if threads.is_empty() => Ok(self.close_inner()),
             Ok(threads) => Err((self, threads)),
