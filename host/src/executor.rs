@@ -462,8 +462,25 @@ pub(crate) enum AskError {
     Closed,
 }
 
+impl AskError {
+    /// Why the executor asked did not answer, in words: `timeout` is how long it was waited
+    /// for, `doing` the call it was in. The one place these failures are put in words.
+    pub fn reason(self, timeout: Duration, doing: Call) -> String {
+        match self {
+            AskError::Full => {
+                format!("the mailbox stayed full for {timeout:?} (the service was in {doing})")
+            }
+            AskError::NoAnswer => {
+                format!("the service did not get to it within {timeout:?} (it was in {doing})")
+            }
+            AskError::Closed => "the mailbox is closed".to_owned(),
+        }
+    }
+}
+
 /// Posts the message `make` builds (around the sender of its answer) to `mailbox` and waits
-/// for the answer, both before `deadline`. The one way the kernel talks to an executor.
+/// for the answer, both before `deadline`. How the kernel asks an executor for an export, a
+/// suspension and a stop.
 pub(crate) fn ask<T>(
     mailbox: &Sender<Envelope>,
     make: impl FnOnce(Sender<T>) -> Envelope,

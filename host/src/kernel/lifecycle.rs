@@ -8,13 +8,12 @@ use std::{
 };
 
 use super::{
-    deps, digest, routing, BadStatePolicy, Checkpoint, DependencyError, KernelError, KernelInner,
-    Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
+    deps, digest, routing, BadStatePolicy, Checkpoint, DependencyError, Idle, KernelError,
+    KernelInner, Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
 };
 use crate::{
     executor::{
-        self, ask, AskError, Envelope, Executor, InstanceError, Launch, LaunchFailure, Pending,
-        State,
+        self, ask, Envelope, Executor, InstanceError, Launch, LaunchFailure, Pending, State,
     },
     loader::{threads, Library},
 };
@@ -206,7 +205,7 @@ impl KernelInner {
             .and_then(|()| self.start_locked(&slot, &mut ops));
         if let Err(error) = &result {
             if !matches!(ops.run, Run::Stuck(_)) {
-                ops.run = Run::Idle(Status::Failed);
+                ops.run = Run::Idle(Idle::Failed);
             }
             slot.record_error(error);
             slot.publish(&ops, None);
@@ -271,7 +270,7 @@ impl KernelInner {
             Err(LaunchFailure { error, stuck }) => {
                 ops.run = match stuck {
                     Some(stuck) => Run::Stuck(stuck),
-                    None => Run::Idle(Status::Failed),
+                    None => Run::Idle(Idle::Failed),
                 };
                 let state_file = match &error {
                     InstanceError::Import(_) => {
@@ -409,7 +408,7 @@ impl KernelInner {
         deadline: Instant,
     ) -> Result<(), KernelError> {
         let mut ops = slot.lock_ops(deadline)?;
-        let Some(executor) = ops.run.take_executor(Status::Stopped) else {
+        let Some(executor) = ops.run.take_executor(Idle::Stopped) else {
             return Ok(());
         };
         let _span = tracing::info_span!("stop", service = %slot.name).entered();
@@ -607,16 +606,7 @@ impl KernelInner {
             deadline,
         )
         .map_err(|e| {
-            let doing = executor.doing();
-            let cause = match e {
-                AskError::Full => {
-                    format!("the mailbox stayed full for {timeout:?} (the service is in {doing})")
-                }
-                AskError::NoAnswer => {
-                    format!("the service did not get to it within {timeout:?} (it is in {doing})")
-                }
-                AskError::Closed => "the service is gone".to_owned(),
-            };
+            let cause = e.reason(timeout, executor.doing());
             KernelError::Instance {
                 service: slot.name.clone(),
                 cause: format!("checkpoint failed: {cause}"),

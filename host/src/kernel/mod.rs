@@ -320,9 +320,8 @@ impl std::fmt::Debug for ServiceSlot {
 /// `list` is derived from.
 #[derive(Debug)]
 pub(crate) enum Run {
-    /// No instance: never started (`Registered`), stopped on purpose (`Stopped`), or lost
-    /// (`Failed`).
-    Idle(Status),
+    /// No instance: never started, stopped on purpose, or lost.
+    Idle(Idle),
     /// An instance serves the mailbox on this executor.
     Running(Executor),
     /// An instance did not stop (or start) in time: its thread is in plugin code and keeps
@@ -330,18 +329,39 @@ pub(crate) enum Run {
     Stuck(Stuck),
 }
 
+/// Why a service has no instance: the only statuses an idle service can have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Idle {
+    /// Never started.
+    Registered,
+    /// Stopped on purpose.
+    Stopped,
+    /// Could not start, or its instance was lost.
+    Failed,
+}
+
+impl From<Idle> for Status {
+    fn from(idle: Idle) -> Status {
+        match idle {
+            Idle::Registered => Status::Registered,
+            Idle::Stopped => Status::Stopped,
+            Idle::Failed => Status::Failed,
+        }
+    }
+}
+
 impl Run {
     /// The status this run state shows, while no operation is under way.
     fn status(&self) -> Status {
         match self {
-            Run::Idle(status) => *status,
+            Run::Idle(idle) => (*idle).into(),
             Run::Running(_) => Status::Running,
             Run::Stuck(_) => Status::Failed,
         }
     }
 
     /// Takes the executor out, leaving `Idle(then)`; `None` (and unchanged) when not running.
-    fn take_executor(&mut self, then: Status) -> Option<Executor> {
+    fn take_executor(&mut self, then: Idle) -> Option<Executor> {
         match std::mem::replace(self, Run::Idle(then)) {
             Run::Running(executor) => Some(executor),
             other => {
@@ -357,7 +377,7 @@ impl Run {
         if let Run::Stuck(stuck) = self {
             if stuck.ended() {
                 let late = stuck.late_state();
-                *self = Run::Idle(Status::Failed);
+                *self = Run::Idle(Idle::Failed);
                 return late;
             }
         }
@@ -537,7 +557,7 @@ impl Kernel {
             info: RwLock::new(info),
             ops: parking_lot::Mutex::new(SlotOps {
                 library: Arc::new(library),
-                run: Run::Idle(Status::Registered),
+                run: Run::Idle(Idle::Registered),
                 config,
                 last_saved: None,
             }),
@@ -583,7 +603,7 @@ impl Kernel {
                 if let Some(slot) = self.inner.slot(&service) {
                     if let Ok(mut ops) = slot.lock_ops(self.inner.deadline()) {
                         if let Run::Idle(_) = ops.run {
-                            ops.run = Run::Idle(Status::Failed);
+                            ops.run = Run::Idle(Idle::Failed);
                         }
                         slot.record_error(&error);
                         slot.publish(&ops, None);
@@ -786,7 +806,7 @@ impl Kernel {
                     Err(error) => report.failures.push((slot.name.clone(), error)),
                 }
             }
-            let stuck = match std::mem::replace(&mut ops.run, Run::Idle(Status::Stopped)) {
+            let stuck = match std::mem::replace(&mut ops.run, Run::Idle(Idle::Stopped)) {
                 Run::Stuck(stuck) => {
                     // Stuck since before the shutdown (a start that hung, an earlier stop):
                     // abandoned too, its thread still in plugin code.

@@ -28,9 +28,9 @@ use std::{sync::Arc, time::Duration, time::Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender};
 
-use super::{KernelError, KernelInner, OpsGuard, Run, ServiceSlot, Status};
+use super::{Idle, KernelError, KernelInner, OpsGuard, Run, ServiceSlot, Status};
 use crate::{
-    executor::{ask, recv_soon, AskError, Envelope, LaunchFailure, State, Stuck, Verdict},
+    executor::{ask, recv_soon, Envelope, LaunchFailure, State, Stuck, Verdict},
     loader::Library,
 };
 
@@ -234,7 +234,7 @@ impl KernelInner {
         // 6. Stop the old instance: its `stop`, not yet the end of its thread.
         let held_since = suspension.held_since;
         let (stopped, release) = suspension.stop(self.config.spin, self.deadline());
-        let mut old = ops.run.take_executor(Status::Failed);
+        let mut old = ops.run.take_executor(Idle::Failed);
         let mut old_stuck = None;
         if !stopped {
             if let Some(executor) = old.take() {
@@ -295,15 +295,7 @@ impl KernelInner {
         );
         // Had it answered after the deadline, it would have found nobody waiting and gone
         // on serving.
-        let (held_since, exported) = answer.map_err(|e| match e {
-            AskError::Full => {
-                format!("the mailbox stayed full for {timeout:?} (the service was in {doing})")
-            }
-            AskError::NoAnswer => {
-                format!("the service did not get to it within {timeout:?} (it was in {doing})")
-            }
-            AskError::Closed => "the mailbox is closed".to_owned(),
-        })?;
+        let (held_since, exported) = answer.map_err(|e| e.reason(timeout, doing))?;
         let suspension = Suspension {
             held_since,
             verdict: Some(verdict_tx),
@@ -334,7 +326,11 @@ impl KernelInner {
         let status = ops.run.status();
         // A stuck instance is left to end alone with the old library: a new version may be
         // exactly what it takes to get the service back.
-        let stuck = match std::mem::replace(&mut ops.run, Run::Idle(status)) {
+        let idle = match &ops.run {
+            Run::Idle(idle) => *idle,
+            Run::Stuck(_) | Run::Running(_) => Idle::Failed,
+        };
+        let stuck = match std::mem::replace(&mut ops.run, Run::Idle(idle)) {
             Run::Stuck(stuck) => Some(stuck),
             other => {
                 ops.run = other;
@@ -425,7 +421,7 @@ impl KernelInner {
                                 Some(stuck) => Run::Stuck(stuck),
                                 None => {
                                     slot.mailbox.drain(&slot.name);
-                                    Run::Idle(Status::Failed)
+                                    Run::Idle(Idle::Failed)
                                 }
                             };
                             SwapError::RollbackFailed {
