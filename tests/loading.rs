@@ -80,12 +80,29 @@ fn a_plugin_with_a_mismatching_abi_is_refused_naming_the_mismatch() -> TestResul
 }
 
 #[test]
-fn a_plugin_built_against_an_older_plugin_api_is_refused_naming_both_versions() -> TestResult {
-    let error = load_error(&fixture("fixture-old-api"));
+fn a_plugin_built_against_another_abi_is_refused_naming_both_abi_versions() -> TestResult {
+    let error = load_error(&fixture("fixture-old-abi"));
     assert!(
-        matches!(&error, LoadError::VersionMismatch { host, plugin, .. } if host == plugin_api::abi::API_VERSION && plugin == "0.0.5"),
+        matches!(&error, LoadError::VersionMismatch { host, plugin, .. } if host == plugin_api::abi::ABI_VERSION && plugin == "0.0.5"),
         "{error}"
     );
+    let message = error.to_string();
+    assert!(
+        message.contains("ABI 0.0.5")
+            && message.contains(&format!("ABI {}", plugin_api::abi::ABI_VERSION)),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_plugin_built_against_an_older_sdk_of_the_same_abi_loads_and_serves() -> TestResult {
+    let kernel = kernel();
+    let loaded = kernel.loader().load(&fixture("fixture-old-sdk"))?;
+    assert_eq!(loaded.manifest().name, "older-sdk");
+    kernel.register(loaded, None)?;
+    kernel.start("older-sdk")?;
+    assert!(kernel.request("older-sdk", "ping", b"", None).is_ok());
     Ok(())
 }
 

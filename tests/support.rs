@@ -46,7 +46,7 @@ const PACKAGES: &[&str] = &[
 ];
 
 /// Workspaces under `tests/fixtures-isolated` (see the README there).
-const ISOLATED: &[&str] = &["old-api", "abi-mismatch"];
+const ISOLATED: &[&str] = &["old-abi", "old-sdk", "abi-mismatch"];
 
 /// A `cargo` command without the variables of the cargo that runs the tests, so that the
 /// nested build behaves like one from a shell.

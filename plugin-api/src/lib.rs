@@ -31,11 +31,15 @@
 //!
 //! # Stability
 //!
-//! The ABI is checked by `abi_stable` when a plugin is loaded: a plugin loads into a host when
-//! both were built against the same `0.x` minor version of this crate and the layouts of every
-//! type in [`abi`] match. Anything else is refused with an error naming the first mismatch.
+//! What crosses the boundary lives in its own crate, [`abi`] (`microkernel-plugin-abi`),
+//! whose version is the ABI version. A plugin loads into a host when both were built against
+//! the same `0.x` minor of *that* crate and `abi_stable` finds every layout identical; this
+//! SDK's own version does not matter, so a new SDK release that leaves the ABI alone needs no
+//! plugin to be rebuilt. Anything else is refused with an error naming both ABI versions, or
+//! the first layout mismatch.
 
-pub mod abi;
+/// The types that cross the library boundary: the ABI crate, `microkernel-plugin-abi`.
+pub use plugin_abi as abi;
 /// Re-exported so that a plugin can compare the `from_version` given to
 /// [`Service::import_state`] without a dependency of its own:
 /// `plugin_api::semver::Version::parse(from_version)?.major`.

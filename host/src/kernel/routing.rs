@@ -253,7 +253,7 @@ impl KernelInner {
             "list" => Reply::json(&self.list()),
             "version" => Reply::json(&serde_json::json!({
                 "host": env!("CARGO_PKG_VERSION"),
-                "plugin_api": plugin_api::abi::API_VERSION,
+                "plugin_abi": plugin_api::abi::ABI_VERSION,
             })),
             _ => Reply::error(
                 codes::BAD_REQUEST,

@@ -65,15 +65,15 @@ pub enum LoadError {
         /// The missing symbol.
         symbol: String,
     },
-    /// The plugin was built against a `plugin-api` whose version is incompatible with the
-    /// host's.
-    #[error("failed to load plugin {path}: built against plugin-api {plugin}, but this host uses plugin-api {host}; rebuild the plugin against plugin-api {host}")]
+    /// The plugin was built against another ABI (`microkernel-plugin-abi` version) than the
+    /// host's. The SDK's version does not matter.
+    #[error("failed to load plugin {path}: built against ABI {plugin} (microkernel-plugin-abi), but this host speaks ABI {host}; rebuild the plugin with an SDK of ABI {host}")]
     VersionMismatch {
         /// The plugin file.
         path: PathBuf,
-        /// The host's `plugin-api` version.
+        /// The host's ABI version.
         host: String,
-        /// The plugin's `plugin-api` version.
+        /// The plugin's ABI version.
         plugin: String,
     },
     /// The layout of the plugin's types differs from the host's.

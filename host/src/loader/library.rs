@@ -465,15 +465,15 @@ fn check_and_init(path: &Path, raw: &RawLibrary) -> Result<PluginModRef, LoadErr
         report: lossy(format!("{e:#?}").as_bytes()),
     })?;
 
-    let host_api = <PluginModRef as RootModule>::VERSION_STRINGS;
-    let plugin_api = lib_header.version_strings();
-    match (VersionNumber::new(host_api), VersionNumber::new(plugin_api)) {
+    let host_abi = <PluginModRef as RootModule>::VERSION_STRINGS;
+    let plugin_abi = lib_header.version_strings();
+    match (VersionNumber::new(host_abi), VersionNumber::new(plugin_abi)) {
         (Ok(host), Ok(plugin)) if api_compatible(host, plugin) => {}
         _ => {
             return Err(LoadError::VersionMismatch {
                 path: path.to_owned(),
-                host: version_string(host_api),
-                plugin: version_string(plugin_api),
+                host: version_string(host_abi),
+                plugin: version_string(plugin_abi),
             })
         }
     }

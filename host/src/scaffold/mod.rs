@@ -53,7 +53,7 @@ impl Api {
                     .to_string_lossy()
                     .replace('\\', r"\\")
                     .replace('"', "\\\"");
-                format!(r#"{{ path = "{quoted}"{features} }}"#)
+                format!(r#"{{ path = "{quoted}", package = "microkernel-plugin-sdk"{features} }}"#)
             }
         })
     }

@@ -1,9 +1,21 @@
-//! The types that cross the library boundary.
+//! The binary contract between the `microkernel` host and its service plugins: only the
+//! types that cross the library boundary, and nothing else.
+//!
+//! **If you are writing a plugin, you do not need this crate directly:** depend on the SDK,
+//! `microkernel-plugin-sdk` (imported as `plugin_api`), whose `Service` trait and
+//! `export_service!` macro convert these types to and from plain Rust types. The SDK
+//! re-exports this crate as `plugin_api::abi`.
+//!
+//! # Stability
+//!
+//! This crate's version *is* the ABI version. A host loads a plugin when both were built
+//! against the same `0.x` minor (or `x.*` major) of this crate, and `abi_stable`'s layout
+//! check finds every type here identical. SDK releases that change nothing here leave it
+//! alone, so plugins built against an older SDK keep loading. A change to any type here is a
+//! new minor version (while 0.x), and the host refuses plugins of another one, naming both.
 //!
 //! Everything here is `#[repr(C)]` and derives [`StableAbi`], so the host can check, when it
-//! loads a plugin, that both sides agree on the layout of every type. Plugin authors never
-//! touch these types: the SDK ([`crate::Service`] and [`crate::export_service!`]) converts
-//! them to and from plain Rust types.
+//! loads a plugin, that both sides agree on the layout of every type.
 //!
 //! Ownership rules, which the host relies on:
 //! - A value created by one side and handed to the other is dropped by the receiver, through
@@ -77,7 +89,7 @@ pub struct RMessage<'a> {
 #[repr(C)]
 #[derive(StableAbi, Debug, Clone)]
 pub struct RReply {
-    /// `0` for success, otherwise one of [`crate::codes`] or a service-specific code.
+    /// `0` for success, otherwise one of the SDK's `codes` or a service-specific code.
     pub code: u32,
     /// Human-readable explanation; empty on success.
     pub message: RString,
@@ -312,10 +324,11 @@ impl std::fmt::Debug for PluginModRef {
     }
 }
 
-/// The symbol under which every plugin exports its root module (see [`crate::export_service!`]).
+/// The symbol under which every plugin exports its root module (see the SDK's `export_service!`).
 ///
 /// The export macro has to spell this name as a literal; a test checks that it is abi_stable's.
 pub const ROOT_MODULE_SYMBOL: &str = "_1as_0lib_1header_0root_bmodule_bloader";
 
-/// The version of `plugin-api` this crate is, as compiled into hosts and plugins.
-pub const API_VERSION: &str = env!("CARGO_PKG_VERSION");
+/// The ABI version: this crate's version, as compiled into hosts and plugins. The host
+/// refuses a plugin built against another `0.x` minor.
+pub const ABI_VERSION: &str = env!("CARGO_PKG_VERSION");
