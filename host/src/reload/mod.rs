@@ -484,71 +484,106 @@ impl Reloader {
                     None => chosen.push(candidate),
                 }
             }
-            chosen.sort_by(|a, b| b.version.cmp(&a.version).then(a.path.cmp(&b.path)));
             let last_good = self.verdicts.last_good(service);
-            let Some(winner) = chosen.first() else {
-                if kernel.info(service).is_none() {
-                    let present = |good: &FileRef| {
-                        self.known
-                            .values()
-                            .any(|k| hex::encode(k.sha256) == good.sha256)
-                    };
-                    report.errors.push(ReloadError::NothingToRun {
-                        service: service.to_owned(),
-                        last_good: last_good.filter(|good| !present(good)),
-                    });
-                }
-                continue;
+            let running = kernel.info(service).map(|info| (info.sha256, info.status));
+            let present = |good: &FileRef| {
+                self.known
+                    .values()
+                    .any(|k| hex::encode(k.sha256) == good.sha256)
             };
-            if let Some(twin) = chosen[1..]
-                .iter()
-                .find(|c| c.version == winner.version && c.sha256 != winner.sha256)
-            {
-                report.errors.push(ReloadError::SameVersion {
-                    service: service.to_owned(),
-                    version: winner.version.to_string(),
-                    first: winner.path.clone(),
-                    second: twin.path.clone(),
-                });
-                // Ambiguous: what runs keeps running. A service that does not run yet (a
-                // restart) starts from its last good file if it is one of the two.
-                let is_good = |c: &Candidate| {
-                    last_good
-                        .as_ref()
-                        .is_some_and(|g| g.sha256 == hex::encode(c.sha256))
-                };
-                if kernel.info(service).is_none() {
-                    if let Some(good) = chosen.iter().find(|c| is_good(c)).cloned() {
-                        chosen.retain(|c| c.version < good.version);
-                        chosen.insert(0, good);
-                        plans.push(Plan {
-                            service: service.to_owned(),
-                            action: Action::Add,
-                            candidates: chosen,
-                            config,
-                            config_sha,
-                        });
-                    }
-                }
-                continue;
+            let decision = decide(service, chosen, last_good, running.as_ref(), &present);
+            if let Some(error) = decision.error {
+                report.errors.push(error);
             }
-            let action = match kernel.info(service) {
-                None => Action::Add,
-                Some(info) if info.sha256 != hex::encode(winner.sha256) => Action::Replace,
-                Some(info) if matches!(info.status, Status::Failed | Status::Registered) => {
-                    Action::Restart
-                }
-                Some(_) => continue,
-            };
-            plans.push(Plan {
-                service: service.to_owned(),
-                action,
-                candidates: chosen,
-                config,
-                config_sha,
-            });
+            if let Some((action, candidates)) = decision.plan {
+                plans.push(Plan {
+                    service: service.to_owned(),
+                    action,
+                    candidates,
+                    config,
+                    config_sha,
+                });
+            }
         }
         plans
+    }
+}
+
+/// What a rescan does for one service, decided by [`decide`].
+#[derive(Debug)]
+struct Decision {
+    /// What to tell the operator.
+    error: Option<ReloadError>,
+    /// What to do, with the candidates best first.
+    plan: Option<(Action, Vec<Candidate>)>,
+}
+
+/// Which file of `service` should run, and what to do to get there: a pure decision, from
+/// the files that provide the service and are not rejected (`chosen`), its last good file,
+/// what runs now (`running`: the SHA-256 in hex and the status), and whether a file is
+/// still in the directory (`present`). The highest version wins; two different files of that
+/// version are ambiguous (what runs keeps running; a service that does not run starts from
+/// its last good file if it is one of them); a running winner is left alone.
+fn decide(
+    service: &str,
+    mut chosen: Vec<Candidate>,
+    last_good: Option<FileRef>,
+    running: Option<&(String, Status)>,
+    present: &dyn Fn(&FileRef) -> bool,
+) -> Decision {
+    chosen.sort_by(|a, b| b.version.cmp(&a.version).then(a.path.cmp(&b.path)));
+    let nothing = Decision {
+        error: None,
+        plan: None,
+    };
+    let Some(winner) = chosen.first() else {
+        if running.is_some() {
+            return nothing;
+        }
+        return Decision {
+            error: Some(ReloadError::NothingToRun {
+                service: service.to_owned(),
+                last_good: last_good.filter(|good| !present(good)),
+            }),
+            plan: None,
+        };
+    };
+    if let Some(twin) = chosen[1..]
+        .iter()
+        .find(|c| c.version == winner.version && c.sha256 != winner.sha256)
+    {
+        let error = Some(ReloadError::SameVersion {
+            service: service.to_owned(),
+            version: winner.version.to_string(),
+            first: winner.path.clone(),
+            second: twin.path.clone(),
+        });
+        // Ambiguous: what runs keeps running. A service that does not run yet (a restart)
+        // starts from its last good file if it is one of the two.
+        let is_good = |c: &Candidate| {
+            last_good
+                .as_ref()
+                .is_some_and(|g| g.sha256 == hex::encode(c.sha256))
+        };
+        let mut plan = None;
+        if running.is_none() {
+            if let Some(good) = chosen.iter().find(|c| is_good(c)).cloned() {
+                chosen.retain(|c| c.version < good.version);
+                chosen.insert(0, good);
+                plan = Some((Action::Add, chosen));
+            }
+        }
+        return Decision { error, plan };
+    }
+    let action = match running {
+        None => Action::Add,
+        Some((sha256, _)) if *sha256 != hex::encode(winner.sha256) => Action::Replace,
+        Some((_, Status::Failed | Status::Registered)) => Action::Restart,
+        Some(_) => return nothing,
+    };
+    Decision {
+        error: None,
+        plan: Some((action, chosen)),
     }
 }
 
@@ -589,3 +624,6 @@ fn plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     files.sort();
     Ok(files)
 }
+
+#[cfg(test)]
+mod tests;
