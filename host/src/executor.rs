@@ -423,7 +423,7 @@ impl Executor {
 /// sleeping thread costs 30 to 70 µs on a virtual machine, a whole request 2 µs; polling
 /// costs the CPU time of a thread that would otherwise be idle, and a thread that shares
 /// its CPU with the sender lets it run at once.
-pub(crate) fn recv_soon<T>(
+pub fn recv_soon<T>(
     rx: &Receiver<T>,
     spin: Duration,
     deadline: Option<Instant>,

@@ -1,11 +1,12 @@
-//! The microkernel plugin host: loads service plugins (`cdylib`s built against `plugin-api`),
-//! runs each service on its own executor thread, routes requests and events between them,
-//! persists their state encrypted, and replaces a running service with a new version of its
-//! plugin without losing a request or its state.
+//! The microkernel plugin host's engine: loads service plugins (`cdylib`s built with the
+//! SDK), runs each service on its own executor thread, routes requests and events between
+//! them, persists their state encrypted, and replaces a running service with a new version
+//! of its plugin without losing a request or its state.
 //!
-//! This crate is the engine behind the `microkernel` binary. Plugin authors do not need it:
-//! they depend on `plugin-api` only. Its API is used by the binary and the test suite and is
-//! not stable.
+//! This crate is the engine only: no command line, no daemon, no control socket (those are
+//! the `microkernel` crate's, the application). Plugin authors do not need it: they depend
+//! on the SDK only. Its API is used by the application and the test suite and is not
+//! stable.
 //!
 //! See `ARCHITECTURE.md` at the repository root for the code map and the invariants.
 
@@ -21,7 +22,7 @@ pub mod state;
 
 mod executor;
 
-pub use executor::{Call, InstanceError};
+pub use executor::{recv_soon, Call, InstanceError};
 
 /// An error and its causes in one line (see [`plugin_api::error_chain`]): what the host
 /// shows wherever an error leaves it (reload reports, `ctl`, logs, the last error of a
@@ -33,11 +34,5 @@ pub use kernel::{
     BadStatePolicy, Checkpoint, Kernel, KernelConfig, KernelError, KernelStats, ServiceInfo,
     Status, StopReport,
 };
-pub mod bench;
-pub mod cli;
-pub mod control;
-pub mod daemon;
-pub mod notify;
 pub mod reload;
-pub mod scaffold;
 pub mod trust;

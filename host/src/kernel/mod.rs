@@ -65,7 +65,7 @@ impl std::fmt::Display for Status {
 }
 
 /// What to do with a state file that cannot be opened or imported.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BadStatePolicy {
     /// Leave the file untouched and do not start the service.
     #[default]

@@ -171,6 +171,17 @@ impl StateKey {
         hex::encode(self.id)
     }
 
+    /// Seals `buffer` in place with this key (see [`super::cipher::seal_in_place`]): what a
+    /// state write does, for measures that compare with it. The key's bytes stay inside.
+    pub fn seal_in_place(
+        &self,
+        nonce: &[u8; super::cipher::NONCE_LEN],
+        aad: &[u8],
+        buffer: &mut [u8],
+    ) -> [u8; super::cipher::TAG_LEN] {
+        super::cipher::seal_in_place(self.bytes(), nonce, aad, buffer)
+    }
+
     pub(crate) fn bytes(&self) -> &[u8; 32] {
         &self.bytes
     }

@@ -208,8 +208,8 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Row>> {
     let started = Instant::now();
     // The allocator as the daemon sets it (before any thread), so that swaps cost here what
     // they cost there.
-    crate::loader::limit_malloc_arenas(crate::daemon::MALLOC_ARENAS);
-    crate::loader::threads::adopt_current_thread();
+    host::loader::limit_malloc_arenas(crate::daemon::MALLOC_ARENAS);
+    host::loader::threads::adopt_current_thread();
     for needed in NEEDED {
         let path = options.plugins.join(needed);
         if !path.exists() {

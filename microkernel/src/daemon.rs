@@ -22,14 +22,18 @@ use crossbeam_channel::{never, select, tick, unbounded, Receiver, Sender};
 use nix::sys::signal::{SigSet, Signal};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 
-use crate::{
-    cli::{KeyArgs, RunArgs},
-    control::ControlServer,
+use host::{
     loader::{threads, Probe},
     reload::{Reloader, ScanReport},
     state::{KeyRing, StateKey, StateStore},
     trust::Trust,
     Kernel, KernelConfig,
+};
+
+pub use crate::event::Event;
+use crate::{
+    cli::{KeyArgs, RunArgs},
+    control::ControlServer,
 };
 
 /// How often retired libraries are tried again, and stuck instances that have ended are
@@ -38,23 +42,6 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The environment variable that may hold the state key (64 hex digits).
 pub const KEY_ENV: &str = "MICROKERNEL_STATE_KEY";
-
-/// What the main loop is asked to do.
-#[derive(Debug)]
-pub enum Event {
-    /// Rescan the plugins directory (or one service's files); the lines of the outcome go to
-    /// `reply` when given.
-    Reload {
-        /// Only this service.
-        service: Option<String>,
-        /// Try the rejected files again.
-        retry: bool,
-        /// Where the outcome goes (`(line, is_error)`).
-        reply: Option<Sender<Vec<(String, bool)>>>,
-    },
-    /// Stop every service and exit.
-    Shutdown(&'static str),
-}
 
 /// Reads the current key (file, or environment) and the old keys.
 pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
@@ -95,7 +82,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGXFSZ, Default::default())
         .context("installing the SIGXFSZ handler")?;
     // Before any thread: a thread per instance must not mean an arena per thread.
-    crate::loader::limit_malloc_arenas(MALLOC_ARENAS);
+    host::loader::limit_malloc_arenas(MALLOC_ARENAS);
     // This thread never runs plugin code on its own (see `loader::threads`).
     threads::adopt_current_thread();
     prepare_for_a_wedged_loader();
@@ -144,7 +131,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         spin: args.spin,
         shadow_dir: args.shadow_dir.clone(),
         state,
-        on_bad_state: args.on_bad_state,
+        on_bad_state: args.on_bad_state.into(),
         probe: Some(Probe::new(Probe::this_program(), args.probe_timeout)),
     })?);
 
@@ -194,7 +181,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         up,
         failure,
     } = main_loop(&kernel, &reloads, &events, &checkpoints, &started, &mut up);
-    let wedged = crate::loader::loader_wedged();
+    let wedged = host::loader::loader_wedged();
     crate::notify::stopping(&format!("stopping every service ({signal})"));
 
     // Everything from here on is bounded: SIGTERM ends the host within the operation
@@ -283,14 +270,14 @@ impl Stop {
 }
 
 /// One line on how a stop went, for an error that ends the host.
-fn stop_summary(kernel: &Kernel, report: &crate::StopReport) -> String {
+fn stop_summary(kernel: &Kernel, report: &host::StopReport) -> String {
     if report.failures.is_empty() {
         format!("{} services stopped cleanly", report.stopped.len())
     } else {
         let failed: Vec<String> = report
             .failures
             .iter()
-            .map(|(s, e)| format!("{s} ({}; {})", crate::error_chain(e), kept(kernel, s)))
+            .map(|(s, e)| format!("{s} ({}; {})", host::error_chain(e), kept(kernel, s)))
             .collect();
         format!(
             "these services failed to stop cleanly: {}",
@@ -325,7 +312,7 @@ fn main_loop(
                     _ => {}
                 }
                 state_dir_lost = moved.is_some();
-                if crate::loader::loader_wedged() {
+                if host::loader::loader_wedged() {
                     tracing::error!("a plugin library's destructors hang: saving every state and stopping, to be restarted");
                     return Stop::on("a wedged dynamic loader", started.is_none());
                 }
@@ -516,7 +503,7 @@ fn running_status(kernel: &Kernel) -> String {
     let services = kernel.list();
     let running = services
         .iter()
-        .filter(|s| s.status == crate::Status::Running)
+        .filter(|s| s.status == host::Status::Running)
         .count();
     format!("{running} of {} services running", services.len())
 }
@@ -603,7 +590,7 @@ fn report_lines(report: &ScanReport, only: Option<&str>, kernel: &Kernel) -> Vec
         lines.push((line.clone(), false));
     }
     for error in &report.errors {
-        lines.push((crate::error_chain(error), true));
+        lines.push((host::error_chain(error), true));
     }
     match only {
         Some(service) if lines.is_empty() => {

@@ -8,11 +8,11 @@ use std::{
 
 use anyhow::Context;
 use clap::Parser;
-use host::{
+use host::state::{self, StateKey};
+use microkernel::{
     cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs, LogFormat},
     control::{self, Request, Response},
     daemon,
-    state::{self, StateKey},
 };
 use tracing_subscriber::EnvFilter;
 
@@ -90,11 +90,11 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::InspectState(args) => inspect(args),
         Command::Bench(args) => {
             let effort = match (args.quick, args.smoke) {
-                (_, true) => host::bench::Effort::Smoke,
-                (true, _) => host::bench::Effort::Quick,
-                _ => host::bench::Effort::Full,
+                (_, true) => microkernel::bench::Effort::Smoke,
+                (true, _) => microkernel::bench::Effort::Quick,
+                _ => microkernel::bench::Effort::Full,
             };
-            let rows = host::bench::run(&host::bench::Options {
+            let rows = microkernel::bench::run(&microkernel::bench::Options {
                 plugins: args.plugins,
                 out: args.out,
                 disk: args.disk,
@@ -112,21 +112,21 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let dir = path.unwrap_or_else(|| PathBuf::from(&name));
             let api = match plugin_api {
-                Some(path) => host::scaffold::Api::Path(path),
-                None => host::scaffold::Api::built_from()?,
+                Some(path) => microkernel::scaffold::Api::Path(path),
+                None => microkernel::scaffold::Api::built_from()?,
             };
-            host::scaffold::new_plugin(&name, &dir, &api)?;
+            microkernel::scaffold::new_plugin(&name, &dir, &api)?;
             let lib = name.replace('-', "_");
             writeln!(
                 std::io::stdout(),
                 "wrote the plugin `{name}` to {shown}\n\n    cd {quoted}\n    cargo test\n    cargo build --release   # target/release/lib{lib}.so\n\nand see README.md there to drop it into a host",
                 shown = dir.display(),
-                quoted = host::cli::shell_quote(&dir.to_string_lossy())
+                quoted = microkernel::cli::shell_quote(&dir.to_string_lossy())
             )?;
             Ok(ExitCode::SUCCESS)
         }
         Command::BenchPeer => {
-            host::bench::serve_json_lines()?;
+            microkernel::bench::serve_json_lines()?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Probe(args) => {

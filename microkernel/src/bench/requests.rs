@@ -18,7 +18,7 @@ use super::{
     stats::{micros, Samples},
     Bench, Goal, Row,
 };
-use crate::{executor::recv_soon, loader::threads, Kernel, KernelConfig};
+use host::{loader::threads, recv_soon, Kernel, KernelConfig};
 
 /// The payload of every request: 64 bytes.
 const PAYLOAD: [u8; 64] = [b'x'; 64];
@@ -147,7 +147,7 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         kernel.load(&bench.plugin(plugin), None)?;
     }
     if let Some((service, error)) = kernel.start_all().into_iter().next() {
-        bail!("starting {service}: {}", crate::error_chain(&error));
+        bail!("starting {service}: {}", host::error_chain(&error));
     }
     let config = KernelConfig::default();
     let bare = Bare::start(config.mailbox_capacity, config.spin)?;

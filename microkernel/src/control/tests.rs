@@ -1,6 +1,6 @@
 //! Property tests of the control protocol: whatever a client sends, the host answers with a
 //! response (an error for anything malformed) and never panics.
-//! `PROPTEST_CASES=100000 cargo test -p host --lib control` runs a longer search.
+//! `PROPTEST_CASES=100000 cargo test -p microkernel --lib control` runs a longer search.
 
 use std::sync::Arc;
 
@@ -10,7 +10,7 @@ use super::{
     commands::{answer, Context},
     Request, Response,
 };
-use crate::{reload::Verdicts, Kernel, KernelConfig};
+use host::{reload::Verdicts, Kernel, KernelConfig};
 
 fn context() -> Context {
     let (events, _) = crossbeam_channel::unbounded();

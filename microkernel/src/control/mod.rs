@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 pub use server::{ControlServer, Limits};
 
-use crate::ServiceInfo;
+use host::ServiceInfo;
 
 /// A command sent to the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -26,7 +26,9 @@ use super::{
     commands::{begin, handle, parse, Context, Outcome, Pending},
     Request, Response,
 };
-use crate::{daemon::Event, loader::threads, reload::Verdicts, Kernel};
+use host::{loader::threads, reload::Verdicts, Kernel};
+
+use crate::event::Event;
 
 /// The listening side. Removes its socket file when dropped.
 #[derive(Debug)]

@@ -4,7 +4,26 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::BadStatePolicy;
+use host::BadStatePolicy;
+
+/// `--on-bad-state`: the command line's name for [`BadStatePolicy`] (the engine knows no
+/// command line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnBadState {
+    /// Leave the file untouched and do not start the service.
+    Refuse,
+    /// Move the file aside to `<service>.state.bad-<timestamp>` and start the service fresh.
+    Quarantine,
+}
+
+impl From<OnBadState> for BadStatePolicy {
+    fn from(policy: OnBadState) -> BadStatePolicy {
+        match policy {
+            OnBadState::Refuse => BadStatePolicy::Refuse,
+            OnBadState::Quarantine => BadStatePolicy::Quarantine,
+        }
+    }
+}
 
 /// A plugin host that runs services from shared libraries and replaces them while they run.
 #[derive(Debug, Parser)]
@@ -188,8 +207,8 @@ pub struct RunArgs {
     /// What to do with a state file that cannot be opened or imported: `refuse` leaves it
     /// untouched and does not start the service; `quarantine` moves it aside and starts the
     /// service fresh.
-    #[arg(long, value_enum, default_value_t = BadStatePolicy::Refuse)]
-    pub on_bad_state: BadStatePolicy,
+    #[arg(long, value_enum, default_value_t = OnBadState::Refuse)]
+    pub on_bad_state: OnBadState,
     /// How often each service's state is checkpointed (`250ms`, `10s`, `1m`; `0` disables).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub checkpoint_interval: Duration,

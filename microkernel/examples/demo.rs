@@ -40,7 +40,10 @@ impl Demo {
     }
 
     fn microkernel(&self, args: &[&str]) -> Result<String> {
-        let shown: Vec<String> = args.iter().map(|a| host::cli::shell_quote(a)).collect();
+        let shown: Vec<String> = args
+            .iter()
+            .map(|a| microkernel::cli::shell_quote(a))
+            .collect();
         println!("$ microkernel {}", shown.join(" "));
         let text = self.quietly(args)?;
         print!("{text}");

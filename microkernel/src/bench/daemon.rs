@@ -15,13 +15,14 @@ use super::{
     swap::store,
     Bench, Goal, Row,
 };
-use crate::{
-    control::{self, Request, Response},
+use host::{
     loader::{Loader, PluginFile, Probe},
     reload::Reloader,
     state::{KeyRing, StateKey, StateStore},
     Kernel, KernelConfig,
 };
+
+use crate::control::{self, Request, Response};
 
 /// How long the bench waits for the daemon to answer anything.
 const WAIT: Duration = Duration::from_secs(60);
@@ -60,7 +61,7 @@ impl Daemon {
             if let Ok(Response::Services { services, .. }) =
                 control::call(&daemon.socket, &Request::List, WAIT)
             {
-                if services.iter().all(|s| s.status == crate::Status::Running) {
+                if services.iter().all(|s| s.status == host::Status::Running) {
                     return Ok(daemon);
                 }
             }
@@ -255,7 +256,7 @@ pub(super) fn startup(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         let running = kernel
             .list()
             .iter()
-            .filter(|s| s.status == crate::Status::Running)
+            .filter(|s| s.status == host::Status::Running)
             .count();
         if running != files.len() {
             bail!("{running} of {} services started: {report:?}", files.len());

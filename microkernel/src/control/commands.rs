@@ -8,7 +8,9 @@ use std::{
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 
 use super::{Request, Response};
-use crate::{daemon::Event, kernel::PendingReply, reload::Verdicts, Checkpoint, Kernel};
+use host::{kernel::PendingReply, reload::Verdicts, Checkpoint, Kernel};
+
+use crate::event::Event;
 
 /// What carrying commands out needs.
 pub(super) struct Context {
@@ -236,7 +238,7 @@ pub(super) fn begin(request: Request, context: &Context) -> Result<Outcome, Requ
                     let kernel = kernel.clone();
                     let checkpoint = checkpoint.clone();
                     let spawned =
-                        crate::loader::threads::spawn_detached("ctl-checkpoint", move || {
+                        host::loader::threads::spawn_detached("ctl-checkpoint", move || {
                             let response = checkpoint_all(&kernel);
                             for tx in lock(&checkpoint).take().into_iter().flatten() {
                                 let _ = tx.send(response.clone());
@@ -267,7 +269,7 @@ fn checkpoint_all(kernel: &Kernel) -> Response {
         .map(|(service, result)| match result {
             Ok(Checkpoint::Written) => (format!("{service}: written"), false),
             Ok(Checkpoint::Unchanged) => (format!("{service}: unchanged"), false),
-            Err(e) => (format!("{service}: {}", crate::error_chain(&e)), true),
+            Err(e) => (format!("{service}: {}", host::error_chain(&e)), true),
         })
         .collect();
     done(lines)
@@ -280,11 +282,11 @@ pub(super) fn handle(request: Request, context: &Context) -> Response {
         Ok(Outcome::Later(pending)) => pending.wait(),
         Err(Request::Stop { service }) => match context.kernel.stop(&service) {
             Ok(()) => done(vec![(format!("{service}: stopped"), false)]),
-            Err(e) => done(vec![(crate::error_chain(&e), true)]),
+            Err(e) => done(vec![(host::error_chain(&e), true)]),
         },
         Err(Request::Start { service }) => match context.kernel.start(&service) {
             Ok(()) => done(vec![(format!("{service}: running"), false)]),
-            Err(e) => done(vec![(crate::error_chain(&e), true)]),
+            Err(e) => done(vec![(host::error_chain(&e), true)]),
         },
         Err(_) => Response::Error {
             message: "this command is begun, not carried out".into(),

@@ -16,7 +16,7 @@ use super::{
     stats::{millis, Samples},
     Bench, Goal, Row,
 };
-use crate::{
+use host::{
     loader::{HostServices, Instance, Library, Loader, PluginFile},
     state::{cipher, KeyRing, StateKey, StateStore},
     Kernel, KernelConfig,
@@ -145,7 +145,7 @@ fn instance(library: &Arc<Library>) -> anyhow::Result<Instance> {
 
 fn start_all(kernel: &Kernel) -> anyhow::Result<()> {
     if let Some((service, error)) = kernel.start_all().into_iter().next() {
-        bail!("starting {service}: {}", crate::error_chain(&error));
+        bail!("starting {service}: {}", host::error_chain(&error));
     }
     Ok(())
 }
@@ -242,7 +242,7 @@ pub(super) fn persist(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         let started = Instant::now();
         buffer.copy_from_slice(&state);
         let nonce = cipher::fresh_nonce();
-        let tag = cipher::seal_in_place(key.bytes(), &nonce, b"persist", &mut buffer);
+        let tag = key.seal_in_place(&nonce, b"persist", &mut buffer);
         let mut file = fs::File::create(&floor_path)?;
         file.write_all(&buffer)?;
         file.write_all(&tag)?;
