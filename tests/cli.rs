@@ -101,6 +101,31 @@ impl Daemon {
         daemon
     }
 
+    /// Started through `wrapper`, a program (with its arguments) that runs the host binary
+    /// named after them: `prlimit --nofile=128`, the dynamic loader.
+    pub(crate) fn start_through(root: &Path, wrapper: &[&str]) -> Daemon {
+        let log = fs::File::create(root.join("host.log")).unwrap();
+        let child = Command::new(wrapper[0])
+            .args(&wrapper[1..])
+            .arg(BIN)
+            .args(run_args(root))
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let daemon = Daemon {
+            child,
+            root: root.to_owned(),
+        };
+        daemon.wait_for(
+            |d| d.ctl(&["list"]).status.success(),
+            "the control socket to answer",
+        );
+        daemon
+    }
+
     pub(crate) fn ctl(&self, args: &[&str]) -> Output {
         let socket = self.root.join("state/control.sock");
         let mut all = vec!["ctl", "--socket", socket.to_str().unwrap()];
@@ -615,23 +640,7 @@ const DYNAMIC_LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 #[test]
 fn a_host_run_through_a_loader_of_its_own_probes_with_itself_not_the_loader() -> TestResult {
     let root = setup(&["echo"]);
-    let log = fs::File::create(root.path().join("host.log"))?;
-    let child = Command::new(DYNAMIC_LOADER)
-        .arg(BIN)
-        .args(run_args(root.path()))
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let daemon = Daemon {
-        child,
-        root: root.path().to_owned(),
-    };
-    daemon.wait_for(
-        |d| d.ctl(&["list"]).status.success(),
-        "the control socket to answer",
-    );
+    let daemon = Daemon::start_through(root.path(), &[DYNAMIC_LOADER]);
     assert_eq!(daemon.send("echo", "{}")["count"], 1, "{}", daemon.log());
     assert_eq!(daemon.terminate().code(), Some(0));
     Ok(())

@@ -640,19 +640,7 @@ fn a_host_whose_state_directory_is_moved_keeps_its_state_there_and_never_writes_
 #[test]
 fn idle_control_clients_never_starve_the_state_writes_of_descriptors() -> TestResult {
     let root = setup(&["kv"]);
-    let mut args = vec!["--nofile=128".to_owned(), crate::cli::BIN.to_owned()];
-    args.extend(run_args(root.path()));
-    let log = fs::File::create(root.path().join("host.log"))?;
-    let child = Command::new("prlimit")
-        .args(&args)
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()?;
-    let daemon = Daemon {
-        child,
-        root: root.path().to_owned(),
-    };
-    daemon.wait_for(|d| d.ctl(&["list"]).status.success(), "the host to answer");
+    let daemon = Daemon::start_through(root.path(), &["prlimit", "--nofile=128"]);
     let socket = root.path().join("state/control.sock");
     let _idle: Vec<_> = (0..300)
         .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
