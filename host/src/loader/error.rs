@@ -190,3 +190,11 @@ impl LoadError {
         )
     }
 }
+
+/// libloading's `Display` says only "dlopen failed"; the loader's message is in the source.
+pub(super) fn libloading_reason(error: &libloading::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(source) => source.to_string(),
+        None => error.to_string(),
+    }
+}

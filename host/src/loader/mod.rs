@@ -21,22 +21,27 @@
 //! an `Arc<Library>`; the root module reference lives inside the `Library` it points into.
 
 mod error;
+mod file;
 mod host_handle;
 mod instance;
 mod library;
+mod load;
 mod manifest;
+mod open;
 mod probe;
+mod process;
+mod shadow;
 pub mod threads;
 
 pub use error::LoadError;
+pub use file::{PluginFile, MAX_PLUGIN_SIZE};
 pub use host_handle::HostServices;
 pub use instance::Instance;
-pub use library::{
-    exit_without_destructors, is_mapped, limit_malloc_arenas, loader_busy, loader_wedged, Library,
-    Loader, PluginFile, MAX_PLUGIN_SIZE,
-};
+pub use library::{is_mapped, loader_busy, loader_wedged, Library};
+pub use load::Loader;
 pub use manifest::Manifest;
 pub use probe::{run_probe_child, Probe, StateSource};
+pub use process::{exit_without_destructors, limit_malloc_arenas};
 
 #[cfg(test)]
 mod tests;

@@ -24,7 +24,7 @@ use std::{
 
 use plugin_api::{abi::LogLevel, codes, Reply};
 
-use super::{library, HostServices, Instance, LoadError};
+use super::{open::open, HostServices, Instance, LoadError};
 
 /// How files are proven: which program to run as `PROGRAM probe FILE`, and for how long.
 #[derive(Debug, Clone)]
@@ -355,7 +355,7 @@ fn probe(
     config_dir: Option<&Path>,
     state: Option<&(String, Vec<u8>)>,
 ) -> serde_json::Value {
-    match library::open(name, file, &[0; 32]) {
+    match open(name, file, &[0; 32]) {
         Ok(library) => {
             let manifest = library.manifest().clone();
             let config = config_dir

@@ -3,11 +3,11 @@ use std::path::Path;
 use abi_stable::std_types::RVec;
 use plugin_api::abi::RManifest;
 
-use super::{library::check_elf_for_tests, LoadError, Manifest};
+use super::{file::check_elf, LoadError, Manifest};
 
 #[test]
 fn a_file_without_elf_magic_is_not_a_shared_library() {
-    let err = check_elf_for_tests(Path::new("x.so"), b"#!/bin/sh\necho hi\n").unwrap_err();
+    let err = check_elf(Path::new("x.so"), b"#!/bin/sh\necho hi\n").unwrap_err();
     assert!(matches!(err, LoadError::NotSharedLibrary { .. }), "{err}");
 }
 
@@ -20,7 +20,7 @@ fn an_elf_header_whose_tables_lie_past_the_end_is_truncated() {
     header[0x28..0x30].copy_from_slice(&4096u64.to_le_bytes()); // e_shoff
     header[0x3A..0x3C].copy_from_slice(&64u16.to_le_bytes()); // e_shentsize
     header[0x3C..0x3E].copy_from_slice(&10u16.to_le_bytes()); // e_shnum
-    let err = check_elf_for_tests(Path::new("x.so"), &header).unwrap_err();
+    let err = check_elf(Path::new("x.so"), &header).unwrap_err();
     assert!(
         matches!(
             err,
@@ -43,7 +43,7 @@ fn an_elf_header_with_absurd_offsets_is_truncated_not_a_panic() {
     header[0x28..0x30].copy_from_slice(&u64::MAX.to_le_bytes()); // e_shoff
     header[0x3A..0x3C].copy_from_slice(&u16::MAX.to_le_bytes());
     header[0x3C..0x3E].copy_from_slice(&u16::MAX.to_le_bytes());
-    let err = check_elf_for_tests(Path::new("x.so"), &header).unwrap_err();
+    let err = check_elf(Path::new("x.so"), &header).unwrap_err();
     assert!(
         matches!(
             err,

@@ -1,0 +1,199 @@
+//! [`Loader`]: opens plugin files (read, checked, shadow-copied, proven by the probe, opened).
+
+use std::{
+    fs,
+    io::Write,
+    path::Path,
+    sync::atomic::{AtomicU64, Ordering},
+    time::Duration,
+};
+
+use super::{
+    file::{check_elf, PluginFile},
+    library::{Library, DEFAULT_CLOSE_TIMEOUT, LOADER_WEDGED},
+    open::open,
+    probe::{Probe, StateSource},
+    shadow::{is_noexec, lock_owner_file, remove_stale_shadow_dirs, SHADOW_PREFIX},
+    LoadError,
+};
+
+/// Opens plugin files. Owns the private directory that holds the shadow copies.
+///
+/// One per kernel; lives as long as the kernel.
+pub struct Loader {
+    shadow_dir: tempfile::TempDir,
+    /// Held for the loader's life: a shadow directory whose owner lock nobody holds was left
+    /// by a host that died, and is removed by the next one (see [`remove_stale_shadow_dirs`]).
+    _owner: nix::fcntl::Flock<fs::File>,
+    probe: Option<Probe>,
+    /// Where the probe finds the state a service would import.
+    states: std::sync::OnceLock<Box<StateSource>>,
+    close_timeout: Duration,
+    next_id: AtomicU64,
+    opened: AtomicU64,
+    /// Loads that failed (the file's fault or not).
+    failed: AtomicU64,
+}
+
+impl std::fmt::Debug for Loader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Loader")
+            .field("shadow_dir", &self.shadow_dir.path())
+            .field("probe", &self.probe)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Loader {
+    /// Creates a loader whose shadow copies go to a new private directory inside `parent`
+    /// (the system's temporary directory when `None`). That file system must allow executable
+    /// mappings (not `noexec`).
+    ///
+    /// With a `probe`, every file is first opened in a child process (see [`Probe`]).
+    pub fn new(parent: Option<&Path>, probe: Option<Probe>) -> std::io::Result<Self> {
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_owned);
+        for removed in remove_stale_shadow_dirs(&parent) {
+            tracing::info!(dir = %removed.display(), "removed the shadow directory of a host that is gone");
+        }
+        let mut builder = tempfile::Builder::new();
+        builder
+            .prefix(SHADOW_PREFIX)
+            .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700));
+        let in_parent = |e: std::io::Error| {
+            std::io::Error::new(
+                e.kind(),
+                format!("creating a shadow directory in {}: {e}", parent.display()),
+            )
+        };
+        if is_noexec(&parent) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "the shadow directory's file system ({}) is mounted noexec: no plugin can be mapped from it; choose another with --shadow-dir",
+                    parent.display()
+                ),
+            ));
+        }
+        let shadow_dir = builder.tempdir_in(&parent).map_err(in_parent)?;
+        let owner = lock_owner_file(shadow_dir.path()).map_err(in_parent)?;
+        Ok(Loader {
+            shadow_dir,
+            _owner: owner,
+            probe,
+            states: std::sync::OnceLock::new(),
+            close_timeout: DEFAULT_CLOSE_TIMEOUT,
+            next_id: AtomicU64::new(0),
+            opened: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+        })
+    }
+
+    /// How long closing a library may take (its destructors run then) before the loader
+    /// gives up on it (see [`LoadError::LoaderWedged`]).
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
+        self.close_timeout = timeout;
+        self
+    }
+
+    /// The private directory the shadow copies are made in (removed when the loader is
+    /// dropped).
+    pub fn shadow_dir(&self) -> &Path {
+        self.shadow_dir.path()
+    }
+
+    /// Tells the probe where to find the state a service would import (once; later calls
+    /// are ignored): the probe then also has that state imported and exported again.
+    pub fn set_state_source(&self, states: Box<StateSource>) {
+        let _ = self.states.set(states);
+    }
+
+    /// How many libraries this loader has opened (`dlopen` calls that succeeded).
+    pub fn libraries_opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Loads the plugin at `path`: copies it to a shadow path, opens the copy, checks its
+    /// ABI and its `plugin-api` version, initializes its root module and reads its manifest.
+    pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
+        self.load_file(&PluginFile::read(path)?)
+    }
+
+    /// How many loads failed.
+    pub fn load_failures(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed)
+    }
+
+    /// Like [`Loader::load`], for a file already read (and hashed).
+    pub fn load_file(&self, file: &PluginFile) -> Result<Library, LoadError> {
+        let loaded = self.load_file_inner(file);
+        if loaded.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        loaded
+    }
+
+    fn load_file_inner(&self, file: &PluginFile) -> Result<Library, LoadError> {
+        let PluginFile {
+            path,
+            bytes,
+            sha256,
+            ..
+        } = file;
+        let path = path.as_path();
+        check_elf(path, bytes)?;
+        if LOADER_WEDGED.load(Ordering::Acquire) {
+            return Err(LoadError::LoaderWedged {
+                path: path.to_owned(),
+            });
+        }
+
+        // A shadow directory whose file system was remounted noexec maps nothing: the host's
+        // trouble, not the file's.
+        if is_noexec(self.shadow_dir.path()) {
+            return Err(LoadError::ShadowNoexec {
+                path: path.to_owned(),
+                shadow_dir: self.shadow_dir.path().to_owned(),
+            });
+        }
+        // A unique private copy: `dlopen` of a path (or inode) that is already open returns
+        // the library already loaded, and overwriting a mapped file crashes the process.
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let stem = path
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("plugin");
+        let shadow = self
+            .shadow_dir
+            .path()
+            .join(format!("{stem}-{}-{id}.so", std::process::id()));
+        fs::File::create(&shadow)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|source| {
+                let _ = fs::remove_file(&shadow);
+                LoadError::ShadowCopy {
+                    path: path.to_owned(),
+                    shadow: shadow.clone(),
+                    source,
+                }
+            })?;
+
+        if let Some(probe) = &self.probe {
+            // Proven in a throwaway process first: a file that crashes or hangs there is
+            // never opened here.
+            if let Err(error) = probe.check(&shadow, path, self.states.get().map(|s| &**s)) {
+                let _ = fs::remove_file(&shadow);
+                return Err(error);
+            }
+        }
+        let opened = open(path, &shadow, sha256).map(|mut library| {
+            library.close_timeout = self.close_timeout;
+            library
+        });
+        // The mapping keeps the file's content alive; the name is no longer needed.
+        let _ = fs::remove_file(&shadow);
+        if opened.is_ok() {
+            self.opened.fetch_add(1, Ordering::Relaxed);
+        }
+        opened
+    }
+}
