@@ -638,6 +638,21 @@ fn a_control_socket_that_cannot_be_bound_stops_the_host_before_any_service_start
 const DYNAMIC_LOADER: &str = "/lib64/ld-linux-x86-64.so.2";
 
 #[test]
+fn a_host_whose_argv0_names_another_program_still_probes_with_itself() -> TestResult {
+    let root = setup(&["echo"]);
+    // `exec -a /bin/true`: whoever starts the host chooses argv[0]; it must not choose the
+    // probe (with /bin/true as the probe, nothing would ever load; with a fake one, the host
+    // would open files no probe checked).
+    let daemon = Daemon::start_through(
+        root.path(),
+        &["bash", "-c", r#"exec -a /bin/true "$0" "$@""#],
+    );
+    assert_eq!(daemon.send("echo", "{}")["count"], 1, "{}", daemon.log());
+    assert_eq!(daemon.terminate().code(), Some(0));
+    Ok(())
+}
+
+#[test]
 fn a_host_run_through_a_loader_of_its_own_probes_with_itself_not_the_loader() -> TestResult {
     let root = setup(&["echo"]);
     let daemon = Daemon::start_through(root.path(), &[DYNAMIC_LOADER]);

@@ -368,6 +368,21 @@ fn a_plugin_that_kills_its_process_when_opened_is_refused_by_the_probe() -> Test
 }
 
 #[test]
+fn a_plugin_that_exits_with_any_status_when_opened_is_its_own_fault_not_the_hosts() -> TestResult {
+    let kernel = probing_kernel();
+    let plugins = plugin_dir(&["fixture-faulty"]);
+    fs::write(plugins.path().join("faulty.conf"), r#"{"new":"exit-4"}"#)?;
+    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    assert!(
+        matches!(&report.errors[..], [ReloadError::Load(error @ LoadError::ProbeCrashed { how, .. })]
+            if how == "exited with status 4 without a report" && error.is_the_files_fault()),
+        "{:?}",
+        report.errors
+    );
+    Ok(())
+}
+
+#[test]
 fn a_new_version_that_crashes_importing_the_state_is_refused_and_the_old_one_serves() -> TestResult
 {
     let persisted = Persisted::new();

@@ -57,28 +57,26 @@ impl Probe {
         Probe { program, timeout }
     }
 
-    /// This very program, to run as the probe: `/proc/self/exe`, which stays this program
-    /// even once its file is replaced by an upgrade; unless this process runs through a
-    /// loader of its own (valgrind, an emulator), where `/proc/self/exe` is that tool: then
-    /// the program `argv[0]` names, found now (call this at start-up, before any `chdir`).
+    /// This very program, to run as the probe: the file this code was mapped from, found in
+    /// `/proc/self/maps` by the address of this function (never by `argv[0]`, which whoever
+    /// starts the host chooses). That is `/proc/self/exe`, which stays this program even once
+    /// its file is replaced by an upgrade, unless this process runs through a loader of its
+    /// own (valgrind, the dynamic loader run as a program), where `/proc/self/exe` is that
+    /// tool: then the file itself, while it is still the one mapped.
     pub fn this_program() -> PathBuf {
         use std::os::unix::fs::MetadataExt;
         let exe = Path::new("/proc/self/exe");
-        let Some(named) = std::env::args_os()
-            .next()
-            .and_then(|argv0| find_program(argv0.as_ref()))
+        let Some((mapped, inode)) = file_mapped_at(Probe::this_program as fn() -> PathBuf as usize)
         else {
             return exe.to_owned();
         };
-        match (fs::metadata(exe), fs::metadata(&named)) {
-            (Ok(exe_meta), Ok(named_meta))
-                if (exe_meta.dev(), exe_meta.ino()) == (named_meta.dev(), named_meta.ino()) =>
-            {
-                exe.to_owned()
-            }
-            (_, Ok(named_meta)) if named_meta.is_file() => named,
-            _ => exe.to_owned(),
+        if fs::metadata(exe).is_ok_and(|m| m.ino() == inode) {
+            return exe.to_owned();
         }
+        if fs::metadata(&mapped).is_ok_and(|m| m.ino() == inode && m.is_file()) {
+            return mapped;
+        }
+        exe.to_owned()
     }
 
     /// Runs the child on `open_path` (the shadow copy the host would open), naming the file
@@ -205,7 +203,10 @@ impl Probe {
                 timeout: self.timeout,
             });
         };
-        if !ready || status.code() == Some(EXIT_NO_THREAD) {
+        // Only a child that never printed the ready line is the host's trouble: it prints it
+        // on the thread that opens the file, so one that could not start that thread never
+        // did. An exit after it (whatever its status) is the file's code.
+        if !ready {
             return Err(LoadError::ProbeDidNotStart {
                 path: path.to_owned(),
                 program: self.program.clone(),
@@ -238,20 +239,24 @@ impl Probe {
     }
 }
 
-/// The file a shell would run for `argv0`: a path as it is (made absolute), a bare name
-/// looked up in `$PATH`.
-fn find_program(argv0: &Path) -> Option<PathBuf> {
-    if argv0.as_os_str().is_empty() {
-        return None;
-    }
-    if argv0.components().count() > 1 {
-        return std::path::absolute(argv0).ok();
-    }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(argv0))
-        .find(|candidate| candidate.is_file())
-        .and_then(|found| std::path::absolute(found).ok())
+/// The file mapped at `address` in this process, and its inode, per `/proc/self/maps`
+/// (`start-end perms offset dev inode path`).
+fn file_mapped_at(address: usize) -> Option<(PathBuf, u64)> {
+    let maps = fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().find_map(|line| {
+        let mut fields = line.split_whitespace();
+        let (start, end) = fields.next()?.split_once('-')?;
+        let (start, end) = (
+            usize::from_str_radix(start, 16).ok()?,
+            usize::from_str_radix(end, 16).ok()?,
+        );
+        if !(start..end).contains(&address) {
+            return None;
+        }
+        let inode: u64 = fields.nth(3)?.parse().ok()?;
+        let path = fields.next().filter(|p| p.starts_with('/'))?;
+        Some((PathBuf::from(path), inode))
+    })
 }
 
 fn read_back(file: &mut fs::File, limit: usize) -> String {
