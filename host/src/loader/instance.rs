@@ -43,7 +43,7 @@ impl Instance {
         let config: ROption<RString> = config.map(RString::from).into();
         let census = CallCensus::before();
         let raw = (library.module().new_service())(handle, config).into_result();
-        census.attribute(library.id());
+        census.attribute(library.attribution());
         let raw = raw.map_err(RString::into_string)?;
         Ok(Instance { raw, library })
     }
@@ -53,7 +53,7 @@ impl Instance {
         let census = CallCensus::before();
         // SAFETY: `raw.this` is live until `drop`, and `&mut self` makes this the only call.
         let result = into_result(unsafe { (self.raw.vtable().start)(self.raw.this()) });
-        census.attribute(self.library.id());
+        census.attribute(self.library.attribution());
         result
     }
 
@@ -62,7 +62,7 @@ impl Instance {
         let census = CallCensus::before();
         // SAFETY: as in `start`.
         let result = into_result(unsafe { (self.raw.vtable().stop)(self.raw.this()) });
-        census.attribute(self.library.id());
+        census.attribute(self.library.attribution());
         result
     }
 
@@ -97,7 +97,7 @@ impl Instance {
         let result = into_result(unsafe {
             (self.raw.vtable().import_state)(self.raw.this(), from_version.into(), state.into())
         });
-        census.attribute(self.library.id());
+        census.attribute(self.library.attribution());
         result
     }
 }
@@ -108,6 +108,6 @@ impl Drop for Instance {
         // SAFETY: `raw.this` was created by this library's `new_service` and is freed exactly
         // once, here, while `self.library` still keeps the library open.
         unsafe { (self.raw.vtable().drop)(self.raw.this()) }
-        census.attribute(self.library.id());
+        census.attribute(self.library.attribution());
     }
 }

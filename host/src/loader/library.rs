@@ -127,12 +127,12 @@ impl Library {
     /// alive now, not alive when it was opened, not the host's, and not attributed by
     /// `elsewhere` (given a thread's name) to something else.
     pub fn newcomers(&self, elsewhere: &dyn Fn(&str) -> bool) -> std::io::Result<Vec<ThreadInfo>> {
-        threads::newcomers(&self.baseline, self.id, elsewhere)
+        threads::newcomers(&self.baseline, (&self.manifest.name, self.id), elsewhere)
     }
 
-    /// Names the library when threads are attributed to it.
-    pub(super) fn id(&self) -> threads::LibraryId {
-        self.id
+    /// Names the library when threads are attributed to it: its service and its id.
+    pub(super) fn attribution(&self) -> (&str, threads::LibraryId) {
+        (&self.manifest.name, self.id)
     }
 
     /// Closes the library, unless a thread that may run its code is alive

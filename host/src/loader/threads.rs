@@ -76,12 +76,17 @@ impl Census {
 }
 
 /// Threads alive now that were not in `baseline`, that the host did not start, that were not
-/// seen appearing only during calls into other libraries than `library` (see
+/// seen appearing only during calls into other libraries of the same service (see
 /// [`CallCensus`]), and that `elsewhere` does not attribute to someone else (by name): the
-/// threads that may run code of the library `library`, opened when `baseline` was taken.
+/// threads that may run code of the library `library` of `service`, opened when `baseline`
+/// was taken.
+///
+/// Only the same service's other versions can take a thread off a library: a thread that
+/// appeared while a call into service X ran may have been started by another service Y's
+/// thread at that moment, so for Y's libraries it stays a suspect.
 pub fn newcomers(
     baseline: &Census,
-    library: LibraryId,
+    (service, library): (&str, LibraryId),
     elsewhere: &dyn Fn(&str) -> bool,
 ) -> io::Result<Vec<ThreadInfo>> {
     let live = live_threads()?;
@@ -95,9 +100,10 @@ pub fn newcomers(
         .into_iter()
         .filter(|t| !baseline.threads.contains(&t.key) && !host.contains(&t.key))
         .filter(|t| {
-            attributed
-                .get(&t.key)
-                .is_none_or(|libraries| libraries.contains(&library))
+            attributed.get(&t.key).is_none_or(|libraries| {
+                libraries.contains(&(service.to_owned(), library))
+                    || libraries.iter().any(|(other, _)| other != service)
+            })
         })
         .filter(|t| !elsewhere(&t.name))
         .collect())
@@ -106,11 +112,12 @@ pub fn newcomers(
 /// Names one opened library for attribution; never reused within a process.
 pub type LibraryId = u64;
 
-/// Threads seen appearing during calls into libraries' code, and which libraries' (more than
-/// one when calls overlapped).
-static ATTRIBUTED: Mutex<BTreeMap<ThreadKey, BTreeSet<LibraryId>>> = Mutex::new(BTreeMap::new());
+/// Threads seen appearing during calls into libraries' code, and which libraries' (their
+/// service and id; more than one when calls overlapped).
+type Attributed = BTreeMap<ThreadKey, BTreeSet<(String, LibraryId)>>;
+static ATTRIBUTED: Mutex<Attributed> = Mutex::new(BTreeMap::new());
 
-fn lock_attributed() -> std::sync::MutexGuard<'static, BTreeMap<ThreadKey, BTreeSet<LibraryId>>> {
+fn lock_attributed() -> std::sync::MutexGuard<'static, Attributed> {
     ATTRIBUTED.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -125,8 +132,9 @@ impl CallCensus {
         CallCensus(thread_ids().ok())
     }
 
-    /// Threads alive now and not before, that the host did not start, are `library`'s.
-    pub(crate) fn attribute(self, library: LibraryId) {
+    /// Threads alive now and not before, that the host did not start, are `library`'s (of
+    /// `service`).
+    pub(crate) fn attribute(self, (service, library): (&str, LibraryId)) {
         let (Some(before), Ok(now)) = (self.0, thread_ids()) else {
             return;
         };
@@ -141,7 +149,10 @@ impl CallCensus {
         let host = lock_registry();
         let mut attributed = lock_attributed();
         for key in appeared.into_iter().filter(|key| !host.contains(key)) {
-            attributed.entry(key).or_default().insert(library);
+            attributed
+                .entry(key)
+                .or_default()
+                .insert((service.to_owned(), library));
         }
     }
 }
@@ -343,9 +354,9 @@ mod tests {
             })
             .unwrap();
         ready_rx.recv().unwrap();
-        let found = newcomers(&before, 1, &|_| false).unwrap();
+        let found = newcomers(&before, ("svc", 1), &|_| false).unwrap();
         assert!(found.iter().any(|t| t.name == "stranger"), "{found:?}");
-        let elsewhere = newcomers(&before, 1, &|name| name == "stranger").unwrap();
+        let elsewhere = newcomers(&before, ("svc", 1), &|name| name == "stranger").unwrap();
         assert!(!elsewhere.iter().any(|t| t.name == "stranger"));
         drop(stop_tx);
         stranger.join().unwrap();
@@ -359,7 +370,7 @@ mod tests {
             let _ = stop_rx.recv();
         })
         .unwrap();
-        let found = newcomers(&before, 1, &|_| false).unwrap();
+        let found = newcomers(&before, ("svc", 1), &|_| false).unwrap();
         assert!(!found.iter().any(|t| t.name == "host-own"), "{found:?}");
         assert!(!thread.join_until(Instant::now() + Duration::from_millis(30)));
         drop(stop_tx);
@@ -369,7 +380,7 @@ mod tests {
     }
 
     #[test]
-    fn a_thread_started_during_another_librarys_call_is_not_this_ones_newcomer() {
+    fn a_thread_started_in_another_versions_call_is_not_its_newcomer_but_another_services() {
         let before = Census::take().unwrap();
         let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
@@ -383,17 +394,20 @@ mod tests {
             })
             .unwrap();
         ready_rx.recv().unwrap();
-        call.attribute(102);
-        let older = newcomers(&before, 101, &|_| false).unwrap();
+        call.attribute(("svc", 102));
+        let older = newcomers(&before, ("svc", 101), &|_| false).unwrap();
         assert!(
             !older.iter().any(|t| t.name == "worker-of-102"),
             "{older:?}"
         );
-        let its_own = newcomers(&before, 102, &|_| false).unwrap();
+        let its_own = newcomers(&before, ("svc", 102), &|_| false).unwrap();
         assert!(
             its_own.iter().any(|t| t.name == "worker-of-102"),
             "{its_own:?}"
         );
+        // Another service's thread may have started it at that moment: a suspect there.
+        let other = newcomers(&before, ("other", 7), &|_| false).unwrap();
+        assert!(other.iter().any(|t| t.name == "worker-of-102"), "{other:?}");
         drop(stop_tx);
         worker.join().unwrap();
     }
