@@ -1,0 +1,202 @@
+//! The reload thread: owns the `Reloader`, applies one rescan at a time, coalesces the
+//! requests that wait meanwhile, and puts each outcome in lines.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use crossbeam_channel::{unbounded, Sender};
+
+use host::{
+    loader::threads,
+    reload::{Reloader, ScanReport},
+    Kernel,
+};
+
+use super::running_status;
+
+/// The thread that applies rescans, one at a time, starting with the first one (then it
+/// sends `started`); the reload requests waiting when one ends are served by one more.
+pub(super) fn spawn_reload_thread(
+    kernel: Arc<Kernel>,
+    mut reloader: Reloader,
+    started: Sender<()>,
+) -> anyhow::Result<Sender<Work>> {
+    let (tx, rx) = unbounded::<Work>();
+    threads::spawn_detached("reload", move || {
+        reloader.scan(&kernel, None);
+        let _ = started.send(());
+        while let Ok(first) = rx.recv() {
+            let mut sweep = false;
+            let mut reloads = Vec::new();
+            for work in std::iter::once(first).chain(rx.try_iter()) {
+                match work {
+                    Work::Sweep => sweep = true,
+                    Work::Reload(request) => reloads.push(request),
+                }
+            }
+            let mut reloads = reloads.into_iter();
+            if let Some(first) = reloads.next() {
+                let Batch {
+                    only,
+                    retry,
+                    replies,
+                } = Batch::of(first, reloads);
+                crate::notify::reloading();
+                let report = reloader.scan_with(&kernel, only.as_deref(), retry);
+                let lines = report_lines(&report, only.as_deref(), &kernel);
+                crate::notify::ready(&running_status(&kernel));
+                for reply in replies {
+                    let _ = reply.send(lines.clone());
+                }
+            }
+            if sweep {
+                kernel.sweep();
+            }
+        }
+    })
+    .context("starting the reload thread")?;
+    Ok(tx)
+}
+
+/// What the reload thread is asked to do.
+#[derive(Debug)]
+pub(super) enum Work {
+    /// A rescan.
+    Reload(ReloadRequest),
+    /// Close the retired libraries nothing runs in any more.
+    Sweep,
+}
+
+/// A reload asked for, as the reload thread gets it.
+#[derive(Debug)]
+pub(super) struct ReloadRequest {
+    pub(super) service: Option<String>,
+    pub(super) retry: bool,
+    pub(super) reply: Option<Sender<Vec<(String, bool)>>>,
+}
+
+/// What the reload requests waiting in the queue amount to: one rescan serves them all.
+#[derive(Debug)]
+pub(super) struct Batch {
+    /// The one service every request names, or `None` (a full rescan) when any names none
+    /// or they differ.
+    only: Option<String>,
+    /// Whether any asks for the rejected files to be tried again.
+    retry: bool,
+    /// Where the outcome goes.
+    replies: Vec<Sender<Vec<(String, bool)>>>,
+}
+
+impl Batch {
+    fn of(first: ReloadRequest, rest: impl Iterator<Item = ReloadRequest>) -> Batch {
+        let mut only: Option<Option<String>> = None;
+        let mut replies = Vec::new();
+        let mut retry = false;
+        for ReloadRequest {
+            service,
+            retry: again,
+            reply,
+        } in std::iter::once(first).chain(rest)
+        {
+            retry |= again;
+            only = match only {
+                None => Some(service),
+                Some(previous) if previous == service => Some(previous),
+                Some(_) => Some(None),
+            };
+            replies.extend(reply);
+        }
+        Batch {
+            only: only.flatten(),
+            retry,
+            replies,
+        }
+    }
+}
+
+/// What a rescan did, line by line (and whether each is an error); `only` is the service a
+/// reload was limited to: its last line is about that service, not the whole directory.
+pub(super) fn report_lines(
+    report: &ScanReport,
+    only: Option<&str>,
+    kernel: &Kernel,
+) -> Vec<(String, bool)> {
+    let mut lines = Vec::new();
+    for service in &report.added {
+        lines.push((format!("added {service}"), false));
+    }
+    for swap in &report.replaced {
+        lines.push((
+            format!(
+                "replaced {} {} -> {} (requests held {:.2} ms)",
+                swap.service,
+                swap.from,
+                swap.to,
+                swap.held.as_secs_f64() * 1e3
+            ),
+            false,
+        ));
+    }
+    for service in &report.restarted {
+        lines.push((format!("started {service}"), false));
+    }
+    for line in &report.fell_back {
+        lines.push((line.clone(), false));
+    }
+    for error in &report.errors {
+        lines.push((host::error_chain(error), true));
+    }
+    match only {
+        Some(service) if lines.is_empty() => {
+            let line = match kernel.info(service) {
+                Some(info) => format!(
+                    "{service} unchanged: {} {} from {}",
+                    info.version,
+                    info.status,
+                    info.path.display()
+                ),
+                None => format!("{service} unchanged"),
+            };
+            lines.push((line, false));
+        }
+        Some(_) => {}
+        None => {
+            let files = if report.unchanged == 1 {
+                "file"
+            } else {
+                "files"
+            };
+            lines.push((format!("{} {files} unchanged", report.unchanged), false));
+        }
+    }
+    lines
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Batch, ReloadRequest};
+
+    fn reload(service: Option<&str>) -> ReloadRequest {
+        ReloadRequest {
+            service: service.map(str::to_owned),
+            retry: false,
+            reply: None,
+        }
+    }
+
+    #[test]
+    fn reloads_waiting_together_become_one_rescan() {
+        let events = vec![reload(Some("echo")), reload(Some("echo"))];
+        assert_eq!(
+            Batch::of(reload(Some("echo")), events.into_iter()).only,
+            Some("echo".into())
+        );
+        let mixed = vec![reload(Some("kv"))];
+        assert_eq!(
+            Batch::of(reload(Some("echo")), mixed.into_iter()).only,
+            None
+        );
+        let full = vec![reload(Some("echo"))];
+        assert_eq!(Batch::of(reload(None), full.into_iter()).only, None);
+    }
+}
