@@ -77,40 +77,35 @@ impl Daemon {
     /// Started with `extra` arguments and `env` variables (and no `NOTIFY_SOCKET` of the
     /// test's own environment).
     pub(crate) fn start_with_env(root: &Path, extra: &[&str], env: &[(&str, &Path)]) -> Daemon {
-        let log = fs::File::create(root.join("host.log")).unwrap();
-        let p = |name: &str| root.join(name).to_string_lossy().into_owned();
-        let child = Command::new(BIN)
+        let pid_file = root.join("host.pid").to_string_lossy().into_owned();
+        let mut command = Command::new(BIN);
+        command
             .args(run_args(root))
-            .args(["--pid-file", &p("host.pid")])
+            .args(["--pid-file", &pid_file])
             .args(extra)
-            .env_remove("RUST_LOG")
             .env_remove("NOTIFY_SOCKET")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        let daemon = Daemon {
-            child,
-            root: root.to_owned(),
-        };
-        daemon.wait_for(
-            |d| d.ctl(&["list"]).status.success(),
-            "the control socket to answer",
-        );
-        daemon
+            .envs(env.iter().copied());
+        Daemon::spawn(root, command)
     }
 
     /// Started through `wrapper`, a program (with its arguments) that runs the host binary
     /// named after them: `prlimit --nofile=128`, the dynamic loader.
     pub(crate) fn start_through(root: &Path, wrapper: &[&str]) -> Daemon {
-        let log = fs::File::create(root.join("host.log")).unwrap();
-        let child = Command::new(wrapper[0])
+        let mut command = Command::new(wrapper[0]);
+        command
             .args(&wrapper[1..])
             .arg(BIN)
             .args(run_args(root))
+            .env_remove("NOTIFY_SOCKET");
+        Daemon::spawn(root, command)
+    }
+
+    /// Runs `command` (a host, with its arguments) with its log in `root/host.log`, and
+    /// waits until its control socket answers.
+    fn spawn(root: &Path, mut command: Command) -> Daemon {
+        let log = fs::File::create(root.join("host.log")).unwrap();
+        let child = command
             .env_remove("RUST_LOG")
-            .env_remove("NOTIFY_SOCKET")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
