@@ -148,6 +148,9 @@ impl CallCensus {
         }
         let host = lock_registry();
         let mut attributed = lock_attributed();
+        // Threads that have ended are forgotten here too, not only when a library is closed:
+        // a host that never closes one must not keep every thread its plugins ever started.
+        attributed.retain(|key, _| now.contains(&key.tid));
         for key in appeared.into_iter().filter(|key| !host.contains(key)) {
             attributed
                 .entry(key)
