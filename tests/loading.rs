@@ -12,7 +12,7 @@ use crate::support::*;
 
 fn load_error(path: &Path) -> LoadError {
     let loader = Loader::new(None, None).unwrap();
-    loader.load(path).expect_err("the load should fail")
+    load(&loader, path).expect_err("the load should fail")
 }
 
 #[test]
@@ -98,7 +98,7 @@ fn a_plugin_built_against_another_abi_is_refused_naming_both_abi_versions() -> T
 #[test]
 fn a_plugin_built_against_an_older_sdk_of_the_same_abi_loads_and_serves() -> TestResult {
     let kernel = kernel();
-    let loaded = kernel.loader().load(&fixture("fixture-old-sdk"))?;
+    let loaded = load(kernel.loader(), &fixture("fixture-old-sdk"))?;
     assert_eq!(loaded.manifest().name, "older-sdk");
     kernel.register(loaded, None)?;
     kernel.start("older-sdk")?;
@@ -123,8 +123,8 @@ fn two_plugins_with_the_same_name_are_refused() -> TestResult {
     let first = dir.path().join("libecho.so");
     let second = dir.path().join("libecho-copy.so");
     fs::copy(&first, &second)?;
-    kernel.load(&first, None)?;
-    let error = kernel.load(&second, None).unwrap_err();
+    load_into(&kernel, &first, None)?;
+    let error = load_into(&kernel, &second, None).unwrap_err();
     assert!(
         matches!(&error, KernelError::DuplicateService { service, first: f, second: s } if service == "echo" && *f == first && *s == second),
         "{error}"
@@ -137,7 +137,7 @@ fn a_dependency_cycle_is_refused_naming_the_cycle() -> TestResult {
     let kernel = kernel();
     let dir = plugin_dir(&["fixture-cycle-a", "fixture-cycle-b", "kv"]);
     for file in fs::read_dir(dir.path())? {
-        kernel.load(&file?.path(), None)?;
+        load_into(&kernel, &file?.path(), None)?;
     }
     let failures = kernel.start_all();
     assert_eq!(failures.len(), 2, "{failures:?}");
@@ -160,7 +160,7 @@ fn a_dependency_cycle_is_refused_naming_the_cycle() -> TestResult {
 #[test]
 fn a_missing_dependency_is_refused_naming_both_services() -> TestResult {
     let kernel = kernel();
-    kernel.load(&fixture("logger"), None)?;
+    load_into(&kernel, &fixture("logger"), None)?;
     let failures = kernel.start_all();
     assert!(
         matches!(&failures[..], [(s, KernelError::Dependency(DependencyError::Missing { service, dependency }))]
@@ -173,7 +173,7 @@ fn a_missing_dependency_is_refused_naming_both_services() -> TestResult {
 #[test]
 fn a_closed_library_is_gone_from_the_address_space() -> TestResult {
     let loader = Loader::new(None, None)?;
-    let library = loader.load(&fixture("echo"))?;
+    let library = load(&loader, &fixture("echo"))?;
     let shadow = library.shadow_path().to_owned();
     assert!(
         is_mapped(&shadow)?,
@@ -217,7 +217,7 @@ fn a_thousand_load_run_unload_cycles_leave_no_mapping_behind() -> TestResult {
     let file = PluginFile::read(&plugin)?;
     assert_eq!(mappings_under(shadow_parent.path()), 0);
     for _ in 0..1000 {
-        let library = kernel.loader().load_file(&file)?;
+        let library = load_file(kernel.loader(), &file)?;
         kernel.register(library, None)?;
         kernel.start("relay")?;
         let report = kernel.shutdown();
@@ -280,14 +280,14 @@ fn shadow_mappings(kernel: &host::Kernel) -> usize {
 fn a_hundred_swaps_of_a_plugin_with_a_tokio_runtime_leave_no_old_library_loaded() -> TestResult {
     let kernel = kernel();
     let (_builds, builds) = tokio_builds();
-    kernel.register(kernel.loader().load(&builds[0])?, None)?;
+    kernel.register(load(kernel.loader(), &builds[0])?, None)?;
     kernel.start("tokio")?;
     let one_library = shadow_mappings(&kernel);
     assert!(one_library > 0);
     for swap in 1..=100 {
         let reply = kernel.request("tokio", "count", b"", None);
         assert_eq!(reply.data, swap.to_string().as_bytes(), "{reply:?}");
-        kernel.replace(kernel.loader().load(&builds[swap % 2])?, None)?;
+        kernel.replace(load(kernel.loader(), &builds[swap % 2])?, None)?;
     }
     // The new versions' runtimes (threads started in their `start`) pin no older version.
     assert!(all_closed_soon(&kernel), "{:?}", kernel.info("tokio"));
@@ -302,10 +302,10 @@ fn a_version_that_leaves_a_thread_running_stays_loaded_and_the_next_ones_do_not(
     let kernel = kernel();
     let (_builds, builds) = tokio_builds();
     // This version's `stop` leaves a thread of its own running.
-    kernel.register(kernel.loader().load(&builds[0])?, Some("leak".into()))?;
+    kernel.register(load(kernel.loader(), &builds[0])?, Some("leak".into()))?;
     kernel.start("tokio")?;
-    kernel.replace(kernel.loader().load(&builds[1])?, None)?;
-    kernel.replace(kernel.loader().load(&builds[0])?, None)?;
+    kernel.replace(load(kernel.loader(), &builds[1])?, None)?;
+    kernel.replace(load(kernel.loader(), &builds[0])?, None)?;
     // The versions that joined their runtime close once its threads have ended; the leaking
     // one stays.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);

@@ -16,7 +16,7 @@ use std::{
 use host::{
     kernel::SwapError,
     loader::{LoadError, Probe},
-    reload::{ReloadError, Reloader},
+    reload::ReloadError,
     BadStatePolicy, Call, Kernel, KernelConfig, KernelError, Status,
 };
 use plugin_api::codes;
@@ -125,10 +125,8 @@ fn a_replace_whose_old_instance_never_finishes_dropping_completes_and_the_new_ve
     let kernel = std::sync::Arc::new(kernel);
     let swapping = kernel.clone();
     let report = within(Duration::from_secs(30), move || {
-        let v2 = swapping
-            .loader()
-            .load(&fixture("fixture-faulty-v2"))
-            .map_err(|e| e.to_string())?;
+        let v2 =
+            load(swapping.loader(), &fixture("fixture-faulty-v2")).map_err(|e| e.to_string())?;
         swapping.replace(v2, None).map_err(|e| e.to_string())
     })?;
     assert_eq!(report.to, "2.0.0");
@@ -168,7 +166,7 @@ fn a_replace_of_a_busy_service_with_a_full_mailbox_gives_up_and_the_old_version_
         })
     };
     wait_until_busy(&kernel, "faulty");
-    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
     let error = kernel.replace(v2, None).unwrap_err();
     assert!(
         matches!(&error, KernelError::Swap(SwapError::Export { version, .. }) if version == "1.0.0"),
@@ -263,7 +261,7 @@ fn a_thread_local_with_a_destructor_does_not_pin_the_library_at_unload() -> Test
         shadow_dir: Some(shadow_parent.path().to_owned()),
         ..Default::default()
     })?;
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(count(&kernel, "faulty"), 1);
     let shadow_dir = fs::read_dir(shadow_parent.path())?.next().unwrap()?.path();
@@ -332,7 +330,7 @@ fn a_probe_that_fails_before_it_opens_the_file_is_the_hosts_trouble_and_is_tried
         ..Default::default()
     })?;
     let plugins = plugin_dir(&["echo"]);
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     let report = reloader.scan(&kernel, None);
     assert!(
         matches!(&report.errors[..], [ReloadError::Load(error @ LoadError::ProbeDidNotStart { path, how, .. })]
@@ -355,7 +353,7 @@ fn a_plugin_that_kills_its_process_when_opened_is_refused_by_the_probe() -> Test
     let kernel = probing_kernel();
     let plugins = plugin_dir(&["fixture-faulty", "echo"]);
     fs::write(plugins.path().join("faulty.conf"), r#"{"new":"abort"}"#)?;
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(
         matches!(&report.errors[..], [ReloadError::Load(LoadError::ProbeCrashed { path, how, .. })]
             if path.ends_with("libfixture_faulty.so") && how == "killed by SIGABRT"),
@@ -372,7 +370,7 @@ fn a_plugin_that_exits_with_any_status_when_opened_is_its_own_fault_not_the_host
     let kernel = probing_kernel();
     let plugins = plugin_dir(&["fixture-faulty"]);
     fs::write(plugins.path().join("faulty.conf"), r#"{"new":"exit-4"}"#)?;
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(
         matches!(&report.errors[..], [ReloadError::Load(error @ LoadError::ProbeCrashed { how, .. })]
             if how == "exited with status 4 without a report" && error.is_the_files_fault()),
@@ -398,7 +396,7 @@ fn a_new_version_that_crashes_importing_the_state_is_refused_and_the_old_one_ser
         r#"{"import_state":"abort"}"#,
     )?;
     add_plugin(plugins.path(), "fixture-faulty-v2");
-    let report = Reloader::new(plugins.path()).scan(&kernel, Some("faulty"));
+    let report = reloader_of(plugins.path()).scan(&kernel, Some("faulty"));
     assert!(
         report.errors.iter().any(
             |e| matches!(e, ReloadError::Load(LoadError::ProbeCrashed { step, how, .. })
@@ -417,7 +415,7 @@ fn a_plugin_that_hangs_when_opened_is_refused_after_the_probe_timeout() -> TestR
     let kernel = probing_kernel();
     let plugins = plugin_dir(&["fixture-faulty"]);
     fs::write(plugins.path().join("faulty.conf"), r#"{"new":"hang"}"#)?;
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(
         matches!(
             &report.errors[..],
@@ -437,7 +435,7 @@ fn a_file_the_probe_survives_is_checked_by_the_host_with_its_own_typed_error() -
     let path = dir.path().join("libnotes.so");
     // An executable: the probe survives opening it, then the host refuses it itself.
     fs::copy(BIN, &path)?;
-    let error = kernel.loader().load(&path).unwrap_err();
+    let error = load(kernel.loader(), &path).unwrap_err();
     assert!(matches!(&error, LoadError::Open { .. }), "{error}");
     Ok(())
 }
@@ -493,7 +491,7 @@ fn a_plugin_with_a_raw_pthread_worker_leaves_the_host_running_through_many_repla
         } else {
             "fixture-faulty"
         };
-        let library = kernel.loader().load(&fixture(next))?;
+        let library = load(kernel.loader(), &fixture(next))?;
         let report = kernel.replace(library, Some(conf.into()))?;
         assert!(
             !report.unmapped,
@@ -523,7 +521,7 @@ fn a_plugin_whose_std_thread_outlives_it_keeps_its_library_pinned() -> TestResul
     }
     let persisted = Persisted::new();
     let (kernel, _plugins) = faulty_kernel(&persisted, r#"{"start_thread":true}"#, &[], |_| {});
-    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
     let report = kernel.replace(v2, Some("{}".into()))?;
     assert!(!report.unmapped);
     assert_eq!(kernel.info("faulty").unwrap().pinned.len(), 1);
@@ -678,7 +676,7 @@ fn a_new_version_can_replace_an_instance_stuck_in_plugin_code() -> TestResult {
         kernel.stop("faulty"),
         Err(KernelError::Stuck { .. })
     ));
-    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
     kernel.replace(v2, Some("{}".into()))?;
     let info = kernel.info("faulty").unwrap();
     assert_eq!(
@@ -711,7 +709,7 @@ fn a_new_version_serves_alone_after_replacing_an_instance_stuck_in_handle() -> T
         Err(KernelError::Stuck { .. })
     ));
     // ...and a new version takes over the service.
-    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
     kernel.replace(v2, Some("{}".into()))?;
     assert!(sleeper.join().unwrap().is_ok());
     // Once the old instance is out of `handle`, it serves nothing: every request is version
@@ -784,17 +782,14 @@ fn a_library_whose_destructor_hangs_is_given_up_and_the_host_goes_on() -> TestRe
         c.operation_timeout = Duration::from_millis(300);
     });
     assert_eq!(count(&kernel, "faulty"), 1);
-    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
     let report = kernel.replace(v2, Some("{}".into()))?;
     // Closing version 1 ran its destructor, which never returned: given up, after the
     // operation timeout.
     assert!(!report.unmapped);
     assert_eq!(report.to, "2.0.0");
     // The dynamic loader's lock is held for good: loading is refused, not hung.
-    let error = kernel
-        .loader()
-        .load(&fixture("fixture-faulty"))
-        .unwrap_err();
+    let error = load(kernel.loader(), &fixture("fixture-faulty")).unwrap_err();
     assert!(matches!(error, LoadError::LoaderWedged { .. }), "{error}");
     assert!(host::loader::loader_wedged());
     // A normal exit would run the destructors again (and wait for the lock).
@@ -882,7 +877,7 @@ fn a_new_version_replacing_a_given_up_instance_imports_the_state_it_handed_over(
     assert!(sleeper.join().unwrap().is_ok());
     // Out of `handle`, the old instance hands its state over and ends.
     std::thread::sleep(Duration::from_millis(300));
-    let v2 = kernel.loader().load(&fixture("fixture-faulty-v2"))?;
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
     kernel.replace(v2, Some("{}".into()))?;
     let reply = json(&kernel.request("faulty", "count", b"", None));
     assert_eq!(

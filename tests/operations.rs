@@ -7,11 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use host::{
-    loader::LoadError,
-    reload::{ReloadError, Reloader},
-    Status,
-};
+use host::{loader::LoadError, reload::ReloadError, Status};
 
 use crate::{cli::*, support::*};
 
@@ -207,7 +203,7 @@ fn a_private_copy_that_cannot_be_written_names_the_cause_and_is_retried() -> Tes
     let shadow = kernel.loader().shadow_dir().to_owned();
     let owner = fs::read(shadow.join(".owner"))?;
     fs::remove_dir_all(&shadow)?;
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     let report = reloader.scan(&kernel, None);
     assert!(
         matches!(

@@ -5,8 +5,6 @@
 
 use std::fs;
 
-use host::reload::Reloader;
-
 use crate::support::*;
 
 /// The code block that follows `<!-- recipe: NAME -->` in the README.
@@ -109,7 +107,7 @@ fn test_build_and_load(
         plugins.path().join(&file),
     )?;
     let kernel = kernel();
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     Ok(kernel)
 }

@@ -20,7 +20,7 @@ use crate::support::*;
 fn echo_v1(persisted: &Persisted) -> (host::Kernel, tempfile::TempDir, Reloader) {
     let plugins = plugin_dir(&["echo"]);
     let (kernel, _) = persisted.kernel(plugins.path());
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     (kernel, plugins, reloader)
 }
@@ -30,7 +30,7 @@ fn echo_is_replaced_under_load_without_losing_a_request() -> TestResult {
     let persisted = Persisted::new();
     let plugins = plugin_dir(&["echo", "logger"]);
     let (kernel, _) = persisted.kernel(plugins.path());
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     let before = echo_count(&kernel); // logger's greeting, and this one
     let sent = AtomicU64::new(0);
@@ -172,7 +172,7 @@ fn a_state_that_cannot_be_written_keeps_the_old_version_running() -> TestResult 
 fn a_rescan_with_nothing_changed_opens_no_library() -> TestResult {
     let plugins = plugin_dir(&["echo", "kv", "logger"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     let opened = kernel.stats().libraries_opened;
     assert_eq!(opened, 3);
@@ -186,7 +186,7 @@ fn a_rescan_with_nothing_changed_opens_no_library() -> TestResult {
 fn the_highest_version_wins_and_a_removed_file_leaves_its_service_running() -> TestResult {
     let plugins = plugin_dir(&["echo", "echo-v2"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     let report = reloader.scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(kernel.info("echo").unwrap().version, "2.0.0");
@@ -206,7 +206,7 @@ fn removing_the_running_version_downgrades_to_the_highest_left_which_may_refuse_
     // faulty 1.x reads the state of 2.x: the downgrade happens, with the state.
     let plugins = plugin_dir(&["fixture-faulty", "fixture-faulty-v2"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     assert_eq!(kernel.info("faulty").unwrap().version, "2.0.0");
     kernel.request("faulty", "count", b"", None);
@@ -226,7 +226,7 @@ fn removing_the_running_version_downgrades_to_the_highest_left_which_may_refuse_
     // echo 1.x refuses the state of 2.x: the downgrade rolls back, 2.x serves on, and the
     // older file is rejected from then on.
     let plugins = plugin_dir(&["echo"]);
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     echo_count(&kernel);
     let v2 = add_plugin(plugins.path(), "echo-v2");
@@ -307,7 +307,7 @@ fn a_version_that_refused_the_state_is_never_chosen_again_until_its_configuratio
 
     // A new configuration is a new chance.
     fs::write(plugins.path().join("echo.conf"), "{}")?;
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     assert_eq!(report.replaced[0].to, "9.0.0");
     Ok(())
@@ -388,7 +388,7 @@ fn a_replace_that_could_not_save_the_state_is_tried_again_at_the_next_rescan() -
 fn removing_a_duplicate_as_told_lets_the_next_rescan_apply_the_upgrade() -> TestResult {
     let plugins = plugin_dir(&["echo"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     let v2 = add_plugin(plugins.path(), "echo-v2");
     let mut altered = fs::read(&v2)?;
@@ -412,7 +412,7 @@ fn removing_a_duplicate_as_told_lets_the_next_rescan_apply_the_upgrade() -> Test
 fn a_service_waiting_for_a_dependency_starts_when_it_arrives() -> TestResult {
     let plugins = plugin_dir(&["fixture-echo-needs-kv"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     let report = reloader.scan(&kernel, None);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);
@@ -435,7 +435,7 @@ fn the_same_version_with_different_contents_is_an_error_naming_both_files() -> T
     altered.extend_from_slice(b"trailing bytes change the digest, not the library");
     fs::write(plugins.path().join("libecho-rebuilt.so"), altered)?;
     let kernel = kernel();
-    let report = Reloader::new(plugins.path()).scan(&kernel, None);
+    let report = reloader_of(plugins.path()).scan(&kernel, None);
     assert!(
         matches!(&report.errors[..], [ReloadError::SameVersion { service, first, second, .. }]
             if service == "echo" && first.ends_with("libecho-rebuilt.so") && second.ends_with("libecho.so")),
@@ -454,7 +454,7 @@ fn the_same_version_with_different_contents_is_an_error_naming_both_files() -> T
 fn a_new_service_dropped_in_is_started_after_its_dependencies() -> TestResult {
     let plugins = plugin_dir(&["kv"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     add_plugin(plugins.path(), "logger");
     add_plugin(plugins.path(), "echo");
@@ -484,13 +484,20 @@ fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_ve
             matches!(&checkpoint[..], [(_, Err(KernelError::Instance { cause, .. }))] if cause.contains("did not get to it")),
             "{checkpoint:?}"
         );
-        let library = kernel
-            .loader()
-            .load(&fixture("fixture-echo-faulty"))
-            .unwrap();
+        let library = load(kernel.loader(), &fixture("fixture-echo-faulty")).unwrap();
         let error = kernel.replace(library, None).unwrap_err();
         assert!(
-            matches!(&error, KernelError::Swap(SwapError::Export { cause, .. }) if cause.contains("did not get to it")),
+            matches!(
+                &error,
+                KernelError::Swap(SwapError::Export {
+                    cause: host::OperationError::Unanswered {
+                        why: host::Unanswered::NoAnswer,
+                        doing: host::Call::Handle,
+                        ..
+                    },
+                    ..
+                })
+            ),
             "{error}"
         );
     });
@@ -524,7 +531,7 @@ fn a_new_version_refusing_the_state_leaves_the_old_instance_serving_without_a_re
     let (kernel, _) = persisted.kernel(plugins.path());
     assert_eq!(echo_count(&kernel), 1);
 
-    let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let again = load(kernel.loader(), &fixture("fixture-echo-faulty"))?;
     let error = kernel
         .replace(again, Some(r#"{"import":"fail"}"#.into()))
         .unwrap_err();
@@ -551,7 +558,7 @@ fn when_both_versions_fail_the_service_is_down_but_its_state_is_on_disk() -> Tes
 
     // The new version imports the state, then fails to start: the old one has stopped by
     // then, and cannot come back (it refuses the state).
-    let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let again = load(kernel.loader(), &fixture("fixture-echo-faulty"))?;
     let error = kernel
         .replace(again, Some(r#"{"start":"fail"}"#.into()))
         .unwrap_err();
@@ -583,7 +590,7 @@ fn a_rollback_brings_the_old_version_back_with_its_own_configuration() -> TestRe
     // The running version accepts state; the one replacing it is told to refuse it.
     let (kernel, _) = persisted.kernel(plugins.path());
     echo_count(&kernel);
-    let again = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let again = load(kernel.loader(), &fixture("fixture-echo-faulty"))?;
     let error = kernel
         .replace(again, Some(r#"{"import":"fail"}"#.into()))
         .unwrap_err();
@@ -603,7 +610,7 @@ fn a_new_version_stuck_in_start_is_given_up_and_never_serves() -> TestResult {
     config.operation_timeout = Duration::from_millis(100);
     let (kernel, _) = persisted.kernel_with(plugins.path(), config);
     assert_eq!(echo_count(&kernel), 1);
-    let stuck = kernel.loader().load(&fixture("fixture-echo-faulty"))?;
+    let stuck = load(kernel.loader(), &fixture("fixture-echo-faulty"))?;
     let error = kernel
         .replace(stuck, Some(r#"{"start":"sleep","sleep_ms":400}"#.into()))
         .unwrap_err();
@@ -682,7 +689,7 @@ fn a_file_rejected_for_a_timeout_is_tried_again_with_a_longer_operation_timeout(
 fn a_file_that_runs_is_no_longer_shown_rejected() -> TestResult {
     let plugins = plugin_dir(&["echo"]);
     let kernel = kernel();
-    let mut reloader = Reloader::new(plugins.path());
+    let mut reloader = reloader_of(plugins.path());
     reloader.scan(&kernel, None);
     fs::write(plugins.path().join("echo.conf"), r#"{"start":"fail"}"#)?;
     add_plugin(plugins.path(), "fixture-echo-faulty");
@@ -766,7 +773,7 @@ fn every_replace_writes_the_live_state_so_back_to_back_replaces_lose_no_acknowle
             .request("kv", "request", put.as_bytes(), None)
             .is_ok());
         let build = if tick % 2 == 0 { &a } else { &b };
-        kernel.replace(kernel.loader().load(build)?, None)?;
+        kernel.replace(load(kernel.loader(), build)?, None)?;
         let saved = kernel.state_store().unwrap().load("kv")?.unwrap();
         let saved: serde_json::Value = serde_json::from_slice(&saved.bytes)?;
         assert_eq!(saved["tick"], tick, "after replace {tick}");

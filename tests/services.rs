@@ -2,7 +2,7 @@
 
 use std::{fs, time::Duration};
 
-use host::{reload::Reloader, Kernel, KernelConfig, KernelError, Status};
+use host::{Kernel, KernelConfig, KernelError, Status};
 use plugin_api::codes;
 
 use crate::support::*;
@@ -14,7 +14,7 @@ fn running(packages: &[&str], conf: &[(&str, &str)]) -> (Kernel, tempfile::TempD
     for (service, text) in conf {
         fs::write(dir.path().join(format!("{service}.conf")), text).unwrap();
     }
-    let report = Reloader::new(dir.path()).scan(&kernel, None);
+    let report = reloader_of(dir.path()).scan(&kernel, None);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     (kernel, dir)
 }
@@ -191,7 +191,7 @@ fn a_panic_in_start_leaves_the_service_failed_with_the_message() -> TestResult {
     let kernel = kernel();
     let dir = plugin_dir(&["fixture-echo-faulty", "kv"]);
     fs::write(dir.path().join("echo.conf"), r#"{"start":"panic"}"#)?;
-    let report = Reloader::new(dir.path()).scan(&kernel, None);
+    let report = reloader_of(dir.path()).scan(&kernel, None);
     assert_eq!(report.errors.len(), 1, "{:?}", report.errors);
     let info = kernel.info("echo").unwrap();
     assert_eq!(info.status, Status::Failed);
@@ -213,7 +213,7 @@ fn a_full_mailbox_makes_requesters_wait_and_emitters_fail() -> TestResult {
         mailbox_capacity: 1,
         ..Default::default()
     })?;
-    kernel.load(&fixture("fixture-echo-faulty"), None)?;
+    load_into(&kernel, &fixture("fixture-echo-faulty"), None)?;
     assert!(kernel.start_all().is_empty());
     std::thread::scope(|s| {
         // Keeps the executor busy...
@@ -250,7 +250,7 @@ fn a_service_stuck_in_plugin_code_is_reported_at_stop_and_restartable_once_free(
         operation_timeout: Duration::from_millis(100),
         ..Default::default()
     })?;
-    kernel.load(&fixture("fixture-echo-faulty"), None)?;
+    load_into(&kernel, &fixture("fixture-echo-faulty"), None)?;
     assert!(kernel.start_all().is_empty());
     std::thread::scope(|s| {
         s.spawn(|| {

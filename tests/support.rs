@@ -301,7 +301,7 @@ impl Persisted {
     ) -> (Kernel, host::reload::ScanReport) {
         capture_logs();
         let kernel = Kernel::new(config).unwrap();
-        let report = host::reload::Reloader::new(plugins).scan(&kernel, None);
+        let report = reloader_of(plugins).scan(&kernel, None);
         (kernel, report)
     }
 }
@@ -354,4 +354,44 @@ pub fn all_closed_soon(kernel: &Kernel) -> bool {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     true
+}
+
+/// Loads a plugin file: the suite's one place that vouches for a library (see
+/// `Loader::load`). The suite loads only the plugins and fixtures of this repository, built
+/// by the suite, and files its tests made on purpose to be refused before they are opened.
+pub fn load(
+    loader: &host::loader::Loader,
+    path: &Path,
+) -> Result<host::loader::Library, host::loader::LoadError> {
+    // SAFETY: see above.
+    unsafe { loader.load(path) }
+}
+
+/// [`load`] of a file already read.
+pub fn load_file(
+    loader: &host::loader::Loader,
+    file: &host::loader::PluginFile,
+) -> Result<host::loader::Library, host::loader::LoadError> {
+    // SAFETY: as in `load`.
+    unsafe { loader.load_file(file) }
+}
+
+/// `Kernel::load` (see [`load`]).
+#[expect(
+    clippy::result_large_err,
+    reason = "the kernel's own error, passed on as it is"
+)]
+pub fn load_into(
+    kernel: &Kernel,
+    path: &Path,
+    config: Option<String>,
+) -> Result<String, host::KernelError> {
+    // SAFETY: as in `load`.
+    unsafe { kernel.load(path, config) }
+}
+
+/// A reloader of a plugins directory the suite made (see [`load`]).
+pub fn reloader_of(dir: &Path) -> host::reload::Reloader {
+    // SAFETY: as in `load`.
+    unsafe { host::reload::Reloader::new(dir) }
 }

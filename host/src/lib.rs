@@ -15,6 +15,7 @@
     reason = "errors are the cold path; they carry the plugin's typed failures, which tests and callers match by value"
 )]
 
+pub mod instance;
 pub mod kernel;
 pub mod loader;
 pub mod metrics;
@@ -22,7 +23,7 @@ pub mod state;
 
 mod executor;
 
-pub use executor::{recv_soon, Call, InstanceError};
+pub use executor::{recv_soon, Call, InstanceError, OperationError, Unanswered};
 
 /// An error and its causes in one line (see [`plugin_api::error_chain`]): what the host
 /// shows wherever an error leaves it (reload reports, `ctl`, logs, the last error of a

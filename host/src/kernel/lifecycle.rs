@@ -12,9 +12,7 @@ use super::{
     KernelInner, Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
 };
 use crate::{
-    executor::{
-        self, ask, Envelope, Executor, InstanceError, Launch, LaunchFailure, Pending, State,
-    },
+    executor::{self, Executor, InstanceError, Launch, LaunchFailure, Pending, State, Stopped},
     loader::{threads, Library},
 };
 
@@ -159,12 +157,13 @@ impl KernelInner {
     ) -> Launch {
         Launch {
             service: slot.name.clone(),
-            library,
+            source: library,
             services: routing::context(&slot.name, self),
             config,
             timeout: self.config.operation_timeout,
             spin: self.config.spin,
             metrics: self.metrics.service(&slot.name),
+            mailbox: slot.mailbox.clone(),
         }
     }
 
@@ -177,7 +176,7 @@ impl KernelInner {
         state: Option<State>,
     ) -> Result<Executor, LaunchFailure> {
         let launch = self.launch_of(slot, library, config);
-        executor::launch(launch, slot.mailbox.rx.clone(), state)
+        executor::launch(launch, state)
     }
 
     /// An executor for `slot` whose instance is created and waits (see [`Pending`]).
@@ -188,7 +187,7 @@ impl KernelInner {
         config: Option<String>,
     ) -> Result<Pending, LaunchFailure> {
         let launch = self.launch_of(slot, library, config);
-        executor::prepare(launch, slot.mailbox.rx.clone())
+        executor::prepare(launch)
     }
 
     pub(super) fn start(&self, service: &str) -> Result<(), KernelError> {
@@ -413,50 +412,31 @@ impl KernelInner {
         };
         let _span = tracing::info_span!("stop", service = %slot.name).entered();
         slot.publish(&ops, Some(Status::Stopping));
-        let export = self.config.state.is_some();
-        let (stopped_tx, stopped_rx) = crossbeam_channel::bounded(1);
-        let epoch = executor.epoch();
-        let state = ask(
-            &slot.mailbox.tx,
-            |state| Envelope::Stop {
-                epoch,
-                export,
-                state,
-                stopped: stopped_tx,
-            },
-            self.config.spin,
-            deadline,
-        );
-        let stopped = stopped_rx.recv_deadline(deadline);
-        let exited = executor.exit(deadline, "the instance to stop");
-        let mut result = match (&exited, &stopped) {
-            (Ok(()), Ok(Ok(()))) => Ok(()),
-            (Ok(()), Ok(Err(cause))) => Err(KernelError::Instance {
-                service: slot.name.clone(),
-                cause: format!("stop failed: {cause}"),
-            }),
-            (Ok(()), Err(_)) => Err(KernelError::Instance {
-                service: slot.name.clone(),
-                cause: "the executor exited without stopping the instance".into(),
-            }),
-            (Err(stuck), _) => Err(KernelError::Stuck {
+        let Stopped { state, stop, stuck } = executor.stop(self.config.state.is_some(), deadline);
+        let mut result = match (&stuck, stop) {
+            (Some(stuck), _) => Err(KernelError::Stuck {
                 service: slot.name.clone(),
                 call: stuck.call(),
                 stuck: stuck.to_string(),
             }),
+            (None, Ok(())) => Ok(()),
+            (None, Err(cause)) => Err(KernelError::Instance {
+                service: slot.name.clone(),
+                cause: format!("stop failed: {cause}"),
+            }),
         };
-        match exited {
-            Ok(()) => slot.mailbox.drain(&slot.name),
+        match stuck {
+            None => slot.mailbox.drain(&slot.name),
             // It still reads the mailbox until it gets to the Stop (if that was posted).
-            Err(stuck) => ops.run = Run::Stuck(stuck),
+            Some(stuck) => ops.run = Run::Stuck(stuck),
         }
         // A state exported in time is saved, even if `stop` or `drop` then hung.
-        if let Ok(Some(state)) = state {
+        if let Some(state) = state {
             let version = ops.library.manifest().version.to_string();
             let saved = state
                 .map_err(|cause| KernelError::Instance {
                     service: slot.name.clone(),
-                    cause: format!("export_state failed, state not saved: {cause}"),
+                    cause: format!("state not saved: {cause}"),
                 })
                 .and_then(|bytes| self.save_until(slot, &mut ops, &version, &bytes, deadline));
             result = saved.and(result);
@@ -597,25 +577,12 @@ impl KernelInner {
         let Run::Running(executor) = &ops.run else {
             return Ok(Checkpoint::Unchanged);
         };
-        let timeout = self.config.operation_timeout;
-        let epoch = executor.epoch();
-        let bytes = ask(
-            &slot.mailbox.tx,
-            |reply| Envelope::Export { epoch, reply },
-            self.config.spin,
-            deadline,
-        )
-        .map_err(|e| {
-            let cause = e.reason(timeout, executor.doing());
-            KernelError::Instance {
+        let bytes = executor
+            .export(deadline)
+            .map_err(|cause| KernelError::Instance {
                 service: slot.name.clone(),
                 cause: format!("checkpoint failed: {cause}"),
-            }
-        })?
-        .map_err(|cause| KernelError::Instance {
-            service: slot.name.clone(),
-            cause: format!("checkpoint failed: export_state: {cause}"),
-        })?;
+            })?;
         let version = ops.library.manifest().version.to_string();
         if ops.last_saved.as_ref() == Some(&(version.clone(), digest(&bytes))) {
             return Ok(Checkpoint::Unchanged);

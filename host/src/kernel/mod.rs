@@ -569,12 +569,17 @@ impl Kernel {
     }
 
     /// Loads the plugin file at `path` and registers it.
-    pub fn load(
+    ///
+    /// # Safety
+    ///
+    /// As for [`Loader::load`]: the caller vouches for the file.
+    pub unsafe fn load(
         &self,
         path: &std::path::Path,
         config: Option<String>,
     ) -> Result<String, KernelError> {
-        let library = self.inner.loader.load(path)?;
+        // SAFETY: the caller vouches for the file.
+        let library = unsafe { self.inner.loader.load(path)? };
         let name = library.manifest().name.clone();
         self.register(library, config)?;
         Ok(name)

@@ -12,7 +12,7 @@ use plugin_api::{abi::LogLevel, codes, Reply};
 use super::{KernelInner, Status};
 use crate::{
     executor::{self, Envelope, Letter},
-    loader::HostServices,
+    instance::HostServices,
 };
 
 /// A request posted to a service's mailbox, whose reply has yet to come.

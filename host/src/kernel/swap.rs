@@ -24,13 +24,11 @@
 //! Every wait on plugin code is bounded by the operation timeout, and every early return
 //! after step 4 and before step 6 resumes the old instance (the [`Suspension`] guard).
 
-use std::{sync::Arc, time::Duration, time::Instant};
-
-use crossbeam_channel::{bounded, Receiver, Sender};
+use std::{sync::Arc, time::Duration};
 
 use super::{Idle, KernelError, KernelInner, OpsGuard, Run, ServiceSlot, Status};
 use crate::{
-    executor::{ask, recv_soon, Envelope, LaunchFailure, State, Stuck, Verdict},
+    executor::{LaunchFailure, OperationError, State, Stuck, Suspension},
     loader::Library,
 };
 
@@ -38,14 +36,16 @@ use crate::{
 #[derive(Debug, thiserror::Error)]
 pub enum SwapError {
     /// The old version could not export its state: it keeps serving.
-    #[error("service `{service}` not replaced: export_state of version {version} failed: {cause}")]
+    #[error(
+        "service `{service}` not replaced: version {version} did not export its state: {cause}"
+    )]
     Export {
         /// The service.
         service: String,
         /// The running version.
         version: String,
         /// Why.
-        cause: String,
+        cause: OperationError,
     },
     /// The state could not be written durably: the old version keeps serving.
     #[error("service `{service}` not replaced: its state could not be saved")]
@@ -102,38 +102,6 @@ pub struct SwapReport {
     pub unmapped: bool,
 }
 
-/// An old instance that exported its state and holds, serving nothing, until it gets a
-/// verdict. Dropped without [`Suspension::stop`], it resumes serving.
-struct Suspension {
-    held_since: Instant,
-    verdict: Option<Sender<Verdict>>,
-    /// Answered once the instance's `stop` returned (after [`Verdict::Stop`]).
-    stopped: Receiver<()>,
-    /// Dropped, lets the stopped instance be dropped (see [`Envelope::Suspend`]).
-    release: Option<Sender<()>>,
-}
-
-impl Suspension {
-    /// Tells the old instance to stop, and waits until its `stop` returned, at most until
-    /// `deadline`. Returns whether it did, and what lets the instance be dropped (once the
-    /// new one serves).
-    fn stop(mut self, spin: Duration, deadline: Instant) -> (bool, Option<Sender<()>>) {
-        if let Some(verdict) = self.verdict.take() {
-            let _ = verdict.send(Verdict::Stop);
-        }
-        let stopped = recv_soon(&self.stopped, spin, Some(deadline)).is_ok();
-        (stopped, self.release.take())
-    }
-}
-
-impl Drop for Suspension {
-    fn drop(&mut self) {
-        if let Some(verdict) = self.verdict.take() {
-            let _ = verdict.send(Verdict::Resume);
-        }
-    }
-}
-
 impl KernelInner {
     pub(super) fn replace(
         &self,
@@ -187,7 +155,7 @@ impl KernelInner {
         };
 
         // 4. Suspend: the export follows every request queued before it.
-        let (suspension, bytes) = match self.suspend(&slot, &ops) {
+        let (suspension, bytes) = match self.suspend(&ops) {
             Ok(suspended) => suspended,
             Err(cause) => {
                 let stuck = pending.abandon(self.deadline());
@@ -232,8 +200,8 @@ impl KernelInner {
         };
 
         // 6. Stop the old instance: its `stop`, not yet the end of its thread.
-        let held_since = suspension.held_since;
-        let (stopped, release) = suspension.stop(self.config.spin, self.deadline());
+        let held_since = suspension.held_since();
+        let (stopped, release) = suspension.stop(self.deadline());
         let mut old = ops.run.take_executor(Idle::Failed);
         let mut old_stuck = None;
         if !stopped {
@@ -267,44 +235,12 @@ impl KernelInner {
         )
     }
 
-    /// Step 4: asks the executor to export and hold. The error says why it did not.
-    fn suspend(
-        &self,
-        slot: &ServiceSlot,
-        ops: &OpsGuard<'_>,
-    ) -> Result<(Suspension, Vec<u8>), String> {
-        let (verdict_tx, verdict_rx) = bounded(1);
-        let (stopped_tx, stopped_rx) = bounded(1);
-        let (release_tx, release_rx) = bounded(0);
-        let timeout = self.config.operation_timeout;
-        let (doing, epoch) = match &ops.run {
-            Run::Running(executor) => (executor.doing(), executor.epoch()),
-            _ => return Err("the service is not running".into()),
-        };
-        let answer = ask(
-            &slot.mailbox.tx,
-            |exported| Envelope::Suspend {
-                epoch,
-                exported,
-                verdict: verdict_rx,
-                stopped: stopped_tx,
-                release: release_rx,
-            },
-            self.config.spin,
-            self.deadline(),
-        );
-        // Had it answered after the deadline, it would have found nobody waiting and gone
-        // on serving.
-        let (held_since, exported) = answer.map_err(|e| e.reason(timeout, doing))?;
-        let suspension = Suspension {
-            held_since,
-            verdict: Some(verdict_tx),
-            stopped: stopped_rx,
-            release: Some(release_tx),
-        };
-        // On an export error, `suspension` is dropped: the old instance resumes.
-        let bytes = exported?;
-        Ok((suspension, bytes))
+    /// Step 4: asks the executor to export and hold.
+    fn suspend(&self, ops: &OpsGuard<'_>) -> Result<(Suspension, Vec<u8>), OperationError> {
+        match &ops.run {
+            Run::Running(executor) => executor.suspend(self.deadline()),
+            _ => Err(OperationError::NotRunning),
+        }
     }
 
     /// The service is not running (never started, stopped, failed, or stuck): the library is

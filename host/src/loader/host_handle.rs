@@ -13,15 +13,7 @@ use plugin_api::{
     codes, Reply,
 };
 
-/// What the host offers a plugin instance, implemented by the kernel for each service.
-pub trait HostServices: Send + Sync + 'static {
-    /// Records a log line of the plugin.
-    fn log(&self, level: LogLevel, target: &str, message: &str);
-    /// Routes a request and waits for the reply.
-    fn request(&self, to: &str, kind: &str, payload: &[u8], timeout: Duration) -> Reply;
-    /// Queues an event.
-    fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String>;
-}
+use crate::instance::HostServices;
 
 type Ctx = Arc<dyn HostServices>;
 

@@ -6,9 +6,11 @@ use plugin_api::{
     Reply,
 };
 
-use super::{host_handle, threads::CallCensus, HostServices, Library};
+use super::{host_handle, threads::CallCensus, Library};
+use crate::instance::{HostServices, InstanceSource, Message, ServiceInstance};
 
-/// One live service instance, created by a [`Library`].
+/// One live service instance, created by a [`Library`]: the [`ServiceInstance`] of a
+/// plugin file opened in this process, or of a linked service.
 ///
 /// Owned by its service's executor thread: it is `!Send` (it holds the plugin's raw
 /// pointer), so it is created, called and dropped on that thread, which is how the plugin
@@ -42,14 +44,25 @@ impl Instance {
         let handle = host_handle::new_handle(services);
         let config: ROption<RString> = config.map(RString::from).into();
         let census = CallCensus::before();
-        let raw = (library.module().new_service())(handle, config).into_result();
+        let raw = library.new_raw_service(handle, config);
         census.attribute(library.attribution());
-        let raw = raw.map_err(RString::into_string)?;
+        let raw = raw?;
         Ok(Instance { raw, library })
     }
+}
 
-    /// Calls the plugin's `start`.
-    pub fn start(&mut self) -> Result<(), String> {
+/// Lends a host message to the plugin as the ABI's borrowed view of it (no copy).
+fn lend<'a>(message: Message<'a>) -> RMessage<'a> {
+    RMessage {
+        from: message.from.into(),
+        to: message.to.into(),
+        kind: message.kind.into(),
+        payload: message.payload.into(),
+    }
+}
+
+impl ServiceInstance for Instance {
+    fn start(&mut self) -> Result<(), String> {
         let census = CallCensus::before();
         // SAFETY: `raw.this` is live until `drop`, and `&mut self` makes this the only call.
         let result = into_result(unsafe { (self.raw.vtable().start)(self.raw.this()) });
@@ -57,8 +70,7 @@ impl Instance {
         result
     }
 
-    /// Calls the plugin's `stop`.
-    pub fn stop(&mut self) -> Result<(), String> {
+    fn stop(&mut self) -> Result<(), String> {
         let census = CallCensus::before();
         // SAFETY: as in `start`.
         let result = into_result(unsafe { (self.raw.vtable().stop)(self.raw.this()) });
@@ -66,22 +78,18 @@ impl Instance {
         result
     }
 
-    /// Calls the plugin's `handle` (lending it the request); panics and errors come back as
-    /// code 500.
-    pub fn handle(&mut self, request: RMessage<'_>) -> Reply {
+    fn handle(&mut self, request: Message<'_>) -> Reply {
         // SAFETY: as in `start`; what the request borrows outlives the call, and the reply
         // is copied into host memory at once.
-        Reply::from_raw(unsafe { (self.raw.vtable().handle)(self.raw.this(), request) })
+        Reply::from_raw(unsafe { (self.raw.vtable().handle)(self.raw.this(), lend(request)) })
     }
 
-    /// Calls the plugin's `on_event` (lending it the event).
-    pub fn on_event(&mut self, event: RMessage<'_>) -> Result<(), String> {
+    fn on_event(&mut self, event: Message<'_>) -> Result<(), String> {
         // SAFETY: as in `start`; what the event borrows outlives the call.
-        into_result(unsafe { (self.raw.vtable().on_event)(self.raw.this(), event) })
+        into_result(unsafe { (self.raw.vtable().on_event)(self.raw.this(), lend(event)) })
     }
 
-    /// Calls the plugin's `export_state`.
-    pub fn export_state(&mut self) -> Result<Vec<u8>, String> {
+    fn export_state(&mut self) -> Result<Vec<u8>, String> {
         // SAFETY: as in `start`; the bytes are copied into host memory at once.
         let result = unsafe { (self.raw.vtable().export_state)(self.raw.this()) };
         result
@@ -90,8 +98,7 @@ impl Instance {
             .map_err(RString::into_string)
     }
 
-    /// Calls the plugin's `import_state`.
-    pub fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
+    fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
         let census = CallCensus::before();
         // SAFETY: as in `start`; the arguments outlive the call.
         let result = into_result(unsafe {
@@ -109,5 +116,15 @@ impl Drop for Instance {
         // once, here, while `self.library` still keeps the library open.
         unsafe { (self.raw.vtable().drop)(self.raw.this()) }
         census.attribute(self.library.attribution());
+    }
+}
+
+impl InstanceSource for Library {
+    fn create(
+        self: Arc<Self>,
+        services: Arc<dyn HostServices>,
+        config: Option<&str>,
+    ) -> Result<Box<dyn ServiceInstance>, String> {
+        Ok(Box::new(Instance::new(self, services, config)?))
     }
 }

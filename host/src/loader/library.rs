@@ -119,8 +119,17 @@ impl Library {
         &self.shadow
     }
 
-    pub(super) fn module(&self) -> PluginModRef {
-        self.module.expect("a loaded library has a root module")
+    /// Calls the root module's constructor. The module itself is never handed out: it
+    /// points into the library, and no reference into a library may outlive it.
+    pub(super) fn new_raw_service(
+        &self,
+        host: plugin_api::abi::HostHandle,
+        config: abi_stable::std_types::ROption<abi_stable::std_types::RString>,
+    ) -> Result<plugin_api::abi::RawService, String> {
+        let module = self.module.expect("a loaded library has a root module");
+        (module.new_service())(host, config)
+            .into_result()
+            .map_err(abi_stable::std_types::RString::into_string)
     }
 
     /// The threads that may run this library's code although the host did not start them:

@@ -112,10 +112,22 @@ impl Loader {
         self.opened.load(Ordering::Relaxed)
     }
 
-    /// Loads the plugin at `path`: copies it to a shadow path, opens the copy, checks its
-    /// ABI and its `plugin-api` version, initializes its root module and reads its manifest.
-    pub fn load(&self, path: &Path) -> Result<Library, LoadError> {
-        self.load_file(&PluginFile::read(path)?)
+    /// Loads the plugin at `path`: copies it to a shadow path, has the copy proven by the
+    /// probe (when the loader has one), opens it, checks its ABI, initializes its root
+    /// module and reads its manifest.
+    ///
+    /// # Safety
+    ///
+    /// Opening a library runs its initializers in this process, and every later call into
+    /// its instances runs its code here: nothing the host checks (the ELF header, the probe,
+    /// the ABI version and layout) can prove that code sound. The caller vouches that the
+    /// file is a plugin built with the microkernel SDK by someone trusted to run code in
+    /// the host, as the operator does for the files of the plugins directory (README,
+    /// "Trust"). What the host does check turns the common accidents (a truncated or
+    /// corrupt file, another ABI, a crash in the initializers) into errors.
+    pub unsafe fn load(&self, path: &Path) -> Result<Library, LoadError> {
+        // SAFETY: the caller vouches for the file (see above).
+        unsafe { self.load_file(&PluginFile::read(path)?) }
     }
 
     /// How many loads failed.
@@ -124,7 +136,11 @@ impl Loader {
     }
 
     /// Like [`Loader::load`], for a file already read (and hashed).
-    pub fn load_file(&self, file: &PluginFile) -> Result<Library, LoadError> {
+    ///
+    /// # Safety
+    ///
+    /// As for [`Loader::load`]: the caller vouches for the file.
+    pub unsafe fn load_file(&self, file: &PluginFile) -> Result<Library, LoadError> {
         let loaded = self.load_file_inner(file);
         if loaded.is_err() {
             self.failed.fetch_add(1, Ordering::Relaxed);

@@ -9,12 +9,14 @@
 //!   [`Library::close`] once nothing else holds it.
 //! - [`Instance`] is one service instance created by a library: the cheap, per-run thing.
 //!   It is `!Send`: it is created, called and dropped on its service's executor thread.
+//!   `Library` and `Instance` are this crate's in-process implementation of the executor's
+//!   seam ([`crate::instance`]).
 //! - [`Probe`] opens a file in a throwaway child process before the loader opens it here:
 //!   a corrupt file that crashes `dlopen` or the ABI checks kills the child, not the host.
 //! - [`threads`] tells which threads may run a library's code (a census), and joins host
 //!   threads with a deadline: a library is closed only when no plugin code can run.
-//! - `host_handle` turns a host-side [`HostServices`] implementation into the
-//!   [`plugin_api::abi::HostHandle`] a plugin receives.
+//! - `host_handle` turns a host-side [`crate::instance::HostServices`] implementation into
+//!   the [`plugin_api::abi::HostHandle`] a plugin receives.
 //!
 //! **Invariant:** no pointer into a plugin's library outlives the library. Every value that
 //! comes out of a plugin is copied into host memory before the call returns; instances hold
@@ -35,7 +37,6 @@ pub mod threads;
 
 pub use error::LoadError;
 pub use file::{PluginFile, MAX_PLUGIN_SIZE};
-pub use host_handle::HostServices;
 pub use instance::Instance;
 pub use library::{is_mapped, loader_busy, loader_wedged, Library};
 pub use load::Loader;

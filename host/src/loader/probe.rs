@@ -24,7 +24,8 @@ use std::{
 
 use plugin_api::{abi::LogLevel, codes, Reply};
 
-use super::{open::open, HostServices, Instance, LoadError};
+use super::{open::open, Instance, LoadError};
+use crate::instance::{HostServices, ServiceInstance as _};
 
 /// How files are proven: which program to run as `PROGRAM probe FILE`, and for how long.
 #[derive(Debug, Clone)]

@@ -17,7 +17,6 @@ use super::{
 };
 use host::{
     loader::{Loader, PluginFile, Probe},
-    reload::Reloader,
     state::{KeyRing, StateKey, StateStore},
     Kernel, KernelConfig,
 };
@@ -183,7 +182,7 @@ pub(super) fn reload(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         }
 
         let started = Instant::now();
-        let library = loader.load_file(&files[(round + 1) % 2])?;
+        let library = super::load(&loader, &files[(round + 1) % 2])?;
         floor_store.save("named", "1.0.0", &[7u8; 1024])?;
         let floor = started.elapsed();
         drop(library);
@@ -233,7 +232,7 @@ pub(super) fn startup(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     {
         let loader = Loader::new(None, None)?;
         for file in &files {
-            let name = loader.load(file)?.manifest().name.clone();
+            let name = super::load_path(&loader, file)?.manifest().name.clone();
             store.save(&name, "1.0.0", &[7u8; 1024])?;
             names.push(name);
         }
@@ -251,7 +250,7 @@ pub(super) fn startup(bench: &Bench) -> anyhow::Result<Vec<Row>> {
             )),
             ..KernelConfig::default()
         })?;
-        let report = Reloader::new(&plugins).scan(&kernel, None);
+        let report = super::reloader(&plugins).scan(&kernel, None);
         let took = started.elapsed();
         let running = kernel
             .list()
@@ -266,7 +265,7 @@ pub(super) fn startup(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         let started = Instant::now();
         let mut libraries = Vec::new();
         for (file, name) in files.iter().zip(&names) {
-            libraries.push(loader.load(file)?);
+            libraries.push(super::load_path(&loader, file)?);
             store.load(name)?.context("the state is there")?;
         }
         let floor = started.elapsed();

@@ -310,6 +310,31 @@ impl Bench {
     }
 }
 
+/// Loads one of the bench's plugins: the one place the bench vouches for a library.
+fn load(
+    loader: &host::loader::Loader,
+    file: &host::loader::PluginFile,
+) -> Result<host::loader::Library, host::loader::LoadError> {
+    // SAFETY: the bench loads only the plugins of this repository that `.ci/bench-plugins`
+    // built into the directory its `--plugins` names: the operator vouches for them as for a
+    // plugins directory.
+    unsafe { loader.load_file(file) }
+}
+
+/// [`load`] of the file at `path`.
+fn load_path(
+    loader: &host::loader::Loader,
+    path: &Path,
+) -> Result<host::loader::Library, host::loader::LoadError> {
+    load(loader, &host::loader::PluginFile::read(path)?)
+}
+
+/// A reloader of the bench's plugins directory (see [`load`]).
+fn reloader(plugins: &Path) -> host::reload::Reloader {
+    // SAFETY: as in `load`.
+    unsafe { host::reload::Reloader::new(plugins) }
+}
+
 fn write_json(path: &Path, value: &impl Serialize) -> anyhow::Result<()> {
     let mut text = serde_json::to_string_pretty(value)?;
     text.push('\n');

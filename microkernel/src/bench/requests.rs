@@ -144,7 +144,10 @@ fn send_until_taken(mut send: impl FnMut() -> Result<(), String>) -> anyhow::Res
 pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     let kernel = Kernel::new(KernelConfig::default())?;
     for plugin in ["libnoop.so", "libecho.so"] {
-        kernel.load(&bench.plugin(plugin), None)?;
+        kernel.register(
+            super::load_path(kernel.loader(), &bench.plugin(plugin))?,
+            None,
+        )?;
     }
     if let Some((service, error)) = kernel.start_all().into_iter().next() {
         bail!("starting {service}: {}", host::error_chain(&error));

@@ -17,7 +17,8 @@ use super::{
     Bench, Goal, Row,
 };
 use host::{
-    loader::{HostServices, Instance, Library, Loader, PluginFile},
+    instance::{HostServices, ServiceInstance as _},
+    loader::{Instance, Library, Loader, PluginFile},
     state::{cipher, KeyRing, StateKey, StateStore},
     Kernel, KernelConfig,
 };
@@ -97,7 +98,10 @@ struct Steps {
 
 impl Direct {
     fn new(loader: &Loader, kv: &Path, store: StateStore, state: &[u8]) -> anyhow::Result<Self> {
-        let libraries = [Arc::new(loader.load(kv)?), Arc::new(loader.load(kv)?)];
+        let libraries = [
+            Arc::new(super::load_path(loader, kv)?),
+            Arc::new(super::load_path(loader, kv)?),
+        ];
         let version = libraries[0].manifest().version.to_string();
         let mut running = instance(&libraries[0])?;
         running
@@ -158,7 +162,10 @@ fn kv_kernel(bench: &Bench, dir: &Path, state: &[u8]) -> anyhow::Result<Kernel> 
         state: Some(store),
         ..KernelConfig::default()
     })?;
-    kernel.load(&bench.plugin("libkv.so"), None)?;
+    kernel.register(
+        super::load_path(kernel.loader(), &bench.plugin("libkv.so"))?,
+        None,
+    )?;
     start_all(&kernel)?;
     Ok(kernel)
 }
@@ -183,7 +190,7 @@ pub(super) fn pauses(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         // One of each to warm up, then one of each in turn.
         for round in 0..=n {
             let report = kernel
-                .replace(kernel.loader().load_file(&file)?, None)
+                .replace(super::load(kernel.loader(), &file)?, None)
                 .context("replacing kv")?;
             let mut discard = Steps::default();
             direct.swap(if round == 0 { &mut discard } else { &mut steps })?;
@@ -290,7 +297,7 @@ pub(super) fn memory_rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
     let swaps = bench.effort.pick(1000, 300, 20);
     let mut after_ten = (0.0, 0.0);
     for swap in 1..=swaps {
-        let report = kernel.replace(kernel.loader().load_file(&file)?, None)?;
+        let report = kernel.replace(super::load(kernel.loader(), &file)?, None)?;
         if !report.unmapped {
             bail!("swap {swap}: the old kv library stayed mapped");
         }

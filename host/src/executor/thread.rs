@@ -1,0 +1,149 @@
+//! The executor thread: creates its instance through the [`crate::instance`] seam, imports,
+//! starts, then serves the mailbox until an operation stops it or it is given up.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+use crossbeam_channel::{Receiver, Sender};
+
+use super::{
+    launch::{Launch, State},
+    ops::{self, Flow, OperationError},
+    recv_soon, set_chain, Call, Doing, Envelope, InstanceError, HANDOFF_SPIN,
+};
+use crate::instance::ServiceInstance;
+
+/// What an executor thread knows of itself.
+pub(super) struct Me {
+    pub service: Arc<str>,
+    pub spin: Duration,
+    pub metrics: crate::metrics::ServiceMetrics,
+    pub doing: Doing,
+    pub epoch: u64,
+    pub given_up: Arc<AtomicBool>,
+    pub late_state: Sender<Result<Vec<u8>, OperationError>>,
+}
+
+/// How a launching executor thread hears from the kernel, and answers.
+pub(super) struct Waits {
+    pub stages: Sender<Result<(), InstanceError>>,
+    pub started: Sender<Result<(), InstanceError>>,
+    pub state: Receiver<Option<State>>,
+    pub go: Receiver<()>,
+}
+
+type Boxed = Box<dyn ServiceInstance>;
+
+pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
+    let Launch {
+        source,
+        services,
+        config,
+        mailbox,
+        ..
+    } = launch;
+    let doing = &me.doing;
+    set_chain(&[], Some(&me.service));
+    let created = doing.call(Call::New, || source.create(services, config.as_deref()));
+    let mut instance = match created {
+        Ok(instance) => instance,
+        Err(e) => {
+            let _ = waits.stages.send(Err(InstanceError::Create(e)));
+            return;
+        }
+    };
+    // Dropped on this thread before it ends (and, on failure, before the answer, so that
+    // the launcher's wait for the exit covers it).
+    let drop_it = |instance: Boxed| doing.call(Call::Drop, || drop(instance));
+    let failed = |error: InstanceError, instance: Boxed, to: &Sender<_>| {
+        drop_it(instance);
+        let _ = to.send(Err(error));
+    };
+    // The kernel gone from any of these waits gave the instance up.
+    if waits.stages.send(Ok(())).is_err() {
+        return drop_it(instance);
+    }
+    let Ok(state) = recv_soon(&waits.state, me.spin, None) else {
+        return drop_it(instance);
+    };
+    if let Some((version, bytes)) = &state {
+        let imported = doing.call(Call::ImportState, || instance.import_state(version, bytes));
+        if let Err(e) = imported {
+            return failed(InstanceError::Import(e), instance, &waits.stages);
+        }
+    }
+    drop(state);
+    if waits.stages.send(Ok(())).is_err() {
+        return drop_it(instance);
+    }
+    if recv_soon(&waits.go, HANDOFF_SPIN, None).is_err() {
+        return drop_it(instance);
+    }
+    if let Err(e) = doing.call(Call::Start, || instance.start()) {
+        return failed(InstanceError::Start(e), instance, &waits.started);
+    }
+    if waits.started.send(Ok(())).is_err() {
+        // The kernel gave up waiting (see `Pending::stage`): this instance must not serve.
+        ops::stop_logged(&me.service, &mut *instance, doing);
+    } else {
+        me.serve(&mut *instance, &mailbox.rx);
+    }
+    set_chain(&[], None);
+    drop_it(instance);
+}
+
+impl Me {
+    fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::Acquire)
+    }
+
+    fn serve(&self, instance: &mut dyn ServiceInstance, mailbox: &Receiver<Envelope>) {
+        let (service, doing) = (&*self.service, &self.doing);
+        loop {
+            if self.given_up() {
+                // The kernel stopped waiting for this executor (a stop that did not finish in
+                // time) and may have started another on the same mailbox: serve nothing more,
+                // and hand over the state for the kernel to save.
+                let _ = self.late_state.send(ops::export(instance, doing));
+                ops::stop_logged(service, instance, doing);
+                return;
+            }
+            let Ok(envelope) = recv_soon(mailbox, self.spin, None) else {
+                return;
+            };
+            match envelope {
+                Envelope::Request {
+                    letter,
+                    chain,
+                    reply,
+                    sent,
+                } => {
+                    set_chain(&chain, Some(&self.service));
+                    let answer = doing.call(Call::Handle, || instance.handle(letter.lend(service)));
+                    set_chain(&[], Some(&self.service));
+                    self.metrics.reply(answer.code, sent.elapsed());
+                    // The requester may have timed out and gone: nothing to do then.
+                    let _ = reply.send(answer);
+                }
+                Envelope::Event { letter } => {
+                    self.metrics.event();
+                    let handled =
+                        doing.call(Call::OnEvent, || instance.on_event(letter.lend(service)));
+                    if let Err(error) = handled {
+                        tracing::warn!(service, kind = letter.kind(), %error, "event handler failed");
+                    }
+                }
+                Envelope::Op(op) => {
+                    if op.run(self.epoch, service, instance, doing) == Flow::End {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}

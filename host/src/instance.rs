@@ -1,0 +1,73 @@
+//! The one seam through which an executor drives a service instance, and through which the
+//! instance calls back into the host.
+//!
+//! - [`InstanceSource`] makes instances: [`crate::loader::Library`] is one, for a plugin
+//!   file opened in this process or a service linked into the program
+//!   ([`crate::loader::Library::linked`]). A worker process is meant to be another.
+//! - [`ServiceInstance`] is one instance as its executor drives it: start, stop, handle,
+//!   on_event, export, import, and drop (its `Drop`).
+//! - [`HostServices`] is what an instance calls back: log, request, emit. The kernel
+//!   implements it once per service.
+//!
+//! The executor knows only these three traits: nothing of libraries, files or the ABI.
+//! Values that cross them are host values (`&str`, `&[u8]`, [`Reply`]); turning them into
+//! the plugin ABI's types, and back, is the implementation's business.
+
+use std::{sync::Arc, time::Duration};
+
+use plugin_api::{abi::LogLevel, Reply};
+
+/// What the host offers a service instance, implemented by the kernel for each service.
+pub trait HostServices: Send + Sync + 'static {
+    /// Records a log line of the plugin.
+    fn log(&self, level: LogLevel, target: &str, message: &str);
+    /// Routes a request and waits for the reply.
+    fn request(&self, to: &str, kind: &str, payload: &[u8], timeout: Duration) -> Reply;
+    /// Queues an event.
+    fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String>;
+}
+
+/// A request or an event, lent to an instance for the length of one call.
+#[derive(Debug, Clone, Copy)]
+pub struct Message<'a> {
+    /// The sending service, or `external`.
+    pub from: &'a str,
+    /// The receiving service.
+    pub to: &'a str,
+    /// What it is.
+    pub kind: &'a str,
+    /// Its bytes.
+    pub payload: &'a [u8],
+}
+
+/// One service instance, as its executor drives it.
+///
+/// Made by an [`InstanceSource`] on the executor's thread, called only there (it need not
+/// be `Send`: a plugin gets `&mut self` without locks), and dropped there: its `Drop` is the
+/// plugin's destructor. Errors are the plugin's own messages.
+pub trait ServiceInstance {
+    /// The plugin's `start`.
+    fn start(&mut self) -> Result<(), String>;
+    /// The plugin's `stop`.
+    fn stop(&mut self) -> Result<(), String>;
+    /// The plugin's `handle`; its failures (a panic included) are a reply with an error code.
+    fn handle(&mut self, request: Message<'_>) -> Reply;
+    /// The plugin's `on_event`.
+    fn on_event(&mut self, event: Message<'_>) -> Result<(), String>;
+    /// The plugin's `export_state`.
+    fn export_state(&mut self) -> Result<Vec<u8>, String>;
+    /// The plugin's `import_state` of a state exported by `from_version`.
+    fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String>;
+}
+
+/// What makes the instances of one version of a service.
+pub trait InstanceSource: Send + Sync + 'static {
+    /// Creates an instance that calls back through `services`, with its configuration text.
+    /// The instance keeps its source alive (a library stays open while an instance of it
+    /// exists). Called on the thread that will drive the instance.
+    fn create(
+        self: Arc<Self>,
+        services: Arc<dyn HostServices>,
+        config: Option<&str>,
+    ) -> Result<Box<dyn ServiceInstance>, String>;
+}
