@@ -309,3 +309,6 @@ pub fn recv_soon<T>(
         None => rx.recv().map_err(|_| RecvTimeoutError::Disconnected),
     }
 }
+
+#[cfg(test)]
+mod tests;
