@@ -39,8 +39,7 @@ use crate::{
 };
 
 /// The life of a service.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Status {
     /// Loaded, never started.
     #[default]
@@ -59,8 +58,14 @@ pub enum Status {
 
 impl std::fmt::Display for Status {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let text = serde_json::to_value(self).ok();
-        f.write_str(text.as_ref().and_then(|v| v.as_str()).unwrap_or("?"))
+        f.write_str(match self {
+            Status::Registered => "registered",
+            Status::Starting => "starting",
+            Status::Running => "running",
+            Status::Stopping => "stopping",
+            Status::Stopped => "stopped",
+            Status::Failed => "failed",
+        })
     }
 }
 
@@ -201,8 +206,8 @@ pub enum KernelError {
     },
 }
 
-/// What `list` shows about a service.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What the kernel knows of a service.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ServiceInfo {
     /// Service name.
     pub name: String,
@@ -225,13 +230,7 @@ pub struct ServiceInfo {
     /// Earlier libraries of the service that stay loaded because plugin code may still run
     /// in them (a thread the plugin started, an instance stuck in plugin code), one line
     /// each.
-    #[serde(default)]
     pub pinned: Vec<String>,
-    /// Plugin files of the service the host rejected, and why, one line each: not chosen
-    /// again until their content or the service's configuration changes. Filled by the
-    /// control socket, which knows the reloader's verdicts.
-    #[serde(default)]
-    pub rejected: Vec<String>,
 }
 
 /// Counters, for operators and tests.

@@ -9,7 +9,7 @@ use std::{
 use crossbeam_channel::{bounded, RecvTimeoutError, SendTimeoutError, TrySendError};
 use plugin_api::{abi::LogLevel, codes, Reply};
 
-use super::{KernelInner, Status};
+use super::{KernelInner, ServiceInfo, Status};
 use crate::{
     executor::{self, Envelope, Letter},
     instance::HostServices,
@@ -250,7 +250,7 @@ impl KernelInner {
                 "pong": true,
                 "uptime_ms": u64::try_from(self.uptime().as_millis()).unwrap_or(u64::MAX),
             })),
-            "list" => Reply::json(&self.list()),
+            "list" => Reply::json(&self.list().iter().map(list_entry).collect::<Vec<_>>()),
             "version" => Reply::json(&serde_json::json!({
                 "host": env!("CARGO_PKG_VERSION"),
                 "plugin_abi": plugin_api::abi::ABI_VERSION,
@@ -264,4 +264,21 @@ impl KernelInner {
             ),
         }
     }
+}
+
+/// What a plugin reads of a service when it asks `kernel` for `list`: the kernel's own
+/// answer to its plugins (the control socket's `list` has a type of its own).
+fn list_entry(info: &ServiceInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": info.name,
+        "version": info.version,
+        "status": info.status.to_string(),
+        "dependencies": info.dependencies,
+        "path": info.path,
+        "sha256": info.sha256,
+        "loaded_since": info.loaded_since,
+        "swaps": info.swaps,
+        "last_error": info.last_error,
+        "pinned": info.pinned,
+    })
 }

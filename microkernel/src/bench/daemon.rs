@@ -60,7 +60,7 @@ impl Daemon {
             if let Ok(Response::Services { services, .. }) =
                 control::call(&daemon.socket, &Request::List, WAIT)
             {
-                if services.iter().all(|s| s.status == host::Status::Running) {
+                if services.iter().all(|s| s.status == "running") {
                     return Ok(daemon);
                 }
             }

@@ -7,7 +7,7 @@ use std::{
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 
-use super::{Request, Response};
+use super::{Request, Response, ServiceEntry};
 use host::{kernel::PendingReply, reload::Verdicts, Checkpoint, Kernel};
 
 use crate::event::Event;
@@ -171,10 +171,14 @@ pub(super) fn begin(request: Request, context: &Context) -> Result<Outcome, Requ
     } = context;
     Ok(match request {
         Request::List => {
-            let mut services = kernel.list();
-            for info in &mut services {
-                info.rejected = verdicts.rejected_lines(&info.name);
-            }
+            let services: Vec<ServiceEntry> = kernel
+                .list()
+                .into_iter()
+                .map(|info| {
+                    let rejected = verdicts.rejected_lines(&info.name);
+                    ServiceEntry::new(info, rejected)
+                })
+                .collect();
             let rejected_elsewhere = verdicts
                 .services_with_rejections()
                 .into_iter()

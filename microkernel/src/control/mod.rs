@@ -26,6 +26,59 @@ pub use server::{ControlServer, Limits};
 
 use host::ServiceInfo;
 
+/// One service as `list` reports it: the control protocol's own type (`ctl list --json`
+/// prints it), made from the kernel's [`ServiceInfo`] and the reloader's verdicts, so that
+/// neither engine type is a wire format.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceEntry {
+    /// Service name.
+    pub name: String,
+    /// Version of the loaded library.
+    pub version: String,
+    /// Lifecycle status, one lowercase word (`registered`, `starting`, `running`,
+    /// `stopping`, `stopped`, `failed`).
+    pub status: String,
+    /// Services it depends on.
+    pub dependencies: Vec<String>,
+    /// The plugin file.
+    pub path: std::path::PathBuf,
+    /// SHA-256 of the plugin file, hex.
+    pub sha256: String,
+    /// When the current library was loaded (seconds since the Unix epoch).
+    pub loaded_since: u64,
+    /// How many hot replaces it went through.
+    pub swaps: u64,
+    /// The last error, if any.
+    pub last_error: Option<String>,
+    /// Earlier libraries of the service that stay loaded because plugin code may still run
+    /// in them, one line each.
+    #[serde(default)]
+    pub pinned: Vec<String>,
+    /// Plugin files of the service the host rejected, and why, one line each: not chosen
+    /// again until their content or the service's configuration changes.
+    #[serde(default)]
+    pub rejected: Vec<String>,
+}
+
+impl ServiceEntry {
+    /// What `list` says of the service `info` describes, whose rejected files are `rejected`.
+    pub fn new(info: ServiceInfo, rejected: Vec<String>) -> Self {
+        ServiceEntry {
+            status: info.status.to_string(),
+            name: info.name,
+            version: info.version,
+            dependencies: info.dependencies,
+            path: info.path,
+            sha256: info.sha256,
+            loaded_since: info.loaded_since,
+            swaps: info.swaps,
+            last_error: info.last_error,
+            pinned: info.pinned,
+            rejected,
+        }
+    }
+}
+
 /// A command sent to the host.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase")]
@@ -72,7 +125,7 @@ pub enum Response {
     /// `list`.
     Services {
         /// Every service.
-        services: Vec<ServiceInfo>,
+        services: Vec<ServiceEntry>,
         /// Plugin files that failed to load for a reason of their own (they provide no
         /// service the host could tell), one line each.
         #[serde(default)]
