@@ -320,3 +320,48 @@ fn a_version_that_leaves_a_thread_running_stays_loaded_and_the_next_ones_do_not(
     );
     Ok(())
 }
+
+#[test]
+fn a_plugins_tracing_and_log_records_reach_the_host_with_their_targets_from_any_thread(
+) -> TestResult {
+    capture_logs();
+    let kernel = kernel();
+    load_into(&kernel, &fixture("fixture-tokio"), None)?;
+    kernel.start("tokio")?;
+    let token = token("forwarded");
+    let reply = kernel.request("tokio", "log", token.as_bytes(), None);
+    assert!(reply.is_ok(), "{reply}");
+    let ours = |l: &LogLine| l.message.contains(&token);
+    let lines = logged(ours);
+    let from = |module: &str, level: tracing::Level, message: &str| {
+        lines.iter().any(|l| {
+            l.target == "plugin"
+                && l.service.as_deref() == Some("tokio")
+                && l.module.as_deref() == Some(module)
+                && l.level == level
+                && l.message.starts_with(message)
+        })
+    };
+    assert!(
+        from(
+            "fixture_tokio::net",
+            tracing::Level::INFO,
+            &format!("tracing says {token} token={token}")
+        ),
+        "{lines:?}"
+    );
+    assert!(
+        from(
+            "fixture_tokio::db",
+            tracing::Level::WARN,
+            &format!("log says {token}")
+        ),
+        "{lines:?}"
+    );
+    // Above the default level (info): not even formatted.
+    assert!(
+        !lines.iter().any(|l| l.message.contains("debug says")),
+        "{lines:?}"
+    );
+    Ok(())
+}

@@ -152,6 +152,8 @@ pub struct LogLine {
     pub target: String,
     pub level: tracing::Level,
     pub service: Option<String>,
+    /// A plugin's line: the target it logged with.
+    pub module: Option<String>,
     pub message: String,
 }
 
@@ -162,6 +164,7 @@ struct Capture;
 #[derive(Default)]
 struct Fields {
     service: Option<String>,
+    module: Option<String>,
     message: String,
 }
 
@@ -169,6 +172,7 @@ impl tracing::field::Visit for Fields {
     fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
         match field.name() {
             "service" => self.service = Some(value.to_owned()),
+            "module" => self.module = Some(value.to_owned()),
             "message" => self.message = value.to_owned(),
             _ => {}
         }
@@ -177,6 +181,7 @@ impl tracing::field::Visit for Fields {
     fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
         match field.name() {
             "service" => self.service = Some(format!("{value:?}")),
+            "module" => self.module = Some(format!("{value:?}")),
             "message" => self.message = format!("{value:?}"),
             _ => {}
         }
@@ -191,6 +196,7 @@ impl<S: tracing::Subscriber> Layer<S> for Capture {
             target: event.metadata().target().to_owned(),
             level: *event.metadata().level(),
             service: fields.service,
+            module: fields.module,
             message: fields.message,
         });
     }

@@ -49,6 +49,7 @@ pub use semver;
 /// the plugin's own dependencies and derive `Serialize`/`Deserialize`: any serde version 1
 /// works with this `serde_json`.
 pub use serde_json;
+mod forward;
 mod sdk;
 
 #[doc(hidden)]
@@ -56,6 +57,7 @@ pub mod __private;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use forward::LEVEL_VARIABLE as LOG_LEVEL_VARIABLE;
 #[doc(hidden)]
 pub use sdk::export_parts;
 pub use sdk::{

@@ -430,7 +430,10 @@ macro_rules! trace { ($($arg:tt)+) => { $crate::log!($crate::abi::LogLevel::Trac
 /// ```
 ///
 /// It generates the root module the host looks for, and the `extern "C"` glue that converts
-/// every ABI type and catches every panic.
+/// every ABI type and catches every panic. When the host opens the library, the root
+/// module also sets the library's `log` logger and `tracing` dispatcher, so that the records
+/// of the plugin and of the libraries it uses reach the host's log (see
+/// [`crate::LOG_LEVEL_VARIABLE`]): a plugin must not set its own.
 #[macro_export]
 macro_rules! export_service {
     ($service:ty) => {
@@ -438,6 +441,8 @@ macro_rules! export_service {
         #[unsafe(no_mangle)]
         pub static _1as_0lib_1header_0root_bmodule_bloader: $crate::__private::LibHeader = {
             fn __microkernel_root_module() -> $crate::abi::PluginModRef {
+                // This library's `log` and `tracing` records go to the host from now on.
+                $crate::export_parts::install_forwarding();
                 static MODULE: $crate::__private::WithMetadata<$crate::abi::PluginMod> =
                     $crate::__private::WithMetadata::new($crate::abi::PluginMod {
                         manifest: $crate::export_parts::manifest::<$service>,
@@ -467,6 +472,7 @@ pub mod export_parts {
     use super::*;
 
     pub use super::__log as log;
+    pub use crate::forward::install as install_forwarding;
 
     /// What a call reports when even describing its failure failed (an error whose
     /// `Display` panics, a panic payload whose `Drop` panics).

@@ -63,7 +63,9 @@ impl ServiceInstance for Recorded {
     }
     fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
         self.recorder.note(format!("import from {from_version}"));
-        self.count = String::from_utf8_lossy(state).parse().map_err(|e| format!("{e}"))?;
+        self.count = String::from_utf8_lossy(state)
+            .parse()
+            .map_err(|e| format!("{e}"))?;
         Ok(())
     }
 }

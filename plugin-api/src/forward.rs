@@ -1,0 +1,150 @@
+//! Forwards the `log` and `tracing` records of a plugin, and of every library it uses, to
+//! the host, as the SDK's own logging macros go: with their level and target.
+//!
+//! A plugin library has its own copy of `log` and `tracing-core` (of their statics above
+//! all), so a logger and a dispatcher set here are that library's alone: the host's, and
+//! other plugins', are untouched. They are set once, when the host opens the library
+//! ([`crate::export_service!`]'s root module calls [`install`]), never by the test kit or by
+//! a service linked into a host, whose `log` and `tracing` are the program's own.
+//!
+//! Records go to the host of the library's live instance; a record made when none is live
+//! (a thread the plugin left running after `stop`) goes to standard error. Levels above
+//! `MICROKERNEL_PLUGIN_LOG` (from the host's environment: `off`, `error`, `warn`, `info`,
+//! `debug` or `trace`; `info` when unset) are not formatted at all; the host's filter then
+//! applies to what arrives (target `plugin`).
+
+use std::{fmt::Write as _, sync::Once};
+
+use plugin_abi::LogLevel;
+use tracing_core::{
+    field::{Field, Visit},
+    span, Event, Level, LevelFilter, Metadata, Subscriber,
+};
+
+/// The environment variable that sets the most detailed level forwarded.
+pub const LEVEL_VARIABLE: &str = "MICROKERNEL_PLUGIN_LOG";
+
+/// Sets this library's `log` logger and `tracing` dispatcher to forward to the host, once.
+/// A plugin that sets its own later gets the error those crates give for a second one.
+pub fn install() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let max = std::env::var(LEVEL_VARIABLE)
+            .ok()
+            .and_then(|level| level.trim().parse::<LevelFilter>().ok())
+            .unwrap_or(LevelFilter::INFO);
+        if log::set_logger(&LogForward).is_ok() {
+            log::set_max_level(log_filter(max));
+        }
+        let _ = tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(
+            TracingForward { max },
+        ));
+    });
+}
+
+fn log_filter(max: LevelFilter) -> log::LevelFilter {
+    match max.into_level() {
+        None => log::LevelFilter::Off,
+        Some(Level::ERROR) => log::LevelFilter::Error,
+        Some(Level::WARN) => log::LevelFilter::Warn,
+        Some(Level::INFO) => log::LevelFilter::Info,
+        Some(Level::DEBUG) => log::LevelFilter::Debug,
+        Some(_) => log::LevelFilter::Trace,
+    }
+}
+
+struct LogForward;
+
+impl log::Log for LogForward {
+    fn enabled(&self, metadata: &log::Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level()
+    }
+
+    fn log(&self, record: &log::Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            log::Level::Error => LogLevel::Error,
+            log::Level::Warn => LogLevel::Warn,
+            log::Level::Info => LogLevel::Info,
+            log::Level::Debug => LogLevel::Debug,
+            log::Level::Trace => LogLevel::Trace,
+        };
+        crate::sdk::__log(level, record.target(), *record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// A `tracing` subscriber that forwards events (their message, then their other fields as
+/// `name=value`) and ignores spans.
+struct TracingForward {
+    max: LevelFilter,
+}
+
+/// Collects an event's fields into one line.
+#[derive(Default)]
+struct Line {
+    message: String,
+    fields: String,
+}
+
+impl Visit for Line {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            let _ = write!(self.fields, " {}={value}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            let _ = write!(self.fields, " {}={value:?}", field.name());
+        }
+    }
+}
+
+impl Subscriber for TracingForward {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.is_event() && *metadata.level() <= self.max
+    }
+
+    fn max_level_hint(&self) -> Option<LevelFilter> {
+        Some(self.max)
+    }
+
+    fn new_span(&self, _: &span::Attributes<'_>) -> span::Id {
+        // Spans are not forwarded (`enabled` refuses them); an id is still owed.
+        span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &span::Id, _: &span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &span::Id, _: &span::Id) {}
+
+    fn event(&self, event: &Event<'_>) {
+        let metadata = event.metadata();
+        let level = match *metadata.level() {
+            Level::ERROR => LogLevel::Error,
+            Level::WARN => LogLevel::Warn,
+            Level::INFO => LogLevel::Info,
+            Level::DEBUG => LogLevel::Debug,
+            _ => LogLevel::Trace,
+        };
+        let mut line = Line::default();
+        event.record(&mut line);
+        crate::sdk::__log(
+            level,
+            metadata.target(),
+            format_args!("{}{}", line.message, line.fields),
+        );
+    }
+
+    fn enter(&self, _: &span::Id) {}
+
+    fn exit(&self, _: &span::Id) {}
+}
