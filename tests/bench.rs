@@ -69,7 +69,26 @@ fn bench_measures_everything_and_writes_a_summary() -> TestResult {
         }
         // A goal comes with its verdict; a comparison row has neither.
         assert_eq!(row["goal"].is_string(), row["met"].is_boolean(), "{row}");
+        // A spread, when the samples allow one, is a range of ratios over 2 to 5 chunks.
+        let spread = &row["spread"];
+        if !spread.is_null() {
+            let (low, high) = (spread["low"].as_f64(), spread["high"].as_f64());
+            assert!(
+                matches!((low, high), (Some(l), Some(h)) if l > 0.0 && l <= h),
+                "{row}"
+            );
+            assert!(
+                (2..=5).contains(&spread["chunks"].as_u64().unwrap_or(0)),
+                "{row}"
+            );
+        }
     }
+    // The request rows have samples enough for one, even in a smoke run.
+    let median = rows
+        .iter()
+        .find(|r| r["measure"] == "request/reply to noop (64 B), median")
+        .expect("the request median row");
+    assert!(median["spread"].is_object(), "{median}");
     let measures: Vec<&str> = rows.iter().filter_map(|r| r["measure"].as_str()).collect();
     for expected in [
         "request/reply to noop (64 B), median",

@@ -199,6 +199,11 @@ pub(super) fn reload(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         "load + check (probe process, then dlopen) + seal + durable write of 1 KiB",
         Goal::RatioAtMost(2.0),
         reloads.len(),
+    )
+    .with_spread(
+        &reloads.in_order(millis),
+        &floors.in_order(millis),
+        0.5,
     )])
 }
 
@@ -285,5 +290,10 @@ pub(super) fn startup(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         ),
         Goal::RatioAtMost(1.5),
         startups.len(),
+    )
+    .with_spread(
+        &startups.in_order(millis),
+        &floors.in_order(millis),
+        0.5,
     )])
 }

@@ -9,6 +9,7 @@
 //! The plugins measured are built beforehand (`.ci/bench-plugins DIR`, see
 //! docs/PERFORMANCE.md); the bench compiles nothing. It writes, into the out directory:
 //! `summary.json` (one object per measure: `measure`, `value`, `floor`, `unit`, `ratio`,
+//! `spread` (the lowest and highest ratio over consecutive chunks of the run's samples),
 //! `goal`, `met`), `machine.json`, and `swap-pause.svg`.
 
 mod chart;
@@ -127,6 +128,8 @@ pub struct Row {
     /// Where the value's time goes, step by step, in its unit (swap pauses).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<(String, f64)>,
+    /// How far the ratio moved within the run (`null` for a single figure).
+    pub spread: Option<stats::Spread>,
 }
 
 impl Row {
@@ -151,7 +154,15 @@ impl Row {
             met: goal.met(value, floor, ratio),
             samples,
             parts: Vec::new(),
+            spread: None,
         }
+    }
+
+    /// The same, with the spread of its ratio over the samples (in the order measured) its
+    /// value and floor are the `q` quantile of.
+    pub fn with_spread(mut self, values: &[f64], floors: &[f64], q: f64) -> Self {
+        self.spread = stats::spread(values, floors, q);
+        self
     }
 
     /// The same, with the value's breakdown.
@@ -352,6 +363,9 @@ fn figure(x: f64) -> String {
 
 fn table_line(row: &Row) -> String {
     let ratio = row.ratio.map_or("-".to_owned(), |r| format!("{r:.2}"));
+    let spread = row
+        .spread
+        .map_or(String::new(), |s| format!("{:.2}–{:.2}", s.low, s.high));
     let goal = row.goal.clone().unwrap_or_else(|| "(comparison)".into());
     let met = match row.met {
         Some(true) => "ok",
@@ -359,12 +373,13 @@ fn table_line(row: &Row) -> String {
         None => "",
     };
     let mut line = format!(
-        "{:<52} {:>10} {:>10} {:<6} {:>7}  {:<20} {met}",
+        "{:<52} {:>10} {:>10} {:<6} {:>7} {:>11}  {:<20} {met}",
         row.measure,
         figure(row.value),
         figure(row.floor),
         row.unit,
         ratio,
+        spread,
         goal
     );
     if !row.parts.is_empty() && row.value > 0.0 {
@@ -381,8 +396,8 @@ fn table_line(row: &Row) -> String {
 /// The table printed at the end.
 pub fn table(rows: &[Row]) -> String {
     let mut out = format!(
-        "{:<52} {:>10} {:>10} {:<6} {:>7}  {:<20}\n",
-        "measure", "value", "floor", "unit", "ratio", "goal"
+        "{:<52} {:>10} {:>10} {:<6} {:>7} {:>11}  {:<20}\n",
+        "measure", "value", "floor", "unit", "ratio", "spread", "goal"
     );
     for row in rows {
         out.push_str(&table_line(row));

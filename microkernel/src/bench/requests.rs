@@ -189,7 +189,8 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
             floor_is,
             Goal::RatioAtMost(1.5),
             noop.len(),
-        ),
+        )
+        .with_spread(&noop.in_order(micros), &floor.in_order(micros), 0.5),
         Row::new(
             "request/reply to noop (64 B), p90",
             (micros(noop.quantile(0.9)), micros(floor.quantile(0.9))),
@@ -197,7 +198,8 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
             floor_is,
             Goal::RatioAtMost(1.5),
             noop.len(),
-        ),
+        )
+        .with_spread(&noop.in_order(micros), &floor.in_order(micros), 0.9),
         Row::new(
             "request/reply to echo (JSON reply), median",
             (micros(echo.median()), micros(floor.median())),
@@ -205,7 +207,8 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
             floor_is,
             Goal::None,
             echo.len(),
-        ),
+        )
+        .with_spread(&echo.in_order(micros), &floor.in_order(micros), 0.5),
         Row::new(
             "bare round trip, threads sleeping at once (no polling)",
             (micros(asleep.median()), micros(floor.median())),
@@ -213,7 +216,8 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
             floor_is,
             Goal::None,
             asleep.len(),
-        ),
+        )
+        .with_spread(&asleep.in_order(micros), &floor.in_order(micros), 0.5),
     ];
 
     // Events, one way, pipelined: as many as the mailbox takes, then a request behind them
@@ -240,18 +244,22 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         kernel_rates.push(events as f64 / started.elapsed().as_secs_f64() / 1000.0);
     }
     let pinned = placement.is_some();
-    rows.push(Row::new(
-        if pinned {
-            "events to noop, one way, pipelined"
-        } else {
-            "events to noop, one way, pipelined (threads not pinned)"
-        },
-        (median(&mut kernel_rates), median(&mut bare_rates)),
-        "k/s",
-        "the bare channel's throughput, same capacity",
-        Goal::RatioAtLeast(0.5),
-        kernel_rates.len(),
-    ));
+    let (kernel_order, bare_order) = (kernel_rates.clone(), bare_rates.clone());
+    rows.push(
+        Row::new(
+            if pinned {
+                "events to noop, one way, pipelined"
+            } else {
+                "events to noop, one way, pipelined (threads not pinned)"
+            },
+            (median(&mut kernel_rates), median(&mut bare_rates)),
+            "k/s",
+            "the bare channel's throughput, same capacity",
+            Goal::RatioAtLeast(0.5),
+            kernel_rates.len(),
+        )
+        .with_spread(&kernel_order, &bare_order, 0.5),
+    );
 
     drop(placement);
     // What a plugin in another process costs: JSON lines over a Unix socket.

@@ -220,7 +220,8 @@ pub(super) fn pauses(bench: &Bench) -> anyhow::Result<Vec<Row>> {
                 Goal::RatioAtMost(1.2),
                 held.len(),
             )
-            .with_parts(parts),
+            .with_parts(parts)
+            .with_spread(&held.in_order(millis), &steps.total.in_order(millis), 0.5),
         );
         kernel.shutdown();
         drop(direct);
@@ -271,6 +272,11 @@ pub(super) fn persist(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         "sealing 16 MiB in place and writing it to one file with one fsync",
         Goal::RatioAtLeast(0.8),
         stored.len(),
+    )
+    .with_spread(
+        &stored.in_order(|d| mb / d.as_secs_f64()),
+        &direct.in_order(|d| mb / d.as_secs_f64()),
+        0.5,
     )])
 }
 
