@@ -65,25 +65,41 @@ impl Bare {
     }
 }
 
-/// The measured exchanges' threads pinned: the client (this thread) on one CPU, every
-/// server (the bare ones and the executors) on another, so that the floor and the host are
-/// measured with their threads placed alike (left to the scheduler, a pair of threads lands
-/// on one CPU or on two, and an exchange costs 4 µs or 70 µs accordingly, from one run to
-/// the next). Dropped, this thread may run anywhere again.
+/// The measured exchanges' threads pinned, the floor's and the host's alike: the client
+/// (this thread) on one CPU, every server (the bare ones and the executors) on the same
+/// CPU ([`Cpus::One`]) or on another ([`Cpus::Two`]). Left to the scheduler, a pair of
+/// threads lands on one CPU or on two from one run to the next, and the host's ratio to its
+/// floor moved with it (1.2 on one, 1.45 on two: on two CPUs the request's and the reply's
+/// bytes cross between caches, and the host reads what the floor's server does not).
+/// Dropped, this thread may run anywhere again.
 struct Placement {
     before: CpuSet,
 }
 
+/// Where [`Placement`] puts the servers.
+#[derive(Debug, Clone, Copy)]
+enum Cpus {
+    /// On the client's CPU: an exchange is two switches between threads, no cache line
+    /// crosses CPUs, and the host's own work weighs the most.
+    One,
+    /// On another CPU.
+    Two,
+}
+
 impl Placement {
     /// Pins this thread and the threads named `servers`; `None` with fewer than two CPUs.
-    fn pin(servers: &[&str]) -> Option<Placement> {
+    fn pin(servers: &[&str], cpus: Cpus) -> Option<Placement> {
         let this = Pid::from_raw(0);
         let before = sched_getaffinity(this).ok()?;
-        let cpus: Vec<usize> = (0..CpuSet::count())
+        let available: Vec<usize> = (0..CpuSet::count())
             .filter(|&cpu| before.is_set(cpu).unwrap_or(false))
             .collect();
-        let [client, server, ..] = cpus[..] else {
+        let [client, other, ..] = available[..] else {
             return None;
+        };
+        let server = match cpus {
+            Cpus::One => client,
+            Cpus::Two => other,
         };
         let only = |cpu| {
             let mut set = CpuSet::new();
@@ -169,18 +185,37 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         }
         Ok(())
     };
-    let (mut floor, mut noop, mut echo, mut asleep) = Default::default();
+    let servers = ["bench-bare", "svc-noop", "svc-echo"];
+    let (mut floor, mut noop, mut echo) = Default::default();
+    // The goals' figures: on one CPU (see `Cpus`).
+    let placement = Placement::pin(&servers, Cpus::One);
     // Warm up every path, then interleave: each batch of one is next to a batch of the others.
     time(&mut Samples::default(), batch, || bare.round_trip())?;
     time(&mut Samples::default(), batch, || request("noop"))?;
     time(&mut Samples::default(), batch, || request("echo"))?;
     for _ in 0..rounds {
         time(&mut floor, batch, || bare.round_trip())?;
-        time(&mut asleep, batch, || sleepy.round_trip())?;
         time(&mut noop, batch, || request("noop"))?;
         time(&mut echo, batch, || request("echo"))?;
     }
-    let floor_is = "a bare round trip: bounded channel, one-shot reply, a server thread doing nothing, both polling as the host does";
+    let one_cpu = placement.is_some();
+    drop(placement);
+    // The same across two CPUs, and asleep, for comparison.
+    let placement = Placement::pin(&servers, Cpus::Two);
+    let (mut floor_two, mut noop_two, mut asleep) = Default::default();
+    time(&mut Samples::default(), batch, || bare.round_trip())?;
+    time(&mut Samples::default(), batch, || request("noop"))?;
+    for _ in 0..rounds.div_ceil(2) {
+        time(&mut floor_two, batch, || bare.round_trip())?;
+        time(&mut asleep, batch, || sleepy.round_trip())?;
+        time(&mut noop_two, batch, || request("noop"))?;
+    }
+    let floor_is = if one_cpu {
+        "a bare round trip: bounded channel, one-shot reply, a server thread doing nothing, both polling as the host does; client and server on one CPU"
+    } else {
+        "a bare round trip: bounded channel, one-shot reply, a server thread doing nothing, both polling as the host does (threads not pinned)"
+    };
+    let floor_two_is = "the same bare round trip, client and server on two CPUs";
     let mut rows = vec![
         Row::new(
             "request/reply to noop (64 B), median",
@@ -210,21 +245,30 @@ pub(super) fn rows(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         )
         .with_spread(&echo.in_order(micros), &floor.in_order(micros), 0.5),
         Row::new(
-            "bare round trip, threads sleeping at once (no polling)",
-            (micros(asleep.median()), micros(floor.median())),
+            "request/reply to noop (64 B), median, on two CPUs",
+            (micros(noop_two.median()), micros(floor_two.median())),
             "µs",
-            floor_is,
+            floor_two_is,
+            Goal::None,
+            noop_two.len(),
+        )
+        .with_spread(&noop_two.in_order(micros), &floor_two.in_order(micros), 0.5),
+        Row::new(
+            "bare round trip, threads sleeping at once (no polling)",
+            (micros(asleep.median()), micros(floor_two.median())),
+            "µs",
+            floor_two_is,
             Goal::None,
             asleep.len(),
         )
-        .with_spread(&asleep.in_order(micros), &floor.in_order(micros), 0.5),
+        .with_spread(&asleep.in_order(micros), &floor_two.in_order(micros), 0.5),
     ];
 
     // Events, one way, pipelined: as many as the mailbox takes, then a request behind them
     // (answered once every event before it was handled).
     let events = bench.effort.pick(100_000, 50_000, 1000);
+    // On two CPUs (the placement above): one way, the client and the service each fill one.
     let (mut kernel_rates, mut bare_rates) = (Vec::new(), Vec::new());
-    let placement = Placement::pin(&["bench-bare", "svc-noop"]);
     for _ in 0..rounds.min(10) {
         let started = Instant::now();
         for _ in 0..events {
