@@ -11,33 +11,13 @@ use std::{
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 
+pub(crate) use super::thread::{Launch, State};
 use super::{
     recv_soon,
     thread::{self, Me, Waits},
-    Doing, Executor, InstanceError, Mailbox, Stuck, NEXT_EPOCH,
+    Doing, Executor, InstanceError, Stuck, NEXT_EPOCH,
 };
-use crate::{
-    instance::{HostServices, InstanceSource},
-    loader::threads,
-};
-
-/// Everything needed to bring up an instance.
-pub(crate) struct Launch {
-    pub service: String,
-    /// What makes the instance: an opened library, a linked service.
-    pub source: Arc<dyn InstanceSource>,
-    /// What the instance calls back.
-    pub services: Arc<dyn HostServices>,
-    pub config: Option<String>,
-    /// How long creating, importing and starting may each take.
-    pub timeout: Duration,
-    /// How long the executor polls its mailbox before it sleeps (see [`recv_soon`]).
-    pub spin: Duration,
-    /// Where its replies and events are counted.
-    pub metrics: crate::metrics::ServiceMetrics,
-    /// The service's mailbox, which the executor serves.
-    pub mailbox: Mailbox,
-}
+use crate::loader::threads;
 
 /// Why [`launch`] failed, and the thread it left in plugin code, if any.
 #[derive(Debug)]
@@ -45,10 +25,6 @@ pub(crate) struct LaunchFailure {
     pub error: InstanceError,
     pub stuck: Option<Stuck>,
 }
-
-/// The state an instance imports: the version that exported it, and the bytes (shared, so
-/// that a hot replace keeps them for a rollback without a copy).
-pub(crate) type State = (String, Arc<Vec<u8>>);
 
 /// An executor thread whose instance exists but does not serve yet: it imports a state when
 /// given one ([`Pending::import`]), then starts when told to ([`Pending::start`]). Made

@@ -12,11 +12,32 @@ use std::{
 use crossbeam_channel::{Receiver, Sender};
 
 use super::{
-    launch::{Launch, State},
     ops::{self, Flow, OperationError},
-    recv_soon, set_chain, Call, Doing, Envelope, InstanceError, HANDOFF_SPIN,
+    recv_soon, set_chain, Call, Doing, Envelope, InstanceError, Mailbox, HANDOFF_SPIN,
 };
-use crate::instance::ServiceInstance;
+use crate::instance::{HostServices, InstanceSource, ServiceInstance};
+
+/// Everything needed to bring up an instance.
+pub(crate) struct Launch {
+    pub service: String,
+    /// What makes the instance: an opened library, a linked service.
+    pub source: Arc<dyn InstanceSource>,
+    /// What the instance calls back.
+    pub services: Arc<dyn HostServices>,
+    pub config: Option<String>,
+    /// How long creating, importing and starting may each take.
+    pub timeout: Duration,
+    /// How long the executor polls its mailbox before it sleeps (see [`recv_soon`]).
+    pub spin: Duration,
+    /// Where its replies and events are counted.
+    pub metrics: crate::metrics::ServiceMetrics,
+    /// The service's mailbox, which the executor serves.
+    pub mailbox: Mailbox,
+}
+
+/// The state an instance imports: the version that exported it, and the bytes (shared, so
+/// that a hot replace keeps them for a rollback without a copy).
+pub(crate) type State = (String, Arc<Vec<u8>>);
 
 /// What an executor thread knows of itself.
 pub(super) struct Me {

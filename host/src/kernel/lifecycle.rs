@@ -113,7 +113,7 @@ impl KernelInner {
                 if self.config.on_bad_state == BadStatePolicy::Quarantine
                     && source.is_about_content() =>
             {
-                self.quarantine(slot, &crate::error_chain(&source))
+                self.quarantine(slot, &plugin_api::error_chain(&source))
                     .map(|()| None)
             }
             Err(source) => Err(KernelError::State {
@@ -357,7 +357,7 @@ impl KernelInner {
         outcomes.sort_by_key(|(service, _)| report.stopped.iter().position(|s| s == service));
         for (service, result) in outcomes {
             if let Err(error) = result {
-                tracing::error!(service, error = %crate::error_chain(&error), "stop failed");
+                tracing::error!(service, error = %plugin_api::error_chain(&error), "stop failed");
                 report.failures.push((service, error));
             }
         }
@@ -475,7 +475,7 @@ impl KernelInner {
                 }
                 Err(error) if Instant::now() + pause < deadline && is_worth_retrying(&error) => {
                     if tries == 1 {
-                        tracing::warn!(service = %slot.name, error = %crate::error_chain(&error), until = ?deadline.saturating_duration_since(Instant::now()), "state not saved; trying again");
+                        tracing::warn!(service = %slot.name, error = %plugin_api::error_chain(&error), until = ?deadline.saturating_duration_since(Instant::now()), "state not saved; trying again");
                     }
                     std::thread::sleep(pause);
                     pause = (pause * 2).min(Duration::from_millis(500));
@@ -598,7 +598,7 @@ pub(crate) fn log_checkpoint(service: &str, result: &Result<Checkpoint, KernelEr
         Ok(Checkpoint::Written) => tracing::debug!(service, "checkpoint written"),
         Ok(Checkpoint::Unchanged) => tracing::trace!(service, "checkpoint unchanged"),
         Err(error) => {
-            tracing::error!(service, error = %crate::error_chain(error), "checkpoint failed; retrying at the next tick")
+            tracing::error!(service, error = %plugin_api::error_chain(error), "checkpoint failed; retrying at the next tick")
         }
     }
 }

@@ -160,7 +160,7 @@ pub enum KernelError {
         /// The service.
         service: String,
         /// Why.
-        cause: crate::InstanceError,
+        cause: crate::executor::InstanceError,
         /// The state file it was given, when `import_state` refused it.
         state_file: Option<PathBuf>,
     },
@@ -200,7 +200,7 @@ pub enum KernelError {
         /// The service.
         service: String,
         /// The plugin function its thread was in when it was given up.
-        call: crate::Call,
+        call: crate::executor::Call,
         /// Where it is stuck, in words (the call, the thread, what was waited for).
         stuck: String,
     },
@@ -455,7 +455,7 @@ impl ServiceSlot {
 
     /// Records `error` as the last error.
     fn record_error(&self, error: &(dyn std::error::Error + 'static)) {
-        let text = crate::error_chain(error);
+        let text = plugin_api::error_chain(error);
         self.update(|info| info.last_error = Some(text));
     }
 }
@@ -622,7 +622,7 @@ impl Kernel {
             }
         }
         for (service, error) in &failures {
-            tracing::error!(service, error = %crate::error_chain(error), "not started");
+            tracing::error!(service, error = %plugin_api::error_chain(error), "not started");
         }
         failures
     }

@@ -66,7 +66,7 @@ pub enum SwapError {
         /// The version that failed.
         new: String,
         /// Why it failed.
-        cause: crate::InstanceError,
+        cause: crate::executor::InstanceError,
     },
     /// The new version failed and so did the old one's restart: the service is down.
     #[error("service `{service}` is down: version {new} failed ({cause}), then restarting {old} failed too ({rollback})")]
@@ -78,9 +78,9 @@ pub enum SwapError {
         /// The new version.
         new: String,
         /// Why the new version failed.
-        cause: crate::InstanceError,
+        cause: crate::executor::InstanceError,
         /// Why the old version failed to restart.
-        rollback: crate::InstanceError,
+        rollback: crate::executor::InstanceError,
     },
 }
 
@@ -98,7 +98,7 @@ pub struct SwapReport {
     /// this long at most.
     pub held: Duration,
     /// Whether the old library is gone from the address space (`false` when plugin code
-    /// may still run in it: it stays loaded until that ends, see [`crate::ServiceInfo::pinned`]).
+    /// may still run in it: it stays loaded until that ends, see [`super::ServiceInfo::pinned`]).
     pub unmapped: bool,
 }
 

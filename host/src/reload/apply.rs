@@ -235,7 +235,7 @@ impl Reloader {
         // Stable: the last good file first, the others keep their order (best first).
         others
             .sort_by_key(|c| last_good.as_ref().map(|g| &g.sha256) != Some(&hex::encode(c.sha256)));
-        let reason = crate::error_chain(&error);
+        let reason = plugin_api::error_chain(&error);
         let timeout = timeout_of_kernel(&error);
         for candidate in others {
             let outcome = self
@@ -265,11 +265,11 @@ impl Reloader {
                         self.reject(
                             plan,
                             candidate,
-                            crate::error_chain(&error),
+                            plugin_api::error_chain(&error),
                             timeout_of(&error),
                         );
                     }
-                    tracing::warn!(service = %plan.service, plugin = %candidate.path.display(), error = %crate::error_chain(&error), "fallback failed too");
+                    tracing::warn!(service = %plan.service, plugin = %candidate.path.display(), error = %plugin_api::error_chain(&error), "fallback failed too");
                 }
             }
         }
@@ -316,7 +316,7 @@ impl Reloader {
             self.reject(
                 plan,
                 candidate,
-                crate::error_chain(&error),
+                plugin_api::error_chain(&error),
                 timeout_of(&error),
             );
         }

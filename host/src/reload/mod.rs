@@ -313,7 +313,7 @@ impl Reloader {
         );
         self.verdicts.persist(kernel.state_store());
         for error in &report.errors {
-            tracing::error!(error = %crate::error_chain(error), "rescan: not applied");
+            tracing::error!(error = %plugin_api::error_chain(error), "rescan: not applied");
         }
         tracing::info!(
             added = report.added.len(),
@@ -424,7 +424,7 @@ impl Reloader {
                             KnownFile {
                                 stamp,
                                 sha256,
-                                provides: Err(crate::error_chain(&error)),
+                                provides: Err(plugin_api::error_chain(&error)),
                             },
                         );
                         fresh.insert(path);

@@ -165,7 +165,7 @@ impl Verdicts {
                 }
             },
             Err(error) => {
-                tracing::warn!(error = %crate::error_chain(&error), "plugin record unreadable; starting without one (it is not overwritten until the next verdict)");
+                tracing::warn!(error = %plugin_api::error_chain(&error), "plugin record unreadable; starting without one (it is not overwritten until the next verdict)");
                 return;
             }
         };
@@ -184,7 +184,7 @@ impl Verdicts {
         match store.write_record(RECORD, &bytes) {
             Ok(()) => inner.dirty = false,
             Err(error) => {
-                tracing::error!(error = %crate::error_chain(&error), "the plugin record could not be written; its verdicts hold until the host stops, and it is tried again at the next rescan");
+                tracing::error!(error = %plugin_api::error_chain(&error), "the plugin record could not be written; its verdicts hold until the host stops, and it is tried again at the next rescan");
             }
         }
     }
