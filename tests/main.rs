@@ -11,6 +11,7 @@ mod markers;
 mod misbehaviour;
 mod operations;
 mod out_of_tree;
+mod paths;
 mod reload;
 mod services;
 mod state;

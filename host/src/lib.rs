@@ -15,6 +15,7 @@
     reason = "errors are the cold path; they carry the plugin's typed failures, which tests and callers match by value"
 )]
 
+pub mod bounded;
 pub mod instance;
 pub mod kernel;
 pub mod loader;

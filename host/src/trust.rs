@@ -154,11 +154,12 @@ impl Trust {
             return Ok(None);
         };
         self.check("allow list", path)?;
-        let text = fs::read_to_string(path).map_err(|source| TrustError::Io {
-            what: "allow list",
-            path: path.clone(),
-            source,
-        })?;
+        let text = crate::bounded::read_to_string(path, crate::bounded::MAX_ALLOW_LIST_SIZE)
+            .map_err(|source| TrustError::Io {
+                what: "allow list",
+                path: path.clone(),
+                source,
+            })?;
         AllowList::parse(path, &text).map(Some)
     }
 }

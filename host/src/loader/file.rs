@@ -1,10 +1,7 @@
 //! A plugin file read once ([`PluginFile`]): its bytes, digest, mode and owner, and the ELF
 //! check done before anything is copied or opened.
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
@@ -30,47 +27,27 @@ impl PluginFile {
     /// [`MAX_PLUGIN_SIZE`] bytes. Opened non-blocking: a path that names something that
     /// blocks readers (a FIFO, a symbolic link to `/proc/kmsg`) is refused, not waited on.
     pub fn read(path: &Path) -> Result<Self, LoadError> {
-        use std::{io::Read, os::unix::fs::OpenOptionsExt};
-        let read_err = |source| LoadError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK)
-            .open(path)
-            .map_err(read_err)?;
-        let metadata = file.metadata().map_err(read_err)?;
-        if !metadata.is_file() {
-            return Err(read_err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "not a regular file",
-            )));
-        }
-        let too_large = |len| LoadError::TooLarge {
-            path: path.to_owned(),
-            len,
-            max: MAX_PLUGIN_SIZE,
-        };
-        if metadata.len() > MAX_PLUGIN_SIZE {
-            return Err(too_large(metadata.len()));
-        }
-        let mut bytes = Vec::with_capacity(metadata.len() as usize);
-        // Bounded even when the size said is not the size read (files of /proc).
-        file.take(MAX_PLUGIN_SIZE + 1)
-            .read_to_end(&mut bytes)
-            .map_err(read_err)?;
-        if bytes.len() as u64 > MAX_PLUGIN_SIZE {
-            return Err(too_large(bytes.len() as u64));
-        }
-        let sha256 = Sha256::digest(&bytes).into();
         use std::os::unix::fs::MetadataExt;
+        let read = crate::bounded::read(path, MAX_PLUGIN_SIZE).map_err(|source| {
+            match crate::bounded::TooLarge::of(&source) {
+                Some(too_large) => LoadError::TooLarge {
+                    path: path.to_owned(),
+                    len: too_large.len,
+                    max: too_large.max,
+                },
+                None => LoadError::Read {
+                    path: path.to_owned(),
+                    source,
+                },
+            }
+        })?;
+        let sha256 = Sha256::digest(&read.bytes).into();
         Ok(PluginFile {
             path: path.to_owned(),
-            bytes,
             sha256,
-            mode: metadata.mode(),
-            uid: metadata.uid(),
+            mode: read.metadata.mode(),
+            uid: read.metadata.uid(),
+            bytes: read.bytes,
         })
     }
 

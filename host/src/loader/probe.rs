@@ -366,7 +366,9 @@ fn probe(
             let manifest = library.manifest().clone();
             let config = config_dir
                 .map(|dir| dir.join(format!("{}.conf", manifest.name)))
-                .and_then(|path| fs::read_to_string(path).ok());
+                .and_then(|path| {
+                    crate::bounded::read_to_string(&path, crate::bounded::MAX_CONFIG_SIZE).ok()
+                });
             let library = Arc::new(library);
             let instance = Instance::new(library.clone(), Arc::new(Isolated), config.as_deref());
             let instance = match instance {

@@ -236,7 +236,7 @@ impl Reloader {
         if path.exists() {
             self.trust.check("configuration file", &path)?;
         }
-        match fs::read_to_string(&path) {
+        match crate::bounded::read_to_string(&path, crate::bounded::MAX_CONFIG_SIZE) {
             Ok(text) => Ok(Some(text)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(ReloadError::Config { path, source }),

@@ -126,7 +126,8 @@ impl StateKey {
                 me,
             });
         }
-        let mut text = fs::read_to_string(path).map_err(io)?;
+        let mut text =
+            crate::bounded::read_to_string(path, crate::bounded::MAX_KEY_FILE_SIZE).map_err(io)?;
         let key = Self::from_hex(&text, &format!("key file {}", path.display()));
         text.zeroize();
         key

@@ -31,6 +31,15 @@ use super::{
 const MAGIC: &[u8; 8] = b"MKSTATE\0";
 const FORMAT_VERSION: u16 = 1;
 
+/// The largest state a service may export: a larger one is not saved (the version that
+/// exported it keeps running), so that every state file the host writes it can read back.
+pub const MAX_STATE_SIZE: u64 = 1 << 30;
+/// The largest state file read: a state, and room for its header and tag. A larger file
+/// (a sparse file, a link to a device) is refused unread.
+pub const MAX_STATE_FILE_SIZE: u64 = MAX_STATE_SIZE + 4096;
+/// The largest record file (`plugins.json`) read.
+pub const MAX_RECORD_SIZE: u64 = 16 << 20;
+
 /// Why a state file could not be written or opened. Every variant names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -44,6 +53,24 @@ pub enum StateError {
         /// What the operating system said.
         #[source]
         source: io::Error,
+    },
+    /// A state file could not be read: it is not a regular file, it is larger than
+    /// [`MAX_STATE_FILE_SIZE`], or the operating system said no.
+    #[error("state file {path}: reading failed")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A state larger than [`MAX_STATE_SIZE`] was exported: it is not saved.
+    #[error("state file {path}: a state of {len} bytes is not saved (at most {MAX_STATE_SIZE})")]
+    TooLarge {
+        /// The file it would have gone to.
+        path: PathBuf,
+        /// The state's size.
+        len: u64,
     },
     /// The service name or the version is too long for the header (255 bytes at most).
     #[error("state file {path}: the {field} is longer than 255 bytes")]
@@ -121,20 +148,31 @@ fn kind_of(path: &Path) -> &'static str {
 }
 
 impl StateError {
-    /// Whether the error is about what the file holds (not a state file, truncated, another
-    /// service's, an unknown key, tampered): a file that could be read and is bad. An I/O
-    /// error (a file that could not be read at all) is not: the file may be fine.
+    /// Whether the error is about what the file is or holds (not a regular file, too large,
+    /// not a state file, truncated, another service's, an unknown key, tampered): a bad
+    /// file. Any other I/O error (a file that could not be read at all) is not: the file
+    /// may be fine.
     pub fn is_about_content(&self) -> bool {
-        matches!(
-            self,
-            StateError::NotAStateFile { .. }
-                | StateError::Truncated { .. }
-                | StateError::UnsupportedFormat { .. }
-                | StateError::WrongService { .. }
-                | StateError::UnknownKey { .. }
-                | StateError::Tampered { .. }
-        )
+        matches!(self, StateError::Read { source, .. } if is_not_a_file(source))
+            || matches!(
+                self,
+                StateError::NotAStateFile { .. }
+                    | StateError::Truncated { .. }
+                    | StateError::UnsupportedFormat { .. }
+                    | StateError::WrongService { .. }
+                    | StateError::UnknownKey { .. }
+                    | StateError::Tampered { .. }
+            )
     }
+}
+
+/// Whether a read failed because of what the path is (not a regular file) or holds (too
+/// much), as [`crate::bounded::read`] says: the file's fault, not the host's.
+fn is_not_a_file(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::InvalidInput | io::ErrorKind::InvalidData
+    )
 }
 
 /// The clear-text header of a state file.
@@ -278,6 +316,12 @@ impl StateStore {
     /// fsync of the directory. Either the old file or the new one survives a crash.
     pub fn save(&self, service: &str, version: &str, bytes: &[u8]) -> Result<(), StateError> {
         let path = self.path(service);
+        if bytes.len() as u64 > MAX_STATE_SIZE {
+            return Err(StateError::TooLarge {
+                path,
+                len: bytes.len() as u64,
+            });
+        }
         let sealed =
             seal(&self.keys, service, version, bytes).map_err(|field| StateError::HeaderField {
                 path: path.clone(),
@@ -296,8 +340,8 @@ impl StateStore {
     /// Reads the file `name` of the state directory, if it exists.
     pub fn read_record(&self, name: &str) -> Result<Option<Vec<u8>>, StateError> {
         let path = self.dir.join(name);
-        match fs::read(self.at(name)) {
-            Ok(data) => Ok(Some(data)),
+        match crate::bounded::read(&self.at(name), MAX_RECORD_SIZE) {
+            Ok(data) => Ok(Some(data.bytes)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StateError::Io {
                 path,
@@ -358,9 +402,14 @@ impl StateStore {
     /// Opens `service`'s state, if it has a file.
     pub fn load(&self, service: &str) -> Result<Option<SavedState>, StateError> {
         let path = self.path(service);
-        let data = match fs::read(self.at(&format!("{service}.state"))) {
-            Ok(data) => data,
+        let data = match crate::bounded::read(
+            &self.at(&format!("{service}.state")),
+            MAX_STATE_FILE_SIZE,
+        ) {
+            Ok(data) => data.bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            // Not a regular file, or too large: the file's fault, as bad content is.
+            Err(source) if is_not_a_file(&source) => return Err(StateError::Read { path, source }),
             Err(source) => {
                 return Err(StateError::Io {
                     path,
@@ -420,11 +469,12 @@ fn is_temporary_name(name: &str) -> bool {
 
 /// Opens any state file (for `inspect-state`): returns its header and content.
 pub fn inspect(keys: &KeyRing, path: &Path) -> Result<(StateHeader, Vec<u8>), StateError> {
-    let data = fs::read(path).map_err(|source| StateError::Io {
-        path: path.to_owned(),
-        op: "reading",
-        source,
-    })?;
+    let data = crate::bounded::read(path, MAX_STATE_FILE_SIZE)
+        .map_err(|source| StateError::Read {
+            path: path.to_owned(),
+            source,
+        })?
+        .bytes;
     open(keys, path, &data, None)
 }
 

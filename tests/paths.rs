@@ -1,0 +1,150 @@
+//! Every path an operator hands the host is read safely (issue 16): a FIFO, a device or a
+//! huge file in place of a file the host reads is refused at once, naming the file and what
+//! it is, and blamed on that file, never on a plugin; nothing hangs.
+
+use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
+
+use crate::cli::*;
+
+fn mkfifo(path: &Path, mode: u32) {
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode)).unwrap();
+}
+
+/// The status and last error of `service` in `ctl list --json`.
+fn status_of(daemon: &Daemon, service: &str) -> (String, String) {
+    let services = daemon.services();
+    let entry = services
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == service).cloned())
+        .unwrap_or_default();
+    (
+        entry["status"].as_str().unwrap_or_default().to_owned(),
+        entry["last_error"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+#[test]
+fn a_fifo_in_place_of_a_state_file_fails_that_service_at_once_naming_it_and_the_others_run() {
+    let root = setup(&["echo", "kv"]);
+    fs::create_dir(root.path().join("state")).unwrap();
+    fs::set_permissions(root.path().join("state"), fs::Permissions::from_mode(0o700)).unwrap();
+    mkfifo(&root.path().join("state/kv.state"), 0o600);
+    let daemon = Daemon::start(root.path());
+    daemon.wait_for(
+        |d| status_of(d, "kv").0 == "failed" && status_of(d, "echo").0 == "running",
+        "kv to fail and echo to run",
+    );
+    let (_, error) = status_of(&daemon, "kv");
+    assert!(
+        error.contains("kv.state") && error.contains("a FIFO"),
+        "{error}"
+    );
+    // Kept, as every bad state file is.
+    assert!(root.path().join("state/kv.state").exists());
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn a_fifo_in_place_of_the_plugin_record_is_reported_and_every_service_starts() {
+    let root = setup(&["echo"]);
+    fs::create_dir(root.path().join("state")).unwrap();
+    fs::set_permissions(root.path().join("state"), fs::Permissions::from_mode(0o700)).unwrap();
+    mkfifo(&root.path().join("state/plugins.json"), 0o600);
+    let daemon = Daemon::start(root.path());
+    daemon.wait_for(|d| status_of(d, "echo").0 == "running", "echo to run");
+    assert!(
+        daemon.log().contains("plugins.json") && daemon.log().contains("a FIFO"),
+        "{}",
+        daemon.log()
+    );
+}
+
+#[test]
+fn a_key_file_that_is_a_fifo_is_refused_at_once_and_the_host_exits_2() {
+    let root = setup(&["echo"]);
+    fs::remove_file(root.path().join("key")).unwrap();
+    mkfifo(&root.path().join("key"), 0o600);
+    let args = run_args(root.path());
+    let output = run_with_deadline(&args, Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("key") && stderr(&output).contains("a FIFO"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn a_configuration_that_never_ends_is_blamed_on_the_configuration_not_the_plugin() {
+    let root = setup(&["echo"]);
+    std::os::unix::fs::symlink("/dev/zero", root.path().join("plugins/echo.conf")).unwrap();
+    // /dev/zero is writable by all: past the permission checks, the read itself is tried.
+    let daemon = Daemon::start_with(root.path(), &["--allow-insecure-permissions"]);
+    let reload = daemon.ctl(&["reload"]);
+    let said = format!("{}{}", stdout(&reload), stderr(&reload));
+    assert!(
+        said.contains("echo.conf") && said.contains("a character device"),
+        "{said}"
+    );
+    // The plugin file is not held against: once the configuration is a file, it runs.
+    fs::remove_file(root.path().join("plugins/echo.conf")).unwrap();
+    fs::write(root.path().join("plugins/echo.conf"), "").unwrap();
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stdout(&reload));
+    daemon.wait_for(|d| status_of(d, "echo").0 == "running", "echo to run");
+    assert!(!daemon.log().contains("its code hangs"), "{}", daemon.log());
+}
+
+#[test]
+fn inspect_state_of_a_device_or_a_huge_sparse_file_answers_at_once() {
+    let root = setup(&[]);
+    let key = root.path().join("key");
+    let output = microkernel(&[
+        "inspect-state",
+        "--key-file",
+        key.to_str().unwrap(),
+        "/dev/zero",
+    ]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("state file /dev/zero")
+            && stderr(&output).contains("a character device"),
+        "{}",
+        stderr(&output)
+    );
+    let sparse = root.path().join("big.state");
+    fs::File::create(&sparse).unwrap().set_len(3 << 30).unwrap();
+    let output = microkernel(&[
+        "inspect-state",
+        "--key-file",
+        key.to_str().unwrap(),
+        sparse.to_str().unwrap(),
+    ]);
+    assert!(!output.status.success());
+    assert!(
+        stderr(&output).contains("3221225472 bytes"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Runs the binary with `args`, killing it if it has not ended after `deadline`.
+fn run_with_deadline(args: &[String], deadline: Duration) -> std::process::Output {
+    let mut child = std::process::Command::new(BIN)
+        .args(args)
+        .env_remove("MICROKERNEL_STATE_KEY")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if started.elapsed() > deadline {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.wait_with_output().unwrap()
+}
