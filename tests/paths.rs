@@ -148,3 +148,49 @@ fn run_with_deadline(args: &[String], deadline: Duration) -> std::process::Outpu
     }
     child.wait_with_output().unwrap()
 }
+
+#[test]
+fn timeouts_of_zero_are_refused_in_words() {
+    let root = setup(&["echo"]);
+    for option in [
+        "--operation-timeout",
+        "--probe-timeout",
+        "--request-timeout",
+    ] {
+        let mut args = run_args(root.path());
+        args.extend([option.to_owned(), "0s".to_owned()]);
+        let output = run_with_deadline(&args, Duration::from_secs(30));
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{option}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("a timeout must be longer than 0")
+                && stderr(&output).contains(option),
+            "{option}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn ctl_ends_quietly_when_the_reader_of_its_output_goes_away() {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let socket = root.path().join("state/control.sock");
+    // A reader that reads nothing and goes: `ctl list | true`, with a list longer than a
+    // pipe's buffer is not needed: the first write fails once the reader has gone.
+    let (reader, writer) = nix::unistd::pipe().unwrap();
+    drop(reader);
+    let output = std::process::Command::new(BIN)
+        .args(["ctl", "--socket", socket.to_str().unwrap(), "list"])
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(stderr(&output), "");
+    drop(daemon);
+}

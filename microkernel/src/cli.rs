@@ -231,7 +231,7 @@ pub struct RunArgs {
     #[arg(long, value_name = "N", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
     pub mailbox_capacity: u32,
     /// Timeout of requests sent from outside (`ctl send`).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_timeout)]
     pub request_timeout: Duration,
     /// How long a thread that expects a message soon polls for it before it sleeps: an
     /// executor after each message, a requester waiting for its reply. Waking a sleeping
@@ -242,12 +242,12 @@ pub struct RunArgs {
     pub spin: Duration,
     /// How long to wait for a service to start, or to reach a checkpoint, a hot replace or a
     /// stop, before reporting it stuck; SIGINT and SIGTERM end the host within it.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_timeout)]
     pub operation_timeout: Duration,
     /// How long a plugin file's probe may take: before the host opens a new plugin file, a
     /// child process opens it, checks it and creates an instance; a file whose probe crashes
     /// or takes longer is refused.
-    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_timeout)]
     pub probe_timeout: Duration,
     /// Where the private copies of plugin files are opened from [default: the temporary
     /// directory]. Must allow executable mappings (not `noexec`).
@@ -263,7 +263,7 @@ pub struct RunArgs {
     pub allow_insecure_permissions: bool,
     /// How long a control client may take to read an answer before its connection is
     /// closed (for tests on slow machines).
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, hide = true)]
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_timeout, hide = true)]
     pub control_answer_timeout: Duration,
 }
 
@@ -312,7 +312,7 @@ pub enum CtlCommand {
         #[arg(long, default_value = "request")]
         kind: String,
         /// How long to wait for the reply [default: the host's --request-timeout].
-        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        #[arg(long, value_name = "DURATION", value_parser = parse_timeout)]
         timeout: Option<Duration>,
     },
     /// Rescan the plugins directory now (all services, or only one); exits 1 if anything
@@ -363,6 +363,17 @@ fn parse_wait(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
         wait if wait.is_zero() => Err("a wait must be longer than 0 (for example 10s)".into()),
         wait => Ok(wait),
+    }
+}
+
+/// A timeout: a duration, not zero (a zero timeout would make every wait on a plugin fail,
+/// and every plugin file look at fault).
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    match parse_duration(text)? {
+        timeout if timeout.is_zero() => {
+            Err("a timeout must be longer than 0 (for example 10s)".into())
+        }
+        timeout => Ok(timeout),
     }
 }
 

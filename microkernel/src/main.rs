@@ -54,6 +54,11 @@ fn main() -> ExitCode {
     }
     let daemon = matches!(cli.command, Command::Run(_));
     let outcome = execute(cli.command);
+    if !daemon && outcome.as_ref().is_err_and(reader_went_away) {
+        // The reader of our output went away (`microkernel ctl list | head -3`): end
+        // quietly, as command-line tools do.
+        return ExitCode::SUCCESS;
+    }
     if let Err(error) = &outcome {
         // Never a panic: standard error may be a file on a full disk.
         let _ = writeln!(std::io::stderr(), "microkernel: {error:#}");
@@ -66,6 +71,15 @@ fn main() -> ExitCode {
         host::loader::exit_without_destructors(if outcome.is_ok() { 0 } else { 2 });
     }
     outcome.unwrap_or(ExitCode::from(2))
+}
+
+/// Whether `error` is a write to a pipe whose reader is gone.
+fn reader_went_away(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
