@@ -194,3 +194,102 @@ fn ctl_ends_quietly_when_the_reader_of_its_output_goes_away() {
     assert_eq!(stderr(&output), "");
     drop(daemon);
 }
+
+/// A process that is not a host, alive until dropped.
+struct Bystander(std::process::Child);
+
+impl Bystander {
+    fn start() -> Bystander {
+        Bystander(
+            std::process::Command::new("sleep")
+                .arg("600")
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+
+    fn alive(&mut self) -> bool {
+        self.0.try_wait().unwrap().is_none()
+    }
+}
+
+impl Drop for Bystander {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn reload_signals_only_a_host_that_holds_its_pid_file_and_never_a_pid_that_is_not_positive() {
+    let root = setup(&["echo"]);
+    let daemon = Daemon::start(root.path());
+    let mut bystander = Bystander::start();
+    let other = root.path().join("other.pid");
+    for content in [
+        bystander.pid().to_string(),
+        "-1".into(),
+        "0".into(),
+        "-12345".into(),
+        "1".into(),
+    ] {
+        fs::write(&other, format!("{content}\n")).unwrap();
+        let reload = microkernel(&["reload", "--pid-file", other.to_str().unwrap()]);
+        assert_eq!(
+            reload.status.code(),
+            Some(2),
+            "{content}: {}",
+            stdout(&reload)
+        );
+        assert!(
+            stderr(&reload).contains("other.pid") && stderr(&reload).contains("not"),
+            "{content}: {}",
+            stderr(&reload)
+        );
+        assert!(bystander.alive(), "{content}: the bystander was signalled");
+    }
+    // The host's own PID file names a host that holds it.
+    let pid_file = root.path().join("host.pid");
+    let reload = microkernel(&["reload", "--pid-file", pid_file.to_str().unwrap()]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+    assert!(daemon.terminate().success());
+}
+
+#[test]
+fn run_never_overwrites_a_file_that_is_not_a_pid_file() {
+    let root = setup(&["echo"]);
+    let important = root.path().join("important.conf");
+    fs::write(&important, "listen = 8080\n").unwrap();
+    let key = root.path().join("key");
+    let key_before = fs::read(&key).unwrap();
+    for path in [&important, &key] {
+        let mut args = run_args(root.path());
+        args.extend(["--pid-file".to_owned(), path.to_string_lossy().into_owned()]);
+        let output = run_with_deadline(&args, Duration::from_secs(30));
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains("not overwritten"),
+            "{}",
+            stderr(&output)
+        );
+    }
+    assert_eq!(fs::read_to_string(&important).unwrap(), "listen = 8080\n");
+    assert_eq!(fs::read(&key).unwrap(), key_before);
+}
+
+#[test]
+fn a_stale_pid_file_naming_a_live_process_that_is_not_a_host_does_not_block_start_up() {
+    let root = setup(&["echo"]);
+    let bystander = Bystander::start();
+    let pid_file = root.path().join("host.pid");
+    fs::write(&pid_file, format!("{}\n", bystander.pid())).unwrap();
+    let daemon = Daemon::start(root.path());
+    let written = fs::read_to_string(&pid_file).unwrap();
+    assert_eq!(written.trim(), daemon.child.id().to_string());
+    assert!(daemon.terminate().success());
+    assert!(!pid_file.exists());
+}

@@ -66,7 +66,8 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
-    /// Ask a running host to rescan its plugins directory (sends SIGHUP).
+    /// Ask a running host to rescan its plugins directory (sends SIGHUP, only to the process
+    /// that holds the PID file's lock: a host started with it).
     Reload {
         /// The PID file the host was started with (`run --pid-file`).
         #[arg(long, value_name = "PATH")]
@@ -212,7 +213,9 @@ pub struct RunArgs {
     /// How often each service's state is checkpointed (`250ms`, `10s`, `1m`; `0` disables).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub checkpoint_interval: Duration,
-    /// Write the host's PID to this file (removed at exit).
+    /// Write the host's PID to this file, and hold a lock on it (removed at exit). A path
+    /// that holds anything but a PID file is refused, never overwritten; a PID file no live
+    /// host holds is replaced.
     #[arg(long, value_name = "PATH")]
     pub pid_file: Option<PathBuf>,
     /// The control socket [default: STATE_DIR/control.sock].
