@@ -293,3 +293,35 @@ fn a_stale_pid_file_naming_a_live_process_that_is_not_a_host_does_not_block_star
     assert!(daemon.terminate().success());
     assert!(!pid_file.exists());
 }
+
+#[test]
+fn plugin_paths_that_are_not_regular_files_are_each_reported_never_passed_over() {
+    let root = setup(&["echo"]);
+    let plugins = root.path().join("plugins");
+    let link = |target: &str, name: &str| {
+        std::os::unix::fs::symlink(target, plugins.join(name)).unwrap();
+    };
+    link("missing-target.so", "dangling.so");
+    link("loop.so", "loop.so");
+    link("/dev/zero", "zero.so");
+    link("/tmp", "dirlink.so");
+    fs::create_dir(plugins.join("adir.so")).unwrap();
+    let daemon = Daemon::start_with(root.path(), &["--allow-insecure-permissions"]);
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+    let said = format!("{}{}", stdout(&reload), stderr(&reload));
+    for (name, cause) in [
+        ("dangling.so", "No such file"),
+        ("loop.so", "symbolic links"),
+        ("zero.so", "a character device"),
+        ("dirlink.so", "a directory"),
+        ("adir.so", "a directory"),
+    ] {
+        assert!(
+            said.lines().any(|l| l.contains(name) && l.contains(cause)),
+            "{name}: {said}"
+        );
+    }
+    // The good file is unaffected.
+    assert_eq!(daemon.send("echo", "{}")["count"], 1);
+}

@@ -620,12 +620,14 @@ impl Stamp {
     }
 }
 
-/// The `*.so` files of `dir`, sorted.
+/// The `*.so` entries of `dir`, sorted: whatever they are (a dangling link, a directory, a
+/// device), so that reading one that is not a plugin file reports it instead of passing
+/// over it in silence.
 fn plugin_files(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
     let mut files = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().is_some_and(|e| e == "so") && path.is_file() {
+        if path.extension().is_some_and(|e| e == "so") {
             files.push(path);
         }
     }
