@@ -139,9 +139,10 @@ fn a_stale_socket_no_host_answers_on_is_replaced() -> TestResult {
 fn quarantine_leaves_a_state_file_that_could_not_be_read_where_it_is() -> TestResult {
     let persisted = Persisted::new();
     let plugins = plugin_dir(&["kv"]);
-    // A path that cannot be read as a file (as one owned by another user cannot): an I/O
-    // error, not bad content.
-    fs::create_dir_all(persisted.state_file("kv"))?;
+    // A path that cannot be read (as one owned by another user cannot, for a host not
+    // root): an I/O error, not bad content. A link to itself: opening it fails (ELOOP).
+    fs::create_dir_all(persisted.state_dir())?;
+    std::os::unix::fs::symlink("kv.state", persisted.state_file("kv"))?;
     let (kernel, report) = persisted.kernel_with(
         plugins.path(),
         persisted.config(host::BadStatePolicy::Quarantine),
@@ -150,10 +151,10 @@ fn quarantine_leaves_a_state_file_that_could_not_be_read_where_it_is() -> TestRe
     assert_eq!(info.status, Status::Failed, "{:?}", report.errors);
     let error = info.last_error.unwrap();
     assert!(
-        error.contains("reading") && error.contains("directory"),
+        error.contains("reading") && error.contains("symbolic links"),
         "{error}"
     );
-    assert!(persisted.state_file("kv").is_dir(), "moved aside");
+    assert!(persisted.state_file("kv").is_symlink(), "moved aside");
     let moved: Vec<_> = fs::read_dir(persisted.state_dir())?
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().contains(".bad-"))

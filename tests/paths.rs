@@ -325,3 +325,67 @@ fn plugin_paths_that_are_not_regular_files_are_each_reported_never_passed_over()
     // The good file is unaffected.
     assert_eq!(daemon.send("echo", "{}")["count"], 1);
 }
+
+#[test]
+fn a_service_whose_plugin_file_is_gone_is_reported_at_every_rescan_in_list_and_after_a_restart() {
+    let root = setup(&["echo", "kv"]);
+    let daemon = Daemon::start(root.path());
+    daemon.send("kv", r#"{"op":"put","key":"a","value":"1"}"#);
+    fs::remove_file(root.path().join("plugins/libkv.so")).unwrap();
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+    let said = format!("{}{}", stdout(&reload), stderr(&reload));
+    assert!(
+        said.contains("service `kv` has no plugin file") && said.contains("keeps running"),
+        "{said}"
+    );
+    // Still serving, and `list` says why it will not come back.
+    assert_eq!(daemon.send("kv", r#"{"op":"get","key":"a"}"#)["value"], "1");
+    let table = stdout(&daemon.ctl(&["list"]));
+    assert!(
+        table.contains("services with no plugin file") && table.contains("`kv`"),
+        "{table}"
+    );
+    let kv = daemon
+        .services()
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "kv").cloned())
+        .unwrap();
+    assert!(kv["no_plugin_file"].is_string(), "{kv}");
+    assert!(daemon.terminate().success());
+
+    // After a restart: not running, and said at start-up, in `list` and at every rescan.
+    let daemon = Daemon::start(root.path());
+    daemon.wait_for(
+        |d| stdout(&d.ctl(&["list"])).contains("services with no plugin file"),
+        "the start-up scan to report kv",
+    );
+    let table = stdout(&daemon.ctl(&["list"]));
+    assert!(
+        table.contains("kv.state") && table.contains("it does not run"),
+        "{table}"
+    );
+    assert!(
+        daemon.log().contains("service `kv` has no plugin file"),
+        "{}",
+        daemon.log()
+    );
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+    assert!(root.path().join("state/kv.state").exists());
+}
+
+#[test]
+fn a_plugin_file_overwritten_with_another_services_bytes_leaves_its_service_reported() {
+    let root = setup(&["echo", "kv"]);
+    let daemon = Daemon::start(root.path());
+    fs::copy(
+        root.path().join("plugins/libecho.so"),
+        root.path().join("plugins/libkv.so"),
+    )
+    .unwrap();
+    let reload = daemon.ctl(&["reload"]);
+    let said = format!("{}{}", stdout(&reload), stderr(&reload));
+    assert!(said.contains("service `kv` has no plugin file"), "{said}");
+    assert_eq!(reload.status.code(), Some(1), "{said}");
+}

@@ -194,7 +194,16 @@ fn the_highest_version_wins_and_a_removed_file_leaves_its_service_running() -> T
         fs::remove_file(plugins.path().join(file))?;
     }
     let report = reloader.scan(&kernel, None);
-    assert!(report.errors.is_empty() && report.replaced.is_empty());
+    // It runs on, and the rescan says it will not come back after a restart.
+    assert!(
+        matches!(
+            &report.errors[..],
+            [ReloadError::NoPluginFile { service, running: true, .. }] if service == "echo"
+        ),
+        "{:?}",
+        report.errors
+    );
+    assert!(report.replaced.is_empty());
     assert_eq!(kernel.info("echo").unwrap().version, "2.0.0");
     assert!(kernel.request("echo", "echo", b"", None).is_ok());
     Ok(())
@@ -232,7 +241,11 @@ fn removing_the_running_version_downgrades_to_the_highest_left_which_may_refuse_
     let v2 = add_plugin(plugins.path(), "echo-v2");
     assert_eq!(reloader.scan(&kernel, None).replaced.len(), 1);
     fs::remove_file(v2)?;
-    let report = reloader.scan(&kernel, None);
+    let mut report = reloader.scan(&kernel, None);
+    // This directory has no file of `faulty`, which runs from the first one.
+    report
+        .errors
+        .retain(|e| !matches!(e, ReloadError::NoPluginFile { service, .. } if service == "faulty"));
     assert!(
         matches!(
             &report.errors[..],
@@ -248,7 +261,10 @@ fn removing_the_running_version_downgrades_to_the_highest_left_which_may_refuse_
         (reply["version"].as_str(), reply["count"].as_u64()),
         (Some("2.0.0"), Some(2))
     );
-    let report = reloader.scan(&kernel, None);
+    let mut report = reloader.scan(&kernel, None);
+    report
+        .errors
+        .retain(|e| !matches!(e, ReloadError::NoPluginFile { service, .. } if service == "faulty"));
     assert!(
         matches!(&report.errors[..], [ReloadError::Rejected { service, .. }] if service == "echo"),
         "{:?}",
@@ -267,7 +283,11 @@ fn a_version_that_refused_the_state_is_never_chosen_again_until_its_configuratio
     // Version 9 refuses the state it is given.
     fs::write(plugins.path().join("echo.conf"), r#"{"import":"fail"}"#)?;
     add_plugin(plugins.path(), "fixture-echo-faulty");
-    let report = reloader.scan(&kernel, None);
+    let mut report = reloader.scan(&kernel, None);
+    // This directory has no file of `faulty`, which runs from the first one.
+    report
+        .errors
+        .retain(|e| !matches!(e, ReloadError::NoPluginFile { service, .. } if service == "faulty"));
     assert!(
         matches!(
             &report.errors[..],

@@ -189,6 +189,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             services,
             broken,
             rejected_elsewhere,
+            orphaned,
         } => {
             if matches!(args.command, CtlCommand::List { json: true }) {
                 writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
@@ -235,6 +236,15 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                     )?;
                     for (service, line) in rejected {
                         writeln!(out, "  {service}: {line}")?;
+                    }
+                }
+                if !orphaned.is_empty() {
+                    writeln!(
+                        out,
+                        "\nservices with no plugin file (they will not start after a restart):"
+                    )?;
+                    for (_, why) in orphaned {
+                        writeln!(out, "  {why}")?;
                     }
                 }
                 if !broken.is_empty() {

@@ -40,10 +40,10 @@ use sha2::{Digest, Sha256};
 pub use verdicts::{FileRef, Rejection, Verdicts, RECORD};
 
 use crate::{
-    kernel::{Kernel, KernelError, SwapReport},
+    kernel::{Kernel, KernelError, Status, SwapReport},
     loader::{Library, LoadError, PluginFile},
+    state::StateStore,
     trust::{AllowList, Trust, TrustError},
-    Status,
 };
 
 /// What the reloader knows of a file it has seen.
@@ -102,6 +102,21 @@ pub enum ReloadError {
         path: PathBuf,
         /// The record: why, and under which name it was rejected.
         rejection: Rejection,
+    },
+    /// A service the host runs, or has a state file of, that no plugin file in the
+    /// directory provides any more: it cannot start after a restart.
+    #[error("service `{service}` has no plugin file in {dir}{}", orphan_detail(*running, state.as_deref(), last.as_deref()))]
+    NoPluginFile {
+        /// The service.
+        service: String,
+        /// The plugins directory.
+        dir: PathBuf,
+        /// Whether it runs (from a library loaded before its file went).
+        running: bool,
+        /// Its state file, if it has one.
+        state: Option<PathBuf>,
+        /// The file it was last loaded from, if known.
+        last: Option<PathBuf>,
     },
     /// `ctl reload SERVICE` named a service no file provides.
     #[error("no plugin file in {dir} provides a service `{service}`")]
@@ -291,6 +306,7 @@ impl Reloader {
                     }
                 }
                 self.apply(kernel, loaded, only, &mut report);
+                self.report_orphans(kernel, only, &mut report);
             }
             (Ok(_), Err(source)) => {
                 let error = ReloadError::Dir {
@@ -324,6 +340,58 @@ impl Reloader {
             "rescan done"
         );
         report
+    }
+
+    /// Reports every service (or `only` that one) that runs, or has a state file, and that
+    /// no plugin file of the directory provides: at every rescan, start-up's included.
+    fn report_orphans(&self, kernel: &Kernel, only: Option<&str>, report: &mut ScanReport) {
+        let provided: BTreeSet<&str> = self
+            .known
+            .values()
+            .filter_map(|k| {
+                k.provides
+                    .as_ref()
+                    .ok()
+                    .map(|(service, _)| service.as_str())
+            })
+            .collect();
+        let mut services: BTreeMap<String, Option<PathBuf>> = kernel
+            .list()
+            .into_iter()
+            .map(|info| (info.name, Some(info.path)))
+            .collect();
+        let store = kernel.state_store();
+        for service in store
+            .map(StateStore::services_with_state)
+            .unwrap_or_default()
+        {
+            services.entry(service).or_insert(None);
+        }
+        let mut orphans = Vec::new();
+        for (service, loaded_from) in services {
+            if provided.contains(service.as_str()) || only.is_some_and(|only| only != service) {
+                continue;
+            }
+            let running = kernel
+                .info(&service)
+                .is_some_and(|info| info.status == Status::Running);
+            let last = loaded_from.or_else(|| self.verdicts.last_good(&service).map(|g| g.file));
+            let state = store
+                .map(|store| store.path(&service))
+                .filter(|path| path.exists());
+            let error = ReloadError::NoPluginFile {
+                service: service.clone(),
+                dir: self.dir.clone(),
+                running,
+                state,
+                last,
+            };
+            orphans.push((service, error.to_string()));
+            report.errors.push(error);
+        }
+        if only.is_none() {
+            self.verdicts.set_orphans(orphans);
+        }
     }
 
     /// Forgets the files that are gone; their services keep running.
@@ -618,6 +686,24 @@ impl Stamp {
             ctime: (m.ctime(), m.ctime_nsec()),
         })
     }
+}
+
+/// The rest of [`ReloadError::NoPluginFile`]'s message.
+fn orphan_detail(running: bool, state: Option<&Path>, last: Option<&Path>) -> String {
+    let mut text = match last {
+        Some(last) => format!(" any more (it was {})", last.display()),
+        None => String::new(),
+    };
+    text.push_str(if running {
+        ": it keeps running the version loaded, but will not start again after a restart"
+    } else {
+        ": it does not run"
+    });
+    if let Some(state) = state {
+        text.push_str(&format!("; its state file {} is kept", state.display()));
+    }
+    text.push_str("; put a plugin file of it back in the directory");
+    text
 }
 
 /// The `*.so` entries of `dir`, sorted: whatever they are (a dangling link, a directory, a

@@ -119,6 +119,9 @@ struct Inner {
     /// Files that failed to load for a reason of their own, by path: they provide no service
     /// the host could tell. Not persisted: a restart reads them again.
     broken: BTreeMap<PathBuf, String>,
+    /// Services that run or have state, and no plugin file, at the last full rescan:
+    /// `(service, why)`.
+    orphans: Vec<(String, String)>,
     /// The plugin files in the directory at the last rescan, by SHA-256 (hex): what `list`
     /// shows rejected is what is there, under its current name.
     present: BTreeMap<String, Vec<PathBuf>>,
@@ -322,6 +325,17 @@ impl Verdicts {
     /// Sets the files that failed to load for a reason of their own.
     pub(super) fn set_broken(&self, broken: BTreeMap<PathBuf, String>) {
         self.lock().broken = broken;
+    }
+
+    /// Sets the services that run or have state and no plugin file.
+    pub(super) fn set_orphans(&self, orphans: Vec<(String, String)>) {
+        self.lock().orphans = orphans;
+    }
+
+    /// The services that run or have state and no plugin file, at the last full rescan:
+    /// `(service, why)`.
+    pub fn orphans(&self) -> Vec<(String, String)> {
+        self.lock().orphans.clone()
     }
 
     /// The files that failed to load for a reason of their own, one line each.

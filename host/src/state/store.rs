@@ -330,6 +330,23 @@ impl StateStore {
         self.write_atomically(&format!("{service}.state"), &path, &sealed)
     }
 
+    /// The services that have a state file here (`<service>.state`, a valid service name),
+    /// sorted.
+    pub fn services_with_state(&self) -> Vec<String> {
+        let mut services: Vec<String> = fs::read_dir(self.at(""))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let service = name.strip_suffix(".state")?;
+                plugin_api::is_valid_service_name(service).then(|| service.to_owned())
+            })
+            .collect();
+        services.sort();
+        services
+    }
+
     /// Replaces the file `name` of the state directory (one of [`RECORD_FILES`]) atomically
     /// and durably, as a state file is: for the host's own small records.
     pub fn write_record(&self, name: &str, bytes: &[u8]) -> Result<(), StateError> {

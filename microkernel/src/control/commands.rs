@@ -171,12 +171,17 @@ pub(super) fn begin(request: Request, context: &Context) -> Result<Outcome, Requ
     } = context;
     Ok(match request {
         Request::List => {
+            let orphaned = verdicts.orphans();
             let services: Vec<ServiceEntry> = kernel
                 .list()
                 .into_iter()
                 .map(|info| {
                     let rejected = verdicts.rejected_lines(&info.name);
-                    ServiceEntry::new(info, rejected)
+                    let no_file = orphaned
+                        .iter()
+                        .find(|(service, _)| *service == info.name)
+                        .map(|(_, why)| why.clone());
+                    ServiceEntry::new(info, rejected, no_file)
                 })
                 .collect();
             let rejected_elsewhere = verdicts
@@ -194,6 +199,7 @@ pub(super) fn begin(request: Request, context: &Context) -> Result<Outcome, Requ
                 services,
                 broken: verdicts.broken_lines(),
                 rejected_elsewhere,
+                orphaned,
             })
         }
         Request::Send {

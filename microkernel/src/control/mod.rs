@@ -58,11 +58,15 @@ pub struct ServiceEntry {
     /// again until their content or the service's configuration changes.
     #[serde(default)]
     pub rejected: Vec<String>,
+    /// Why the service will not start after a restart, when no plugin file of the
+    /// directory provides it any more.
+    #[serde(default)]
+    pub no_plugin_file: Option<String>,
 }
 
 impl ServiceEntry {
     /// What `list` says of the service `info` describes, whose rejected files are `rejected`.
-    pub fn new(info: ServiceInfo, rejected: Vec<String>) -> Self {
+    pub fn new(info: ServiceInfo, rejected: Vec<String>, no_plugin_file: Option<String>) -> Self {
         ServiceEntry {
             status: info.status.to_string(),
             name: info.name,
@@ -75,6 +79,7 @@ impl ServiceEntry {
             last_error: info.last_error,
             pinned: info.pinned,
             rejected,
+            no_plugin_file,
         }
     }
 }
@@ -133,6 +138,10 @@ pub enum Response {
         /// Services that are not registered and have rejected files only: `(service, line)`.
         #[serde(default)]
         rejected_elsewhere: Vec<(String, String)>,
+        /// Services that run or have a state file, and that no plugin file provides:
+        /// `(service, why)`.
+        #[serde(default)]
+        orphaned: Vec<(String, String)>,
     },
     /// `send`.
     Reply {
