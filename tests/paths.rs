@@ -389,3 +389,75 @@ fn a_plugin_file_overwritten_with_another_services_bytes_leaves_its_service_repo
     assert!(said.contains("service `kv` has no plugin file"), "{said}");
     assert_eq!(reload.status.code(), Some(1), "{said}");
 }
+
+#[test]
+fn a_state_directory_another_user_can_write_or_owns_is_refused_with_the_plugins_opt_out() {
+    let root = setup(&["echo"]);
+    let state = root.path().join("state");
+    fs::create_dir(&state).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+    let output = run_with_deadline(&run_args(root.path()), Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("state directory")
+            && stderr(&output).contains("writable by its group and other users")
+            && stderr(&output).contains("control socket"),
+        "{}",
+        stderr(&output)
+    );
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o700)).unwrap();
+    nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let output = run_with_deadline(&run_args(root.path()), Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("owned by uid 65534"),
+        "{}",
+        stderr(&output)
+    );
+    // The same opt-out as for the plugins directory.
+    nix::unistd::chown(&state, Some(nix::unistd::geteuid()), None).unwrap();
+    fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
+    let daemon = Daemon::start_with(root.path(), &["--allow-insecure-permissions"]);
+    assert_eq!(daemon.send("echo", "{}")["count"], 1);
+}
+
+#[test]
+fn ctl_sends_nothing_to_a_control_socket_another_user_serves() {
+    // A host run by user nobody, in directories nobody may use: its socket is nobody's.
+    let top = tempfile::tempdir().unwrap();
+    fs::set_permissions(top.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let plugins = top.path().join("plugins");
+    let state = top.path().join("state");
+    fs::create_dir(&plugins).unwrap();
+    fs::create_dir(&state).unwrap();
+    nix::unistd::chown(&state, Some(nix::unistd::Uid::from_raw(65534)), None).unwrap();
+    let mut other = std::os::unix::process::CommandExt::uid(
+        std::process::Command::new(BIN).args([
+            "run",
+            "--no-state",
+            "--plugins",
+            plugins.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]),
+        65534,
+    )
+    .env_remove("NOTIFY_SOCKET")
+    .stderr(std::process::Stdio::null())
+    .spawn()
+    .unwrap();
+    let socket = state.join("control.sock");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !socket.exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = microkernel(&["ctl", "--socket", socket.to_str().unwrap(), "list"]);
+    let _ = other.kill();
+    let _ = other.wait();
+    assert!(!sent.status.success(), "{}", stdout(&sent));
+    assert!(
+        stderr(&sent).contains("served by uid 65534") && stderr(&sent).contains("nothing sent"),
+        "{}",
+        stderr(&sent)
+    );
+}

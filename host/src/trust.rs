@@ -14,7 +14,7 @@ use std::{
 #[derive(Debug, thiserror::Error)]
 pub enum TrustError {
     /// Another user can write it.
-    #[error("{what} {path} is writable by {who} (mode {mode:04o}): whoever can write it can run code in the host; run `chmod go-w {path}` (or start the host with --allow-insecure-permissions)")]
+    #[error("{what} {path} is writable by {who} (mode {mode:04o}): whoever can write it {}; run `chmod go-w {path}` (or start the host with --allow-insecure-permissions)", stake(what))]
     Writable {
         /// `plugins directory`, `plugin`, `allow list`.
         what: &'static str,
@@ -26,7 +26,7 @@ pub enum TrustError {
         mode: u32,
     },
     /// A directory above it can be written by another user (who can then replace it).
-    #[error("{what} {below} is in {path}, which is writable by {who} (mode {mode:04o}) and not sticky: whoever can write it can replace what is below and run code in the host; run `chmod go-w {path}` (or start the host with --allow-insecure-permissions)")]
+    #[error("{what} {below} is in {path}, which is writable by {who} (mode {mode:04o}) and not sticky: whoever can write it can replace what is below, and so {}; run `chmod go-w {path}` (or start the host with --allow-insecure-permissions)", stake(what))]
     AncestorWritable {
         /// What is below it.
         what: &'static str,
@@ -40,7 +40,7 @@ pub enum TrustError {
         mode: u32,
     },
     /// It belongs to another user than the host's (and not to root).
-    #[error("{what} {path} is owned by uid {owner}, neither the host's user (uid {me}) nor root: that user can change it to run code in the host (or start the host with --allow-insecure-permissions)")]
+    #[error("{what} {path} is owned by uid {owner}, neither the host's user (uid {me}) nor root: that user {} (or start the host with --allow-insecure-permissions)", stake(what))]
     Owner {
         /// What it is.
         what: &'static str,
@@ -197,6 +197,14 @@ fn check_ancestors(what: &'static str, real: &Path) -> Result<(), TrustError> {
         })?;
     }
     Ok(())
+}
+
+/// What whoever can change `what` can do.
+fn stake(what: &str) -> &'static str {
+    match what {
+        "state directory" => "can take over the control socket and replace the services' state",
+        _ => "can run code in the host",
+    }
 }
 
 fn check_metadata(

@@ -261,7 +261,8 @@ pub struct RunArgs {
     #[arg(long = "allow-sha256", value_name = "FILE")]
     pub allow_sha256: Option<PathBuf>,
     /// Load plugins even from a plugins directory, or files, that another user can write
-    /// or owns (by default they are refused, as sshd's StrictModes does).
+    /// or owns, and use such a state directory (by default they are refused, as sshd's
+    /// StrictModes does).
     #[arg(long)]
     pub allow_insecure_permissions: bool,
     /// How long a control client may take to read an answer before its connection is

@@ -173,6 +173,19 @@ pub fn call(path: &Path, request: &Request, wait: Duration) -> anyhow::Result<Re
     let mut stream = UnixStream::connect(path).with_context(|| {
         format!("cannot connect to control socket {} (is the host running? see --socket and --state-dir)", path.display())
     })?;
+    // Only a host of this user (or root) is told anything: a socket another user bound in
+    // its place would get the request, and could forge the answer.
+    let peer = nix::sys::socket::getsockopt(&stream, nix::sys::socket::sockopt::PeerCredentials)
+        .with_context(|| format!("asking who serves control socket {}", path.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if peer.uid() != me && peer.uid() != 0 {
+        bail!(
+            "control socket {} is served by uid {} (process {}), neither yours (uid {me}) nor root's: nothing sent (another user may have put it there)",
+            path.display(),
+            peer.uid(),
+            peer.pid()
+        );
+    }
     stream.set_read_timeout(Some(wait))?;
     stream.set_write_timeout(Some(wait))?;
     let no_answer = |e: std::io::Error| {

@@ -121,6 +121,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     std::os::unix::fs::DirBuilderExt::mode(fs::DirBuilder::new().recursive(true), 0o700)
         .create(&args.state.dir)
         .with_context(|| format!("creating state directory {}", args.state.dir.display()))?;
+    // Whoever can write it can take over the control socket and the services' state.
+    trust.check("state directory", &args.state.dir)?;
     let _lock = lock_state_dir(&args.state.dir)?;
     let state = match keys {
         Some(keys) => {
