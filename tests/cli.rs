@@ -294,6 +294,8 @@ fn metrics_are_served_to_a_prometheus_scrape() -> TestResult {
     assert!(value(r#"microkernel_checkpoints_total{outcome="written"}"#) >= 1.0);
     assert!(value("microkernel_state_written_bytes_total") > 0.0);
     assert!(value("microkernel_plugin_load_failures_total") >= 1.0);
+    // Its log reader keeps up: nothing dropped.
+    assert_eq!(value("microkernel_log_lines_dropped_total"), 0.0);
     assert!(text.ends_with("# EOF\n"), "{text}");
     // Anything but /metrics is a 404.
     match ureq::get(&format!("http://{addr}/")).call() {

@@ -11,5 +11,6 @@ pub mod cli;
 pub mod control;
 pub mod daemon;
 pub mod event;
+pub mod logs;
 pub mod notify;
 pub mod scaffold;

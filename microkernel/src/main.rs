@@ -1,16 +1,12 @@
 //! `microkernel`: the plugin host's command line. See `microkernel --help`.
 
-use std::{
-    io::{IsTerminal, Write},
-    path::PathBuf,
-    process::ExitCode,
-};
+use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
 use clap::Parser;
 use host::state::{self, StateKey};
 use microkernel::{
-    cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs, LogFormat},
+    cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs},
     control::{self, Request, Response},
     daemon,
 };
@@ -45,14 +41,8 @@ fn main() -> ExitCode {
             eprintln!("microkernel: invalid --log-level {level:?}: {e}");
             std::process::exit(2);
         });
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cli.log_format {
-        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
-        LogFormat::Json => logs.json().init(),
-    }
     let daemon = matches!(cli.command, Command::Run(_));
+    microkernel::logs::init(filter, cli.log_format, daemon);
     let outcome = execute(cli.command);
     if !daemon && outcome.as_ref().is_err_and(reader_went_away) {
         // The reader of our output went away (`microkernel ctl list | head -3`): end
@@ -68,6 +58,14 @@ fn main() -> ExitCode {
         // (plugin code, which could hang or crash at this point). Logs go to the unbuffered
         // standard error.
         let _ = std::io::stdout().flush();
+        let dropped = microkernel::logs::dropped();
+        if dropped > 0 {
+            tracing::warn!(
+                dropped,
+                "log lines were dropped: their reader did not keep up"
+            );
+        }
+        microkernel::logs::flush();
         host::loader::exit_without_destructors(if outcome.is_ok() { 0 } else { 2 });
     }
     outcome.unwrap_or(ExitCode::from(2))

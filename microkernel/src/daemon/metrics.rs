@@ -81,7 +81,7 @@ pub(super) fn answer_scrape(
         ("GET" | "HEAD", "/metrics") => (
             "200 OK",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            kernel.metrics_text(),
+            with_log_drops(kernel.metrics_text(), crate::logs::dropped()),
         ),
         ("GET" | "HEAD", _) => (
             "404 Not Found",
@@ -105,4 +105,18 @@ pub(super) fn answer_scrape(
     stream.write_all(&answer)?;
     let _ = stream.shutdown(std::net::Shutdown::Both);
     Ok(())
+}
+
+/// The engine's metrics, and the daemon's count of log lines dropped (before `# EOF`).
+fn with_log_drops(mut text: String, dropped: u64) -> String {
+    let end = text.rfind("# EOF").unwrap_or(text.len());
+    text.insert_str(
+        end,
+        &format!(
+            "# HELP microkernel_log_lines_dropped Log lines dropped because their reader did not keep up.\n\
+             # TYPE microkernel_log_lines_dropped counter\n\
+             microkernel_log_lines_dropped_total {dropped}\n"
+        ),
+    );
+    text
 }
