@@ -557,3 +557,37 @@ fn a_host_whose_log_reader_is_gone_serves_reloads_and_stops_saving_every_state()
     assert!(status.success(), "{status:?}");
     assert!(crate::misbehaviour::kv_holds(root.path(), "k"));
 }
+
+#[test]
+fn a_plugin_that_crashes_or_exits_in_process_leaves_a_line_naming_the_service_and_the_call() {
+    use std::os::unix::process::ExitStatusExt;
+    for (kind, signal, line) in [
+        (
+            "segv",
+            Some(libc::SIGSEGV),
+            "microkernel: SIGSEGV in plugin code (service `faulty`, in `handle`)",
+        ),
+        (
+            "abort",
+            Some(libc::SIGABRT),
+            "microkernel: SIGABRT in plugin code (service `faulty`, in `handle`)",
+        ),
+        (
+            "exit-3",
+            None,
+            "microkernel: exit() was called in plugin code (service `faulty`, in `handle`): the host ends with status 2",
+        ),
+    ] {
+        let root = setup(&["fixture-faulty"]);
+        let mut daemon = Daemon::start(root.path());
+        let sent = daemon.ctl(&["send", "faulty", "", "--kind", kind]);
+        assert!(!sent.status.success(), "{kind}: {}", stdout(&sent));
+        let status = daemon.child.wait().unwrap();
+        match signal {
+            Some(signal) => assert_eq!(status.signal(), Some(signal), "{kind}: {status:?}"),
+            None => assert_eq!(status.code(), Some(2), "{kind}: {status:?}"),
+        }
+        let log = daemon.log();
+        assert!(log.lines().any(|l| l.starts_with(line)), "{kind}: {log}");
+    }
+}

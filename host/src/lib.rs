@@ -18,6 +18,7 @@
 pub mod bounded;
 pub mod instance;
 pub mod kernel;
+pub mod last_words;
 pub mod loader;
 pub mod metrics;
 pub mod state;

@@ -114,6 +114,23 @@ impl Call {
     }
 }
 
+impl Call {
+    /// The plugin function's name (`handle`); empty for [`Call::Nothing`].
+    pub fn name(self) -> &'static str {
+        match self {
+            Call::Nothing => "",
+            Call::New => "new",
+            Call::ImportState => "import_state",
+            Call::Start => "start",
+            Call::Handle => "handle",
+            Call::OnEvent => "on_event",
+            Call::ExportState => "export_state",
+            Call::Stop => "stop",
+            Call::Drop => "drop",
+        }
+    }
+}
+
 impl std::fmt::Display for Call {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -143,10 +160,13 @@ impl Doing {
         Call::from_u8(self.0.load(Ordering::Relaxed))
     }
 
-    /// Runs `f` (a call into the plugin) with `call` recorded.
+    /// Runs `f` (a call into the plugin) with `call` recorded, for the kernel and for the
+    /// line the host leaves if the call ends the process (`crate::last_words`).
     fn call<T>(&self, call: Call, f: impl FnOnce() -> T) -> T {
         self.set(call);
+        crate::last_words::in_call(call.name());
         let value = f();
+        crate::last_words::in_call("");
         self.set(Call::Nothing);
         value
     }

@@ -70,6 +70,7 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     } = launch;
     let doing = &me.doing;
     set_chain(&[], Some(&me.service));
+    crate::last_words::on_executor(&me.service);
     let created = doing.call(Call::New, || source.create(services, config.as_deref()));
     let mut instance = match created {
         Ok(instance) => instance,

@@ -42,7 +42,9 @@ pub use library::{is_mapped, loader_busy, loader_wedged, Library};
 pub use load::Loader;
 pub use manifest::Manifest;
 pub use probe::{run_probe_child, Probe, StateSource};
-pub use process::{exit_without_destructors, limit_malloc_arenas};
+pub use process::{
+    exit_without_destructors, limit_malloc_arenas, report_fatal_ends, PLUGIN_EXIT_STATUS,
+};
 
 #[cfg(test)]
 mod tests;

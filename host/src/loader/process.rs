@@ -1,5 +1,6 @@
 //! What the process does around plugin code: ends without running library destructors,
-//! and sets the allocator's arenas.
+//! sets the allocator's arenas, and leaves a line when plugin code ends the process (a
+//! fatal signal, `exit`).
 
 /// Ends the process now with `code`, without running anything registered to run at exit:
 /// in particular not the destructors of the plugin libraries still loaded (plugin code,
@@ -28,4 +29,103 @@ pub fn limit_malloc_arenas(arenas: i32) {
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, arenas);
     }
+}
+
+/// The status the process ends with when plugin code calls `exit`.
+pub const PLUGIN_EXIT_STATUS: i32 = 2;
+
+/// The fatal signals reported, and their names.
+const FATAL_SIGNALS: [(libc::c_int, &str); 5] = [
+    (libc::SIGSEGV, "SIGSEGV"),
+    (libc::SIGBUS, "SIGBUS"),
+    (libc::SIGILL, "SIGILL"),
+    (libc::SIGFPE, "SIGFPE"),
+    (libc::SIGABRT, "SIGABRT"),
+];
+
+/// Writes `parts` to standard error with `write(2)`: no allocation, no lock (callable from
+/// a signal handler).
+fn say(parts: &[&[u8]]) {
+    for part in parts {
+        let mut rest = *part;
+        while !rest.is_empty() {
+            // SAFETY: `rest` is a live slice of `rest.len()` bytes; `write` is
+            // async-signal-safe and reads only them.
+            let written = unsafe { libc::write(2, rest.as_ptr().cast(), rest.len()) };
+            let Ok(written) = usize::try_from(written) else {
+                return;
+            };
+            if written == 0 {
+                return;
+            }
+            rest = &rest[written..];
+        }
+    }
+}
+
+/// Says where this thread was: `(service `kv`, in `handle`)`, or that it is no executor.
+fn say_where() {
+    let (name, len, call) = crate::last_words::context();
+    if len == 0 {
+        say(&[b"on a thread of the host's, not in plugin code"]);
+        return;
+    }
+    say(&[b"in plugin code (service `", &name[..len], b"`"]);
+    if call.is_empty() {
+        say(&[b", between two plugin calls)"]);
+    } else {
+        say(&[b", in `", call.as_bytes(), b"`)"]);
+    }
+}
+
+extern "C" fn on_fatal_signal(signal: libc::c_int) {
+    let name = FATAL_SIGNALS
+        .iter()
+        .find(|(number, _)| *number == signal)
+        .map_or("a fatal signal", |(_, name)| name);
+    say(&[b"microkernel: ", name.as_bytes(), b" "]);
+    say_where();
+    say(&[
+        b": the host ends; what the services acknowledged since their last checkpoint is lost\n",
+    ]);
+    // The handler was reset to the default (SA_RESETHAND): returning re-runs the faulting
+    // instruction, or `abort` raises again, and the process ends by the signal.
+}
+
+extern "C" fn on_exit_call() {
+    say(&[b"microkernel: exit() was called "]);
+    say_where();
+    say(&[b": the host ends with status 2; what the services acknowledged since their last checkpoint is lost\n"]);
+    // SAFETY: `_exit` ends the process at once (nothing of the process is used after it).
+    unsafe { libc::_exit(PLUGIN_EXIT_STATUS) }
+}
+
+/// For a daemon that ends only by [`exit_without_destructors`]: when plugin code ends the
+/// process instead (a fatal signal, a call to `exit`), leaves one line on standard error
+/// naming the service and the call (see [`crate::last_words`]); an `exit` then ends the
+/// process with [`PLUGIN_EXIT_STATUS`]. Call it once, at start-up, before any plugin is
+/// loaded.
+pub fn report_fatal_ends() -> std::io::Result<()> {
+    for (signal, _) in FATAL_SIGNALS {
+        // SAFETY: a zeroed `sigaction` is a valid empty one; the handler is an
+        // `extern "C" fn(c_int)` (no SA_SIGINFO) that only reads thread-locals needing no
+        // initialization and calls `write`, both async-signal-safe; SA_RESETHAND restores
+        // the default action before it runs, so a second fault ends the process.
+        let installed = unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_fatal_signal as extern "C" fn(libc::c_int) as usize;
+            action.sa_flags = libc::SA_RESETHAND;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut())
+        };
+        if installed != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: `on_exit_call` is an `extern "C" fn()` that writes to standard error and ends
+    // the process; `atexit` only records it.
+    if unsafe { libc::atexit(on_exit_call) } != 0 {
+        return Err(std::io::Error::other("atexit refused the handler"));
+    }
+    Ok(())
 }

@@ -98,6 +98,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     // This thread never runs plugin code on its own (see `loader::threads`).
     threads::adopt_current_thread();
     prepare_for_a_wedged_loader();
+    // A plugin that crashes the process, or calls `exit`, leaves a line naming it.
+    host::loader::report_fatal_ends().context("installing the fatal-signal reporter")?;
     if !args.plugins.is_dir() {
         bail!(
             "plugins directory {} does not exist or is not a directory",
