@@ -591,3 +591,31 @@ fn a_plugin_that_crashes_or_exits_in_process_leaves_a_line_naming_the_service_an
         assert!(log.lines().any(|l| l.starts_with(line)), "{kind}: {log}");
     }
 }
+
+#[test]
+fn a_plugin_file_still_being_written_in_place_is_not_loaded_until_it_is_whole() {
+    use std::io::{Seek, Write};
+    let root = setup(&[]);
+    let daemon = Daemon::start(root.path());
+    let bytes = fs::read(crate::support::fixture("echo")).unwrap();
+    let path = root.path().join("plugins/libecho.so");
+    // Pre-sized to its full length, then filled: half of it is there.
+    let mut file = fs::File::create(&path).unwrap();
+    file.set_len(bytes.len() as u64).unwrap();
+    let half = bytes.len() / 2;
+    file.write_all(&bytes[..half]).unwrap();
+    file.sync_all().unwrap();
+    let reload = daemon.ctl(&["reload"]);
+    assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));
+    let said = format!("{}{}", stdout(&reload), stderr(&reload));
+    assert!(said.contains("looks unfinished"), "{said}");
+    assert_eq!(daemon.services(), serde_json::json!([]));
+    // The rest, in place: the next rescan takes it.
+    file.seek(std::io::SeekFrom::Start(half as u64)).unwrap();
+    file.write_all(&bytes[half..]).unwrap();
+    file.sync_all().unwrap();
+    drop(file);
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stdout(&reload));
+    assert_eq!(daemon.send("echo", "{}")["count"], 1);
+}

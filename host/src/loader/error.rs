@@ -49,6 +49,15 @@ pub enum LoadError {
         /// The length its ELF headers describe.
         needed: u64,
     },
+    /// The file has its full length but its end is still zeros (its section table is
+    /// blank): a file being written in place, not yet finished.
+    #[error("failed to load plugin {path}: it looks unfinished (its ELF section table, at {offset}, is still blank): is it still being written? Deploy by renaming a finished copy; it is read again when it changes")]
+    Unfinished {
+        /// The plugin file.
+        path: PathBuf,
+        /// Where its section table starts.
+        offset: u64,
+    },
     /// `dlopen` refused the file.
     #[error("failed to load plugin {path}: {reason}")]
     Open {

@@ -95,5 +95,24 @@ pub(super) fn check_elf(path: &Path, bytes: &[u8]) -> Result<(), LoadError> {
             needed,
         });
     }
+    // A file written in place to its full length (pre-sized, then filled) has its section
+    // table, which linkers put at the end, still blank until the write is done: the section
+    // naming the others (`e_shstrndx`) must be a string table (SHT_STRTAB), as it is in
+    // every finished shared library.
+    let (shoff, shentsize) = (u64_at(0x28), u16_at(0x3A));
+    let (shnum, shstrndx) = (u16_at(0x3C), u16_at(0x3E));
+    if shoff != 0 && shnum > 0 && shstrndx < shnum && shentsize >= 8 {
+        let at = shoff.saturating_add(shstrndx * shentsize).saturating_add(4);
+        let sh_type = usize::try_from(at)
+            .ok()
+            .and_then(|at| bytes.get(at..at + 4))
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        if sh_type == Some(0) {
+            return Err(LoadError::Unfinished {
+                path: path.to_owned(),
+                offset: shoff,
+            });
+        }
+    }
     Ok(())
 }
