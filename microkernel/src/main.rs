@@ -49,15 +49,8 @@ fn main() -> ExitCode {
         // quietly, as command-line tools do.
         return ExitCode::SUCCESS;
     }
-    if let Err(error) = &outcome {
-        // Never a panic: standard error may be a file on a full disk.
-        let _ = writeln!(std::io::stderr(), "microkernel: {error:#}");
-    }
     if daemon {
-        // Every state is saved: end now, without running the plugins' library destructors
-        // (plugin code, which could hang or crash at this point). Logs go to the unbuffered
-        // standard error.
-        let _ = std::io::stdout().flush();
+        // The log's queue first, so that the last line is the outcome's.
         let dropped = microkernel::logs::dropped();
         if dropped > 0 {
             tracing::warn!(
@@ -66,6 +59,15 @@ fn main() -> ExitCode {
             );
         }
         microkernel::logs::flush();
+    }
+    if let Err(error) = &outcome {
+        // Never a panic: standard error may be a file on a full disk.
+        let _ = writeln!(std::io::stderr(), "microkernel: {error:#}");
+    }
+    if daemon {
+        // Every state is saved: end now, without running the plugins' library destructors
+        // (plugin code, which could hang or crash at this point).
+        let _ = std::io::stdout().flush();
         host::loader::exit_without_destructors(if outcome.is_ok() { 0 } else { 2 });
     }
     outcome.unwrap_or(ExitCode::from(2))
