@@ -619,3 +619,23 @@ fn a_plugin_file_still_being_written_in_place_is_not_loaded_until_it_is_whole() 
     assert!(reload.status.success(), "{}", stdout(&reload));
     assert_eq!(daemon.send("echo", "{}")["count"], 1);
 }
+
+#[test]
+fn a_plugin_with_a_library_of_its_own_under_origin_loads_and_the_library_is_pinned() {
+    let root = setup(&["fixture-origin"]);
+    let lib = root.path().join("plugins/lib");
+    fs::create_dir(&lib).unwrap();
+    let helper = crate::support::fixture_dir().join("fixture-origin/lib/libmkhelper.so");
+    fs::copy(&helper, lib.join("libmkhelper.so")).unwrap();
+    let daemon = Daemon::start(root.path());
+    // The library's own directory is no plugin, and nothing in it is reported.
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stdout(&reload));
+    assert_eq!(daemon.send("origin", "{}")["answer"], 42);
+    // Overwritten where it was deployed: the running plugin's copy is another file.
+    fs::write(lib.join("libmkhelper.so"), b"not a library any more").unwrap();
+    assert_eq!(daemon.send("origin", "{}")["answer"], 42);
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stdout(&reload));
+    assert_eq!(daemon.send("origin", "{}")["answer"], 42);
+}

@@ -43,6 +43,7 @@ const PACKAGES: &[&str] = &[
     "fixture-faulty",
     "fixture-faulty-v2",
     "fixture-tokio",
+    "fixture-origin",
 ];
 
 /// Workspaces under `tests/fixtures-isolated` (see the README there).

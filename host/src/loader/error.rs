@@ -58,6 +58,19 @@ pub enum LoadError {
         /// Where its section table starts.
         offset: u64,
     },
+    /// A library it finds through `$ORIGIN` could not be copied beside its private copy.
+    #[error("could not copy {library}, which plugin {path} finds through $ORIGIN, beside its private copy {shadow}")]
+    Bundled {
+        /// The plugin file.
+        path: PathBuf,
+        /// The library.
+        library: PathBuf,
+        /// Where it was to go.
+        shadow: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// `dlopen` refused the file.
     #[error("failed to load plugin {path}: {reason}")]
     Open {
@@ -192,6 +205,7 @@ impl LoadError {
             self,
             LoadError::Read { .. }
                 | LoadError::ShadowCopy { .. }
+                | LoadError::Bundled { .. }
                 | LoadError::ShadowNoexec { .. }
                 | LoadError::ProbeFailed { .. }
                 | LoadError::ProbeDidNotStart { .. }

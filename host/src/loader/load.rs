@@ -173,19 +173,56 @@ impl Loader {
         }
         // A unique private copy: `dlopen` of a path (or inode) that is already open returns
         // the library already loaded, and overwriting a mapped file crashes the process.
+        // A plugin with libraries of its own (found through `$ORIGIN`) gets a directory of
+        // its own, where they are copied beside it (see `origin.rs`).
+        let bundled = super::origin::bundled(path, bytes);
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let stem = path
             .file_stem()
             .and_then(|s| s.to_str())
             .unwrap_or("plugin");
-        let shadow = self
-            .shadow_dir
-            .path()
-            .join(format!("{stem}-{}-{id}.so", std::process::id()));
+        let unique = format!("{stem}-{}-{id}", std::process::id());
+        let (shadow, own_dir) = if bundled.is_empty() {
+            (self.shadow_dir.path().join(format!("{unique}.so")), None)
+        } else {
+            let dir = self.shadow_dir.path().join(&unique);
+            let name = path
+                .file_name()
+                .unwrap_or(std::ffi::OsStr::new("plugin.so"));
+            (dir.join(name), Some(dir))
+        };
+        // Everything copied for this load goes when it is opened (or fails).
+        let remove = |shadow: &Path| match &own_dir {
+            Some(dir) => {
+                let _ = fs::remove_dir_all(dir);
+            }
+            None => {
+                let _ = fs::remove_file(shadow);
+            }
+        };
+        if let Some(dir) = &own_dir {
+            for library in &bundled {
+                let target = dir.join(&library.relative);
+                let copied = target
+                    .parent()
+                    .map_or(Ok(()), fs::create_dir_all)
+                    .and_then(|()| crate::bounded::read(&library.source, super::MAX_PLUGIN_SIZE))
+                    .and_then(|read| fs::write(&target, read.bytes));
+                if let Err(source) = copied {
+                    remove(&shadow);
+                    return Err(LoadError::Bundled {
+                        path: path.to_owned(),
+                        library: library.source.clone(),
+                        shadow: target,
+                        source,
+                    });
+                }
+            }
+        }
         fs::File::create(&shadow)
             .and_then(|mut f| f.write_all(bytes))
             .map_err(|source| {
-                let _ = fs::remove_file(&shadow);
+                remove(&shadow);
                 LoadError::ShadowCopy {
                     path: path.to_owned(),
                     shadow: shadow.clone(),
@@ -197,7 +234,7 @@ impl Loader {
             // Proven in a throwaway process first: a file that crashes or hangs there is
             // never opened here.
             if let Err(error) = probe.check(&shadow, path, self.states.get().map(|s| &**s)) {
-                let _ = fs::remove_file(&shadow);
+                remove(&shadow);
                 return Err(error);
             }
         }
@@ -205,8 +242,8 @@ impl Loader {
             library.close_timeout = self.close_timeout;
             library
         });
-        // The mapping keeps the file's content alive; the name is no longer needed.
-        let _ = fs::remove_file(&shadow);
+        // The mappings keep the files' content alive; the names are no longer needed.
+        remove(&shadow);
         if opened.is_ok() {
             self.opened.fetch_add(1, Ordering::Relaxed);
         }

@@ -30,6 +30,7 @@ mod library;
 mod load;
 mod manifest;
 mod open;
+mod origin;
 mod probe;
 mod process;
 mod shadow;
