@@ -639,3 +639,46 @@ fn a_plugin_with_a_library_of_its_own_under_origin_loads_and_the_library_is_pinn
     assert!(reload.status.success(), "{}", stdout(&reload));
     assert_eq!(daemon.send("origin", "{}")["answer"], 42);
 }
+
+#[test]
+fn a_fifo_as_allow_list_or_configuration_is_refused_at_once_and_rescans_go_on() {
+    let root = setup(&["echo", "kv"]);
+    let allow = root.path().join("allowed.sha256");
+    mkfifo(&allow, 0o600);
+    // At start-up: refused at once, naming it.
+    let mut args = run_args(root.path());
+    args.extend([
+        "--allow-sha256".to_owned(),
+        allow.to_string_lossy().into_owned(),
+    ]);
+    let output = run_with_deadline(&args, Duration::from_secs(30));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("allowed.sha256") && stderr(&output).contains("a FIFO"),
+        "{}",
+        stderr(&output)
+    );
+    // A FIFO configuration: the rescan answers, and the next one too, once it is a file.
+    let daemon = Daemon::start(root.path());
+    mkfifo(&root.path().join("plugins/echo.conf"), 0o600);
+    let reload = daemon.ctl(&["reload"]);
+    let said = format!("{}{}", stdout(&reload), stderr(&reload));
+    assert!(
+        said.contains("echo.conf") && said.contains("a FIFO"),
+        "{said}"
+    );
+    fs::remove_file(root.path().join("plugins/echo.conf")).unwrap();
+    assert!(daemon.ctl(&["reload"]).status.success());
+    // A FIFO state file met by `ctl start`: answered at once, the FIFO kept.
+    assert!(daemon.ctl(&["stop", "kv"]).status.success());
+    fs::remove_file(root.path().join("state/kv.state")).unwrap();
+    mkfifo(&root.path().join("state/kv.state"), 0o600);
+    let start = daemon.ctl(&["start", "kv"]);
+    assert!(!start.status.success(), "{}", stdout(&start));
+    let said = format!("{}{}", stdout(&start), stderr(&start));
+    assert!(
+        said.contains("kv.state") && said.contains("a FIFO"),
+        "{said}"
+    );
+    assert_eq!(daemon.send("echo", "{}")["count"], 1);
+}
