@@ -135,7 +135,9 @@ impl Daemon {
     }
 
     pub(crate) fn services(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.ctl(&["list", "--json"]).stdout).unwrap_or_default()
+        serde_json::from_slice::<serde_json::Value>(&self.ctl(&["list", "--json"]).stdout)
+            .map(|list| list["services"].clone())
+            .unwrap_or_default()
     }
 
     pub(crate) fn wait_for(&self, done: impl Fn(&Daemon) -> bool, what: &str) {

@@ -192,7 +192,20 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             orphaned,
         } => {
             if matches!(args.command, CtlCommand::List { json: true }) {
-                writeln!(out, "{}", serde_json::to_string_pretty(&services)?)?;
+                // Everything the table says, so that a monitor reading it misses nothing.
+                let pairs = |pairs: Vec<(String, String)>, key: &str| -> Vec<serde_json::Value> {
+                    pairs
+                        .into_iter()
+                        .map(|(service, line)| serde_json::json!({ "service": service, key: line }))
+                        .collect()
+                };
+                let all = serde_json::json!({
+                    "services": services,
+                    "broken": broken,
+                    "rejected_elsewhere": pairs(rejected_elsewhere, "rejected"),
+                    "orphaned": pairs(orphaned, "why"),
+                });
+                writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
             } else {
                 writeln!(
                     out,

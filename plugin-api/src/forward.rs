@@ -8,12 +8,19 @@
 //! a service linked into a host, whose `log` and `tracing` are the program's own.
 //!
 //! Records go to the host of the library's live instance; a record made when none is live
-//! (a thread the plugin left running after `stop`) goes to standard error. Levels above
+//! (a thread the plugin left running after `stop`) is dropped. Levels above
 //! `MICROKERNEL_PLUGIN_LOG` (from the host's environment: `off`, `error`, `warn`, `info`,
-//! `debug` or `trace`; `info` when unset) are not formatted at all; the host's filter then
-//! applies to what arrives (target `plugin`).
+//! `debug` or `trace`, in any case; `info` when unset, empty or anything else) are not
+//! formatted at all, the SDK's own macros' included; the host's filter then applies to what
+//! arrives (target `plugin`).
 
-use std::{fmt::Write as _, sync::Once};
+use std::{
+    fmt::Write as _,
+    sync::{
+        atomic::{AtomicU8, Ordering},
+        Once,
+    },
+};
 
 use plugin_abi::LogLevel;
 use tracing_core::{
@@ -24,15 +31,46 @@ use tracing_core::{
 /// The environment variable that sets the most detailed level forwarded.
 pub const LEVEL_VARIABLE: &str = "MICROKERNEL_PLUGIN_LOG";
 
+/// The most detailed level formatted, as a [`LogLevel`] number plus one (0: off). Until
+/// [`install`] sets it (in a library a host opened), everything is: the test kit records
+/// every line.
+static MAX: AtomicU8 = AtomicU8::new(LogLevel::Trace as u8 + 1);
+
+/// Whether a record at `level` is formatted and sent at all.
+pub(crate) fn enabled(level: LogLevel) -> bool {
+    (level as u8) < MAX.load(Ordering::Relaxed)
+}
+
+/// The level `MICROKERNEL_PLUGIN_LOG` names: one of the six words, in any case, around
+/// spaces; `info` for anything else (unset, empty, a number, a typo).
+fn max_level(value: Option<&str>) -> LevelFilter {
+    match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+        Some("off") => LevelFilter::OFF,
+        Some("error") => LevelFilter::ERROR,
+        Some("warn") => LevelFilter::WARN,
+        Some("debug") => LevelFilter::DEBUG,
+        Some("trace") => LevelFilter::TRACE,
+        _ => LevelFilter::INFO,
+    }
+}
+
 /// Sets this library's `log` logger and `tracing` dispatcher to forward to the host, once.
 /// A plugin that sets its own later gets the error those crates give for a second one.
 pub fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        let max = std::env::var(LEVEL_VARIABLE)
-            .ok()
-            .and_then(|level| level.trim().parse::<LevelFilter>().ok())
-            .unwrap_or(LevelFilter::INFO);
+        let max = max_level(std::env::var(LEVEL_VARIABLE).ok().as_deref());
+        MAX.store(
+            match max.into_level() {
+                None => 0,
+                Some(Level::ERROR) => LogLevel::Error as u8 + 1,
+                Some(Level::WARN) => LogLevel::Warn as u8 + 1,
+                Some(Level::INFO) => LogLevel::Info as u8 + 1,
+                Some(Level::DEBUG) => LogLevel::Debug as u8 + 1,
+                Some(_) => LogLevel::Trace as u8 + 1,
+            },
+            Ordering::Relaxed,
+        );
         if log::set_logger(&LogForward).is_ok() {
             log::set_max_level(log_filter(max));
         }
@@ -147,4 +185,19 @@ impl Subscriber for TracingForward {
     fn enter(&self, _: &span::Id) {}
 
     fn exit(&self, _: &span::Id) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_level_variable_takes_the_six_words_and_nothing_else() {
+        assert_eq!(max_level(Some(" TRACE ")), LevelFilter::TRACE);
+        assert_eq!(max_level(Some("off")), LevelFilter::OFF);
+        assert_eq!(max_level(Some("Warn")), LevelFilter::WARN);
+        for other in [None, Some(""), Some("5"), Some("verbose")] {
+            assert_eq!(max_level(other), LevelFilter::INFO, "{other:?}");
+        }
+    }
 }

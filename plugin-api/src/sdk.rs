@@ -384,6 +384,10 @@ fn lock_sink() -> std::sync::MutexGuard<'static, LogSink> {
 
 #[doc(hidden)]
 pub fn __log(level: LogLevel, target: &str, args: fmt::Arguments<'_>) {
+    // Above the level the host's environment asks for: not even formatted.
+    if !crate::forward::enabled(level) {
+        return;
+    }
     let message = args.to_string();
     #[cfg(feature = "testing")]
     if crate::testing::log_to_caller(level, target, &message) {
@@ -391,9 +395,10 @@ pub fn __log(level: LogLevel, target: &str, args: fmt::Arguments<'_>) {
     }
     // The host's log function never calls back into the plugin: logging under the lock is
     // safe, and spares a clone of the handle for every line.
-    match &lock_sink().host {
-        Some(host) => host.log(level, target, &message),
-        None => eprintln!("[{level:?} {target}] {message} (no host to log to)"),
+    // With no live instance (a thread left running after `stop`), there is no host to log
+    // to: the record is dropped (standard error may be a JSON log, and is the host's).
+    if let Some(host) = &lock_sink().host {
+        host.log(level, target, &message);
     }
 }
 

@@ -68,6 +68,7 @@ pub(super) fn context(service: &str, kernel: &KernelInner) -> Arc<dyn HostServic
 impl HostServices for ServiceContext {
     fn log(&self, level: LogLevel, target: &str, message: &str) {
         let service = &*self.service;
+        let (target, message) = (printable(target), printable(message));
         match level {
             LogLevel::Error => {
                 tracing::error!(target: "plugin", service = %service, module = %target, "{message}")
@@ -281,4 +282,41 @@ fn list_entry(info: &ServiceInfo) -> serde_json::Value {
         "last_error": info.last_error,
         "pinned": info.pinned,
     })
+}
+
+/// The most of a plugin's log line the host logs (its message, or its target).
+pub(crate) const MAX_PLUGIN_LOG_LINE: usize = 64 << 10;
+
+/// `text` as one line of the host's log: line breaks escaped (a plugin's text cannot forge
+/// a line of the host's), cut after [`MAX_PLUGIN_LOG_LINE`] bytes, saying how much was cut.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    let breaks = |c: char| c == '\n' || c == '\r';
+    if text.len() <= MAX_PLUGIN_LOG_LINE && !text.contains(breaks) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut end = text.len().min(MAX_PLUGIN_LOG_LINE);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let mut line = text[..end].replace('\n', "\\n").replace('\r', "\\r");
+    if end < text.len() {
+        line.push_str(&format!("… ({} bytes cut)", text.len() - end));
+    }
+    std::borrow::Cow::Owned(line)
+}
+
+#[cfg(test)]
+mod printable_tests {
+    #[test]
+    fn a_plugins_line_cannot_forge_another_and_is_cut_when_huge() {
+        assert_eq!(super::printable("one line"), "one line");
+        assert_eq!(
+            super::printable("a\nFAKE ERROR line\rx"),
+            "a\\nFAKE ERROR line\\rx"
+        );
+        let huge = "é".repeat(super::MAX_PLUGIN_LOG_LINE);
+        let cut = super::printable(&huge);
+        assert!(cut.len() < super::MAX_PLUGIN_LOG_LINE + 64, "{}", cut.len());
+        assert!(cut.ends_with("bytes cut)"));
+    }
 }

@@ -273,8 +273,13 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Row>> {
     };
     write_json(&options.out.join("summary.json"), &rows)?;
     write_json(&options.out.join("machine.json"), &machine)?;
+    // The chart only when the swap pauses were measured (`--only` may leave them out): an
+    // empty one would replace a run's chart with nothing.
     let svg = options.out.join("swap-pause.svg");
-    chart::swap_pause(&svg, &pauses)?;
+    let charted = !pauses.is_empty();
+    if charted {
+        chart::swap_pause(&svg, &pauses)?;
+    }
     println!("{}", table(&rows));
     println!(
         "{} of {} goals met; {} on {} ({} CPUs), state on {}; {} s",
@@ -286,12 +291,14 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Row>> {
         machine.disk,
         machine.seconds
     );
-    println!(
-        "wrote {}, {} and {}",
-        options.out.join("summary.json").display(),
-        options.out.join("machine.json").display(),
-        svg.display()
-    );
+    let mut wrote = vec![
+        options.out.join("summary.json").display().to_string(),
+        options.out.join("machine.json").display().to_string(),
+    ];
+    if charted {
+        wrote.push(svg.display().to_string());
+    }
+    println!("wrote {}", wrote.join(", "));
     Ok(rows)
 }
 
