@@ -209,7 +209,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             } else {
                 writeln!(
                     out,
-                    "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  LAST ERROR",
+                    "{:<16} {:<12} {:<10} {:<12} {:<20} {:>5} {:>6}  LAST ERROR",
                     "NAME", "VERSION", "STATUS", "SHA256", "LOADED SINCE", "SWAPS", "PINNED"
                 )?;
                 let mut pinned = Vec::new();
@@ -219,7 +219,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                     rejected.extend(s.rejected.iter().map(|r| (s.name.clone(), r.clone())));
                     writeln!(
                         out,
-                        "{:<16} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  {}",
+                        "{:<16} {:<12} {:<10} {:<12} {:<20} {:>5} {:>6}  {}",
                         s.name,
                         s.version,
                         s.status.to_string(),
