@@ -4,7 +4,7 @@
 
 use std::{fs, os::unix::fs::PermissionsExt, path::Path, time::Duration};
 
-use crate::cli::*;
+use crate::{cli::*, support::add_plugin};
 
 fn mkfifo(path: &Path, mode: u32) {
     nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(mode)).unwrap();
@@ -681,4 +681,36 @@ fn a_fifo_as_allow_list_or_configuration_is_refused_at_once_and_rescans_go_on() 
         "{said}"
     );
     assert_eq!(daemon.send("echo", "{}")["count"], 1);
+}
+
+#[test]
+fn a_replaced_version_whose_stop_fails_is_said_by_the_reload_and_in_the_list() {
+    let root = setup(&["fixture-faulty"]);
+    fs::write(
+        root.path().join("plugins/faulty.conf"),
+        r#"{"stop":"fail"}"#,
+    )
+    .unwrap();
+    let daemon = Daemon::start(root.path());
+    add_plugin(&root.path().join("plugins"), "fixture-faulty-v2");
+    let reload = daemon.ctl(&["reload"]);
+    let said = stdout(&reload);
+    assert!(
+        said.contains("replaced faulty 1.0.0 -> 2.0.0")
+            && said.contains("version 1.0.0's stop failed")
+            && said.contains("stop refused on purpose"),
+        "{said}"
+    );
+    let faulty = daemon
+        .services()
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "faulty").cloned())
+        .unwrap();
+    assert_eq!(faulty["version"], "2.0.0");
+    assert!(
+        faulty["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("failed to stop when replaced")),
+        "{faulty}"
+    );
 }

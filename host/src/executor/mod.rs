@@ -256,15 +256,24 @@ impl Stuck {
 
 impl std::fmt::Display for Stuck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "stuck in {} (thread {}; given up waiting for {})",
-            self.call(),
-            self.thread
-                .tid()
-                .map_or_else(|| "?".to_owned(), |t| t.to_string()),
-            self.waited_for
-        )
+        let thread = self
+            .thread
+            .tid()
+            .map_or_else(|| "?".to_owned(), |t| t.to_string());
+        match self.call() {
+            // Out of plugin code since it was given up: it is ending, and goes at the next
+            // sweep.
+            Call::Nothing => write!(
+                f,
+                "given up while in plugin code, out of it now and ending (thread {thread}; given up waiting for {})",
+                self.waited_for
+            ),
+            call => write!(
+                f,
+                "stuck in {call} (thread {thread}; given up waiting for {})",
+                self.waited_for
+            ),
+        }
     }
 }
 

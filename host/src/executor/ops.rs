@@ -81,8 +81,8 @@ enum Kind {
     Suspend {
         exported: Sender<(Instant, Result<Vec<u8>, OperationError>)>,
         verdict: Receiver<Verdict>,
-        /// Answered once `stop` returned, after [`Verdict::Stop`].
-        stopped: Sender<()>,
+        /// Answered with `stop`'s outcome once it returned, after [`Verdict::Stop`].
+        stopped: Sender<Result<(), OperationError>>,
         /// Then waited for (until its sender is dropped) before the instance is dropped: a
         /// large instance's drop would compete with the new one's start for the CPUs and
         /// the allocator.
@@ -151,13 +151,7 @@ pub(super) fn stop_logged(service: &str, instance: &mut dyn ServiceInstance, doi
 impl Op {
     /// The executor thread's side: carries the operation out on `instance`, if it is meant
     /// for the executor of `epoch`.
-    pub(super) fn run(
-        self,
-        epoch: u64,
-        service: &str,
-        instance: &mut dyn ServiceInstance,
-        doing: &Doing,
-    ) -> Flow {
+    pub(super) fn run(self, epoch: u64, instance: &mut dyn ServiceInstance, doing: &Doing) -> Flow {
         if self.epoch != epoch {
             return Flow::Serve;
         }
@@ -182,8 +176,7 @@ impl Op {
                 if recv_soon(&verdict, HANDOFF_SPIN, None) != Ok(Verdict::Stop) {
                     return Flow::Serve;
                 }
-                stop_logged(service, instance, doing);
-                let _ = stopped.send(());
+                let _ = stopped.send(stop(instance, doing));
                 let _ = release.recv();
                 Flow::End
             }
@@ -221,7 +214,7 @@ impl Op {
 pub(crate) struct Suspension {
     held_since: Instant,
     verdict: Option<Sender<Verdict>>,
-    stopped: Receiver<()>,
+    stopped: Receiver<Result<(), OperationError>>,
     release: Option<Sender<()>>,
     spin: Duration,
 }
@@ -236,14 +229,14 @@ impl Suspension {
     }
 
     /// Tells the old instance to stop, and waits until its `stop` returned, at most until
-    /// `deadline`. Returns whether it did, and what lets the instance be dropped: until it
-    /// is, the executor thread waits (so that the drop does not compete with a new
-    /// instance's start).
-    pub fn stop(mut self, deadline: Instant) -> (bool, Release) {
+    /// `deadline`. Returns how `stop` went (`None`: it did not return in time), and what
+    /// lets the instance be dropped: until it is, the executor thread waits (so that the
+    /// drop does not compete with a new instance's start).
+    pub fn stop(mut self, deadline: Instant) -> (Option<Result<(), OperationError>>, Release) {
         if let Some(verdict) = self.verdict.take() {
             let _ = verdict.send(Verdict::Stop);
         }
-        let stopped = recv_soon(&self.stopped, self.spin, Some(deadline)).is_ok();
+        let stopped = recv_soon(&self.stopped, self.spin, Some(deadline)).ok();
         (stopped, Release(self.release.take()))
     }
 }

@@ -180,7 +180,7 @@ fn a_suspension_dropped_resumes_serving_and_one_stopped_stops_before_the_drop_is
 
     let (suspension, _) = executor.suspend(soon()).unwrap();
     let (stopped, release) = suspension.stop(soon());
-    assert!(stopped);
+    assert_eq!(stopped, Some(Ok(())));
     // Stopped, but not dropped until released.
     assert_eq!(recorder.calls().last().map(String::as_str), Some("stop"));
     drop(release);
@@ -211,7 +211,7 @@ fn a_failed_stop_is_the_plugins_error_and_an_operation_on_an_ended_executor_is_u
     let recorder = Arc::new(Recorder::default());
     let executor = launch(launch_of(&recorder, &mailbox), None).unwrap();
     let suspended = executor.suspend(soon()).unwrap();
-    let (true, release) = suspended.0.stop(soon()) else {
+    let (Some(Ok(())), release) = suspended.0.stop(soon()) else {
         panic!("the suspended instance did not stop");
     };
     drop(release);

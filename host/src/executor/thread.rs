@@ -161,7 +161,7 @@ impl Me {
                     }
                 }
                 Envelope::Op(op) => {
-                    if op.run(self.epoch, service, instance, doing) == Flow::End {
+                    if op.run(self.epoch, instance, doing) == Flow::End {
                         return;
                     }
                 }

@@ -100,6 +100,9 @@ pub struct SwapReport {
     /// Whether the old library is gone from the address space (`false` when plugin code
     /// may still run in it: it stays loaded until that ends, see [`super::ServiceInfo::pinned`]).
     pub unmapped: bool,
+    /// Why the old version's `stop` failed, if it did (the replace went on: the state was
+    /// safe and the new version ready).
+    pub old_stop_failed: Option<String>,
 }
 
 impl KernelInner {
@@ -204,7 +207,16 @@ impl KernelInner {
         let (stopped, release) = suspension.stop(self.deadline());
         let mut old = ops.run.take_executor(Idle::Failed);
         let mut old_stuck = None;
-        if !stopped {
+        // The state is safe and the new version ready: a `stop` that fails is said, and the
+        // replace goes on.
+        let old_stop_failed = match &stopped {
+            Some(Err(error)) => {
+                tracing::warn!(service, %error, "the old version's stop failed; it is dropped anyway");
+                Some(error.to_string())
+            }
+            _ => None,
+        };
+        if stopped.is_none() {
             if let Some(executor) = old.take() {
                 let stuck = executor.stuck("the old instance to stop");
                 tracing::warn!(service, %stuck, "the old instance did not stop in time; going on, its library stays loaded");
@@ -231,7 +243,7 @@ impl KernelInner {
             (from, to),
             state,
             (started, held),
-            old_stuck,
+            (old_stuck, old_stop_failed),
         )
     }
 
@@ -287,6 +299,7 @@ impl KernelInner {
             to,
             held: Duration::ZERO,
             unmapped,
+            old_stop_failed: None,
         })
     }
 
@@ -300,7 +313,7 @@ impl KernelInner {
         (from, to): (String, String),
         state: State,
         (started, held): (Result<crate::executor::Executor, LaunchFailure>, Duration),
-        old_stuck: Option<Stuck>,
+        (old_stuck, old_stop_failed): (Option<Stuck>, Option<String>),
     ) -> Result<SwapReport, KernelError> {
         let service = slot.name.clone();
         match started {
@@ -312,7 +325,9 @@ impl KernelInner {
                 set_library(slot, &ops.library);
                 slot.update(|info| {
                     info.swaps += 1;
-                    info.last_error = None;
+                    info.last_error = old_stop_failed.as_ref().map(|error| {
+                        format!("version {from} failed to stop when replaced: {error}")
+                    });
                 });
                 slot.publish(ops, None);
                 // 9. Closed once nothing runs the old code any more.
@@ -325,6 +340,7 @@ impl KernelInner {
                     to,
                     held,
                     unmapped,
+                    old_stop_failed,
                 })
             }
             Err(LaunchFailure {

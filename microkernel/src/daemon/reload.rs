@@ -126,16 +126,17 @@ pub(super) fn report_lines(
         lines.push((format!("added {service}"), false));
     }
     for swap in &report.replaced {
-        lines.push((
-            format!(
-                "replaced {} {} -> {} (requests held {:.2} ms)",
-                swap.service,
-                swap.from,
-                swap.to,
-                swap.held.as_secs_f64() * 1e3
-            ),
-            false,
-        ));
+        let mut line = format!(
+            "replaced {} {} -> {} (requests held {:.2} ms)",
+            swap.service,
+            swap.from,
+            swap.to,
+            swap.held.as_secs_f64() * 1e3
+        );
+        if let Some(error) = &swap.old_stop_failed {
+            line.push_str(&format!("; version {}'s stop failed: {error}", swap.from));
+        }
+        lines.push((line, false));
     }
     for service in &report.restarted {
         lines.push((format!("started {service}"), false));
