@@ -462,56 +462,86 @@ fn ctl_sends_nothing_to_a_control_socket_another_user_serves() {
     );
 }
 
+/// A host of `root` whose standard error is `stderr` (a pipe the test holds), once its
+/// control socket answers; `ctl` talks to it.
+struct PipedHost {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+}
+
+impl PipedHost {
+    fn start(root: &Path, stderr: std::os::fd::OwnedFd) -> PipedHost {
+        let child = std::process::Command::new(BIN)
+            .args(run_args(root))
+            .args(["--operation-timeout", "10s"])
+            .env_remove("RUST_LOG")
+            .env_remove("NOTIFY_SOCKET")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::from(stderr))
+            .spawn()
+            .unwrap();
+        let mut host = PipedHost {
+            child,
+            socket: root.join("state/control.sock"),
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !host.ctl(&["list"]).status.success() {
+            assert!(
+                std::time::Instant::now() < deadline && host.child.try_wait().unwrap().is_none(),
+                "the host did not come up"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        host
+    }
+
+    fn ctl(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec![
+            "ctl",
+            "--socket",
+            self.socket.to_str().unwrap(),
+            "--wait",
+            "20s",
+        ];
+        all.extend_from_slice(args);
+        microkernel(&all)
+    }
+
+    /// Puts a value in kv, rescans, and stops the host with SIGTERM: its exit status, which
+    /// must come within 60 s.
+    fn put_reload_and_stop(mut self) -> std::process::ExitStatus {
+        let put = self.ctl(&["send", "kv", r#"{"op":"put","key":"k","value":7}"#]);
+        assert!(put.status.success(), "{}", stderr(&put));
+        let reload = self.ctl(&["reload"]);
+        assert!(reload.status.success(), "{}", stderr(&reload));
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if started.elapsed() > Duration::from_secs(60) {
+                let _ = self.child.kill();
+                panic!("SIGTERM did not stop the host within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
 #[test]
 fn a_log_reader_that_stalls_or_goes_away_costs_log_lines_never_a_reload_a_stop_or_a_state() {
     let root = setup(&["fixture-tokio", "kv"]);
     // Standard error on a pipe nobody reads: it fills, and stays full.
     let (stalled, writer) = nix::unistd::pipe().unwrap();
-    let mut child = std::process::Command::new(BIN)
-        .args(run_args(root.path()))
-        .args(["--operation-timeout", "10s"])
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::from(writer))
-        .spawn()
-        .unwrap();
-    let socket = root.path().join("state/control.sock");
-    let ctl = |args: &[&str]| {
-        let mut all = vec!["ctl", "--socket", socket.to_str().unwrap(), "--wait", "20s"];
-        all.extend_from_slice(args);
-        microkernel(&all)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ctl(&["list"]).status.success() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the host did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let flood = ctl(&["send", "tokio", "100000", "--kind", "flood"]);
+    let host = PipedHost::start(root.path(), writer);
+    let flood = host.ctl(&["send", "tokio", "100000", "--kind", "flood"]);
     assert!(flood.status.success(), "{}", stderr(&flood));
-    let put = ctl(&["send", "kv", r#"{"op":"put","key":"k","value":7}"#]);
-    assert!(put.status.success(), "{}", stderr(&put));
-    let reload = ctl(&["reload"]);
-    assert!(reload.status.success(), "{}", stderr(&reload));
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let started = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            let _ = child.kill();
-            panic!("SIGTERM did not stop the host within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = host.put_reload_and_stop();
     drop(stalled);
     assert!(status.success(), "{status:?}");
     assert!(crate::misbehaviour::kv_holds(root.path(), "k"));
@@ -523,37 +553,7 @@ fn a_host_whose_log_reader_is_gone_serves_reloads_and_stops_saving_every_state()
     // `microkernel run 2>&1 | head -1`, once `head` has exited: every write fails (EPIPE).
     let (reader, writer) = nix::unistd::pipe().unwrap();
     drop(reader);
-    let mut child = std::process::Command::new(BIN)
-        .args(run_args(root.path()))
-        .env_remove("RUST_LOG")
-        .env_remove("NOTIFY_SOCKET")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::from(writer))
-        .spawn()
-        .unwrap();
-    let socket = root.path().join("state/control.sock");
-    let ctl = |args: &[&str]| {
-        let mut all = vec!["ctl", "--socket", socket.to_str().unwrap(), "--wait", "20s"];
-        all.extend_from_slice(args);
-        microkernel(&all)
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !ctl(&["list"]).status.success() {
-        assert!(
-            std::time::Instant::now() < deadline && child.try_wait().unwrap().is_none(),
-            "the host did not come up"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let put = ctl(&["send", "kv", r#"{"op":"put","key":"k","value":7}"#]);
-    assert!(put.status.success(), "{}", stderr(&put));
-    assert!(ctl(&["reload"]).status.success());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = child.wait().unwrap();
+    let status = PipedHost::start(root.path(), writer).put_reload_and_stop();
     assert!(status.success(), "{status:?}");
     assert!(crate::misbehaviour::kv_holds(root.path(), "k"));
 }
