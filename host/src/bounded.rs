@@ -22,8 +22,8 @@ pub struct Bounded {
     pub metadata: fs::Metadata,
 }
 
-/// What a file that is not a regular file is, in words (`a FIFO`, `a directory`...).
-pub fn kind_of(file_type: fs::FileType) -> &'static str {
+/// What an opened file that is not a regular file is, in words (`a FIFO`, `a directory`...).
+fn kind_of(file_type: fs::FileType) -> &'static str {
     if file_type.is_fifo() {
         "a FIFO"
     } else if file_type.is_char_device() {
@@ -34,10 +34,6 @@ pub fn kind_of(file_type: fs::FileType) -> &'static str {
         "a socket"
     } else if file_type.is_dir() {
         "a directory"
-    } else if file_type.is_symlink() {
-        "a symbolic link"
-    } else if file_type.is_file() {
-        "a regular file"
     } else {
         "not a regular file"
     }

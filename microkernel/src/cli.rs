@@ -114,7 +114,8 @@ pub struct BenchArgs {
     /// versions/named-2.0.0.so, and startup/ (the services started together).
     #[arg(long, value_name = "DIR")]
     pub plugins: PathBuf,
-    /// Where summary.json, machine.json and swap-pause.svg are written (created if missing).
+    /// Where summary.json, machine.json and swap-pause.svg (when the swap pauses are
+    /// measured) are written (created if missing).
     #[arg(long, value_name = "DIR")]
     pub out: PathBuf,
     /// Fewer samples of each measure: about 10 s instead of about 30 s on a 2-CPU machine
@@ -299,9 +300,11 @@ pub struct CtlArgs {
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
     /// List the services: name, version, status, library digest, loaded since, swaps, earlier
-    /// libraries still loaded (pinned), last error.
+    /// libraries still loaded (pinned), last error; then rejected plugin files, services
+    /// with no plugin file, and plugin files that do not load.
     List {
-        /// Print JSON instead of a table.
+        /// Print one JSON object instead of a table: `services`, `broken`,
+        /// `rejected_elsewhere`, `orphaned`.
         #[arg(long)]
         json: bool,
     },

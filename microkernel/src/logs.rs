@@ -14,7 +14,7 @@ use std::{
 };
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{fmt::writer::BoxMakeWriter, EnvFilter};
 
 use crate::cli::LogFormat;
 
@@ -32,11 +32,7 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 /// Installs the process's subscriber: `filter` and `format`, to standard error, through the
 /// bounded queue when `queued` (the daemon), directly otherwise.
 pub fn init(filter: EnvFilter, format: LogFormat, queued: bool) {
-    let ansi = std::io::stderr().is_terminal();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .log_internal_errors(false);
-    if queued {
+    let writer = if queued {
         let (writer, guard) = NonBlockingBuilder::default()
             .lossy(true)
             .buffered_lines_limit(QUEUED_LINES)
@@ -46,17 +42,17 @@ pub fn init(filter: EnvFilter, format: LogFormat, queued: bool) {
             dropped: writer.error_counter(),
             guard: Mutex::new(Some(guard)),
         });
-        let builder = builder.with_writer(writer);
-        match format {
-            LogFormat::Text => builder.with_ansi(ansi).init(),
-            LogFormat::Json => builder.json().init(),
-        }
+        BoxMakeWriter::new(writer)
     } else {
-        let builder = builder.with_writer(std::io::stderr);
-        match format {
-            LogFormat::Text => builder.with_ansi(ansi).init(),
-            LogFormat::Json => builder.json().init(),
-        }
+        BoxMakeWriter::new(std::io::stderr)
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .log_internal_errors(false)
+        .with_writer(writer);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
     }
 }
 

@@ -73,6 +73,23 @@ fn main() -> ExitCode {
     outcome.unwrap_or(ExitCode::from(2))
 }
 
+/// A section of `ctl list`'s table: its title, then its lines, indented; nothing when it
+/// has none.
+fn section(
+    out: &mut impl Write,
+    title: &str,
+    lines: impl IntoIterator<Item = String>,
+) -> std::io::Result<()> {
+    let mut lines = lines.into_iter().peekable();
+    if lines.peek().is_some() {
+        writeln!(out, "\n{title}:")?;
+        for line in lines {
+            writeln!(out, "  {line}")?;
+        }
+    }
+    Ok(())
+}
+
 /// Whether `error` is a write to a pipe whose reader is gone.
 fn reader_went_away(error: &anyhow::Error) -> bool {
     error.chain().any(|cause| {
@@ -233,42 +250,26 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         s.last_error.unwrap_or_default()
                     )?;
                 }
-                if !pinned.is_empty() {
-                    writeln!(
-                        out,
-                        "\nearlier libraries kept loaded (plugin code may still run in them):"
-                    )?;
-                    for line in pinned {
-                        writeln!(out, "  {line}")?;
-                    }
-                }
-                if !rejected.is_empty() {
-                    writeln!(
-                        out,
-                        "\nrejected plugin files (not chosen until their content or configuration changes; `ctl reload --retry` tries them again):"
-                    )?;
-                    for (service, line) in rejected {
-                        writeln!(out, "  {service}: {line}")?;
-                    }
-                }
-                if !orphaned.is_empty() {
-                    writeln!(
-                        out,
-                        "\nservices with no plugin file (they will not start after a restart):"
-                    )?;
-                    for (_, why) in orphaned {
-                        writeln!(out, "  {why}")?;
-                    }
-                }
-                if !broken.is_empty() {
-                    writeln!(
-                        out,
-                        "\nplugin files that do not load (read again when they change):"
-                    )?;
-                    for line in broken {
-                        writeln!(out, "  {line}")?;
-                    }
-                }
+                section(
+                    &mut out,
+                    "earlier libraries kept loaded (plugin code may still run in them)",
+                    pinned,
+                )?;
+                section(
+                    &mut out,
+                    "rejected plugin files (not chosen until their content or configuration changes; `ctl reload --retry` tries them again)",
+                    rejected.into_iter().map(|(service, line)| format!("{service}: {line}")),
+                )?;
+                section(
+                    &mut out,
+                    "services with no plugin file (they will not start after a restart)",
+                    orphaned.into_iter().map(|(_, why)| why),
+                )?;
+                section(
+                    &mut out,
+                    "plugin files that do not load (read again when they change)",
+                    broken,
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }

@@ -31,26 +31,26 @@ use tracing_core::{
 /// The environment variable that sets the most detailed level forwarded.
 pub const LEVEL_VARIABLE: &str = "MICROKERNEL_PLUGIN_LOG";
 
-/// The most detailed level formatted, as a [`LogLevel`] number plus one (0: off). Until
-/// [`install`] sets it (in a library a host opened), everything is: the test kit records
-/// every line.
-static MAX: AtomicU8 = AtomicU8::new(LogLevel::Trace as u8 + 1);
+/// The most detailed level formatted: a [`log::LevelFilter`] as a number, which is also the
+/// [`LogLevel`] number of that level (error 1 … trace 5; 0 is off). Until [`install`] sets it
+/// (in a library a host opened), everything is: the test kit records every line.
+static MAX: AtomicU8 = AtomicU8::new(log::LevelFilter::Trace as u8);
 
 /// Whether a record at `level` is formatted and sent at all.
 pub(crate) fn enabled(level: LogLevel) -> bool {
-    (level as u8) < MAX.load(Ordering::Relaxed)
+    (level as u8) <= MAX.load(Ordering::Relaxed)
 }
 
 /// The level `MICROKERNEL_PLUGIN_LOG` names: one of the six words, in any case, around
 /// spaces; `info` for anything else (unset, empty, a number, a typo).
-fn max_level(value: Option<&str>) -> LevelFilter {
+fn max_level(value: Option<&str>) -> log::LevelFilter {
     match value.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
-        Some("off") => LevelFilter::OFF,
-        Some("error") => LevelFilter::ERROR,
-        Some("warn") => LevelFilter::WARN,
-        Some("debug") => LevelFilter::DEBUG,
-        Some("trace") => LevelFilter::TRACE,
-        _ => LevelFilter::INFO,
+        Some("off") => log::LevelFilter::Off,
+        Some("error") => log::LevelFilter::Error,
+        Some("warn") => log::LevelFilter::Warn,
+        Some("debug") => log::LevelFilter::Debug,
+        Some("trace") => log::LevelFilter::Trace,
+        _ => log::LevelFilter::Info,
     }
 }
 
@@ -60,35 +60,22 @@ pub fn install() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         let max = max_level(std::env::var(LEVEL_VARIABLE).ok().as_deref());
-        MAX.store(
-            match max.into_level() {
-                None => 0,
-                Some(Level::ERROR) => LogLevel::Error as u8 + 1,
-                Some(Level::WARN) => LogLevel::Warn as u8 + 1,
-                Some(Level::INFO) => LogLevel::Info as u8 + 1,
-                Some(Level::DEBUG) => LogLevel::Debug as u8 + 1,
-                Some(_) => LogLevel::Trace as u8 + 1,
-            },
-            Ordering::Relaxed,
-        );
+        MAX.store(max as u8, Ordering::Relaxed);
         if log::set_logger(&LogForward).is_ok() {
-            log::set_max_level(log_filter(max));
+            log::set_max_level(max);
         }
+        let max = match max {
+            log::LevelFilter::Off => LevelFilter::OFF,
+            log::LevelFilter::Error => LevelFilter::ERROR,
+            log::LevelFilter::Warn => LevelFilter::WARN,
+            log::LevelFilter::Info => LevelFilter::INFO,
+            log::LevelFilter::Debug => LevelFilter::DEBUG,
+            log::LevelFilter::Trace => LevelFilter::TRACE,
+        };
         let _ = tracing_core::dispatcher::set_global_default(tracing_core::Dispatch::new(
             TracingForward { max },
         ));
     });
-}
-
-fn log_filter(max: LevelFilter) -> log::LevelFilter {
-    match max.into_level() {
-        None => log::LevelFilter::Off,
-        Some(Level::ERROR) => log::LevelFilter::Error,
-        Some(Level::WARN) => log::LevelFilter::Warn,
-        Some(Level::INFO) => log::LevelFilter::Info,
-        Some(Level::DEBUG) => log::LevelFilter::Debug,
-        Some(_) => log::LevelFilter::Trace,
-    }
 }
 
 struct LogForward;
@@ -99,9 +86,6 @@ impl log::Log for LogForward {
     }
 
     fn log(&self, record: &log::Record<'_>) {
-        if !self.enabled(record.metadata()) {
-            return;
-        }
         let level = match record.level() {
             log::Level::Error => LogLevel::Error,
             log::Level::Warn => LogLevel::Warn,
@@ -193,11 +177,14 @@ mod tests {
 
     #[test]
     fn the_level_variable_takes_the_six_words_and_nothing_else() {
-        assert_eq!(max_level(Some(" TRACE ")), LevelFilter::TRACE);
-        assert_eq!(max_level(Some("off")), LevelFilter::OFF);
-        assert_eq!(max_level(Some("Warn")), LevelFilter::WARN);
+        assert_eq!(max_level(Some(" TRACE ")), log::LevelFilter::Trace);
+        assert_eq!(max_level(Some("off")), log::LevelFilter::Off);
+        assert_eq!(max_level(Some("Warn")), log::LevelFilter::Warn);
         for other in [None, Some(""), Some("5"), Some("verbose")] {
-            assert_eq!(max_level(other), LevelFilter::INFO, "{other:?}");
+            assert_eq!(max_level(other), log::LevelFilter::Info, "{other:?}");
         }
+        // The number stored is the number of the ABI's level: the two scales agree.
+        assert_eq!(log::LevelFilter::Error as u8, LogLevel::Error as u8);
+        assert_eq!(log::LevelFilter::Trace as u8, LogLevel::Trace as u8);
     }
 }

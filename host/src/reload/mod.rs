@@ -355,10 +355,11 @@ impl Reloader {
                     .map(|(service, _)| service.as_str())
             })
             .collect();
-        let mut services: BTreeMap<String, Option<PathBuf>> = kernel
+        // Registered: where it was loaded from, and whether it runs.
+        let mut services: BTreeMap<String, Option<(PathBuf, bool)>> = kernel
             .list()
             .into_iter()
-            .map(|info| (info.name, Some(info.path)))
+            .map(|info| (info.name, Some((info.path, info.status == Status::Running))))
             .collect();
         let store = kernel.state_store();
         for service in store
@@ -372,10 +373,11 @@ impl Reloader {
             if provided.contains(service.as_str()) || only.is_some_and(|only| only != service) {
                 continue;
             }
-            let running = kernel
-                .info(&service)
-                .is_some_and(|info| info.status == Status::Running);
-            let last = loaded_from.or_else(|| self.verdicts.last_good(&service).map(|g| g.file));
+            let running = loaded_from.as_ref().is_some_and(|(_, running)| *running);
+            let last = match loaded_from {
+                Some((path, _)) => Some(path),
+                None => self.verdicts.last_good(&service).map(|g| g.file),
+            };
             let state = store
                 .map(|store| store.path(&service))
                 .filter(|path| path.exists());
