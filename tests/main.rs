@@ -6,6 +6,7 @@ mod support;
 mod bench;
 mod cli;
 mod endurance;
+mod isolation;
 mod loading;
 mod markers;
 mod misbehaviour;

@@ -25,6 +25,46 @@ pub trait HostServices: Send + Sync + 'static {
     fn request(&self, to: &str, kind: &str, payload: &[u8], timeout: Duration) -> Reply;
     /// Queues an event.
     fn emit(&self, to: &str, kind: &str, payload: &[u8]) -> Result<(), String>;
+
+    /// The service's last durable state, `(exporting version, bytes)`: what an instance that
+    /// lost its worker process restarts from. `None` when there is none (or no store).
+    fn saved_state(&self) -> Result<Option<(String, Vec<u8>)>, String> {
+        Ok(None)
+    }
+
+    /// What an isolated instance's worker process is now (started, crashed, restarted,
+    /// given up): for `list`, the metrics and the service's status.
+    fn process_status(&self, _status: &ProcessStatus) {}
+}
+
+/// An isolated instance's worker process, as `list` shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessStatus {
+    /// The worker's process id; `None` while none runs (between a crash and its restart).
+    pub pid: Option<u32>,
+    /// Workers started again after a crash, since this version was loaded.
+    pub restarts: u64,
+    /// Workers lost (a signal, an exit, a broken socket, no answer in time).
+    pub crashes: u64,
+    /// How the last one ended, in words (`killed by SIGSEGV (core dumped) during handle`).
+    pub last_crash: Option<String>,
+    /// Set once the crashes within the restart window passed the limit: no worker is
+    /// started again until the service is started by hand or replaced.
+    pub gave_up: bool,
+    /// Whether this update is a crash (counted by the metrics), a restart, or neither.
+    pub event: ProcessEvent,
+}
+
+/// What changed with a [`ProcessStatus`] update.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ProcessEvent {
+    /// A worker started for a new instance.
+    #[default]
+    Started,
+    /// The worker was lost.
+    Crashed,
+    /// A worker started again after a crash.
+    Restarted,
 }
 
 /// A request or an event, lent to an instance for the length of one call.
@@ -58,6 +98,11 @@ pub trait ServiceInstance {
     fn export_state(&mut self) -> Result<Vec<u8>, String>;
     /// The plugin's `import_state` of a state exported by `from_version`.
     fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String>;
+
+    /// Called by the executor once it has answered a message, before it takes the next:
+    /// an instance that lost its worker process brings up another here, while what comes
+    /// meanwhile waits in the mailbox. Nothing to do in process.
+    fn answered(&mut self) {}
 }
 
 /// What makes the instances of one version of a service.

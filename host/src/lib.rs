@@ -22,6 +22,7 @@ pub mod last_words;
 pub mod loader;
 pub mod metrics;
 pub mod state;
+pub mod worker;
 
 mod executor;
 

@@ -50,6 +50,8 @@ pub struct Metrics {
     events: Family<ServiceLabel, Counter>,
     swaps: Family<ServiceLabel, Counter>,
     rollbacks: Family<ServiceLabel, Counter>,
+    worker_crashes: Family<ServiceLabel, Counter>,
+    worker_restarts: Family<ServiceLabel, Counter>,
     swap_held: Family<ServiceLabel, Gauge<f64, AtomicU64>>,
     mailbox: Family<ServiceLabel, Gauge>,
     checkpoints: Family<OutcomeLabel, Counter>,
@@ -114,6 +116,8 @@ impl Metrics {
             events: Family::default(),
             swaps: Family::default(),
             rollbacks: Family::default(),
+            worker_crashes: Family::default(),
+            worker_restarts: Family::default(),
             swap_held: Family::default(),
             mailbox: Family::default(),
             checkpoints: Family::default(),
@@ -125,7 +129,7 @@ impl Metrics {
         };
         registry.register(
             "replies",
-            "Replies to requests, by service and code (0 ok, 400, 404, 408, 500, 508)",
+            "Replies to requests, by service and code (0 ok, 400, 404, 408, 500, 503, 508)",
             metrics.replies.clone(),
         );
         registry.register(
@@ -147,6 +151,16 @@ impl Metrics {
             "rollbacks",
             "Hot replaces that failed after the old version was suspended (the old one serves)",
             metrics.rollbacks.clone(),
+        );
+        registry.register(
+            "worker_crashes",
+            "Worker processes of isolated services lost (a signal, an exit, no answer in time), by service",
+            metrics.worker_crashes.clone(),
+        );
+        registry.register(
+            "worker_restarts",
+            "Worker processes of isolated services started again after a crash, by service",
+            metrics.worker_restarts.clone(),
         );
         registry.register(
             "swap_held_seconds",
@@ -224,6 +238,22 @@ impl Metrics {
     }
 
     /// A hot replace of `service` rolled back.
+    pub(crate) fn worker_crashed(&self, service: &str) {
+        self.worker_crashes
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn worker_restarted(&self, service: &str) {
+        self.worker_restarts
+            .get_or_create(&ServiceLabel {
+                service: service.to_owned(),
+            })
+            .inc();
+    }
+
     pub(crate) fn rolled_back(&self, service: &str) {
         self.rollbacks
             .get_or_create(&ServiceLabel {

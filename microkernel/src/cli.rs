@@ -105,6 +105,26 @@ pub enum Command {
     /// one report line: what `run` does in a child process before it opens a new file.
     #[command(hide = true)]
     Probe(ProbeArgs),
+    /// Run one isolated service's plugin for the host that started this process, over the
+    /// sockets it was given as standard input and output.
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+/// `microkernel worker` (internal).
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The file to open (the host's private copy).
+    pub file: PathBuf,
+    /// The plugin file it is a copy of, named in messages.
+    #[arg(long = "as", value_name = "PATH")]
+    pub name: PathBuf,
+    /// The service it runs, named in its last words if it crashes.
+    #[arg(long, value_name = "NAME")]
+    pub service: Option<String>,
+    /// Its address-space limit (RLIMIT_AS), in bytes.
+    #[arg(long, value_name = "BYTES")]
+    pub memory_max: Option<u64>,
 }
 
 /// `microkernel bench`.

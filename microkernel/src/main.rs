@@ -26,7 +26,10 @@ extern "C" fn hold_signals() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Run(_)) {
+    // A worker keeps SIGHUP, SIGINT and SIGTERM held: the host ends it when it stops its
+    // service (a Ctrl-C, or systemd's SIGTERM to the whole unit, must not kill a worker
+    // before the host has saved its state).
+    if !matches!(cli.command, Command::Run(_) | Command::Worker(_)) {
         daemon::release_signals();
     }
     // The bench's own kernels would log every start and stop it makes.
@@ -169,6 +172,12 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(2)))
         }
+        Command::Worker(args) => host::worker::run_worker_child(
+            &args.file,
+            &args.name,
+            args.service.as_deref(),
+            args.memory_max,
+        ),
     }
 }
 

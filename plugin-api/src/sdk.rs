@@ -37,6 +37,9 @@ pub mod codes {
     pub const TIMEOUT: u32 = 408;
     /// The service failed or panicked while handling the request.
     pub const FAILED: u32 = 500;
+    /// The service's worker process died while it held the request (an isolated service):
+    /// it is restarting from its last checkpoint, and a later request may succeed.
+    pub const UNAVAILABLE: u32 = 503;
     /// The request would come back to a service that is already waiting in the same chain.
     pub const LOOP: u32 = 508;
 }

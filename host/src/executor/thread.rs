@@ -166,6 +166,7 @@ impl Me {
                     }
                 }
             }
+            instance.answered();
         }
     }
 }

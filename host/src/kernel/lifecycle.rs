@@ -9,11 +9,11 @@ use std::{
 
 use super::{
     deps, digest, routing, BadStatePolicy, Checkpoint, DependencyError, Idle, KernelError,
-    KernelInner, Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
+    KernelInner, Loaded, Run, ServiceInfo, ServiceSlot, SlotOps, Status, StopReport,
 };
 use crate::{
     executor::{self, Executor, InstanceError, Launch, LaunchFailure, Pending, State, Stopped},
-    loader::{threads, Library},
+    loader::threads,
 };
 
 impl KernelInner {
@@ -56,6 +56,11 @@ impl KernelInner {
     pub(super) fn info_of(&self, slot: &ServiceSlot) -> ServiceInfo {
         let mut info = slot.info();
         info.pinned = self.pinned(&slot.name);
+        info.process = slot.process();
+        // An isolated service whose worker died too often serves nothing but `503`s.
+        if info.status == Status::Running && info.process.as_ref().is_some_and(|p| p.gave_up) {
+            info.status = Status::Failed;
+        }
         info
     }
 
@@ -149,15 +154,10 @@ impl KernelInner {
         Ok(())
     }
 
-    fn launch_of(
-        &self,
-        slot: &ServiceSlot,
-        library: Arc<Library>,
-        config: Option<String>,
-    ) -> Launch {
+    fn launch_of(&self, slot: &ServiceSlot, loaded: Loaded, config: Option<String>) -> Launch {
         Launch {
             service: slot.name.clone(),
-            source: library,
+            source: loaded.source(),
             services: routing::context(&slot.name, self),
             config,
             timeout: self.config.operation_timeout,
@@ -171,11 +171,11 @@ impl KernelInner {
     pub(super) fn launch(
         &self,
         slot: &ServiceSlot,
-        library: Arc<Library>,
+        loaded: Loaded,
         config: Option<String>,
         state: Option<State>,
     ) -> Result<Executor, LaunchFailure> {
-        let launch = self.launch_of(slot, library, config);
+        let launch = self.launch_of(slot, loaded, config);
         executor::launch(launch, state)
     }
 
@@ -183,10 +183,10 @@ impl KernelInner {
     pub(super) fn prepare(
         &self,
         slot: &ServiceSlot,
-        library: Arc<Library>,
+        loaded: Loaded,
         config: Option<String>,
     ) -> Result<Pending, LaunchFailure> {
-        let launch = self.launch_of(slot, library, config);
+        let launch = self.launch_of(slot, loaded, config);
         executor::prepare(launch)
     }
 
@@ -198,7 +198,7 @@ impl KernelInner {
         if matches!(ops.run, Run::Running(_)) {
             return Ok(());
         }
-        let dependencies = ops.library.manifest().dependencies.clone();
+        let dependencies = ops.loaded.manifest().dependencies.clone();
         let result = self
             .require_running_dependencies(service, &dependencies)
             .and_then(|()| self.start_locked(&slot, &mut ops));
@@ -228,7 +228,7 @@ impl KernelInner {
         if let Some(late) = ops.run.reap() {
             // The instance given up at its stop came out later and handed its state over:
             // newer than the file, so it is what the new instance starts from.
-            let version = ops.library.manifest().version.to_string();
+            let version = ops.loaded.manifest().version.to_string();
             self.save(slot, ops, &version, &late)?;
             tracing::info!(service = %slot.name, "saved the state an instance handed over when it came out of plugin code");
         }
@@ -246,13 +246,13 @@ impl KernelInner {
         let restored = state
             .as_ref()
             .map(|(version, bytes)| (version.clone(), digest(bytes)));
-        let launched = match self.launch(slot, ops.library.clone(), ops.config.clone(), state) {
+        let launched = match self.launch(slot, ops.loaded.clone(), ops.config.clone(), state) {
             Err(LaunchFailure {
                 error: InstanceError::Import(cause),
                 stuck: None,
             }) if self.config.on_bad_state == BadStatePolicy::Quarantine => {
                 self.quarantine(slot, &format!("import_state refused it: {cause}"))?;
-                self.launch(slot, ops.library.clone(), ops.config.clone(), None)
+                self.launch(slot, ops.loaded.clone(), ops.config.clone(), None)
                     .map(|executor| (executor, None))
             }
             other => other.map(|executor| (executor, restored)),
@@ -263,7 +263,7 @@ impl KernelInner {
                 ops.last_saved = restored;
                 slot.update(|info| info.last_error = None);
                 slot.publish(ops, None);
-                tracing::info!(service = %slot.name, version = %ops.library.manifest().version, "running");
+                tracing::info!(service = %slot.name, version = %ops.loaded.manifest().version, "running");
                 Ok(())
             }
             Err(LaunchFailure { error, stuck }) => {
@@ -432,7 +432,7 @@ impl KernelInner {
         }
         // A state exported in time is saved, even if `stop` or `drop` then hung.
         if let Some(state) = state {
-            let version = ops.library.manifest().version.to_string();
+            let version = ops.loaded.manifest().version.to_string();
             let saved = state
                 .map_err(|cause| KernelError::Instance {
                     service: slot.name.clone(),
@@ -583,7 +583,7 @@ impl KernelInner {
                 service: slot.name.clone(),
                 cause: format!("checkpoint failed: {cause}"),
             })?;
-        let version = ops.library.manifest().version.to_string();
+        let version = ops.loaded.manifest().version.to_string();
         if ops.last_saved.as_ref() == Some(&(version.clone(), digest(&bytes))) {
             return Ok(Checkpoint::Unchanged);
         }

@@ -14,6 +14,7 @@
 
 mod deps;
 mod lifecycle;
+mod loaded;
 mod retired;
 mod routing;
 mod swap;
@@ -29,13 +30,16 @@ use plugin_api::Reply;
 use sha2::{Digest, Sha256};
 
 pub use deps::DependencyError;
+pub use loaded::Loaded;
 pub use routing::PendingReply;
 pub use swap::{SwapError, SwapReport};
 
 use crate::{
     executor::{Executor, Mailbox, Stuck},
-    loader::{Library, LoadError, Loader, Probe},
+    instance::ProcessStatus,
+    loader::{LoadError, Loader, Probe},
     state::{StateError, StateStore},
+    worker::Isolation,
 };
 
 /// The life of a service.
@@ -103,6 +107,13 @@ pub struct KernelConfig {
     /// requester waiting for its reply) polls for it before it sleeps; zero sleeps at once.
     /// Waking a sleeping thread is what an exchange costs most on a virtual machine.
     pub spin: Duration,
+    /// The services whose instances run in worker processes, and how those are supervised
+    /// (see [`crate::worker`]); the others run in this process. Changed by
+    /// [`Kernel::set_isolation`].
+    pub isolation: BTreeMap<String, Isolation>,
+    /// The program run as a worker (`PROGRAM worker FILE ...`): the `microkernel` binary.
+    /// The probe's program when `None`; needed when a service is isolated.
+    pub worker_program: Option<PathBuf>,
 }
 
 impl Default for KernelConfig {
@@ -116,6 +127,8 @@ impl Default for KernelConfig {
             on_bad_state: BadStatePolicy::Refuse,
             probe: None,
             spin: DEFAULT_SPIN,
+            isolation: BTreeMap::new(),
+            worker_program: None,
         }
     }
 }
@@ -231,6 +244,8 @@ pub struct ServiceInfo {
     /// in them (a thread the plugin started, an instance stuck in plugin code), one line
     /// each.
     pub pinned: Vec<String>,
+    /// Its worker process, when the service is isolated (`None`: it runs in the host).
+    pub process: Option<ProcessStatus>,
 }
 
 /// Counters, for operators and tests.
@@ -284,6 +299,8 @@ pub(crate) struct KernelInner {
     me: std::sync::Weak<KernelInner>,
     pub(crate) loader: Loader,
     pub(crate) config: KernelConfig,
+    /// The services that run isolated now (the configuration's, until changed).
+    isolation: RwLock<BTreeMap<String, Isolation>>,
     services: RwLock<BTreeMap<String, Arc<ServiceSlot>>>,
     /// Libraries no service uses any more that could not be closed yet.
     retired: Mutex<Vec<retired::Retired>>,
@@ -305,6 +322,8 @@ pub(crate) struct ServiceSlot {
     info: RwLock<ServiceInfo>,
     /// Whether a background checkpoint of the service is under way.
     checkpointing: AtomicBool,
+    /// The current version, when it is isolated: `list` reads its worker's status there.
+    isolated: RwLock<Option<Arc<crate::worker::IsolatedPlugin>>>,
 }
 
 impl std::fmt::Debug for ServiceSlot {
@@ -385,7 +404,7 @@ impl Run {
 }
 
 struct SlotOps {
-    library: Arc<Library>,
+    loaded: Loaded,
     run: Run,
     config: Option<String>,
     /// (version, SHA-256) of the state last written or read, to skip unchanged checkpoints.
@@ -428,6 +447,21 @@ impl ServiceSlot {
         f(&mut self.info.write().unwrap_or_else(|p| p.into_inner()));
     }
 
+    /// Takes what `list` shows of a version just loaded for the service.
+    fn describe(&self, loaded: &Loaded) {
+        self.update(|info| info.describe(loaded));
+        *self.isolated.write().unwrap_or_else(|p| p.into_inner()) = match loaded {
+            Loaded::Isolated(plugin) => Some(plugin.clone()),
+            Loaded::InProcess(_) => None,
+        };
+    }
+
+    /// The worker process of an isolated service.
+    fn process(&self) -> Option<ProcessStatus> {
+        let isolated = self.isolated.read().unwrap_or_else(|p| p.into_inner());
+        isolated.as_ref().map(|plugin| plugin.status())
+    }
+
     /// Takes the operations lock, waiting at most until `deadline`.
     fn lock_ops(&self, deadline: Instant) -> Result<OpsGuard<'_>, KernelError> {
         let asked = Instant::now();
@@ -461,26 +495,34 @@ impl ServiceSlot {
 }
 
 impl ServiceInfo {
-    /// Takes what `list` shows of a library that was just loaded for the service.
-    fn describe(&mut self, library: &Library) {
-        let manifest = library.manifest();
+    /// Takes what `list` shows of a version that was just loaded for the service.
+    fn describe(&mut self, loaded: &Loaded) {
+        let manifest = loaded.manifest();
         self.version = manifest.version.to_string();
         self.dependencies = manifest.dependencies.clone();
-        self.path = library.path().to_owned();
-        self.sha256 = hex::encode(library.sha256());
+        self.path = loaded.path().to_owned();
+        self.sha256 = hex::encode(loaded.sha256());
         self.loaded_since = unix_now();
     }
 }
 
 impl Kernel {
     /// A kernel with no services.
-    pub fn new(config: KernelConfig) -> std::io::Result<Self> {
+    pub fn new(mut config: KernelConfig) -> std::io::Result<Self> {
         let loader = Loader::new(config.shadow_dir.as_deref(), config.probe.clone())?
             .with_close_timeout(config.operation_timeout);
+        if config.worker_program.is_none() {
+            config.worker_program = config.probe.as_ref().map(|p| p.program.clone());
+        }
+        if !config.isolation.is_empty() && config.worker_program.is_none() {
+            return Err(no_worker_program());
+        }
+        let isolation = RwLock::new(config.isolation.clone());
         let kernel = Kernel {
             inner: Arc::new_cyclic(|me| KernelInner {
                 me: me.clone(),
                 loader,
+                isolation,
                 config,
                 services: RwLock::new(BTreeMap::new()),
                 retired: Mutex::new(Vec::new()),
@@ -516,6 +558,45 @@ impl Kernel {
         &self.inner.loader
     }
 
+    /// Loads a plugin file in the mode its service is configured for (see
+    /// [`Kernel::set_isolation`]): in this process, or prepared for worker processes.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Loader::load`]: the caller vouches for the file.
+    pub unsafe fn load_version(
+        &self,
+        file: &crate::loader::PluginFile,
+    ) -> Result<Loaded, LoadError> {
+        // SAFETY: the caller vouches for the file.
+        unsafe { self.inner.load_version(file) }
+    }
+
+    /// Sets which services run isolated from now on: files loaded later are loaded in that
+    /// mode. A running service is moved to its new mode by a hot replace (the reloader does
+    /// that at its next rescan).
+    pub fn set_isolation(&self, isolation: BTreeMap<String, Isolation>) -> std::io::Result<()> {
+        if !isolation.is_empty() && self.inner.config.worker_program.is_none() {
+            return Err(no_worker_program());
+        }
+        *self
+            .inner
+            .isolation
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = isolation;
+        Ok(())
+    }
+
+    /// How `service` is to run: `Some` with its settings when isolated.
+    pub fn isolation_of(&self, service: &str) -> Option<Isolation> {
+        self.inner
+            .isolation
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(service)
+            .cloned()
+    }
+
     /// How long an operation on a service (start, stop, checkpoint, replace) may wait.
     pub fn operation_timeout(&self) -> Duration {
         self.inner.config.operation_timeout
@@ -526,10 +607,16 @@ impl Kernel {
         self.inner.config.state.as_ref()
     }
 
-    /// Registers a loaded library as a new service (not started). `config` is handed to
-    /// each instance the service creates.
-    pub fn register(&self, library: Library, config: Option<String>) -> Result<(), KernelError> {
-        let name = library.manifest().name.clone();
+    /// Registers a loaded version (a [`crate::loader::Library`], or a plugin prepared for
+    /// worker processes) as a new service (not started). `config` is handed to each
+    /// instance the service creates.
+    pub fn register(
+        &self,
+        loaded: impl Into<Loaded>,
+        config: Option<String>,
+    ) -> Result<(), KernelError> {
+        let loaded = loaded.into();
+        let name = loaded.manifest().name.clone();
         let mut services = self
             .inner
             .services
@@ -541,26 +628,31 @@ impl Kernel {
             return Err(KernelError::DuplicateService {
                 service: name,
                 first: existing.info().path,
-                second: library.path().to_owned(),
+                second: loaded.path().to_owned(),
             });
         }
         let mut info = ServiceInfo {
             name: name.clone(),
             ..ServiceInfo::default()
         };
-        info.describe(&library);
+        info.describe(&loaded);
+        let isolated = match &loaded {
+            Loaded::Isolated(plugin) => Some(plugin.clone()),
+            Loaded::InProcess(_) => None,
+        };
         tracing::info!(service = %name, version = %info.version, plugin = %info.path.display(), "registered");
         let slot = ServiceSlot {
             name: name.clone(),
             mailbox: Mailbox::new(self.inner.config.mailbox_capacity),
             info: RwLock::new(info),
             ops: parking_lot::Mutex::new(SlotOps {
-                library: Arc::new(library),
+                loaded,
                 run: Run::Idle(Idle::Registered),
                 config,
                 last_saved: None,
             }),
             checkpointing: AtomicBool::new(false),
+            isolated: RwLock::new(isolated),
         };
         lock(&self.inner.ever_registered).insert(name.clone());
         services.insert(name, Arc::new(slot));
@@ -577,10 +669,11 @@ impl Kernel {
         path: &std::path::Path,
         config: Option<String>,
     ) -> Result<String, KernelError> {
+        let file = crate::loader::PluginFile::read(path)?;
         // SAFETY: the caller vouches for the file.
-        let library = unsafe { self.inner.loader.load(path)? };
-        let name = library.manifest().name.clone();
-        self.register(library, config)?;
+        let loaded = unsafe { self.inner.load_version(&file)? };
+        let name = loaded.manifest().name.clone();
+        self.register(loaded, config)?;
         Ok(name)
     }
 
@@ -752,10 +845,10 @@ impl Kernel {
     /// old version keeps its own if it has to come back). The steps are in `kernel/swap.rs`.
     pub fn replace(
         &self,
-        library: Library,
+        loaded: impl Into<Loaded>,
         config: Option<String>,
     ) -> Result<SwapReport, KernelError> {
-        self.inner.replace(library, config)
+        self.inner.replace(loaded.into(), config)
     }
 
     /// Stops everything (saving state) and closes every library that no plugin code can
@@ -801,7 +894,7 @@ impl Kernel {
                 stuck.end_until(deadline);
             }
             if let Some(late) = ops.run.reap() {
-                let version = ops.library.manifest().version.to_string();
+                let version = ops.loaded.manifest().version.to_string();
                 match self.inner.save(slot, &mut ops, &version, &late) {
                     Ok(()) => {
                         report.failures.retain(|(s, _)| *s != slot.name);
@@ -832,7 +925,7 @@ impl Kernel {
             if stuck.is_none() {
                 slot.mailbox.drain(&slot.name);
             }
-            libraries.push((slot.name.clone(), ops.library.clone(), stuck));
+            libraries.push((slot.name.clone(), ops.loaded.clone(), stuck));
         }
         if !close {
             // Kept for the life of the process, slots and all.
@@ -854,6 +947,13 @@ impl Drop for Kernel {
     fn drop(&mut self) {
         self.shutdown();
     }
+}
+
+fn no_worker_program() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidInput,
+        "a service is isolated, but the kernel has no worker program (KernelConfig::worker_program)",
+    )
 }
 
 #[cfg(test)]

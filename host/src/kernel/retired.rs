@@ -15,13 +15,10 @@
 
 use std::{collections::BTreeSet, sync::Arc};
 
-use super::{lock, KernelInner};
+use super::{lock, KernelInner, Loaded};
 use crate::{
     executor::Stuck,
-    loader::{
-        threads::{kernel_name, ThreadInfo},
-        Library,
-    },
+    loader::threads::{kernel_name, ThreadInfo},
 };
 
 /// How often, and how far apart, a library just retired is tried again before it is left for
@@ -34,7 +31,7 @@ const GRACE_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
 pub(crate) struct Retired {
     service: String,
     version: String,
-    library: Arc<Library>,
+    loaded: Loaded,
     /// Executors of its instances that had not ended when it was retired.
     stuck: Vec<Stuck>,
     /// Whether this entry closes the library (`false`: it only keeps track of a stuck
@@ -64,7 +61,7 @@ impl Retired {
         format!(
             "{} ({}): {}",
             self.version,
-            self.library.path().display(),
+            self.loaded.path().display(),
             reasons.join("; ")
         )
     }
@@ -81,32 +78,27 @@ enum Tried {
 impl KernelInner {
     /// Retires `library` (with the executor of its last instance, if that did not end), and
     /// tries to close it at once. Returns whether it was closed and is gone from memory.
-    pub(super) fn retire(
-        &self,
-        service: &str,
-        library: Arc<Library>,
-        stuck: Option<Stuck>,
-    ) -> bool {
-        self.add_retired(service, library, stuck, true)
+    pub(super) fn retire(&self, service: &str, loaded: Loaded, stuck: Option<Stuck>) -> bool {
+        self.add_retired(service, loaded, stuck, true)
     }
 
     /// Keeps track of an executor stuck in plugin code of a library that stays in use (it
     /// serves again after a rollback): shown as pinned until the executor ends.
-    pub(super) fn track_stuck(&self, service: &str, library: Arc<Library>, stuck: Stuck) {
-        self.add_retired(service, library, Some(stuck), false);
+    pub(super) fn track_stuck(&self, service: &str, loaded: Loaded, stuck: Stuck) {
+        self.add_retired(service, loaded, Some(stuck), false);
     }
 
     fn add_retired(
         &self,
         service: &str,
-        library: Arc<Library>,
+        loaded: Loaded,
         stuck: Option<Stuck>,
         owned: bool,
     ) -> bool {
         let retired = Retired {
             service: service.to_owned(),
-            version: library.manifest().version.to_string(),
-            library,
+            version: loaded.manifest().version.to_string(),
+            loaded,
             stuck: stuck.into_iter().collect(),
             owned,
             threads: Vec::new(),
@@ -155,7 +147,7 @@ impl KernelInner {
             }
             let saved = match late {
                 Some(late) => {
-                    let version = ops.library.manifest().version.to_string();
+                    let version = ops.loaded.manifest().version.to_string();
                     self.save(&slot, &mut ops, &version, &late).map(|()| true)
                 }
                 None => Ok(false),
@@ -198,14 +190,19 @@ impl KernelInner {
         if !retired.stuck.is_empty() {
             return Tried::Kept(retired);
         }
-        let library = match Arc::try_unwrap(retired.library) {
+        let shared = match retired.loaded {
+            Loaded::InProcess(library) => library,
+            // No library was opened here: its workers are gone with its executors.
+            Loaded::Isolated(_) => return Tried::Closed(true),
+        };
+        let library = match Arc::try_unwrap(shared) {
             Ok(library) => library,
             Err(_) if !retired.owned => {
                 // Its stuck executor ended; the library is someone else's to close.
                 return Tried::Closed(false);
             }
             Err(shared) => {
-                retired.library = shared;
+                retired.loaded = Loaded::InProcess(shared);
                 retired.threads.clear();
                 return Tried::Kept(retired);
             }
@@ -217,7 +214,7 @@ impl KernelInner {
                 Tried::Closed(unmapped)
             }
             Err((library, threads)) => {
-                retired.library = Arc::new(library);
+                retired.loaded = Loaded::InProcess(Arc::new(library));
                 retired.threads = threads;
                 Tried::Kept(retired)
             }

@@ -13,6 +13,7 @@ use super::{KernelInner, ServiceInfo, Status};
 use crate::{
     executor::{self, Envelope, Letter},
     instance::HostServices,
+    instance::{ProcessEvent, ProcessStatus},
 };
 
 /// A request posted to a service's mailbox, whose reply has yet to come.
@@ -106,6 +107,30 @@ impl HostServices for ServiceContext {
         match self.kernel.upgrade() {
             Some(kernel) => kernel.route_event(Some(&self.service), to, kind, payload),
             None => Err("the kernel is shutting down".into()),
+        }
+    }
+
+    fn saved_state(&self) -> Result<Option<(String, Vec<u8>)>, String> {
+        let Some(kernel) = self.kernel.upgrade() else {
+            return Ok(None);
+        };
+        let Some(store) = kernel.config.state.as_ref() else {
+            return Ok(None);
+        };
+        match store.load(&self.service) {
+            Ok(saved) => Ok(saved.map(|saved| (saved.version, saved.bytes))),
+            Err(error) => Err(plugin_api::error_chain(&error)),
+        }
+    }
+
+    fn process_status(&self, status: &ProcessStatus) {
+        let Some(kernel) = self.kernel.upgrade() else {
+            return;
+        };
+        match status.event {
+            ProcessEvent::Crashed => kernel.metrics.worker_crashed(&self.service),
+            ProcessEvent::Restarted => kernel.metrics.worker_restarted(&self.service),
+            ProcessEvent::Started => {}
         }
     }
 }

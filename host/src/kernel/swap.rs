@@ -26,11 +26,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use super::{Idle, KernelError, KernelInner, OpsGuard, Run, ServiceSlot, Status};
-use crate::{
-    executor::{LaunchFailure, OperationError, State, Stuck, Suspension},
-    loader::Library,
-};
+use super::{Idle, KernelError, KernelInner, Loaded, OpsGuard, Run, ServiceSlot, Status};
+use crate::executor::{LaunchFailure, OperationError, State, Stuck, Suspension};
 
 /// Why a hot replace did not happen, or rolled back. In every case the old version serves.
 #[derive(Debug, thiserror::Error)]
@@ -108,11 +105,10 @@ pub struct SwapReport {
 impl KernelInner {
     pub(super) fn replace(
         &self,
-        new: Library,
+        new: Loaded,
         config: Option<String>,
     ) -> Result<SwapReport, KernelError> {
         let service = new.manifest().name.clone();
-        let new = Arc::new(new);
         let Some(slot) = self.slot(&service) else {
             self.retire(&service, new, None);
             return Err(KernelError::UnknownService(service));
@@ -124,7 +120,7 @@ impl KernelInner {
                 return Err(error);
             }
         };
-        let from = ops.library.manifest().version.to_string();
+        let from = ops.loaded.manifest().version.to_string();
         let to = new.manifest().version.to_string();
         let _span =
             tracing::info_span!("reload", service = %service, from = %from, to = %to).entered();
@@ -261,7 +257,7 @@ impl KernelInner {
         &self,
         slot: &ServiceSlot,
         mut ops: OpsGuard<'_>,
-        new: Arc<Library>,
+        new: Loaded,
         config: Option<String>,
         from: String,
         to: String,
@@ -285,9 +281,9 @@ impl KernelInner {
                 None
             }
         };
-        let old = std::mem::replace(&mut ops.library, new);
+        let old = std::mem::replace(&mut ops.loaded, new);
         ops.config = config;
-        set_library(slot, &ops.library);
+        set_library(slot, &ops.loaded);
         let unmapped = self.retire(&slot.name, old, stuck);
         drop(ops);
         if matches!(status, Status::Failed | Status::Registered) {
@@ -309,7 +305,7 @@ impl KernelInner {
         &self,
         slot: &ServiceSlot,
         ops: &mut OpsGuard<'_>,
-        (new, config): (Arc<Library>, Option<String>),
+        (new, config): (Loaded, Option<String>),
         (from, to): (String, String),
         state: State,
         (started, held): (Result<crate::executor::Executor, LaunchFailure>, Duration),
@@ -321,8 +317,8 @@ impl KernelInner {
                 ops.run = Run::Running(executor);
                 ops.config = config;
                 ops.last_saved = None;
-                let old = std::mem::replace(&mut ops.library, new);
-                set_library(slot, &ops.library);
+                let old = std::mem::replace(&mut ops.loaded, new);
+                set_library(slot, &ops.loaded);
                 slot.update(|info| {
                     info.swaps += 1;
                     info.last_error = old_stop_failed.as_ref().map(|error| {
@@ -350,12 +346,12 @@ impl KernelInner {
                 self.retire(&service, new, stuck);
                 if let Some(stuck) = old_stuck {
                     // The library it holds serves again below.
-                    self.track_stuck(&service, ops.library.clone(), stuck);
+                    self.track_stuck(&service, ops.loaded.clone(), stuck);
                 }
                 tracing::error!(cause = %cause, "new version failed; rolling back");
                 // The old version comes back as it ran: its library, its configuration.
                 let error =
-                    match self.launch(slot, ops.library.clone(), ops.config.clone(), Some(state)) {
+                    match self.launch(slot, ops.loaded.clone(), ops.config.clone(), Some(state)) {
                         Ok(executor) => {
                             ops.run = Run::Running(executor);
                             SwapError::RolledBack {
@@ -394,6 +390,6 @@ impl KernelInner {
     }
 }
 
-fn set_library(slot: &ServiceSlot, library: &Library) {
-    slot.update(|info| info.describe(library));
+fn set_library(slot: &ServiceSlot, loaded: &Loaded) {
+    slot.describe(loaded);
 }

@@ -173,6 +173,44 @@ pub enum LoadError {
         /// The end of what the process wrote to its standard error.
         stderr: String,
     },
+    /// The worker process of an isolated service could not be started.
+    #[error("failed to load plugin {path}: could not run its worker {program}")]
+    WorkerFailed {
+        /// The plugin file.
+        path: PathBuf,
+        /// The program run as the worker.
+        program: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The worker process ended before it got to the file: the host's trouble, not the
+    /// file's. The file is tried again at the next rescan.
+    #[error("could not load plugin {path}: its worker {program} {how} before it opened the file: this is the host's trouble, not the file's; it is tried again at the next rescan")]
+    WorkerDidNotStart {
+        /// The plugin file.
+        path: PathBuf,
+        /// The program run as the worker.
+        program: PathBuf,
+        /// How the process ended.
+        how: String,
+    },
+    /// Opening the file killed its worker process, or the worker went silent.
+    #[error("failed to load plugin {path}: opening it in a worker process, the process {how}: the file is corrupt, or its code crashes")]
+    WorkerCrashed {
+        /// The plugin file.
+        path: PathBuf,
+        /// How the process ended.
+        how: String,
+    },
+    /// The worker process opened the file and the loader there refused it.
+    #[error("failed to load plugin {path} in a worker process: {reason}")]
+    WorkerRefused {
+        /// The plugin file.
+        path: PathBuf,
+        /// The loader's message.
+        reason: String,
+    },
     /// An earlier library's destructors never returned from `dlclose`, which holds the
     /// dynamic loader's lock: opening anything now would wait for ever.
     #[error("failed to load plugin {path}: an earlier plugin's destructors hang while it is unloaded, holding the dynamic loader's lock; restart the host to load plugins again")]
@@ -209,6 +247,8 @@ impl LoadError {
                 | LoadError::ShadowNoexec { .. }
                 | LoadError::ProbeFailed { .. }
                 | LoadError::ProbeDidNotStart { .. }
+                | LoadError::WorkerFailed { .. }
+                | LoadError::WorkerDidNotStart { .. }
                 | LoadError::LoaderWedged { .. }
         )
     }

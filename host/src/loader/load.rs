@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::Write,
-    path::Path,
+    path::{Path, PathBuf},
     sync::atomic::{AtomicU64, Ordering},
     time::Duration,
 };
@@ -141,14 +141,24 @@ impl Loader {
     ///
     /// As for [`Loader::load`]: the caller vouches for the file.
     pub unsafe fn load_file(&self, file: &PluginFile) -> Result<Library, LoadError> {
-        let loaded = self.load_file_inner(file);
-        if loaded.is_err() {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-        }
-        loaded
+        let copy = self.copy(file)?;
+        self.prove(&copy)?;
+        // SAFETY: the caller vouches for the file.
+        unsafe { self.open_copy(copy) }
     }
 
-    fn load_file_inner(&self, file: &PluginFile) -> Result<Library, LoadError> {
+    /// Checks a file's header and makes its private copy (with the libraries it finds
+    /// through `$ORIGIN` beside it): the first step of every load, in process or in a
+    /// worker. Counted as a failed load when it fails.
+    pub fn copy(&self, file: &PluginFile) -> Result<ShadowCopy, LoadError> {
+        let copied = self.copy_inner(file);
+        if copied.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+        copied
+    }
+
+    fn copy_inner(&self, file: &PluginFile) -> Result<ShadowCopy, LoadError> {
         let PluginFile {
             path,
             bytes,
@@ -191,16 +201,14 @@ impl Loader {
                 .unwrap_or(std::ffi::OsStr::new("plugin.so"));
             (dir.join(name), Some(dir))
         };
-        // Everything copied for this load goes when it is opened (or fails).
-        let remove = |shadow: &Path| match &own_dir {
-            Some(dir) => {
-                let _ = fs::remove_dir_all(dir);
-            }
-            None => {
-                let _ = fs::remove_file(shadow);
-            }
+        // Everything copied for this load goes when the copy is dropped.
+        let copy = ShadowCopy {
+            path: path.to_owned(),
+            shadow,
+            own_dir,
+            sha256: *sha256,
         };
-        if let Some(dir) = &own_dir {
+        if let Some(dir) = &copy.own_dir {
             for library in &bundled {
                 let target = dir.join(&library.relative);
                 let copied = target
@@ -209,7 +217,6 @@ impl Loader {
                     .and_then(|()| crate::bounded::read(&library.source, super::MAX_PLUGIN_SIZE))
                     .and_then(|read| fs::write(&target, read.bytes));
                 if let Err(source) = copied {
-                    remove(&shadow);
                     return Err(LoadError::Bundled {
                         path: path.to_owned(),
                         library: library.source.clone(),
@@ -219,34 +226,87 @@ impl Loader {
                 }
             }
         }
-        fs::File::create(&shadow)
+        fs::File::create(&copy.shadow)
             .and_then(|mut f| f.write_all(bytes))
-            .map_err(|source| {
-                remove(&shadow);
-                LoadError::ShadowCopy {
-                    path: path.to_owned(),
-                    shadow: shadow.clone(),
-                    source,
-                }
+            .map_err(|source| LoadError::ShadowCopy {
+                path: path.to_owned(),
+                shadow: copy.shadow.clone(),
+                source,
             })?;
+        Ok(copy)
+    }
 
-        if let Some(probe) = &self.probe {
-            // Proven in a throwaway process first: a file that crashes or hangs there is
-            // never opened here.
-            if let Err(error) = probe.check(&shadow, path, self.states.get().map(|s| &**s)) {
-                remove(&shadow);
-                return Err(error);
-            }
+    /// Has the copy proven by the probe, when the loader has one.
+    pub fn prove(&self, copy: &ShadowCopy) -> Result<(), LoadError> {
+        let Some(probe) = &self.probe else {
+            return Ok(());
+        };
+        // Proven in a throwaway process first: a file that crashes or hangs there is never
+        // opened here.
+        let proven = probe.check(&copy.shadow, &copy.path, self.states.get().map(|s| &**s));
+        if proven.is_err() {
+            self.failed.fetch_add(1, Ordering::Relaxed);
         }
-        let opened = open(path, &shadow, sha256).map(|mut library| {
+        proven
+    }
+
+    /// Opens a copy in this process.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Loader::load`]: the caller vouches for the file.
+    pub unsafe fn open_copy(&self, copy: ShadowCopy) -> Result<Library, LoadError> {
+        let opened = open(&copy.path, &copy.shadow, &copy.sha256).map(|mut library| {
             library.close_timeout = self.close_timeout;
             library
         });
-        // The mappings keep the files' content alive; the names are no longer needed.
-        remove(&shadow);
-        if opened.is_ok() {
-            self.opened.fetch_add(1, Ordering::Relaxed);
-        }
+        // The mappings keep the files' content alive; the names are no longer needed (the
+        // copy goes with them).
+        drop(copy);
+        match &opened {
+            Ok(_) => self.opened.fetch_add(1, Ordering::Relaxed),
+            Err(_) => self.failed.fetch_add(1, Ordering::Relaxed),
+        };
         opened
+    }
+}
+
+/// The private copy of a plugin file that is opened (in process, or by a worker), removed
+/// with everything copied beside it when dropped.
+#[derive(Debug)]
+pub struct ShadowCopy {
+    path: PathBuf,
+    shadow: PathBuf,
+    own_dir: Option<PathBuf>,
+    sha256: [u8; 32],
+}
+
+impl ShadowCopy {
+    /// The plugin file it copies.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The copy.
+    pub fn shadow(&self) -> &Path {
+        &self.shadow
+    }
+
+    /// The SHA-256 of the file's content.
+    pub fn sha256(&self) -> &[u8; 32] {
+        &self.sha256
+    }
+}
+
+impl Drop for ShadowCopy {
+    fn drop(&mut self) {
+        match &self.own_dir {
+            Some(dir) => {
+                let _ = fs::remove_dir_all(dir);
+            }
+            None => {
+                let _ = fs::remove_file(&self.shadow);
+            }
+        }
     }
 }

@@ -27,28 +27,41 @@ impl Manifest {
     /// Copies and validates a manifest that came from a plugin.
     pub(crate) fn from_raw(raw: &RManifest) -> Result<Self, String> {
         // Bytes from the library: a corrupt one holds anything, UTF-8 or not.
-        let name = lossy(raw.name.as_bytes());
-        if !is_valid_service_name(&name) {
+        let dependencies: Vec<String> = raw
+            .dependencies
+            .iter()
+            .map(|dep| lossy(dep.as_bytes()))
+            .collect();
+        Manifest::from_parts(
+            &lossy(raw.name.as_bytes()),
+            &lossy(raw.version.as_bytes()),
+            &dependencies,
+        )
+    }
+
+    /// Validates a manifest given as text (read from the library, or sent by a worker
+    /// process that read it).
+    pub(crate) fn from_parts(
+        name: &str,
+        version: &str,
+        raw_dependencies: &[String],
+    ) -> Result<Self, String> {
+        if !is_valid_service_name(name) {
             return Err(format!(
                 "service name {name:?} is invalid: use 1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit, other than `kernel` (the host's own)"
             ));
         }
-        if raw.version.len() > MAX_VERSION_LEN {
+        if version.len() > MAX_VERSION_LEN {
             return Err(format!(
                 "service `{name}` has a version longer than {MAX_VERSION_LEN} bytes"
             ));
         }
-        let version_text = lossy(raw.version.as_bytes());
-        let version = semver::Version::parse(&version_text).map_err(|e| {
-            format!(
-                "service `{name}` has version {:?}, which is not semver: {e}",
-                version_text
-            )
+        let version = semver::Version::parse(version).map_err(|e| {
+            format!("service `{name}` has version {version:?}, which is not semver: {e}")
         })?;
         let mut dependencies: Vec<String> = Vec::new();
-        for dep in raw.dependencies.iter() {
-            let dep = lossy(dep.as_bytes());
-            if !is_valid_service_name(&dep) {
+        for dep in raw_dependencies {
+            if !is_valid_service_name(dep) {
                 return Err(format!(
                     "service `{name}` depends on {dep:?}, which is not a valid service name"
                 ));
@@ -56,12 +69,12 @@ impl Manifest {
             if dep == name {
                 return Err(format!("service `{name}` depends on itself"));
             }
-            if !dependencies.contains(&dep) {
-                dependencies.push(dep);
+            if !dependencies.contains(dep) {
+                dependencies.push(dep.clone());
             }
         }
         Ok(Manifest {
-            name,
+            name: name.to_owned(),
             version,
             dependencies,
         })

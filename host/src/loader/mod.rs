@@ -40,12 +40,22 @@ pub use error::LoadError;
 pub use file::{PluginFile, MAX_PLUGIN_SIZE};
 pub use instance::Instance;
 pub use library::{is_mapped, loader_busy, loader_wedged, Library};
-pub use load::Loader;
+pub use load::{Loader, ShadowCopy};
 pub use manifest::Manifest;
 pub use probe::{run_probe_child, Probe, StateSource};
 pub use process::{
-    exit_without_destructors, limit_malloc_arenas, report_fatal_ends, PLUGIN_EXIT_STATUS,
+    exit_without_destructors, limit_malloc_arenas, report_fatal_ends,
+    report_fatal_signals_in_worker, PLUGIN_EXIT_STATUS,
 };
+
+/// Opens a plugin file in a worker process (see [`crate::worker`]), with no shadow copy of
+/// its own: the host made the copy `open_path` of `path`.
+pub(crate) fn open_for_worker(
+    path: &std::path::Path,
+    open_path: &std::path::Path,
+) -> Result<Library, LoadError> {
+    open::open(path, open_path, &[0; 32])
+}
 
 #[cfg(test)]
 mod tests;

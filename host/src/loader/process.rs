@@ -78,11 +78,20 @@ fn say_where() {
     }
 }
 
+/// Set in a worker process (see [`report_fatal_signals_in_worker`]).
+static IN_WORKER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 extern "C" fn on_fatal_signal(signal: libc::c_int) {
     let name = FATAL_SIGNALS
         .iter()
         .find(|(number, _)| *number == signal)
         .map_or("a fatal signal", |(_, name)| name);
+    if IN_WORKER.load(std::sync::atomic::Ordering::Relaxed) {
+        say(&[b"microkernel worker: ", name.as_bytes(), b" "]);
+        say_where();
+        say(&[b": the worker ends; the host restarts it from the service's last checkpoint\n"]);
+        return;
+    }
     say(&[b"microkernel: ", name.as_bytes(), b" "]);
     say_where();
     say(&[
@@ -106,6 +115,24 @@ extern "C" fn on_exit_call() {
 /// process with [`PLUGIN_EXIT_STATUS`]. Call it once, at start-up, before any plugin is
 /// loaded.
 pub fn report_fatal_ends() -> std::io::Result<()> {
+    install_signal_reporters()?;
+    // SAFETY: `on_exit_call` is an `extern "C" fn()` that writes to standard error and ends
+    // the process; `atexit` only records it.
+    if unsafe { libc::atexit(on_exit_call) } != 0 {
+        return Err(std::io::Error::other("atexit refused the handler"));
+    }
+    Ok(())
+}
+
+/// For a worker process (see [`crate::worker`]): a fatal signal in plugin code leaves one
+/// line naming the service and the call, as in the host; an `exit` is left alone (the host
+/// reports the status, and the call it was in).
+pub fn report_fatal_signals_in_worker() -> std::io::Result<()> {
+    IN_WORKER.store(true, std::sync::atomic::Ordering::Relaxed);
+    install_signal_reporters()
+}
+
+fn install_signal_reporters() -> std::io::Result<()> {
     for (signal, _) in FATAL_SIGNALS {
         // SAFETY: a zeroed `sigaction` is a valid empty one; the handler is an
         // `extern "C" fn(c_int)` (no SA_SIGINFO) that only reads thread-locals needing no
@@ -121,11 +148,6 @@ pub fn report_fatal_ends() -> std::io::Result<()> {
         if installed != 0 {
             return Err(std::io::Error::last_os_error());
         }
-    }
-    // SAFETY: `on_exit_call` is an `extern "C" fn()` that writes to standard error and ends
-    // the process; `atexit` only records it.
-    if unsafe { libc::atexit(on_exit_call) } != 0 {
-        return Err(std::io::Error::other("atexit refused the handler"));
     }
     Ok(())
 }

@@ -9,8 +9,9 @@ use std::{
 
 use super::{Action, Candidate, Plan, Rejection, ReloadError, Reloader, ScanReport};
 use crate::{
+    kernel::Loaded,
     kernel::{Kernel, KernelError, SwapError, SwapReport},
-    loader::{threads, Library, LoadError, PluginFile},
+    loader::{threads, LoadError, PluginFile},
     InstanceError,
 };
 
@@ -81,7 +82,7 @@ impl Reloader {
     pub(super) fn apply(
         &self,
         kernel: &Kernel,
-        mut loaded: BTreeMap<PathBuf, Library>,
+        mut loaded: BTreeMap<PathBuf, Loaded>,
         only: Option<&str>,
         report: &mut ScanReport,
     ) {
@@ -339,8 +340,8 @@ impl Reloader {
         &self,
         kernel: &Kernel,
         candidate: &Candidate,
-        loaded: &mut BTreeMap<PathBuf, Library>,
-    ) -> Result<Library, ReloadError> {
+        loaded: &mut BTreeMap<PathBuf, Loaded>,
+    ) -> Result<Loaded, ReloadError> {
         if let Some(library) = loaded.remove(&candidate.path) {
             return Ok(library);
         }
@@ -357,6 +358,6 @@ impl Reloader {
         }
         // SAFETY: the file passed the trust checks above; whoever made this reloader vouches
         // for those (`Reloader::new`).
-        Ok(unsafe { kernel.loader().load_file(&file)? })
+        Ok(unsafe { kernel.load_version(&file)? })
     }
 }

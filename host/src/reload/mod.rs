@@ -40,8 +40,8 @@ use sha2::{Digest, Sha256};
 pub use verdicts::{FileRef, Rejection, Verdicts, RECORD};
 
 use crate::{
-    kernel::{Kernel, KernelError, Status, SwapReport},
-    loader::{Library, LoadError, PluginFile},
+    kernel::{Kernel, KernelError, Loaded, Status, SwapReport},
+    loader::{LoadError, PluginFile},
     state::StateStore,
     trust::{AllowList, Trust, TrustError},
 };
@@ -429,7 +429,7 @@ impl Reloader {
         only: Option<&str>,
         allowed: Option<&AllowList>,
         report: &mut ScanReport,
-    ) -> BTreeMap<PathBuf, Library> {
+    ) -> BTreeMap<PathBuf, Loaded> {
         let mut loaded = BTreeMap::new();
         let mut fresh = BTreeSet::new();
         for path in files {
@@ -465,7 +465,7 @@ impl Reloader {
             }
             // SAFETY: the file passed the trust checks above; whoever made this reloader
             // vouches for those (`Reloader::new`).
-            match unsafe { kernel.loader().load_file(&file) } {
+            match unsafe { kernel.load_version(&file) } {
                 Ok(library) => {
                     let manifest = library.manifest();
                     if only.is_some_and(|only| manifest.name != only) {
@@ -563,7 +563,16 @@ impl Reloader {
                 }
             }
             let last_good = self.verdicts.last_good(service);
-            let running = kernel.info(service).map(|info| (info.sha256, info.status));
+            // A service whose mode is to change (in process, isolated) is replaced by its
+            // own file, loaded again in the new mode: what runs counts as another file.
+            let running = kernel.info(service).map(|info| {
+                let isolated = kernel.isolation_of(service).is_some();
+                if info.process.is_some() == isolated {
+                    (info.sha256, info.status)
+                } else {
+                    (String::new(), info.status)
+                }
+            });
             let present = |good: &FileRef| {
                 self.known
                     .values()

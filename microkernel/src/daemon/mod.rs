@@ -149,6 +149,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         state,
         on_bad_state: args.on_bad_state.into(),
         probe: Some(Probe::new(Probe::this_program(), args.probe_timeout)),
+        isolation: Default::default(),
+        worker_program: None,
     })?);
 
     let (events_tx, events) = unbounded();

@@ -1,0 +1,109 @@
+//! [`Loaded`]: one version of a service as the kernel holds it, opened in this process or
+//! prepared to run in worker processes; and [`KernelInner::load_version`], which decides
+//! which.
+
+use std::{path::Path, sync::Arc};
+
+use super::KernelInner;
+use crate::{
+    instance::InstanceSource,
+    loader::{Library, LoadError, Manifest, PluginFile},
+    worker::{self, IsolatedPlugin},
+};
+
+/// One loaded version of a service.
+#[derive(Debug, Clone)]
+pub enum Loaded {
+    /// A library opened in the host.
+    InProcess(Arc<Library>),
+    /// A file whose instances run in worker processes; the host never opened it.
+    Isolated(Arc<IsolatedPlugin>),
+}
+
+impl From<Library> for Loaded {
+    fn from(library: Library) -> Self {
+        Loaded::InProcess(Arc::new(library))
+    }
+}
+
+impl From<IsolatedPlugin> for Loaded {
+    fn from(plugin: IsolatedPlugin) -> Self {
+        Loaded::Isolated(Arc::new(plugin))
+    }
+}
+
+impl Loaded {
+    /// The validated manifest.
+    pub fn manifest(&self) -> &Manifest {
+        match self {
+            Loaded::InProcess(library) => library.manifest(),
+            Loaded::Isolated(plugin) => plugin.manifest(),
+        }
+    }
+
+    /// The plugin file.
+    pub fn path(&self) -> &Path {
+        match self {
+            Loaded::InProcess(library) => library.path(),
+            Loaded::Isolated(plugin) => plugin.path(),
+        }
+    }
+
+    /// The SHA-256 of the file's content.
+    pub fn sha256(&self) -> &[u8; 32] {
+        match self {
+            Loaded::InProcess(library) => library.sha256(),
+            Loaded::Isolated(plugin) => plugin.sha256(),
+        }
+    }
+
+    /// Whether its instances run in worker processes.
+    pub fn is_isolated(&self) -> bool {
+        matches!(self, Loaded::Isolated(_))
+    }
+
+    /// What makes its instances.
+    pub(super) fn source(&self) -> Arc<dyn InstanceSource> {
+        match self {
+            Loaded::InProcess(library) => library.clone(),
+            Loaded::Isolated(plugin) => plugin.clone(),
+        }
+    }
+}
+
+impl KernelInner {
+    /// Loads a plugin file in the mode its service is configured for. When some service is
+    /// isolated, a worker process reads the file's manifest first (the worker is then the
+    /// file's probe, and the host never opens a file of an isolated service); otherwise, or
+    /// for a service that runs in process, the probe proves it and the host opens it.
+    ///
+    /// # Safety
+    ///
+    /// As for [`crate::loader::Loader::load`]: the caller vouches for the file.
+    pub(super) unsafe fn load_version(&self, file: &PluginFile) -> Result<Loaded, LoadError> {
+        let loader = &self.loader;
+        let copy = loader.copy(file)?;
+        let isolation = self
+            .isolation
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let (Some(program), false) = (&self.config.worker_program, isolation.is_empty()) {
+            let manifest = worker::read_manifest(program, &copy, self.config.operation_timeout)?;
+            if let Some(settings) = isolation.get(&manifest.name) {
+                return Ok(IsolatedPlugin::new(
+                    copy,
+                    manifest,
+                    program.clone(),
+                    settings.clone(),
+                    self.config.operation_timeout,
+                    self.config.spin,
+                )
+                .into());
+            }
+        }
+        loader.prove(&copy)?;
+        // SAFETY: the caller vouches for the file.
+        Ok(unsafe { loader.open_copy(copy) }?.into())
+    }
+}

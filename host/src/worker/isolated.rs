@@ -1,0 +1,512 @@
+//! [`IsolatedPlugin`] and its instances: the executor's seam implemented by a worker
+//! process, with the supervision that restarts a worker that died.
+
+use std::{
+    collections::VecDeque,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use plugin_api::{codes, Reply};
+
+use super::{
+    process::{Opened, Outcome, StartError, Worker},
+    protocol::ToWorker,
+};
+use crate::{
+    instance::{
+        HostServices, InstanceSource, Message, ProcessEvent, ProcessStatus, ServiceInstance,
+    },
+    loader::{LoadError, Manifest, ShadowCopy},
+};
+
+/// How an isolated service is supervised: how often its worker may die before it stays
+/// down, and how long a restart waits.
+///
+/// Defaults: at most 5 crashes within 60 s (the sixth leaves the service failed), the first
+/// restart at once, the next ones after 100 ms, 200 ms, 400 ms... up to 10 s. OTP's
+/// supervisors default to 1 restart in 5 s, for processes that restart in microseconds; a
+/// worker restarts in milliseconds and restores a state, and a crash loop should cost the
+/// host little (see README, "Isolated services").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    /// Crashes tolerated within `restart_window`; one more and no worker is started again.
+    pub max_restarts: u32,
+    /// The window `max_restarts` counts in.
+    pub restart_window: Duration,
+    /// The wait before the second restart within the window; it doubles each time.
+    pub backoff: Duration,
+    /// The longest wait before a restart.
+    pub backoff_max: Duration,
+    /// The worker's address-space limit in bytes (`RLIMIT_AS`), if any: an allocation past
+    /// it fails (a Rust plugin then aborts, and its worker is restarted). It counts address
+    /// space, not memory in use: thread stacks and allocator arenas count in full.
+    pub memory_max: Option<u64>,
+}
+
+impl Default for Isolation {
+    fn default() -> Self {
+        Isolation {
+            max_restarts: 5,
+            restart_window: Duration::from_secs(60),
+            backoff: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            memory_max: None,
+        }
+    }
+}
+
+/// A plugin file prepared to run in worker processes: its private copy (kept while this
+/// lives, for restarts), its manifest (read by a worker: the host never opens the file), and
+/// how its workers are run and supervised.
+pub struct IsolatedPlugin {
+    copy: ShadowCopy,
+    manifest: Manifest,
+    program: PathBuf,
+    settings: Isolation,
+    /// How long a worker may take to answer a request; lifecycle calls get half of it (so
+    /// that the worker is killed before the kernel gives the operation up).
+    timeout: Duration,
+    spin: Duration,
+    /// Its worker now, as its instance last reported it.
+    status: std::sync::Mutex<ProcessStatus>,
+}
+
+impl std::fmt::Debug for IsolatedPlugin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IsolatedPlugin")
+            .field("path", &self.copy.path())
+            .field("service", &self.manifest.name)
+            .field("version", &self.manifest.version.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads the manifest of a copied plugin file in a worker process, which opens it and
+/// exits: the worker is the file's probe.
+pub fn read_manifest(
+    program: &Path,
+    copy: &ShadowCopy,
+    timeout: Duration,
+) -> Result<Manifest, LoadError> {
+    let deadline = Instant::now() + timeout;
+    let (worker, opened) = Worker::start(program, copy, None, None, deadline)
+        .map_err(|error| load_error(program, copy.path(), error))?;
+    worker.exit(Instant::now() + timeout);
+    manifest_of(copy.path(), opened)
+}
+
+fn manifest_of(path: &Path, opened: Opened) -> Result<Manifest, LoadError> {
+    Manifest::from_parts(&opened.name, &opened.version, &opened.dependencies).map_err(|reason| {
+        LoadError::InvalidManifest {
+            path: path.to_owned(),
+            reason,
+        }
+    })
+}
+
+fn load_error(program: &Path, path: &Path, error: StartError) -> LoadError {
+    match error {
+        StartError::Spawn(source) => LoadError::WorkerFailed {
+            path: path.to_owned(),
+            program: program.to_owned(),
+            source,
+        },
+        StartError::NotStarted(how) => LoadError::WorkerDidNotStart {
+            path: path.to_owned(),
+            program: program.to_owned(),
+            how,
+        },
+        StartError::Crashed(how) => LoadError::WorkerCrashed {
+            path: path.to_owned(),
+            how,
+        },
+        StartError::Refused(reason) => LoadError::WorkerRefused {
+            path: path.to_owned(),
+            reason,
+        },
+    }
+}
+
+impl IsolatedPlugin {
+    /// A copied plugin file whose manifest a worker read, to run in workers of `program`.
+    pub fn new(
+        copy: ShadowCopy,
+        manifest: Manifest,
+        program: PathBuf,
+        settings: Isolation,
+        timeout: Duration,
+        spin: Duration,
+    ) -> Self {
+        IsolatedPlugin {
+            copy,
+            manifest,
+            program,
+            settings,
+            timeout,
+            spin,
+            status: Default::default(),
+        }
+    }
+
+    /// Its worker process now (the last instance's).
+    pub fn status(&self) -> ProcessStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The plugin file.
+    pub fn path(&self) -> &Path {
+        self.copy.path()
+    }
+
+    /// The SHA-256 of the file's content.
+    pub fn sha256(&self) -> &[u8; 32] {
+        self.copy.sha256()
+    }
+
+    /// The manifest a worker read.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// How its workers are supervised.
+    pub fn settings(&self) -> &Isolation {
+        &self.settings
+    }
+
+    /// Starts a worker for the service and has it create its instance.
+    fn bring_up(
+        &self,
+        services: &Arc<dyn HostServices>,
+        config: Option<&str>,
+    ) -> Result<Worker, String> {
+        let deadline = Instant::now() + self.lifecycle_timeout();
+        let name = &self.manifest.name;
+        let (mut worker, opened) = Worker::start(
+            &self.program,
+            &self.copy,
+            Some(name),
+            self.settings.memory_max,
+            deadline,
+        )
+        .map_err(|error| {
+            plugin_api::error_chain(&load_error(&self.program, self.copy.path(), error))
+        })?;
+        if opened.name != *name || opened.version != self.manifest.version.to_string() {
+            worker.kill();
+            return Err(format!(
+                "its worker opened {} {} where {name} {} was read before",
+                opened.name, opened.version, self.manifest.version
+            ));
+        }
+        worker.serve_side(name, services.clone());
+        match worker.create(config, &**services, self.spin, deadline) {
+            Ok(Ok(())) => Ok(worker),
+            Ok(Err(error)) => {
+                worker.exit(Instant::now() + self.lifecycle_timeout());
+                Err(error)
+            }
+            Err(error) => Err(format!(
+                "its worker process (pid {}) {} while creating the instance",
+                worker.pid(),
+                worker.end_of(&error)
+            )),
+        }
+    }
+
+    fn lifecycle_timeout(&self) -> Duration {
+        self.timeout / 2
+    }
+}
+
+impl InstanceSource for IsolatedPlugin {
+    fn create(
+        self: Arc<Self>,
+        services: Arc<dyn HostServices>,
+        config: Option<&str>,
+    ) -> Result<Box<dyn ServiceInstance>, String> {
+        let worker = self.bring_up(&services, config)?;
+        let instance = WorkerInstance {
+            status: ProcessStatus {
+                pid: Some(worker.pid()),
+                ..ProcessStatus::default()
+            },
+            plugin: self,
+            services,
+            config: config.map(str::to_owned),
+            worker: Some(worker),
+            started: false,
+            crashes: VecDeque::new(),
+        };
+        instance.report();
+        Ok(Box::new(instance))
+    }
+}
+
+/// One instance of an isolated service: its worker process, and what brings another up
+/// when that one dies.
+struct WorkerInstance {
+    plugin: Arc<IsolatedPlugin>,
+    services: Arc<dyn HostServices>,
+    config: Option<String>,
+    /// `None` between a crash and the restart.
+    worker: Option<Worker>,
+    /// Whether `start` succeeded: from then on a worker that dies is restarted, and the
+    /// restarted one is started too.
+    started: bool,
+    /// When the recent crashes happened (within the restart window).
+    crashes: VecDeque<Instant>,
+    status: ProcessStatus,
+}
+
+/// A call's outcome, or how the worker was lost.
+type Called = Result<Outcome, String>;
+
+impl WorkerInstance {
+    /// Publishes the worker's status: for `list` (through the plugin) and the metrics.
+    fn report(&self) {
+        *self.plugin.status.lock().unwrap_or_else(|p| p.into_inner()) = self.status.clone();
+        self.services.process_status(&self.status);
+    }
+
+    /// Sends a call to the worker (restarting it first if it died and the instance had
+    /// started); a worker lost during the call is described in the error.
+    fn call(&mut self, what: &'static str, message: &ToWorker<'_>, timeout: Duration) -> Called {
+        self.revive()?;
+        let worker = self.worker.as_mut().expect("revived");
+        let deadline = Instant::now() + timeout;
+        match worker.call(message, &*self.services, self.plugin.spin, deadline) {
+            Ok(outcome) => Ok(outcome),
+            Err(error) => {
+                let how = format!(
+                    "its worker process (pid {}) {} during {what}",
+                    worker.pid(),
+                    worker.end_of(&error)
+                );
+                Err(self.lost(how))
+            }
+        }
+    }
+
+    fn lifecycle(&mut self, what: &'static str, message: &ToWorker<'_>) -> Called {
+        let timeout = self.plugin.lifecycle_timeout();
+        self.call(what, message, timeout)
+    }
+
+    /// Records a worker lost: the crash, and what happens next.
+    fn lost(&mut self, how: String) -> String {
+        self.worker = None;
+        let now = Instant::now();
+        self.crashes.push_back(now);
+        let window = self.plugin.settings.restart_window;
+        while self
+            .crashes
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > window)
+        {
+            self.crashes.pop_front();
+        }
+        let settings = &self.plugin.settings;
+        let gave_up = self.started && self.crashes.len() > settings.max_restarts as usize;
+        self.status.pid = None;
+        self.status.crashes += 1;
+        self.status.last_crash = Some(how.clone());
+        self.status.gave_up |= gave_up;
+        self.status.event = ProcessEvent::Crashed;
+        self.report();
+        let service = &self.plugin.manifest.name;
+        if !self.started {
+            tracing::error!(service, crash = %how, "the worker died before the service started");
+            how
+        } else if gave_up {
+            tracing::error!(service, crash = %how, crashes = self.crashes.len(), window = ?window, "the worker died too often: not restarted (`ctl start` or a new version brings the service back)");
+            format!(
+                "{how}; {} crashes within {window:?}: not restarted",
+                self.crashes.len()
+            )
+        } else {
+            tracing::error!(service, crash = %how, "the worker died; restarting it from the last checkpoint");
+            format!("{how}; restarting from the last checkpoint")
+        }
+    }
+
+    /// Brings up a new worker if the last one died after the instance started: from the
+    /// service's last durable state, after the backoff. Gives up (the error says why) once
+    /// the crashes within the window pass the limit.
+    fn revive(&mut self) -> Result<(), String> {
+        while self.worker.is_none() {
+            let service = self.plugin.manifest.name.clone();
+            if !self.started {
+                return Err(format!(
+                    "service `{service}` lost its worker process before it started"
+                ));
+            }
+            if self.status.gave_up {
+                return Err(format!(
+                    "service `{service}` is failed: its worker process died {} times within {:?} ({})",
+                    self.crashes.len(),
+                    self.plugin.settings.restart_window,
+                    self.status.last_crash.as_deref().unwrap_or("")
+                ));
+            }
+            std::thread::sleep(self.backoff());
+            match self.restart() {
+                Ok(worker) => {
+                    self.status.pid = Some(worker.pid());
+                    self.status.restarts += 1;
+                    self.status.event = ProcessEvent::Restarted;
+                    self.worker = Some(worker);
+                    self.report();
+                    tracing::info!(
+                        service,
+                        pid = self.status.pid,
+                        restarts = self.status.restarts,
+                        "worker restarted"
+                    );
+                }
+                Err(how) => {
+                    self.lost(how);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The wait before the next restart: none for the first crash within the window, then
+    /// the backoff, doubled for each crash more.
+    fn backoff(&self) -> Duration {
+        let settings = &self.plugin.settings;
+        match self.crashes.len() {
+            0 | 1 => Duration::ZERO,
+            n => {
+                let doubled = settings
+                    .backoff
+                    .saturating_mul(1u32 << (n - 2).min(20) as u32);
+                doubled.min(settings.backoff_max)
+            }
+        }
+    }
+
+    /// A new worker, created, with the last durable state imported, started.
+    fn restart(&mut self) -> Result<Worker, String> {
+        let mut worker = self
+            .plugin
+            .bring_up(&self.services, self.config.as_deref())?;
+        let saved = self
+            .services
+            .saved_state()
+            .map_err(|error| format!("its last state could not be read: {error}"));
+        let deadline = || Instant::now() + self.plugin.lifecycle_timeout();
+        let spin = self.plugin.spin;
+        let mut step = |what: &str, message: &ToWorker<'_>| -> Result<(), String> {
+            match worker.call(message, &*self.services, spin, deadline()) {
+                Ok(Outcome::Done(Ok(()))) => Ok(()),
+                Ok(Outcome::Done(Err(error))) => Err(format!("{what} failed: {error}")),
+                Ok(_) => Err(format!("{what}: the worker answered another call")),
+                Err(error) => Err(format!(
+                    "its worker process (pid {}) {} during {what}",
+                    worker.pid(),
+                    worker.end_of(&error)
+                )),
+            }
+        };
+        if let Some((version, state)) = saved? {
+            step(
+                "import_state",
+                &ToWorker::Import {
+                    from_version: &version,
+                    state: &state,
+                },
+            )?;
+        }
+        step("start", &ToWorker::Start)?;
+        Ok(worker)
+    }
+
+    fn unit(called: Called) -> Result<(), String> {
+        match called? {
+            Outcome::Done(done) => done,
+            other => Err(format!("the worker answered another call: {other:?}")),
+        }
+    }
+}
+
+impl ServiceInstance for WorkerInstance {
+    fn start(&mut self) -> Result<(), String> {
+        let started = Self::unit(self.lifecycle("start", &ToWorker::Start));
+        self.started = started.is_ok();
+        started
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        if self.worker.is_none() && self.status.gave_up {
+            // Nothing runs, and nothing is started to be stopped.
+            return Ok(());
+        }
+        let stopped = Self::unit(self.lifecycle("stop", &ToWorker::Stop));
+        self.started = false;
+        stopped
+    }
+
+    fn handle(&mut self, request: Message<'_>) -> Reply {
+        let message = ToWorker::Handle {
+            from: request.from,
+            kind: request.kind,
+            payload: request.payload,
+        };
+        let timeout = self.plugin.timeout;
+        match self.call("handle", &message, timeout) {
+            Ok(Outcome::Replied(reply)) => reply,
+            Ok(other) => Reply::error(
+                codes::FAILED,
+                format!("the worker answered another call: {other:?}"),
+            ),
+            Err(how) => Reply::error(codes::UNAVAILABLE, how),
+        }
+    }
+
+    fn on_event(&mut self, event: Message<'_>) -> Result<(), String> {
+        let message = ToWorker::Event {
+            from: event.from,
+            kind: event.kind,
+            payload: event.payload,
+        };
+        let timeout = self.plugin.timeout;
+        Self::unit(self.call("on_event", &message, timeout))
+    }
+
+    fn export_state(&mut self) -> Result<Vec<u8>, String> {
+        match self.lifecycle("export_state", &ToWorker::Export)? {
+            Outcome::Exported(exported) => exported,
+            other => Err(format!("the worker answered another call: {other:?}")),
+        }
+    }
+
+    fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
+        let message = ToWorker::Import {
+            from_version,
+            state,
+        };
+        Self::unit(self.lifecycle("import_state", &message))
+    }
+
+    fn answered(&mut self) {
+        if self.worker.is_none() && self.started && !self.status.gave_up {
+            // Brought back now, not at the next message: the mailbox holds what comes
+            // meanwhile, and the restart's own errors are recorded as crashes.
+            let _ = self.revive();
+        }
+    }
+}
+
+impl Drop for WorkerInstance {
+    fn drop(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.exit(Instant::now() + self.plugin.lifecycle_timeout());
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Isolated services: a plugin file run in a worker process, and what only isolation can
+//! survive (issue 17).
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use host::{worker::Isolation, BadStatePolicy, Kernel, KernelConfig, Status};
+use plugin_api::codes;
+
+use crate::support::{self, json, plugin_dir, Persisted, TestResult};
+
+/// The host's own program, which workers run.
+pub fn worker_program() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_microkernel"))
+}
+
+/// `services` isolated with `settings`.
+pub fn isolating(services: &[&str], settings: &Isolation) -> BTreeMap<String, Isolation> {
+    services
+        .iter()
+        .map(|s| ((*s).to_owned(), settings.clone()))
+        .collect()
+}
+
+/// A persisting kernel running `plugins`, with `services` isolated.
+fn isolated_kernel(
+    persisted: &Persisted,
+    plugins: &Path,
+    services: &[&str],
+    settings: &Isolation,
+) -> (Kernel, host::reload::ScanReport) {
+    let config = KernelConfig {
+        isolation: isolating(services, settings),
+        worker_program: Some(worker_program()),
+        ..persisted.config(BadStatePolicy::Refuse)
+    };
+    persisted.kernel_with(plugins, config)
+}
+
+/// Restarts at once and without limit: for tests that crash a worker on purpose.
+fn quick_restarts() -> Isolation {
+    Isolation {
+        max_restarts: 1_000_000,
+        backoff: Duration::from_millis(1),
+        backoff_max: Duration::from_millis(1),
+        ..Isolation::default()
+    }
+}
+
+fn put(kernel: &Kernel, key: &str, value: u64) -> plugin_api::Reply {
+    let payload = serde_json::json!({"op": "put", "key": key, "value": value}).to_string();
+    kernel.request("kv", "request", payload.as_bytes(), None)
+}
+
+fn get(kernel: &Kernel, key: &str) -> plugin_api::Reply {
+    let payload = serde_json::json!({"op": "get", "key": key}).to_string();
+    kernel.request("kv", "request", payload.as_bytes(), None)
+}
+
+fn pid_of(kernel: &Kernel, service: &str) -> Option<u32> {
+    kernel.info(service)?.process?.pid
+}
+
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z ")
+}
+
+#[test]
+fn an_isolated_service_runs_in_a_worker_process_and_the_host_never_opens_its_file() -> TestResult {
+    let dir = plugin_dir(&["kv", "echo"]);
+    let persisted = Persisted::new();
+    let (kernel, report) = isolated_kernel(&persisted, dir.path(), &["kv"], &Isolation::default());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let info = kernel.info("kv").ok_or("kv is registered")?;
+    assert_eq!(info.status, Status::Running);
+    let pid = info.process.and_then(|p| p.pid).ok_or("kv has a worker")?;
+    assert_ne!(pid, std::process::id());
+    assert!(alive(pid));
+    // echo runs in the host; kv's file was never opened here.
+    assert!(kernel.info("echo").ok_or("echo")?.process.is_none());
+    assert_eq!(
+        kernel.stats().libraries_opened,
+        1,
+        "only echo is opened in the host"
+    );
+    assert!(!host::loader::is_mapped(Path::new("libkv.so"))?);
+    let maps = std::fs::read_to_string("/proc/self/maps")?;
+    assert!(!maps.contains("libkv"), "kv is mapped in the host");
+
+    assert_eq!(put(&kernel, "a", 1).code, codes::OK);
+    assert_eq!(json(&get(&kernel, "a"))["value"], 1);
+    drop(kernel);
+    // Stopped with the kernel: its state was exported by the worker and saved here.
+    assert!(!alive(pid), "the worker outlived its service");
+    let (kernel, _) = isolated_kernel(&persisted, dir.path(), &["kv"], &Isolation::default());
+    assert_eq!(json(&get(&kernel, "a"))["value"], 1);
+    Ok(())
+}
+
+#[test]
+fn a_segfault_in_an_isolated_request_costs_that_request_a_503_and_the_service_a_restart_from_its_checkpoint(
+) -> TestResult {
+    let dir = plugin_dir(&["fixture-faulty", "echo"]);
+    let persisted = Persisted::new();
+    let (kernel, report) =
+        isolated_kernel(&persisted, dir.path(), &["faulty"], &Isolation::default());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    for _ in 0..3 {
+        assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+    }
+    // Three requests counted and checkpointed, one more counted after it.
+    kernel.checkpoint();
+    assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+    let first = pid_of(&kernel, "faulty").ok_or("a worker")?;
+
+    let crashed = kernel.request("faulty", "segv", b"", None);
+    assert_eq!(crashed.code, codes::UNAVAILABLE, "{crashed:?}");
+    assert!(crashed.message.contains("SIGSEGV"), "{}", crashed.message);
+    assert!(
+        crashed.message.contains("restarting"),
+        "{}",
+        crashed.message
+    );
+
+    // The next request is served by a new worker, from the checkpoint: the fourth count is
+    // what the crash lost.
+    let next = json(&kernel.request("faulty", "count", b"", None));
+    assert_eq!(next["count"], 4, "{next}");
+    let info = kernel.info("faulty").ok_or("faulty")?;
+    let process = info.process.ok_or("isolated")?;
+    assert_eq!((process.crashes, process.restarts), (1, 1));
+    assert!(process
+        .last_crash
+        .as_deref()
+        .unwrap_or("")
+        .contains("SIGSEGV"));
+    assert_ne!(process.pid, Some(first));
+    assert!(!alive(first));
+    assert_eq!(info.status, Status::Running);
+    // The host and the other service never noticed.
+    assert_eq!(kernel.request("echo", "echo", b"x", None).code, codes::OK);
+    let metrics = kernel.metrics_text();
+    assert!(
+        metrics.contains("microkernel_worker_crashes_total{service=\"faulty\"} 1"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("microkernel_worker_restarts_total{service=\"faulty\"} 1"));
+    Ok(())
+}
+
+#[test]
+fn an_isolated_hot_replace_keeps_the_state_and_leaves_no_worker_behind() -> TestResult {
+    let dir = plugin_dir(&["echo"]);
+    let persisted = Persisted::new();
+    let (kernel, _) = isolated_kernel(&persisted, dir.path(), &["echo"], &Isolation::default());
+    for _ in 0..5 {
+        assert_eq!(kernel.request("echo", "echo", b"", None).code, codes::OK);
+    }
+    let old = pid_of(&kernel, "echo").ok_or("a worker")?;
+    support::add_plugin(dir.path(), "echo-v2");
+    let report = support::reloader_of(dir.path()).scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.replaced.len(), 1);
+    let info = kernel.info("echo").ok_or("echo")?;
+    assert_eq!(info.version, "2.0.0");
+    assert!(!alive(old), "the old worker is gone");
+    let reply = json(&kernel.request("echo", "echo", b"", None));
+    assert_eq!(reply["count"], 6, "{reply}");
+    assert_eq!(kernel.stats().libraries_opened, 0);
+    Ok(())
+}
+
+#[test]
+fn a_service_moves_between_modes_by_a_hot_replace_that_keeps_its_state() -> TestResult {
+    let dir = plugin_dir(&["kv"]);
+    let persisted = Persisted::new();
+    let (kernel, _) = isolated_kernel(&persisted, dir.path(), &[], &Isolation::default());
+    let mut reloader = support::reloader_of(dir.path());
+    reloader.scan(&kernel, None);
+    assert!(kernel.info("kv").ok_or("kv")?.process.is_none());
+    assert_eq!(put(&kernel, "k", 7).code, codes::OK);
+
+    kernel.set_isolation(isolating(&["kv"], &Isolation::default()))?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(report.replaced.len(), 1, "{report:?}");
+    assert!(pid_of(&kernel, "kv").is_some(), "kv now runs in a worker");
+    assert_eq!(json(&get(&kernel, "k"))["value"], 7);
+    assert_eq!(put(&kernel, "k", 8).code, codes::OK);
+
+    kernel.set_isolation(BTreeMap::new())?;
+    let report = reloader.scan(&kernel, None);
+    assert_eq!(report.replaced.len(), 1, "{report:?}");
+    assert!(kernel.info("kv").ok_or("kv")?.process.is_none());
+    assert_eq!(json(&get(&kernel, "k"))["value"], 8);
+    // Unchanged now: nothing more to do.
+    let report = reloader.scan(&kernel, None);
+    assert!(report.replaced.is_empty());
+    Ok(())
+}
+
+/// A client that sends requests to `service` until told to stop; returns how many it sent
+/// and the replies that failed.
+struct Client {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: std::thread::JoinHandle<(u64, Vec<plugin_api::Reply>)>,
+}
+
+impl Client {
+    fn start(kernel: &std::sync::Arc<Kernel>, service: &'static str) -> Client {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (kernel, stopping) = (kernel.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            let (mut sent, mut failed) = (0, Vec::new());
+            while !stopping.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = kernel.request(service, "echo", b"ping", None);
+                sent += 1;
+                if reply.code != codes::OK {
+                    failed.push(reply);
+                }
+            }
+            (sent, failed)
+        });
+        Client { stop, thread }
+    }
+
+    fn finish(self) -> (u64, Vec<plugin_api::Reply>) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.join().unwrap()
+    }
+}
+
+fn descriptors() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// Each fault of plugin code in a request, isolated: only its own service pays (a `503`
+/// and a restart from its checkpoint for those that end the worker), while another service
+/// serves without one failed request and checkpoints, and the host keeps its threads and
+/// descriptors.
+#[test]
+fn every_fault_of_an_isolated_request_costs_only_its_own_service() -> TestResult {
+    // (kind, whether it ends the worker, what the reply's message names)
+    let faults: &[(&str, bool, &str)] = &[
+        ("segv", true, "SIGSEGV"),
+        ("abort", true, "SIGABRT"),
+        ("exit-3", true, "exited with status 3"),
+        ("hang", true, "did not answer"),
+        ("alloc-2g", true, "SIGABRT"),
+        ("threads-1000", false, ""),
+        ("leak-fds", false, ""),
+    ];
+    let dir = plugin_dir(&["fixture-faulty", "echo", "kv"]);
+    let persisted = Persisted::new();
+    let settings = Isolation {
+        memory_max: Some(1 << 30),
+        ..quick_restarts()
+    };
+    let config = KernelConfig {
+        isolation: isolating(&["faulty"], &settings),
+        worker_program: Some(worker_program()),
+        // A handler that hangs is killed after this.
+        operation_timeout: Duration::from_secs(3),
+        ..persisted.config(BadStatePolicy::Refuse)
+    };
+    let (kernel, report) = persisted.kernel_with(dir.path(), config);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let kernel = std::sync::Arc::new(kernel);
+    let (threads, fds) = (host_threads(), descriptors());
+    let client = Client::start(&kernel, "echo");
+    let mut count = 0;
+    for (round, (kind, ends, names)) in faults.iter().enumerate() {
+        assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+        count += 1;
+        kernel.checkpoint();
+        let reply = kernel.request("faulty", kind, b"", Some(Duration::from_secs(30)));
+        if *ends {
+            assert_eq!(reply.code, codes::UNAVAILABLE, "{kind}: {reply:?}");
+            assert!(reply.message.contains(names), "{kind}: {}", reply.message);
+        } else {
+            assert_eq!(reply.code, codes::OK, "{kind}: {reply:?}");
+        }
+        // Back, from the checkpoint taken before the fault.
+        count += 1;
+        let next = json(&kernel.request("faulty", "count", b"", None));
+        assert_eq!(next["count"], count, "after {kind}: {next}");
+        assert_eq!(put(&kernel, "round", round as u64).code, codes::OK);
+        let checkpoints = kernel.checkpoint();
+        assert!(
+            checkpoints.iter().all(|(_, outcome)| outcome.is_ok()),
+            "{kind}: {checkpoints:?}"
+        );
+    }
+    let (sent, failed) = client.finish();
+    assert!(sent > 0);
+    assert!(
+        failed.is_empty(),
+        "echo failed {} of {sent}: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    let process = kernel
+        .info("faulty")
+        .ok_or("faulty")?
+        .process
+        .ok_or("isolated")?;
+    assert_eq!(process.crashes, 5, "{process:?}");
+    assert_eq!(process.restarts, 5, "{process:?}");
+    // The host's own threads and descriptors are what they were (the client's ended).
+    assert_eq!(descriptors(), fds);
+    assert!(
+        host_threads() <= threads + 1,
+        "{} threads, {threads} before",
+        host_threads()
+    );
+    Ok(())
+}
+
+fn host_threads() -> usize {
+    std::fs::read_dir("/proc/self/task").unwrap().count()
+}
