@@ -325,3 +325,111 @@ fn every_fault_of_an_isolated_request_costs_only_its_own_service() -> TestResult
 fn host_threads() -> usize {
     std::fs::read_dir("/proc/self/task").unwrap().count()
 }
+
+/// The operator's path: a configuration file isolates a service; `ctl list` shows its
+/// worker; a worker killed from outside is restarted; SIGHUP moves the service back into
+/// the host with its state; a bad file is refused at start-up and leaves a running host's
+/// settings as they were.
+#[test]
+fn a_configuration_file_chooses_the_mode_and_sighup_moves_a_service_with_its_state() -> TestResult {
+    use crate::cli::{microkernel, stderr, stdout, Daemon};
+    let root = crate::cli::setup(&["echo", "kv"]);
+    let config = root.path().join("host.toml");
+    std::fs::write(
+        &config,
+        "checkpoint-interval = \"0\"\n[service.kv]\nisolate = true\nmax-restarts = 3\n",
+    )?;
+    let config_arg = config.to_str().ok_or("path")?;
+
+    // --check prints the effective settings: the file's, and the command line's over them.
+    let mut check_args = crate::cli::run_args(root.path());
+    check_args.extend(["--config", config_arg, "--check", "--spin", "0s"].map(str::to_owned));
+    let checked = microkernel(&check_args);
+    assert!(checked.status.success(), "{}", stderr(&checked));
+    let text = stdout(&checked);
+    assert!(text.contains("checkpoint-interval = \"0s\""), "{text}");
+    assert!(text.contains("spin = \"0s\""), "{text}");
+    assert!(
+        text.contains("[service.kv]\nisolate = true\nmax-restarts = 3"),
+        "{text}"
+    );
+
+    let daemon = Daemon::start_with(root.path(), &["--config", config_arg]);
+    let kv = |daemon: &Daemon| {
+        daemon
+            .services()
+            .as_array()
+            .and_then(|all| all.iter().find(|s| s["name"] == "kv").cloned())
+            .unwrap_or_default()
+    };
+    assert_eq!(kv(&daemon)["mode"], "isolated", "{}", daemon.log());
+    let pid = kv(&daemon)["worker"]["pid"]
+        .as_u64()
+        .ok_or("a worker pid")?;
+    daemon.send("kv", r#"{"op":"put","key":"a","value":1}"#);
+    assert!(daemon.ctl(&["checkpoint"]).status.success());
+    daemon.send("kv", r#"{"op":"put","key":"b","value":2}"#);
+
+    // Killed from outside: the next request is served by a new worker, from the checkpoint.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let after = daemon.ctl(&["send", "kv", r#"{"op":"get","key":"a"}"#]);
+    assert!(after.status.success(), "{}", stderr(&after));
+    let lost = daemon.ctl(&["send", "kv", r#"{"op":"get","key":"b"}"#]);
+    assert!(
+        stderr(&lost).contains("error 404"),
+        "b was put after the checkpoint: {}",
+        stderr(&lost)
+    );
+    let worker = kv(&daemon)["worker"].clone();
+    assert_eq!(worker["restarts"], 1, "{worker}");
+    assert!(
+        worker["last_crash"]
+            .as_str()
+            .unwrap_or("")
+            .contains("SIGKILL"),
+        "{worker}"
+    );
+    let table = stdout(&daemon.ctl(&["list"]));
+    assert!(table.contains("isolated"), "{table}");
+    assert!(
+        table.contains("worker processes of isolated services"),
+        "{table}"
+    );
+    daemon.send("kv", r#"{"op":"put","key":"c","value":3}"#);
+
+    // A bad file on SIGHUP: said, and nothing changes.
+    std::fs::write(&config, "[service.kv]\nisolate = true\nmax-restart = 3\n")?;
+    let reload = daemon.ctl(&["reload"]);
+    assert!(
+        stdout(&reload).contains("max-restart") || stderr(&reload).contains("max-restart"),
+        "{}{}",
+        stdout(&reload),
+        stderr(&reload)
+    );
+    assert_eq!(kv(&daemon)["mode"], "isolated");
+
+    // Back into the host by SIGHUP, with the state the worker had.
+    std::fs::write(&config, "checkpoint-interval = \"0\"\n")?;
+    let pid_file = root.path().join("host.pid");
+    let signalled = microkernel(&["reload", "--pid-file", pid_file.to_str().ok_or("path")?]);
+    assert!(signalled.status.success(), "{}", stderr(&signalled));
+    daemon.wait_for(|d| kv(d)["mode"] == "in-process", "kv to run in the host");
+    assert_eq!(daemon.send("kv", r#"{"op":"get","key":"c"}"#)["value"], 3);
+    assert!(daemon.terminate().success());
+
+    // A bad file stops the host before it starts, naming the line and the key.
+    std::fs::write(&config, "plugins = 3\n")?;
+    let mut args = crate::cli::run_args(root.path());
+    args.extend(["--config", config_arg].map(str::to_owned));
+    let refused = microkernel(&args);
+    assert_eq!(refused.status.code(), Some(2));
+    let said = stderr(&refused);
+    assert!(
+        said.contains("line 1") && said.contains("plugins") && said.contains("host.toml"),
+        "{said}"
+    );
+    Ok(())
+}

@@ -54,6 +54,10 @@ pub enum LogFormat {
 
 /// The subcommands.
 #[derive(Debug, Subcommand)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; `run`'s options are most of it"
+)]
 pub enum Command {
     /// Run the host: load every plugin of a directory, start the services, serve until
     /// SIGINT or SIGTERM. SIGHUP rescans the directory and hot-replaces changed services.
@@ -215,8 +219,23 @@ impl StateDirArg {
 pub struct RunArgs {
     /// The plugins directory: every `*.so` in it is loaded. `<service>.conf` next to them is
     /// handed to that service as its configuration.
-    #[arg(long, value_name = "DIR", env = "MICROKERNEL_PLUGINS")]
-    pub plugins: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        env = "MICROKERNEL_PLUGINS",
+        required_unless_present = "config"
+    )]
+    pub plugins: Option<PathBuf>,
+    /// The host's configuration file (TOML): a key for each option of `run` (named as the
+    /// option: `checkpoint-interval = "2s"`), where the command line wins; and
+    /// `[service.NAME]` sections with `isolate = true` (run the service in a worker process),
+    /// `max-restarts`, `restart-window`, `restart-backoff`, `restart-backoff-max` and
+    /// `memory-max`. SIGHUP reads the sections again. See README, "Configuration file".
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Check the configuration file and the options, print the effective settings, and exit.
+    #[arg(long)]
+    pub check: bool,
     /// The state directory.
     #[command(flatten)]
     pub state: StateDirArg,
@@ -395,7 +414,7 @@ fn parse_wait(text: &str) -> Result<Duration, String> {
 
 /// A timeout: a duration, not zero (a zero timeout would make every wait on a plugin fail,
 /// and every plugin file look at fault).
-fn parse_timeout(text: &str) -> Result<Duration, String> {
+pub fn parse_timeout(text: &str) -> Result<Duration, String> {
     match parse_duration(text)? {
         timeout if timeout.is_zero() => {
             Err("a timeout must be longer than 0 (for example 10s)".into())

@@ -3,7 +3,7 @@
 use std::{io::Write, path::PathBuf, process::ExitCode};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use host::state::{self, StateKey};
 use microkernel::{
     cli::{Cli, Command, CtlArgs, CtlCommand, InspectArgs},
@@ -25,7 +25,39 @@ extern "C" fn hold_signals() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(error) => error.exit(),
+    };
+    // The configuration file fills in what the command line did not give, logging
+    // included; a bad file is said before anything starts.
+    let mut config_file = None;
+    if let (Command::Run(args), Some(run)) = (&mut cli.command, matches.subcommand_matches("run")) {
+        if let Some(path) = args.config.clone() {
+            let file = match microkernel::config::read(&path) {
+                Ok(file) => file,
+                Err(error) => {
+                    eprintln!("microkernel: {error:#}");
+                    return ExitCode::from(2);
+                }
+            };
+            let given = microkernel::config::given_in(run);
+            microkernel::config::merge(args, &file, &given);
+            let global = microkernel::config::given_in(&matches);
+            microkernel::config::merge_logging(
+                &mut cli.log_level,
+                &mut cli.log_format,
+                &file,
+                &global,
+            );
+            config_file = Some((path, file));
+        }
+        if args.check {
+            daemon::release_signals();
+            return check(args, config_file.as_ref().map(|(_, file)| file));
+        }
+    }
     // A worker keeps SIGHUP, SIGINT and SIGTERM held: the host ends it when it stops its
     // service (a Ctrl-C, or systemd's SIGTERM to the whole unit, must not kill a worker
     // before the host has saved its state).
@@ -46,7 +78,7 @@ fn main() -> ExitCode {
         });
     let daemon = matches!(cli.command, Command::Run(_));
     microkernel::logs::init(filter, cli.log_format, daemon);
-    let outcome = execute(cli.command);
+    let outcome = execute(cli.command, config_file);
     if !daemon && outcome.as_ref().is_err_and(reader_went_away) {
         // The reader of our output went away (`microkernel ctl list | head -3`): end
         // quietly, as command-line tools do.
@@ -102,9 +134,29 @@ fn reader_went_away(error: &anyhow::Error) -> bool {
     })
 }
 
-fn execute(command: Command) -> anyhow::Result<ExitCode> {
+/// `run --check`: the effective settings, or why they are wrong.
+fn check(
+    args: &microkernel::cli::RunArgs,
+    file: Option<&microkernel::config::FileConfig>,
+) -> ExitCode {
+    if args.plugins.is_none() {
+        eprintln!("microkernel: no plugins directory: give --plugins, or `plugins` in the configuration file");
+        return ExitCode::from(2);
+    }
+    let isolation = file.map(microkernel::config::isolation).unwrap_or_default();
+    let text = microkernel::config::effective(args, &isolation);
+    match write!(std::io::stdout(), "{text}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::from(2),
+    }
+}
+
+fn execute(
+    command: Command,
+    config_file: Option<(std::path::PathBuf, microkernel::config::FileConfig)>,
+) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run(args) => daemon::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Run(args) => daemon::run(args, config_file).map(|()| ExitCode::SUCCESS),
         Command::Keygen { out } => {
             let key = StateKey::write_new(&out)?;
             writeln!(
@@ -235,20 +287,32 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             } else {
                 writeln!(
                     out,
-                    "{:<16} {:<12} {:<10} {:<12} {:<20} {:>5} {:>6}  LAST ERROR",
-                    "NAME", "VERSION", "STATUS", "SHA256", "LOADED SINCE", "SWAPS", "PINNED"
+                    "{:<16} {:<12} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  LAST ERROR",
+                    "NAME",
+                    "VERSION",
+                    "STATUS",
+                    "MODE",
+                    "SHA256",
+                    "LOADED SINCE",
+                    "SWAPS",
+                    "PINNED"
                 )?;
                 let mut pinned = Vec::new();
+                let mut workers = Vec::new();
                 let mut rejected = rejected_elsewhere;
                 for s in services {
                     pinned.extend(s.pinned.iter().map(|p| format!("{}: {p}", s.name)));
                     rejected.extend(s.rejected.iter().map(|r| (s.name.clone(), r.clone())));
+                    if let Some(worker) = &s.worker {
+                        workers.push(format!("{}: {}", s.name, worker.describe()));
+                    }
                     writeln!(
                         out,
-                        "{:<16} {:<12} {:<10} {:<12} {:<20} {:>5} {:>6}  {}",
+                        "{:<16} {:<12} {:<10} {:<10} {:<12} {:<20} {:>5} {:>6}  {}",
                         s.name,
                         s.version,
                         s.status.to_string(),
+                        s.mode,
                         s.sha256.get(..12).unwrap_or(&s.sha256),
                         humantime::format_rfc3339_seconds(
                             std::time::UNIX_EPOCH + std::time::Duration::from_secs(s.loaded_since)
@@ -259,6 +323,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         s.last_error.unwrap_or_default()
                     )?;
                 }
+                section(&mut out, "worker processes of isolated services", workers)?;
                 section(
                     &mut out,
                     "earlier libraries kept loaded (plugin code may still run in them)",

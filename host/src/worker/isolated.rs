@@ -11,7 +11,7 @@ use std::{
 use plugin_api::{codes, Reply};
 
 use super::{
-    process::{Opened, Outcome, StartError, Worker},
+    process::{CallError, Opened, Outcome, StartError, Worker},
     protocol::ToWorker,
 };
 use crate::{
@@ -274,20 +274,30 @@ impl WorkerInstance {
     }
 
     /// Sends a call to the worker (restarting it first if it died and the instance had
-    /// started); a worker lost during the call is described in the error.
+    /// started); a worker lost during the call is described in the error. A worker found
+    /// gone before the call reached it (it died while idle) is restarted, and the call sent
+    /// to the new one: only a call in flight is lost.
     fn call(&mut self, what: &'static str, message: &ToWorker<'_>, timeout: Duration) -> Called {
-        self.revive()?;
-        let worker = self.worker.as_mut().expect("revived");
-        let deadline = Instant::now() + timeout;
-        match worker.call(message, &*self.services, self.plugin.spin, deadline) {
-            Ok(outcome) => Ok(outcome),
-            Err(error) => {
-                let how = format!(
-                    "its worker process (pid {}) {} during {what}",
-                    worker.pid(),
-                    worker.end_of(&error)
-                );
-                Err(self.lost(how))
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            self.revive()?;
+            let worker = self.worker.as_mut().expect("revived");
+            let deadline = Instant::now() + timeout;
+            match worker.call(message, &*self.services, self.plugin.spin, deadline) {
+                Ok(outcome) => return Ok(outcome),
+                Err(CallError { delivered, error }) => {
+                    let when = if delivered { "during" } else { "before" };
+                    let how = format!(
+                        "its worker process (pid {}) {} {when} {what}",
+                        worker.pid(),
+                        worker.end_of(&error)
+                    );
+                    let lost = self.lost(how);
+                    if delivered || tries > 1 || !self.started {
+                        return Err(lost);
+                    }
+                }
             }
         }
     }
@@ -407,7 +417,7 @@ impl WorkerInstance {
                 Ok(Outcome::Done(Ok(()))) => Ok(()),
                 Ok(Outcome::Done(Err(error))) => Err(format!("{what} failed: {error}")),
                 Ok(_) => Err(format!("{what}: the worker answered another call")),
-                Err(error) => Err(format!(
+                Err(CallError { error, .. }) => Err(format!(
                     "its worker process (pid {}) {} during {what}",
                     worker.pid(),
                     worker.end_of(&error)

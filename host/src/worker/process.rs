@@ -5,6 +5,7 @@ use std::{
     os::unix::{net::UnixStream, process::ExitStatusExt},
     path::Path,
     process::{Child, Command, ExitStatus, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -46,6 +47,17 @@ pub(super) struct Worker {
     side: Option<threads::HostThread>,
     /// The side socket until a thread serves it.
     side_conn: Option<Conn>,
+    /// Set by that thread when the side socket closes: the worker is gone (or going).
+    side_closed: Arc<AtomicBool>,
+}
+
+/// Why a call got no outcome.
+#[derive(Debug)]
+pub(super) struct CallError {
+    /// Whether the call reached the worker (it was in flight when the worker was lost);
+    /// `false` when the worker was gone before it could be sent.
+    pub delivered: bool,
+    pub error: WireError,
 }
 
 /// The manifest a worker read from its file.
@@ -93,6 +105,7 @@ impl Worker {
             call: conn(call_host)?,
             side: None,
             side_conn: Some(conn(side_host)?),
+            side_closed: Arc::new(AtomicBool::new(false)),
         };
         match worker
             .call
@@ -148,10 +161,14 @@ impl Worker {
         let Some(mut conn) = self.side_conn.take() else {
             return;
         };
+        let closed = self.side_closed.clone();
         let served = threads::spawn(&format!("side-{service}"), move || loop {
             match answer_callback(&mut conn, &*services) {
                 Ok(()) => {}
-                Err(_) => return,
+                Err(_) => {
+                    closed.store(true, Ordering::Release);
+                    return;
+                }
             }
         });
         match served {
@@ -162,6 +179,11 @@ impl Worker {
         }
     }
 
+    /// Whether the worker is known to be gone: its side socket closed.
+    pub fn gone(&self) -> bool {
+        self.side_closed.load(Ordering::Acquire)
+    }
+
     /// Sends `message` and waits for its outcome, answering the callbacks that come first;
     /// gives up at `deadline`.
     pub fn call(
@@ -170,8 +192,32 @@ impl Worker {
         services: &dyn HostServices,
         spin: Duration,
         deadline: Instant,
+    ) -> Result<Outcome, CallError> {
+        if self.gone() {
+            return Err(CallError {
+                delivered: false,
+                error: WireError::Closed,
+            });
+        }
+        self.call
+            .send(message, Some(deadline))
+            .map_err(|error| CallError {
+                delivered: false,
+                error,
+            })?;
+        self.outcome(services, spin, deadline)
+            .map_err(|error| CallError {
+                delivered: true,
+                error,
+            })
+    }
+
+    fn outcome(
+        &mut self,
+        services: &dyn HostServices,
+        spin: Duration,
+        deadline: Instant,
     ) -> Result<Outcome, WireError> {
-        self.call.send(message, Some(deadline))?;
         loop {
             let received = self.call.recv::<FromWorker>(spin, Some(deadline))?;
             let callback = match received {

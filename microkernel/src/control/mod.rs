@@ -62,6 +62,51 @@ pub struct ServiceEntry {
     /// directory provides it any more.
     #[serde(default)]
     pub no_plugin_file: Option<String>,
+    /// Where its instance runs: `in-process` (the host's own process) or `isolated` (a
+    /// worker process of its own).
+    #[serde(default)]
+    pub mode: String,
+    /// The worker process of an isolated service.
+    #[serde(default)]
+    pub worker: Option<WorkerEntry>,
+}
+
+/// An isolated service's worker process, as `list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerEntry {
+    /// Its process id; `null` between a crash and the restart, or once given up.
+    pub pid: Option<u32>,
+    /// Workers started again after a crash (since this version was loaded).
+    pub restarts: u64,
+    /// Workers lost: a signal, an exit, a closed socket, no answer in time.
+    pub crashes: u64,
+    /// How the last one ended (`was killed by SIGSEGV (core dumped) during handle`).
+    pub last_crash: Option<String>,
+    /// Whether it crashed too often to be restarted (the service is then `failed`).
+    pub gave_up: bool,
+}
+
+impl WorkerEntry {
+    /// One line for the table's section.
+    pub fn describe(&self) -> String {
+        let pid = self
+            .pid
+            .map_or("no process".to_owned(), |pid| format!("pid {pid}"));
+        let mut line = format!(
+            "{pid}, {} restart{}, {} crash{}",
+            self.restarts,
+            if self.restarts == 1 { "" } else { "s" },
+            self.crashes,
+            if self.crashes == 1 { "" } else { "es" }
+        );
+        if let Some(last) = &self.last_crash {
+            line.push_str(&format!("; last: {last}"));
+        }
+        if self.gave_up {
+            line.push_str("; not restarted any more (crashed too often)");
+        }
+        line
+    }
 }
 
 impl ServiceEntry {
@@ -80,6 +125,19 @@ impl ServiceEntry {
             pinned: info.pinned,
             rejected,
             no_plugin_file,
+            mode: if info.process.is_some() {
+                "isolated"
+            } else {
+                "in-process"
+            }
+            .to_owned(),
+            worker: info.process.map(|p| WorkerEntry {
+                pid: p.pid,
+                restarts: p.restarts,
+                crashes: p.crashes,
+                last_crash: p.last_crash,
+                gave_up: p.gave_up,
+            }),
         }
     }
 }

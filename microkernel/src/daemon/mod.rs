@@ -82,7 +82,10 @@ pub const MALLOC_ARENAS: i32 = 1;
 
 /// Runs the host until SIGINT or SIGTERM. Returns an error when the host could not start, or
 /// when some state could not be saved at shutdown.
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
+pub fn run(
+    args: RunArgs,
+    config_file: Option<(std::path::PathBuf, crate::config::FileConfig)>,
+) -> anyhow::Result<()> {
     // Handlers first, then the signals held since `main` began are let through: a SIGHUP
     // sent while the host starts is a rescan once the services are up, a SIGTERM a clean
     // stop; neither kills it.
@@ -100,17 +103,21 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     prepare_for_a_wedged_loader();
     // A plugin that crashes the process, or calls `exit`, leaves a line naming it.
     host::loader::report_fatal_ends().context("installing the fatal-signal reporter")?;
-    if !args.plugins.is_dir() {
+    let plugins = args
+        .plugins
+        .clone()
+        .context("no plugins directory: give --plugins, or `plugins` in the configuration file")?;
+    if !plugins.is_dir() {
         bail!(
             "plugins directory {} does not exist or is not a directory",
-            args.plugins.display()
+            plugins.display()
         );
     }
     let trust = Trust {
         strict_modes: !args.allow_insecure_permissions,
         allow_list: args.allow_sha256.clone(),
     };
-    trust.check("plugins directory", &args.plugins)?;
+    trust.check("plugins directory", &plugins)?;
     trust.allow_list()?;
     // Keys first: a missing or unsafe key is the most common mistake, reported before
     // anything is created.
@@ -149,7 +156,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         state,
         on_bad_state: args.on_bad_state.into(),
         probe: Some(Probe::new(Probe::this_program(), args.probe_timeout)),
-        isolation: Default::default(),
+        isolation: config_file
+            .as_ref()
+            .map(|(_, file)| crate::config::isolation(file))
+            .unwrap_or_default(),
         worker_program: None,
     })?);
 
@@ -175,9 +185,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let (started_tx, started) = crossbeam_channel::bounded(1);
     // SAFETY: the operator names the plugins directory (`--plugins`), and so vouches for
     // the files in it that pass the trust checks (README, "Trust").
-    let reloader = unsafe { Reloader::new(&args.plugins) }.with_trust(trust);
+    let reloader = unsafe { Reloader::new(&plugins) }.with_trust(trust);
     let verdicts = reloader.verdicts();
-    let reloads = spawn_reload_thread(kernel.clone(), reloader, started_tx)?;
+    let reloads = spawn_reload_thread(kernel.clone(), reloader, config_file, started_tx)?;
     let mut up = || -> anyhow::Result<()> {
         let limits = crate::control::Limits {
             write: args.control_answer_timeout,
@@ -185,10 +195,10 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         control.serve_with(kernel.clone(), verdicts.clone(), events_tx.clone(), limits)?;
         if args.watch {
-            spawn_watcher(args.plugins.clone(), events_tx.clone())?;
+            spawn_watcher(plugins.clone(), events_tx.clone())?;
         }
         tracing::info!(
-            plugins = %args.plugins.display(),
+            plugins = %plugins.display(),
             services = kernel.list().len(),
             pid = std::process::id(),
             "host running: SIGHUP rescans, SIGINT/SIGTERM stop"

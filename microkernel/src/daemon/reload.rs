@@ -1,7 +1,10 @@
 //! The reload thread: owns the `Reloader`, applies one rescan at a time, coalesces the
 //! requests that wait meanwhile, and puts each outcome in lines.
 
-use std::sync::Arc;
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+};
 
 use anyhow::Context;
 use crossbeam_channel::{unbounded, Sender};
@@ -13,12 +16,14 @@ use host::{
 };
 
 use super::running_status;
+use crate::config::FileConfig;
 
 /// The thread that applies rescans, one at a time, starting with the first one (then it
 /// sends `started`); the reload requests waiting when one ends are served by one more.
 pub(super) fn spawn_reload_thread(
     kernel: Arc<Kernel>,
     mut reloader: Reloader,
+    mut config_file: Option<(PathBuf, FileConfig)>,
     started: Sender<()>,
 ) -> anyhow::Result<Sender<Work>> {
     let (tx, rx) = unbounded::<Work>();
@@ -42,8 +47,14 @@ pub(super) fn spawn_reload_thread(
                     replies,
                 } = Batch::of(first, reloads);
                 crate::notify::reloading();
+                let reread = config_file
+                    .as_mut()
+                    .and_then(|(path, file)| reread(&kernel, path, file));
                 let report = reloader.scan_with(&kernel, only.as_deref(), retry);
-                let lines = report_lines(&report, only.as_deref(), &kernel);
+                let mut lines = report_lines(&report, only.as_deref(), &kernel);
+                if let Some(error) = reread {
+                    lines.insert(0, (error, true));
+                }
                 crate::notify::ready(&running_status(&kernel));
                 for reply in replies {
                     let _ = reply.send(lines.clone());
@@ -56,6 +67,34 @@ pub(super) fn spawn_reload_thread(
     })
     .context("starting the reload thread")?;
     Ok(tx)
+}
+
+/// Reads the configuration file again before a rescan: its `[service.*]` sections take
+/// effect (the rescan moves a service whose mode changed); a change to another key is said
+/// to wait for a restart. A file that does not read leaves every setting as it was; the
+/// error is returned, for the reload's answer.
+fn reread(kernel: &Kernel, path: &Path, file: &mut FileConfig) -> Option<String> {
+    let new = match crate::config::read(path) {
+        Ok(new) => new,
+        Err(error) => {
+            let error = format!("{error:#}; the settings read before stay");
+            tracing::error!(%error, "configuration file not applied");
+            return Some(error);
+        }
+    };
+    let isolation = crate::config::isolation(&new);
+    if let Err(error) = kernel.set_isolation(isolation) {
+        return Some(format!("configuration file {}: {error}", path.display()));
+    }
+    let services_only = |config: &FileConfig| FileConfig {
+        service: Default::default(),
+        ..config.clone()
+    };
+    if services_only(&new) != services_only(file) {
+        tracing::warn!(file = %path.display(), "keys outside the [service.*] sections changed: they take effect when the host restarts");
+    }
+    *file = new;
+    None
 }
 
 /// What the reload thread is asked to do.
