@@ -433,3 +433,38 @@ fn a_configuration_file_chooses_the_mode_and_sighup_moves_a_service_with_its_sta
     );
     Ok(())
 }
+
+/// Past the crash limit within its window, an isolated service stays failed: every request
+/// gets a `503` saying so, `list` says it, and the host does not spin restarting it; a start
+/// brings it back from its last checkpoint.
+#[test]
+fn a_worker_that_crashes_too_often_leaves_its_service_failed_until_it_is_started_again(
+) -> TestResult {
+    let dir = plugin_dir(&["fixture-faulty"]);
+    let persisted = Persisted::new();
+    let settings = Isolation {
+        max_restarts: 2,
+        backoff: Duration::from_millis(1),
+        ..Isolation::default()
+    };
+    let (kernel, _) = isolated_kernel(&persisted, dir.path(), &["faulty"], &settings);
+    assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+    kernel.checkpoint();
+    for crash in 1..=3 {
+        let reply = kernel.request("faulty", "segv", b"", None);
+        assert_eq!(reply.code, codes::UNAVAILABLE, "crash {crash}: {reply:?}");
+    }
+    let refused = kernel.request("faulty", "count", b"", None);
+    assert_eq!(refused.code, codes::UNAVAILABLE);
+    assert!(refused.message.contains("is failed"), "{}", refused.message);
+    let info = kernel.info("faulty").ok_or("faulty")?;
+    assert_eq!(info.status, Status::Failed);
+    let process = info.process.ok_or("isolated")?;
+    assert!(process.gave_up && process.pid.is_none(), "{process:?}");
+    assert_eq!((process.crashes, process.restarts), (3, 2));
+
+    kernel.start("faulty")?;
+    assert_eq!(kernel.info("faulty").ok_or("faulty")?.status, Status::Running);
+    assert_eq!(json(&kernel.request("faulty", "count", b"", None))["count"], 2);
+    Ok(())
+}

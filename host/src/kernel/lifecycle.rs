@@ -194,6 +194,11 @@ impl KernelInner {
         let slot = self
             .slot(service)
             .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
+        if slot.process().is_some_and(|process| process.gave_up) {
+            // An isolated service whose worker crashed too often serves nothing: it is
+            // stopped (its state is the last checkpoint, already on disk) and started anew.
+            let _ = self.stop_one(&slot, self.deadline());
+        }
         let mut ops = slot.lock_ops(self.deadline())?;
         if matches!(ops.run, Run::Running(_)) {
             return Ok(());
