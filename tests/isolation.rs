@@ -464,7 +464,48 @@ fn a_worker_that_crashes_too_often_leaves_its_service_failed_until_it_is_started
     assert_eq!((process.crashes, process.restarts), (3, 2));
 
     kernel.start("faulty")?;
-    assert_eq!(kernel.info("faulty").ok_or("faulty")?.status, Status::Running);
-    assert_eq!(json(&kernel.request("faulty", "count", b"", None))["count"], 2);
+    assert_eq!(
+        kernel.info("faulty").ok_or("faulty")?.status,
+        Status::Running
+    );
+    assert_eq!(
+        json(&kernel.request("faulty", "count", b"", None))["count"],
+        2
+    );
+    Ok(())
+}
+
+/// The behaviour that does not depend on the mode, run again with every service of the
+/// suite isolated: this very test binary, with `MICROKERNEL_TEST_MODE=isolated`, over the
+/// modules that drive services, their state, reloads and operations. (Tests that hold
+/// only in process end early there: `in_process_only!`.)
+#[test]
+fn the_behaviour_suite_passes_with_every_service_isolated() -> TestResult {
+    if support::isolated_mode() {
+        return Ok(());
+    }
+    let fixtures = support::fixture_dir();
+    let output = std::process::Command::new(std::env::current_exe()?)
+        .env("MICROKERNEL_TEST_MODE", "isolated")
+        .env("MICROKERNEL_TEST_FIXTURES", fixtures)
+        .args(["services::", "state::", "reload::", "operations::"])
+        .args(["--test-threads", "2"])
+        .output()?;
+    let out = String::from_utf8_lossy(&output.stdout);
+    let failed: Vec<&str> = out
+        .lines()
+        .filter(|line| line.starts_with("test ") && line.ends_with("FAILED"))
+        .collect();
+    let tail = out.char_indices().rev().nth(8000).map_or(0, |(at, _)| at);
+    assert!(
+        output.status.success(),
+        "isolated pass failed: {failed:?}\n{}",
+        &out[tail..]
+    );
+    let passed = out
+        .lines()
+        .filter(|line| line.starts_with("test ") && line.ends_with(" ok"))
+        .count();
+    assert!(passed >= 60, "only {passed} tests ran isolated:\n{out}");
     Ok(())
 }

@@ -170,6 +170,7 @@ fn a_state_that_cannot_be_written_keeps_the_old_version_running() -> TestResult 
 
 #[test]
 fn a_rescan_with_nothing_changed_opens_no_library() -> TestResult {
+    crate::in_process_only!();
     let plugins = plugin_dir(&["echo", "kv", "logger"]);
     let kernel = kernel();
     let mut reloader = reloader_of(plugins.path());
@@ -488,6 +489,7 @@ fn a_new_service_dropped_in_is_started_after_its_dependencies() -> TestResult {
 #[test]
 fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_version() -> TestResult
 {
+    crate::in_process_only!();
     let persisted = Persisted::new();
     let plugins = plugin_dir(&["fixture-echo-faulty"]);
     let mut config = persisted.config(host::BadStatePolicy::Refuse);

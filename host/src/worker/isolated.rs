@@ -65,8 +65,9 @@ pub struct IsolatedPlugin {
     manifest: Manifest,
     program: PathBuf,
     settings: Isolation,
-    /// How long a worker may take to answer a request; lifecycle calls get half of it (so
-    /// that the worker is killed before the kernel gives the operation up).
+    /// How long a worker may take to answer a call (the kernel's operation timeout): past
+    /// it, the worker is killed. The kernel, which waits as long for an operation, may give
+    /// it up a moment before; the executor then comes back as soon as the worker is dead.
     timeout: Duration,
     spin: Duration,
     /// Its worker now, as its instance last reported it.
@@ -184,7 +185,7 @@ impl IsolatedPlugin {
         services: &Arc<dyn HostServices>,
         config: Option<&str>,
     ) -> Result<Worker, String> {
-        let deadline = Instant::now() + self.lifecycle_timeout();
+        let deadline = Instant::now() + self.timeout;
         let name = &self.manifest.name;
         let (mut worker, opened) = Worker::start(
             &self.program,
@@ -207,7 +208,7 @@ impl IsolatedPlugin {
         match worker.create(config, &**services, self.spin, deadline) {
             Ok(Ok(())) => Ok(worker),
             Ok(Err(error)) => {
-                worker.exit(Instant::now() + self.lifecycle_timeout());
+                worker.exit(Instant::now() + self.timeout);
                 Err(error)
             }
             Err(error) => Err(format!(
@@ -216,10 +217,6 @@ impl IsolatedPlugin {
                 worker.end_of(&error)
             )),
         }
-    }
-
-    fn lifecycle_timeout(&self) -> Duration {
-        self.timeout / 2
     }
 }
 
@@ -303,7 +300,7 @@ impl WorkerInstance {
     }
 
     fn lifecycle(&mut self, what: &'static str, message: &ToWorker<'_>) -> Called {
-        let timeout = self.plugin.lifecycle_timeout();
+        let timeout = self.plugin.timeout;
         self.call(what, message, timeout)
     }
 
@@ -410,7 +407,7 @@ impl WorkerInstance {
             .services
             .saved_state()
             .map_err(|error| format!("its last state could not be read: {error}"));
-        let deadline = || Instant::now() + self.plugin.lifecycle_timeout();
+        let deadline = || Instant::now() + self.plugin.timeout;
         let spin = self.plugin.spin;
         let mut step = |what: &str, message: &ToWorker<'_>| -> Result<(), String> {
             match worker.call(message, &*self.services, spin, deadline()) {
@@ -516,7 +513,7 @@ impl ServiceInstance for WorkerInstance {
 impl Drop for WorkerInstance {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
-            worker.exit(Instant::now() + self.plugin.lifecycle_timeout());
+            worker.exit(Instant::now() + self.plugin.timeout);
         }
     }
 }
