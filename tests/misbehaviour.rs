@@ -529,7 +529,7 @@ fn a_plugin_whose_std_thread_outlives_it_keeps_its_library_pinned() -> TestResul
 }
 
 /// A same-size copy of `bytes` with `n` bytes changed, chosen by `seed`.
-fn corrupt(bytes: &[u8], seed: u64, n: usize) -> Vec<u8> {
+pub(crate) fn corrupt(bytes: &[u8], seed: u64, n: usize) -> Vec<u8> {
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let mut next = || {
         // xorshift64*

@@ -74,8 +74,10 @@ fn run(file: &Path, name: &Path, service: Option<&str>, memory_max: Option<u64>)
             return EXIT_NO_HOST;
         }
     };
-    if let Some(service) = service {
-        crate::last_words::on_executor(service);
+    // Named in its last words: the service, or (reading a file's manifest) the file.
+    match service {
+        Some(service) => crate::last_words::on_executor(service),
+        None => crate::last_words::on_executor(&name.display().to_string()),
     }
     // Few arenas: each reserves 64 MiB of address space, which a limit counts in full.
     loader::limit_malloc_arenas(2);
@@ -95,7 +97,7 @@ fn run(file: &Path, name: &Path, service: Option<&str>, memory_max: Option<u64>)
         return EXIT_NO_HOST;
     }
     // The file is opened before anything else: a worker is also the probe of its file.
-    let library = match loader::open_for_worker(name, file) {
+    let library = match in_call("open", || loader::open_for_worker(name, file)) {
         Ok(library) => Arc::new(library),
         Err(error) => {
             let error = format!("{:#}", anyhow::Error::from(error));
