@@ -103,6 +103,11 @@ fn bench_measures_everything_and_writes_a_summary() -> TestResult {
         "memory mappings after",
         "checkpoints of an unchanged state",
         "start-up of 2 services with state on disk",
+        "isolated request/reply to noop (64 B), median",
+        "JSON-lines peer against isolated request/reply",
+        "isolated swap pause, kv 1 KiB",
+        "isolated crash to serving again",
+        "while an isolated service crashes in a loop",
     ] {
         assert!(
             measures.iter().any(|m| m.contains(expected)),

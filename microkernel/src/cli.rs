@@ -119,10 +119,15 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// The file to open (the host's private copy).
-    pub file: PathBuf,
+    #[arg(required_unless_present = "bare")]
+    pub file: Option<PathBuf>,
     /// The plugin file it is a copy of, named in messages.
-    #[arg(long = "as", value_name = "PATH")]
-    pub name: PathBuf,
+    #[arg(long = "as", value_name = "PATH", required_unless_present = "bare")]
+    pub name: Option<PathBuf>,
+    /// Answer every request with an empty reply, opening nothing: the floor `bench`
+    /// measures an isolated request against.
+    #[arg(long)]
+    pub bare: bool,
     /// The service it runs, named in its last words if it crashes.
     #[arg(long, value_name = "NAME")]
     pub service: Option<String>,
@@ -152,8 +157,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub disk: Option<PathBuf>,
     /// Only these measures (repeat, or separate with commas): requests, memory, swap,
-    /// persist, checkpoint, reload, startup.
-    #[arg(long, value_name = "MEASURE", value_delimiter = ',', value_parser = ["requests", "memory", "swap", "persist", "checkpoint", "reload", "startup"])]
+    /// persist, checkpoint, reload, startup, isolation.
+    #[arg(long, value_name = "MEASURE", value_delimiter = ',', value_parser = ["requests", "memory", "swap", "persist", "checkpoint", "reload", "startup", "isolation"])]
     pub only: Vec<String>,
     /// One or two samples of each measure: checks that the bench runs (figures meaningless).
     #[arg(long, hide = true, conflicts_with = "quick")]
@@ -338,9 +343,10 @@ pub struct CtlArgs {
 /// The control commands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// List the services: name, version, status, library digest, loaded since, swaps, earlier
-    /// libraries still loaded (pinned), last error; then rejected plugin files, services
-    /// with no plugin file, and plugin files that do not load.
+    /// List the services: name, version, status, mode (in-process or isolated), library
+    /// digest, loaded since, swaps, earlier libraries still loaded (pinned), last error;
+    /// then isolated services' workers (PID, restarts, crashes, last crash), rejected plugin
+    /// files, services with no plugin file, and plugin files that do not load.
     List {
         /// Print one JSON object instead of a table: `services`, `broken`,
         /// `rejected_elsewhere`, `orphaned`.

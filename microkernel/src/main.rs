@@ -224,12 +224,15 @@ fn execute(
             );
             Ok(ExitCode::from(u8::try_from(code).unwrap_or(2)))
         }
-        Command::Worker(args) => host::worker::run_worker_child(
-            &args.file,
-            &args.name,
-            args.service.as_deref(),
-            args.memory_max,
-        ),
+        Command::Worker(args) => match (args.bare, args.file, args.name) {
+            (false, Some(file), Some(name)) => host::worker::run_worker_child(
+                &file,
+                &name,
+                args.service.as_deref(),
+                args.memory_max,
+            ),
+            _ => host::worker::run_bare_child(),
+        },
     }
 }
 

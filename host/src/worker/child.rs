@@ -31,7 +31,7 @@ use crate::{
 pub const EXIT_NO_HOST: i32 = 3;
 
 /// How long the worker polls its socket for the next call before it sleeps.
-const SPIN: Duration = Duration::from_micros(100);
+pub(super) const SPIN: Duration = Duration::from_micros(100);
 
 thread_local! {
     /// Set on the worker's main thread while the plugin runs a call there: its callbacks

@@ -18,10 +18,12 @@
 //! The state key, the state directory and every other service stay in the host: the worker
 //! sees its own file, its configuration text, and the state the host sends it.
 
+mod bare;
 mod child;
 mod isolated;
 mod process;
 mod protocol;
 
+pub use bare::{run_bare_child, BarePeer};
 pub use child::{run_worker_child, EXIT_NO_HOST};
 pub use isolated::{read_manifest, IsolatedPlugin, Isolation};

@@ -14,6 +14,7 @@
 
 mod chart;
 mod daemon;
+mod isolation;
 mod requests;
 mod stats;
 mod swap;
@@ -194,7 +195,7 @@ pub struct Machine {
 type Measure = fn(&Bench) -> anyhow::Result<Vec<Row>>;
 
 /// Every measure, by the name `--only` knows it by, in the order they run.
-const MEASURES: [(&str, Measure); 7] = [
+const MEASURES: [(&str, Measure); 8] = [
     ("requests", requests::rows),
     ("memory", swap::memory_rows),
     ("swap", swap::pauses),
@@ -202,6 +203,7 @@ const MEASURES: [(&str, Measure); 7] = [
     ("checkpoint", swap::checkpoint),
     ("reload", daemon::reload),
     ("startup", daemon::startup),
+    ("isolation", isolation::rows),
 ];
 
 /// The files `bench` needs in the plugins directory, named in its error when missing.

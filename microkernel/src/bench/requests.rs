@@ -332,7 +332,7 @@ fn median(values: &mut [f64]) -> f64 {
 
 /// A child process answering JSON lines, the way socket-based plugin systems talk to their
 /// plugins: `microkernel bench-peer` (see [`serve_json_lines`]).
-struct Peer {
+pub(super) struct Peer {
     child: std::process::Child,
     stream: UnixStream,
     reader: BufReader<UnixStream>,
@@ -341,7 +341,7 @@ struct Peer {
 }
 
 impl Peer {
-    fn spawn() -> anyhow::Result<Peer> {
+    pub(super) fn spawn() -> anyhow::Result<Peer> {
         let (ours, theirs) = UnixStream::pair()?;
         let exe = std::env::current_exe().context("finding this program")?;
         let child = Command::new(&exe)
@@ -367,7 +367,7 @@ impl Peer {
         })
     }
 
-    fn round_trip(&mut self) -> anyhow::Result<()> {
+    pub(super) fn round_trip(&mut self) -> anyhow::Result<()> {
         self.stream
             .write_all(&self.request)
             .context("writing to the peer process")?;
