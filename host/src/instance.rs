@@ -51,6 +51,9 @@ pub struct ProcessStatus {
     /// Set once the crashes within the restart window passed the limit: no worker is
     /// started again until the service is started by hand or replaced.
     pub gave_up: bool,
+    /// What confines the worker beyond its own process, when asked for (`landlock:
+    /// enforced`, or why not).
+    pub confined: Option<String>,
     /// Whether this update is a crash (counted by the metrics), a restart, or neither.
     pub event: ProcessEvent,
 }

@@ -134,6 +134,9 @@ pub struct WorkerArgs {
     /// Its address-space limit (RLIMIT_AS), in bytes.
     #[arg(long, value_name = "BYTES")]
     pub memory_max: Option<u64>,
+    /// Confine itself with Landlock before it opens the file.
+    #[arg(long)]
+    pub landlock: bool,
 }
 
 /// `microkernel bench`.

@@ -108,6 +108,9 @@ pub struct ServiceSection {
     /// The worker's address-space limit: bytes, or with a unit (`512MiB`, `2GiB`).
     #[serde(default, deserialize_with = "bytes")]
     pub memory_max: Option<u64>,
+    /// Confine the worker with Landlock to reading its plugin file and the system's
+    /// libraries (best effort: `ctl list` says what the kernel enforced).
+    pub landlock: Option<bool>,
 }
 
 impl ServiceSection {
@@ -129,6 +132,9 @@ impl ServiceSection {
         if self.memory_max.is_some() {
             keys.push("memory-max");
         }
+        if self.landlock.is_some() {
+            keys.push("landlock");
+        }
         keys
     }
 
@@ -141,6 +147,7 @@ impl ServiceSection {
             backoff: self.restart_backoff.unwrap_or(defaults.backoff),
             backoff_max: self.restart_backoff_max.unwrap_or(defaults.backoff_max),
             memory_max: self.memory_max,
+            landlock: self.landlock.unwrap_or(false),
         }
     }
 }
@@ -436,6 +443,7 @@ pub fn effective(args: &RunArgs, isolation: &BTreeMap<String, Isolation>) -> Str
                 .memory_max
                 .map_or("(none)".to_owned(), |b| b.to_string())
         ));
+        lines.push(format!("landlock = {}", settings.landlock));
     }
     lines.join("\n") + "\n"
 }

@@ -229,7 +229,10 @@ fn execute(
                 &file,
                 &name,
                 args.service.as_deref(),
-                args.memory_max,
+                &host::worker::Limits {
+                    memory_max: args.memory_max,
+                    landlock: args.landlock,
+                },
             ),
             _ => host::worker::run_bare_child(),
         },

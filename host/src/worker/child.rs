@@ -49,17 +49,21 @@ fn lock(conn: &Shared) -> std::sync::MutexGuard<'_, Conn> {
 /// is gone), [`EXIT_NO_HOST`] when it could not take its sockets. It ends without running
 /// anything registered at exit (the plugin library's destructors are plugin code, and
 /// nothing is left to save).
-pub fn run_worker_child(
-    file: &Path,
-    name: &Path,
-    service: Option<&str>,
-    memory_max: Option<u64>,
-) -> ! {
-    let code = run(file, name, service, memory_max);
+pub fn run_worker_child(file: &Path, name: &Path, service: Option<&str>, limits: &Limits) -> ! {
+    let code = run(file, name, service, limits);
     loader::exit_without_destructors(code)
 }
 
-fn run(file: &Path, name: &Path, service: Option<&str>, memory_max: Option<u64>) -> i32 {
+/// What a worker is limited to (see [`super::Isolation`]).
+#[derive(Debug, Clone, Default)]
+pub struct Limits {
+    /// Its address-space limit (`RLIMIT_AS`), in bytes.
+    pub memory_max: Option<u64>,
+    /// Confine it with Landlock to reading its plugin file and the system's libraries.
+    pub landlock: bool,
+}
+
+fn run(file: &Path, name: &Path, service: Option<&str>, limits: &Limits) -> i32 {
     let parent = std::env::var("MICROKERNEL_WORKER_PARENT").ok();
     // Dies with the thread that started it (see `spawn`); a parent already gone before
     // this line leaves no one to serve.
@@ -81,7 +85,7 @@ fn run(file: &Path, name: &Path, service: Option<&str>, memory_max: Option<u64>)
     }
     // Few arenas: each reserves 64 MiB of address space, which a limit counts in full.
     loader::limit_malloc_arenas(2);
-    if let Some(bytes) = memory_max {
+    if let Some(bytes) = limits.memory_max {
         use nix::sys::resource::{setrlimit, Resource};
         if let Err(error) = setrlimit(Resource::RLIMIT_AS, bytes, bytes) {
             eprintln!(
@@ -93,7 +97,12 @@ fn run(file: &Path, name: &Path, service: Option<&str>, memory_max: Option<u64>)
     let _ = loader::report_fatal_signals_in_worker();
     let call: Shared = Arc::new(Mutex::new(call));
     let side: Shared = Arc::new(Mutex::new(side));
-    if lock(&call).send(&FromWorker::Ready, None).is_err() {
+    // Confined before any plugin code runs (the file's initializers run when it opens).
+    let confined = limits.landlock.then(|| confine(file));
+    let ready = FromWorker::Ready {
+        confined: confined.as_deref(),
+    };
+    if lock(&call).send(&ready, None).is_err() {
         return EXIT_NO_HOST;
     }
     // The file is opened before anything else: a worker is also the probe of its file.
@@ -312,6 +321,52 @@ impl Owned {
             ToWorker::Exit => Owned::Exit,
             ToWorker::Create { .. } | ToWorker::Replied(_) | ToWorker::Emitted(_) => Owned::Stray,
         }
+    }
+}
+
+/// Confines this process with Landlock to reading (and mapping) its plugin file's directory
+/// and the system's libraries and configuration of the dynamic loader, `/proc` and `/sys`,
+/// and a few devices: no write anywhere, no read of anything else (the state directory, the
+/// key file, other plugins). Best effort: says what the kernel enforced.
+fn confine(file: &Path) -> String {
+    use landlock::{
+        path_beneath_rules, Access, AccessFs, Ruleset, RulesetAttr, RulesetCreatedAttr,
+        RulesetStatus, ABI,
+    };
+    let abi = ABI::V5;
+    let own = file.parent().unwrap_or(Path::new("/nonexistent"));
+    let readable = [
+        own,
+        Path::new("/usr"),
+        Path::new("/lib"),
+        Path::new("/lib64"),
+        Path::new("/etc/ld.so.cache"),
+        Path::new("/etc/localtime"),
+        Path::new("/proc"),
+        Path::new("/sys"),
+        Path::new("/dev/null"),
+        Path::new("/dev/zero"),
+        Path::new("/dev/urandom"),
+        Path::new("/dev/random"),
+    ];
+    let restricted = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|ruleset| ruleset.create())
+        .and_then(|ruleset| {
+            ruleset.add_rules(path_beneath_rules(readable, AccessFs::from_read(abi)))
+        })
+        .and_then(|ruleset| ruleset.restrict_self());
+    match restricted {
+        Ok(status) => match status.ruleset {
+            RulesetStatus::FullyEnforced => "landlock: enforced".to_owned(),
+            RulesetStatus::PartiallyEnforced => {
+                "landlock: partly enforced (this kernel's Landlock is older)".to_owned()
+            }
+            RulesetStatus::NotEnforced => {
+                "landlock: not enforced (this kernel has no Landlock)".to_owned()
+            }
+        },
+        Err(error) => format!("landlock: not enforced ({error})"),
     }
 }
 

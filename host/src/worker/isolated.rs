@@ -11,6 +11,7 @@ use std::{
 use plugin_api::{codes, Reply};
 
 use super::{
+    child::Limits,
     process::{CallError, Opened, Outcome, StartError, Worker},
     protocol::ToWorker,
 };
@@ -43,6 +44,9 @@ pub struct Isolation {
     /// it fails (a Rust plugin then aborts, and its worker is restarted). It counts address
     /// space, not memory in use: thread stacks and allocator arenas count in full.
     pub memory_max: Option<u64>,
+    /// Confine the worker with Landlock (where the kernel has it) to reading its plugin
+    /// file and the system's libraries: nothing else of the file system, and no writes.
+    pub landlock: bool,
 }
 
 impl Default for Isolation {
@@ -53,6 +57,7 @@ impl Default for Isolation {
             backoff: Duration::from_millis(100),
             backoff_max: Duration::from_secs(10),
             memory_max: None,
+            landlock: false,
         }
     }
 }
@@ -92,7 +97,7 @@ pub fn read_manifest(
     timeout: Duration,
 ) -> Result<Manifest, LoadError> {
     let deadline = Instant::now() + timeout;
-    let (worker, opened) = Worker::start(program, copy, None, None, deadline)
+    let (worker, opened, _) = Worker::start(program, copy, None, &Limits::default(), deadline)
         .map_err(|error| load_error(program, copy.path(), error))?;
     worker.exit(Instant::now() + timeout);
     manifest_of(copy.path(), opened)
@@ -184,19 +189,19 @@ impl IsolatedPlugin {
         &self,
         services: &Arc<dyn HostServices>,
         config: Option<&str>,
-    ) -> Result<Worker, String> {
+    ) -> Result<(Worker, Option<String>), String> {
         let deadline = Instant::now() + self.timeout;
         let name = &self.manifest.name;
-        let (mut worker, opened) = Worker::start(
-            &self.program,
-            &self.copy,
-            Some(name),
-            self.settings.memory_max,
-            deadline,
-        )
-        .map_err(|error| {
-            plugin_api::error_chain(&load_error(&self.program, self.copy.path(), error))
-        })?;
+        let limits = Limits {
+            memory_max: self.settings.memory_max,
+            landlock: self.settings.landlock,
+        };
+        let (mut worker, opened, confined) =
+            Worker::start(&self.program, &self.copy, Some(name), &limits, deadline).map_err(
+                |error| {
+                    plugin_api::error_chain(&load_error(&self.program, self.copy.path(), error))
+                },
+            )?;
         if opened.name != *name || opened.version != self.manifest.version.to_string() {
             worker.kill();
             return Err(format!(
@@ -206,7 +211,7 @@ impl IsolatedPlugin {
         }
         worker.serve_side(name, services.clone());
         match worker.create(config, &**services, self.spin, deadline) {
-            Ok(Ok(())) => Ok(worker),
+            Ok(Ok(())) => Ok((worker, confined)),
             Ok(Err(error)) => {
                 worker.exit(Instant::now() + self.timeout);
                 Err(error)
@@ -226,10 +231,11 @@ impl InstanceSource for IsolatedPlugin {
         services: Arc<dyn HostServices>,
         config: Option<&str>,
     ) -> Result<Box<dyn ServiceInstance>, String> {
-        let worker = self.bring_up(&services, config)?;
+        let (worker, confined) = self.bring_up(&services, config)?;
         let instance = WorkerInstance {
             status: ProcessStatus {
                 pid: Some(worker.pid()),
+                confined,
                 ..ProcessStatus::default()
             },
             plugin: self,
@@ -400,9 +406,10 @@ impl WorkerInstance {
 
     /// A new worker, created, with the last durable state imported, started.
     fn restart(&mut self) -> Result<Worker, String> {
-        let mut worker = self
+        let (mut worker, confined) = self
             .plugin
             .bring_up(&self.services, self.config.as_deref())?;
+        self.status.confined = confined;
         let saved = self
             .services
             .saved_state()

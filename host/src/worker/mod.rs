@@ -25,5 +25,5 @@ mod process;
 mod protocol;
 
 pub use bare::{run_bare_child, BarePeer};
-pub use child::{run_worker_child, EXIT_NO_HOST};
+pub use child::{run_worker_child, Limits, EXIT_NO_HOST};
 pub use isolated::{read_manifest, IsolatedPlugin, Isolation};

@@ -12,7 +12,10 @@ use std::{
 
 use plugin_api::{abi::LogLevel, Reply};
 
-use super::protocol::{Conn, FromWorker, ToWorker, WireError, WireReply};
+use super::{
+    child::Limits,
+    protocol::{Conn, FromWorker, ToWorker, WireError, WireReply},
+};
 use crate::{
     instance::HostServices,
     loader::{threads, ShadowCopy},
@@ -75,9 +78,9 @@ impl Worker {
         program: &Path,
         copy: &ShadowCopy,
         service: Option<&str>,
-        memory_max: Option<u64>,
+        limits: &Limits,
         deadline: Instant,
-    ) -> Result<(Worker, Opened), StartError> {
+    ) -> Result<(Worker, Opened, Option<String>), StartError> {
         let (call_host, call_worker) = UnixStream::pair().map_err(StartError::Spawn)?;
         let (side_host, side_worker) = UnixStream::pair().map_err(StartError::Spawn)?;
         let mut command = Command::new(program);
@@ -93,8 +96,11 @@ impl Worker {
         if let Some(service) = service {
             command.arg("--service").arg(service);
         }
-        if let Some(bytes) = memory_max {
+        if let Some(bytes) = limits.memory_max {
             command.arg("--memory-max").arg(bytes.to_string());
+        }
+        if limits.landlock {
+            command.arg("--landlock");
         }
         let child = command.spawn().map_err(StartError::Spawn)?;
         // The worker's ends go with the command: its death closes the host's sockets.
@@ -107,11 +113,11 @@ impl Worker {
             side_conn: Some(conn(side_host)?),
             side_closed: Arc::new(AtomicBool::new(false)),
         };
-        match worker
+        let confined = match worker
             .call
             .recv::<FromWorker>(Duration::ZERO, Some(deadline))
         {
-            Ok(FromWorker::Ready) => {}
+            Ok(FromWorker::Ready { confined }) => confined.map(str::to_owned),
             Ok(other) => {
                 let how = format!("sent {} before it was ready", name_of(&other));
                 worker.kill();
@@ -121,7 +127,7 @@ impl Worker {
                 let how = worker.end_of(&error);
                 return Err(StartError::NotStarted(how));
             }
-        }
+        };
         let opened = match worker
             .call
             .recv::<FromWorker>(Duration::ZERO, Some(deadline))
@@ -143,7 +149,7 @@ impl Worker {
             Err(error) => Err(StartError::Crashed(worker.end_of(&error))),
         };
         match opened {
-            Ok(opened) => Ok((worker, opened)),
+            Ok(opened) => Ok((worker, opened, confined)),
             Err(error) => {
                 worker.kill();
                 Err(error)
@@ -378,7 +384,7 @@ fn signal_name(signal: i32) -> String {
 
 fn name_of(message: &FromWorker<'_>) -> &'static str {
     match message {
-        FromWorker::Ready => "`ready`",
+        FromWorker::Ready { .. } => "`ready`",
         FromWorker::Opened(_) => "`opened`",
         FromWorker::Created(_) => "`created`",
         FromWorker::Done(_) => "`done`",

@@ -66,8 +66,9 @@ pub(crate) enum ToWorker<'a> {
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) enum FromWorker<'a> {
     /// The worker runs and is about to open the file: a worker that ends before this line
-    /// never got to the file (the host's trouble, not the file's).
-    Ready,
+    /// never got to the file (the host's trouble, not the file's). With what confines it,
+    /// when it was asked to confine itself (Landlock: enforced, partly, or not).
+    Ready { confined: Option<&'a str> },
     /// The file is open (or why not): the manifest it declares.
     Opened(Result<WireManifest<'a>, &'a str>),
     /// The instance exists, or why not.

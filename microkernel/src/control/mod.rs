@@ -84,6 +84,10 @@ pub struct WorkerEntry {
     pub last_crash: Option<String>,
     /// Whether it crashed too often to be restarted (the service is then `failed`).
     pub gave_up: bool,
+    /// What confines it beyond its own process, when asked for (`landlock: enforced`, or
+    /// why not).
+    #[serde(default)]
+    pub confined: Option<String>,
 }
 
 impl WorkerEntry {
@@ -104,6 +108,9 @@ impl WorkerEntry {
         }
         if self.gave_up {
             line.push_str("; not restarted any more (crashed too often)");
+        }
+        if let Some(confined) = &self.confined {
+            line.push_str(&format!("; {confined}"));
         }
         line
     }
@@ -137,6 +144,7 @@ impl ServiceEntry {
                 crashes: p.crashes,
                 last_crash: p.last_crash,
                 gave_up: p.gave_up,
+                confined: p.confined,
             }),
         }
     }
