@@ -724,3 +724,32 @@ fn a_confined_worker_cannot_read_the_state_directory() -> TestResult {
     assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
     Ok(())
 }
+
+/// A worker dies with its host: a host killed with SIGKILL (no chance to stop anything)
+/// leaves no worker behind.
+#[test]
+fn a_host_killed_outright_leaves_no_worker_behind() -> TestResult {
+    use crate::cli::Daemon;
+    let root = crate::cli::setup(&["kv"]);
+    let config = root.path().join("host.toml");
+    std::fs::write(&config, "[service.kv]\nisolate = true\n")?;
+    let mut daemon = Daemon::start_with(root.path(), &["--config", config.to_str().ok_or("path")?]);
+    let pid = daemon
+        .services()
+        .as_array()
+        .and_then(|all| all.first().cloned())
+        .and_then(|kv| kv["worker"]["pid"].as_u64())
+        .ok_or("kv has a worker")?;
+    assert!(alive(pid as u32));
+    daemon.child.kill()?;
+    daemon.child.wait()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid as u32) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "worker {pid} outlived its host"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
