@@ -471,6 +471,13 @@ fn a_worker_that_crashes_too_often_leaves_its_service_failed_until_it_is_started
     let process = info.process.ok_or("isolated")?;
     assert!(process.gave_up && process.pid.is_none(), "{process:?}");
     assert_eq!((process.crashes, process.restarts), (3, 2));
+    // Nothing to checkpoint, and a stop has nothing to export: no failure of either.
+    let checkpoints = kernel.checkpoint();
+    assert!(
+        checkpoints.iter().all(|(service, _)| service != "faulty"),
+        "{checkpoints:?}"
+    );
+    kernel.stop("faulty")?;
 
     kernel.start("faulty")?;
     assert_eq!(

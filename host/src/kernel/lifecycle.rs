@@ -194,7 +194,7 @@ impl KernelInner {
         let slot = self
             .slot(service)
             .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
-        if slot.process().is_some_and(|process| process.gave_up) {
+        if slot.gave_up() {
             // An isolated service whose worker crashed too often serves nothing: it is
             // stopped (its state is the last checkpoint, already on disk) and started anew.
             let _ = self.stop_one(&slot, self.deadline());
@@ -417,7 +417,10 @@ impl KernelInner {
         };
         let _span = tracing::info_span!("stop", service = %slot.name).entered();
         slot.publish(&ops, Some(Status::Stopping));
-        let Stopped { state, stop, stuck } = executor.stop(self.config.state.is_some(), deadline);
+        // An isolated service whose worker crashed too often has nothing to export: its
+        // state is its last checkpoint, already on disk.
+        let export = self.config.state.is_some() && !slot.gave_up();
+        let Stopped { state, stop, stuck } = executor.stop(export, deadline);
         let mut result = match (&stuck, stop) {
             (Some(stuck), _) => Err(KernelError::Stuck {
                 service: slot.name.clone(),
@@ -520,7 +523,7 @@ impl KernelInner {
         let slots: Vec<Arc<ServiceSlot>> = self
             .slots()
             .into_iter()
-            .filter(|slot| slot.status() == Status::Running)
+            .filter(|slot| slot.status() == Status::Running && !slot.gave_up())
             .collect();
         std::thread::scope(|scope| {
             let checkpoints: Vec<_> = slots
@@ -544,7 +547,10 @@ impl KernelInner {
             return;
         }
         for slot in self.slots() {
-            if slot.status() != Status::Running || slot.checkpointing.swap(true, Ordering::AcqRel) {
+            if slot.status() != Status::Running
+                || slot.gave_up()
+                || slot.checkpointing.swap(true, Ordering::AcqRel)
+            {
                 continue;
             }
             let kernel = self.weak_self();

@@ -456,6 +456,12 @@ impl ServiceSlot {
         };
     }
 
+    /// Whether the service is isolated and its worker crashed too often: it runs nothing,
+    /// and has nothing to checkpoint or export (its state is its last checkpoint).
+    fn gave_up(&self) -> bool {
+        self.process().is_some_and(|process| process.gave_up)
+    }
+
     /// The worker process of an isolated service.
     fn process(&self) -> Option<ProcessStatus> {
         let isolated = self.isolated.read().unwrap_or_else(|p| p.into_inner());
