@@ -760,3 +760,47 @@ fn a_host_killed_outright_leaves_no_worker_behind() -> TestResult {
     }
     Ok(())
 }
+
+/// A worker that dies while its service is idle is replaced at once, not at the next
+/// request: `list` shows the new one, from the checkpoint.
+#[test]
+fn a_worker_that_dies_while_idle_is_restarted_without_waiting_for_a_request() -> TestResult {
+    let dir = plugin_dir(&["fixture-faulty"]);
+    let persisted = Persisted::new();
+    let (kernel, _) = isolated_kernel(&persisted, dir.path(), &["faulty"], &Isolation::default());
+    assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+    kernel.checkpoint();
+    let first = pid_of(&kernel, "faulty").ok_or("a worker")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let process = kernel
+            .info("faulty")
+            .and_then(|info| info.process)
+            .ok_or("isolated")?;
+        if process.restarts == 1 && process.pid.is_some_and(|pid| pid != first) {
+            assert!(
+                process
+                    .last_crash
+                    .as_deref()
+                    .unwrap_or("")
+                    .contains("SIGKILL"),
+                "{process:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not restarted: {process:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        json(&kernel.request("faulty", "count", b"", None))["count"],
+        2
+    );
+    Ok(())
+}

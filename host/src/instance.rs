@@ -35,6 +35,12 @@ pub trait HostServices: Send + Sync + 'static {
     /// What an isolated instance's worker process is now (started, crashed, restarted,
     /// given up): for `list`, the metrics and the service's status.
     fn process_status(&self, _status: &ProcessStatus) {}
+
+    /// Wakes the service's executor, from any thread, without a message for the plugin:
+    /// its instance's [`ServiceInstance::answered`] then runs (a worker that died while
+    /// idle is restarted at once, not at the next request). Nothing happens when the
+    /// mailbox is full (a message is on its way anyway).
+    fn nudge(&self) {}
 }
 
 /// An isolated instance's worker process, as `list` shows it.

@@ -68,6 +68,10 @@ pub(crate) enum Envelope {
     Event { letter: Letter },
     /// An operation of the kernel on one executor: made and answered only in `ops.rs`.
     Op(Op),
+    /// Nothing to do: wakes the executor, whose instance then looks after itself (one whose
+    /// worker process died while idle brings up the next; see
+    /// [`crate::instance::ServiceInstance::answered`]).
+    Nudge,
 }
 
 /// A service's mailbox: bounded, owned by the service, shared by its successive executors.
@@ -98,6 +102,7 @@ impl Mailbox {
                 }
                 Envelope::Event { .. } => dropped_events += 1,
                 Envelope::Op(op) => op.refuse(),
+                Envelope::Nudge => {}
             }
         }
         if dropped_events > 0 {

@@ -165,6 +165,7 @@ impl Me {
                         return;
                     }
                 }
+                Envelope::Nudge => {}
             }
             instance.answered();
         }

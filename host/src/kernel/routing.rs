@@ -123,6 +123,12 @@ impl HostServices for ServiceContext {
         }
     }
 
+    fn nudge(&self) {
+        if let Some(slot) = self.kernel.upgrade().and_then(|k| k.slot(&self.service)) {
+            let _ = slot.mailbox.tx.try_send(Envelope::Nudge);
+        }
+    }
+
     fn process_status(&self, status: &ProcessStatus) {
         let Some(kernel) = self.kernel.upgrade() else {
             return;

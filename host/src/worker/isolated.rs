@@ -13,7 +13,7 @@ use plugin_api::{codes, Reply};
 use super::{
     child::Limits,
     process::{CallError, Opened, Outcome, StartError, Worker},
-    protocol::ToWorker,
+    protocol::{ToWorker, WireError},
 };
 use crate::{
     instance::{
@@ -509,6 +509,16 @@ impl ServiceInstance for WorkerInstance {
     }
 
     fn answered(&mut self) {
+        // Its side socket closed: the worker died while idle (the side thread nudged the
+        // executor to get here).
+        if let Some(worker) = self.worker.as_mut().filter(|worker| worker.gone()) {
+            let how = format!(
+                "its worker process (pid {}) {} while idle",
+                worker.pid(),
+                worker.end_of(&WireError::Closed)
+            );
+            self.lost(how);
+        }
         if self.worker.is_none() && self.started && !self.status.gave_up {
             // Brought back now, not at the next message: the mailbox holds what comes
             // meanwhile, and the restart's own errors are recorded as crashes.

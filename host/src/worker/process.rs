@@ -173,6 +173,9 @@ impl Worker {
                 Ok(()) => {}
                 Err(_) => {
                     closed.store(true, Ordering::Release);
+                    // A worker that died while idle is restarted now, not at the next
+                    // request (one told to exit leaves a nudge that wakes nothing).
+                    services.nudge();
                     return;
                 }
             }
