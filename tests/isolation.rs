@@ -727,6 +727,13 @@ fn a_confined_worker_cannot_read_the_state_directory() -> TestResult {
         "{}",
         denied.message
     );
+    // Nor the host's environment, which any process of its user may read otherwise.
+    let environ = format!("/proc/{}/environ", std::process::id());
+    let denied = kernel.request("faulty", "read-file", environ.as_bytes(), None);
+    assert_eq!(denied.code, codes::FAILED, "{denied:?} ({status})");
+    // Its own entries, yes.
+    let own = kernel.request("faulty", "read-file", b"/proc/self/status", None);
+    assert_eq!(own.code, codes::OK, "{own:?}");
     // It still serves.
     assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
     Ok(())
@@ -740,7 +747,14 @@ fn a_host_killed_outright_leaves_no_worker_behind() -> TestResult {
     let root = crate::cli::setup(&["kv"]);
     let config = root.path().join("host.toml");
     std::fs::write(&config, "[service.kv]\nisolate = true\n")?;
-    let mut daemon = Daemon::start_with(root.path(), &["--config", config.to_str().ok_or("path")?]);
+    // The key in the host's environment (it reads its key file first) never reaches a
+    // worker.
+    let key = root.path().join("key");
+    let mut daemon = Daemon::start_with_env(
+        root.path(),
+        &["--config", config.to_str().ok_or("path")?],
+        &[("MICROKERNEL_STATE_KEY", &key)],
+    );
     let pid = daemon
         .services()
         .as_array()
@@ -748,6 +762,11 @@ fn a_host_killed_outright_leaves_no_worker_behind() -> TestResult {
         .and_then(|kv| kv["worker"]["pid"].as_u64())
         .ok_or("kv has a worker")?;
     assert!(alive(pid as u32));
+    let environ = std::fs::read(format!("/proc/{pid}/environ"))?;
+    assert!(
+        !String::from_utf8_lossy(&environ).contains("MICROKERNEL_STATE_KEY"),
+        "the worker has the key's variable"
+    );
     daemon.child.kill()?;
     daemon.child.wait()?;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);

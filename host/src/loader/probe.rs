@@ -133,6 +133,7 @@ impl Probe {
         let mut err = tempfile::tempfile().map_err(failed)?;
         let mut command = Command::new(&self.program);
         command
+            .env_remove(crate::state::KEY_VARIABLE)
             .env("MICROKERNEL_PROBE_PARENT", std::process::id().to_string())
             .arg("probe")
             .arg(open_path)

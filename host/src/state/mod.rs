@@ -11,6 +11,10 @@ pub mod keys;
 pub mod store;
 
 pub use keys::{KeyError, KeyRing, StateKey};
+
+/// The environment variable the daemon reads the state key from when no key file is
+/// given. Removed from the environment of every process the host starts (probes, workers).
+pub const KEY_VARIABLE: &str = "MICROKERNEL_STATE_KEY";
 pub use store::{inspect, SavedState, StateError, StateHeader, StateStore};
 
 #[cfg(test)]

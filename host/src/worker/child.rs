@@ -325,8 +325,8 @@ impl Owned {
 }
 
 /// Confines this process with Landlock to reading (and mapping) its plugin file's directory
-/// and the system's libraries and configuration of the dynamic loader, `/proc` and `/sys`,
-/// and a few devices: no write anywhere, no read of anything else (the state directory, the
+/// and the system's libraries and configuration of the dynamic loader, its own `/proc`
+/// entries and a few system-wide ones, `/sys`, and a few devices: no write anywhere, no read of anything else (the state directory, the
 /// key file, other plugins). Best effort: says what the kernel enforced.
 fn confine(file: &Path) -> String {
     use landlock::{
@@ -342,7 +342,12 @@ fn confine(file: &Path) -> String {
         Path::new("/lib64"),
         Path::new("/etc/ld.so.cache"),
         Path::new("/etc/localtime"),
-        Path::new("/proc"),
+        // Its own entries only: another process's (the host's environment, its memory) are
+        // readable by any process of the same user, unless confined.
+        Path::new("/proc/self"),
+        Path::new("/proc/cpuinfo"),
+        Path::new("/proc/meminfo"),
+        Path::new("/proc/stat"),
         Path::new("/sys"),
         Path::new("/dev/null"),
         Path::new("/dev/zero"),

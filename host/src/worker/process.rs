@@ -85,6 +85,8 @@ impl Worker {
         let (side_host, side_worker) = UnixStream::pair().map_err(StartError::Spawn)?;
         let mut command = Command::new(program);
         command
+            // The key never reaches a worker, not even by the environment it inherits.
+            .env_remove(crate::state::KEY_VARIABLE)
             .env("MICROKERNEL_WORKER_PARENT", std::process::id().to_string())
             .arg("worker")
             .arg(copy.shadow())

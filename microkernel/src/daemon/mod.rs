@@ -53,7 +53,7 @@ use watch::spawn_watcher;
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// The environment variable that may hold the state key (64 hex digits).
-pub const KEY_ENV: &str = "MICROKERNEL_STATE_KEY";
+pub const KEY_ENV: &str = host::state::KEY_VARIABLE;
 
 /// Reads the current key (file, or environment) and the old keys.
 pub fn key_ring(keys: &KeyArgs) -> anyhow::Result<KeyRing> {
