@@ -194,6 +194,21 @@ fn a_service_moves_between_modes_by_a_hot_replace_that_keeps_its_state() -> Test
     assert_eq!(json(&get(&kernel, "k"))["value"], 7);
     assert_eq!(put(&kernel, "k", 8).code, codes::OK);
 
+    // New settings for the isolated service: applied by a replace too.
+    let confined = Isolation {
+        landlock: true,
+        max_restarts: 1,
+        ..Isolation::default()
+    };
+    kernel.set_isolation(isolating(&["kv"], &confined))?;
+    let report = reloader.scan(&kernel, None);
+    assert_eq!(report.replaced.len(), 1, "{report:?}");
+    assert_eq!(kernel.isolation_in_effect("kv"), Some(confined));
+    let process = kernel.info("kv").ok_or("kv")?.process.ok_or("isolated")?;
+    assert!(process.confined.is_some(), "{process:?}");
+    assert_eq!(json(&get(&kernel, "k"))["value"], 8);
+    assert!(reloader.scan(&kernel, None).replaced.is_empty());
+
     kernel.set_isolation(BTreeMap::new())?;
     let report = reloader.scan(&kernel, None);
     assert_eq!(report.replaced.len(), 1, "{report:?}");
@@ -471,6 +486,13 @@ fn a_worker_that_crashes_too_often_leaves_its_service_failed_until_it_is_started
     let process = info.process.ok_or("isolated")?;
     assert!(process.gave_up && process.pid.is_none(), "{process:?}");
     assert_eq!((process.crashes, process.restarts), (3, 2));
+    // A rescan leaves it failed (only a start or another version brings it back).
+    let report = support::reloader_of(dir.path()).scan(&kernel, None);
+    assert!(report.restarted.is_empty(), "{report:?}");
+    assert_eq!(
+        kernel.info("faulty").ok_or("faulty")?.status,
+        Status::Failed
+    );
     // Nothing to checkpoint, and a stop has nothing to export: no failure of either.
     let checkpoints = kernel.checkpoint();
     assert!(

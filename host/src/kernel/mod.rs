@@ -593,6 +593,14 @@ impl Kernel {
         Ok(())
     }
 
+    /// How `service` runs now: `Some` with its settings when its current version is
+    /// isolated (see [`Kernel::isolation_of`] for how it is configured to run).
+    pub fn isolation_in_effect(&self, service: &str) -> Option<Isolation> {
+        let slot = self.inner.slot(service)?;
+        let isolated = slot.isolated.read().unwrap_or_else(|p| p.into_inner());
+        isolated.as_ref().map(|plugin| plugin.settings().clone())
+    }
+
     /// How `service` is to run: `Some` with its settings when isolated.
     pub fn isolation_of(&self, service: &str) -> Option<Isolation> {
         self.inner

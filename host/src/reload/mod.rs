@@ -563,14 +563,19 @@ impl Reloader {
                 }
             }
             let last_good = self.verdicts.last_good(service);
-            // A service whose mode is to change (in process, isolated) is replaced by its
-            // own file, loaded again in the new mode: what runs counts as another file.
+            // A service whose mode or isolation settings are to change is replaced by its
+            // own file, loaded again with them: what runs counts as another file.
             let running = kernel.info(service).map(|info| {
-                let isolated = kernel.isolation_of(service).is_some();
-                if info.process.is_some() == isolated {
-                    (info.sha256, info.status)
+                let status = match &info.process {
+                    // Crashed too often: left failed until a start or another version (a
+                    // rescan is neither).
+                    Some(process) if process.gave_up => Status::Running,
+                    _ => info.status,
+                };
+                if kernel.isolation_of(service) == kernel.isolation_in_effect(service) {
+                    (info.sha256, status)
                 } else {
-                    (String::new(), info.status)
+                    (String::new(), status)
                 }
             });
             let present = |good: &FileRef| {
