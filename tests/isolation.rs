@@ -845,3 +845,41 @@ fn a_worker_that_dies_while_idle_is_restarted_without_waiting_for_a_request() ->
     );
     Ok(())
 }
+
+/// A restart's backoff holds back no operation: a checkpoint, a stop or a replace brings
+/// the worker back at once instead of waiting behind the backoff (which only requests wait
+/// for).
+#[test]
+fn a_restart_backoff_holds_back_no_checkpoint_and_no_stop() -> TestResult {
+    let dir = plugin_dir(&["fixture-faulty"]);
+    let persisted = Persisted::new();
+    let slow = Isolation {
+        backoff: Duration::from_secs(60),
+        backoff_max: Duration::from_secs(60),
+        ..Isolation::default()
+    };
+    let config = KernelConfig {
+        isolation: isolating(&["faulty"], &slow),
+        worker_program: Some(worker_program()),
+        operation_timeout: Duration::from_secs(5),
+        ..persisted.config(BadStatePolicy::Refuse)
+    };
+    let (kernel, _) = persisted.kernel_with(dir.path(), config);
+    assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+    // The first crash restarts at once; the second waits a minute for its restart.
+    for _ in 0..2 {
+        let reply = kernel.request("faulty", "segv", b"", None);
+        assert_eq!(reply.code, codes::UNAVAILABLE, "{reply:?}");
+    }
+    let checkpoints = kernel.checkpoint();
+    assert!(
+        checkpoints.iter().all(|(_, outcome)| outcome.is_ok()),
+        "{checkpoints:?}"
+    );
+    kernel.stop("faulty")?;
+    assert_eq!(
+        kernel.info("faulty").ok_or("faulty")?.status,
+        Status::Stopped
+    );
+    Ok(())
+}

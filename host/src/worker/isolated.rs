@@ -244,6 +244,8 @@ impl InstanceSource for IsolatedPlugin {
             worker: Some(worker),
             started: false,
             crashes: VecDeque::new(),
+            next_attempt: None,
+            timer_armed: false,
         };
         instance.report();
         Ok(Box::new(instance))
@@ -263,11 +265,26 @@ struct WorkerInstance {
     started: bool,
     /// When the recent crashes happened (within the restart window).
     crashes: VecDeque<Instant>,
+    /// When the next restart is due (the backoff after the last crash).
+    next_attempt: Option<Instant>,
+    /// Whether a timer will nudge the executor when that is.
+    timer_armed: bool,
     status: ProcessStatus,
 }
 
 /// A call's outcome, or how the worker was lost.
 type Called = Result<Outcome, String>;
+
+/// Who needs a worker brought back, and so whether the backoff is waited for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Revive {
+    /// A request or an event: waits for the backoff, asleep.
+    ForARequest,
+    /// A lifecycle call of the kernel's (export, stop, import, start): does not wait.
+    ForAnOperation,
+    /// The executor between messages: restarts when due, or arms a timer for then.
+    WhenDue,
+}
 
 impl WorkerInstance {
     /// Publishes the worker's status: for `list` (through the plugin) and the metrics.
@@ -281,10 +298,14 @@ impl WorkerInstance {
     /// gone before the call reached it (it died while idle) is restarted, and the call sent
     /// to the new one: only a call in flight is lost.
     fn call(&mut self, what: &'static str, message: &ToWorker<'_>, timeout: Duration) -> Called {
+        let how = match message {
+            ToWorker::Handle { .. } | ToWorker::Event { .. } => Revive::ForARequest,
+            _ => Revive::ForAnOperation,
+        };
         let mut tries = 0;
         loop {
             tries += 1;
-            self.revive()?;
+            self.revive(how)?;
             let worker = self.worker.as_mut().expect("revived");
             let deadline = Instant::now() + timeout;
             match worker.call(message, &*self.services, self.plugin.spin, deadline) {
@@ -325,6 +346,7 @@ impl WorkerInstance {
         }
         let settings = &self.plugin.settings;
         let gave_up = self.started && self.crashes.len() > settings.max_restarts as usize;
+        self.next_attempt = Some(now + self.backoff());
         self.status.pid = None;
         self.status.crashes += 1;
         self.status.last_crash = Some(how.clone());
@@ -350,7 +372,7 @@ impl WorkerInstance {
     /// Brings up a new worker if the last one died after the instance started: from the
     /// service's last durable state, after the backoff. Gives up (the error says why) once
     /// the crashes within the window pass the limit.
-    fn revive(&mut self) -> Result<(), String> {
+    fn revive(&mut self, how: Revive) -> Result<(), String> {
         while self.worker.is_none() {
             let service = self.plugin.manifest.name.clone();
             if !self.started {
@@ -366,7 +388,40 @@ impl WorkerInstance {
                     self.status.last_crash.as_deref().unwrap_or("")
                 ));
             }
-            std::thread::sleep(self.backoff());
+            let due = self.next_attempt.take();
+            match (how, due) {
+                // Waited for asleep by a request (it waits for the restart, within its
+                // timeout; the backoff is bounded below the operation timeout).
+                (Revive::ForARequest, Some(due)) => {
+                    std::thread::sleep(due.saturating_duration_since(Instant::now()))
+                }
+                // An operation (a checkpoint, a stop, a replace) does not wait for it.
+                (Revive::ForAnOperation, _) | (_, None) => {}
+                // Between messages: a timer nudges the executor when it is due, so that
+                // nothing queued waits behind the sleep.
+                (Revive::WhenDue, Some(due)) if due > Instant::now() => {
+                    self.next_attempt = Some(due);
+                    if !self.timer_armed {
+                        self.timer_armed = true;
+                        let services = self.services.clone();
+                        let wait = due.saturating_duration_since(Instant::now());
+                        let armed = crate::loader::threads::spawn_detached(
+                            &format!("restart-{service}"),
+                            move || {
+                                std::thread::sleep(wait);
+                                services.nudge();
+                            },
+                        );
+                        if armed.is_err() {
+                            // No timer: the next message restarts it.
+                            self.timer_armed = false;
+                        }
+                    }
+                    return Ok(());
+                }
+                (Revive::WhenDue, Some(_)) => {}
+            }
+            self.timer_armed = false;
             match self.restart() {
                 Ok(worker) => {
                     self.status.pid = Some(worker.pid());
@@ -381,8 +436,10 @@ impl WorkerInstance {
                         "worker restarted"
                     );
                 }
-                Err(how) => {
-                    self.lost(how);
+                Err(how_lost) => {
+                    // The next try waits for its backoff as this one did (between messages:
+                    // a timer again).
+                    self.lost(how_lost);
                 }
             }
         }
@@ -520,9 +577,10 @@ impl ServiceInstance for WorkerInstance {
             self.lost(how);
         }
         if self.worker.is_none() && self.started && !self.status.gave_up {
-            // Brought back now, not at the next message: the mailbox holds what comes
-            // meanwhile, and the restart's own errors are recorded as crashes.
-            let _ = self.revive();
+            // Brought back now (or when its backoff is due), not at the next message: the
+            // mailbox holds what comes meanwhile, and the restart's own errors are recorded
+            // as crashes.
+            let _ = self.revive(Revive::WhenDue);
         }
     }
 }
