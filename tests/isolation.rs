@@ -883,3 +883,70 @@ fn a_restart_backoff_holds_back_no_checkpoint_and_no_stop() -> TestResult {
     );
     Ok(())
 }
+
+/// What `run` would refuse, `--check` refuses too; and a configuration file others can
+/// write is refused, as a plugins directory is.
+#[test]
+fn check_refuses_what_run_would_and_a_file_others_can_write() -> TestResult {
+    use crate::cli::{microkernel, stderr};
+    use std::os::unix::fs::PermissionsExt;
+    let root = crate::cli::setup(&["echo"]);
+    let config = root.path().join("host.toml");
+    let check = |text: &str| -> std::process::Output {
+        std::fs::write(&config, text).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let mut args = crate::cli::run_args(root.path());
+        args.extend(["--config", config.to_str().unwrap(), "--check"].map(str::to_owned));
+        microkernel(&args)
+    };
+    let refused = |text: &str, says: &str| {
+        let output = check(text);
+        assert_eq!(output.status.code(), Some(2), "{text}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(says),
+            "{text}: {}",
+            stderr(&output)
+        );
+    };
+    assert!(check("").status.success());
+    refused("no-state = true\n", "`no-state` and a key file");
+    refused(
+        "[service.echo]\nisolate = true\nrestart-backoff = \"20s\"\nrestart-backoff-max = \"5s\"\n",
+        "longer than restart-backoff-max",
+    );
+    refused(
+        "operation-timeout = \"10s\"\n[service.echo]\nisolate = true\nrestart-backoff-max = \"1m\"\n",
+        "at most half of operation-timeout",
+    );
+    refused("log-level = \"bogus[[[\"\n", "not a log filter");
+    // The file alone (no --plugins to win over it).
+    let key = root.path().join("key");
+    std::fs::write(
+        &config,
+        format!(
+            "plugins = \"/nonexistent\"\nkey-file = {:?}\n",
+            key.to_str().ok_or("path")?
+        ),
+    )?;
+    let output = microkernel(&["run", "--config", config.to_str().ok_or("path")?, "--check"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("/nonexistent does not exist"),
+        "{}",
+        stderr(&output)
+    );
+    refused("[service.kernel]\nisolate = true\n", "the host's own");
+
+    std::fs::write(&config, "")?;
+    std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o666))?;
+    let mut args = crate::cli::run_args(root.path());
+    args.extend(["--config", config.to_str().ok_or("path")?, "--check"].map(str::to_owned));
+    let output = microkernel(&args);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("configuration file"),
+        "{}",
+        stderr(&output)
+    );
+    Ok(())
+}

@@ -138,14 +138,18 @@ impl ServiceSection {
         keys
     }
 
-    /// The supervision settings of an isolated service, defaults filled in.
-    pub fn isolation(&self) -> Isolation {
+    /// The supervision settings of an isolated service, defaults filled in: the longest
+    /// backoff by default is 10 s, or half of `operation_timeout` when that is shorter.
+    pub fn isolation(&self, operation_timeout: Duration) -> Isolation {
         let defaults = Isolation::default();
+        let backoff_max = defaults.backoff_max.min(operation_timeout / 2);
         Isolation {
             max_restarts: self.max_restarts.unwrap_or(defaults.max_restarts),
             restart_window: self.restart_window.unwrap_or(defaults.restart_window),
-            backoff: self.restart_backoff.unwrap_or(defaults.backoff),
-            backoff_max: self.restart_backoff_max.unwrap_or(defaults.backoff_max),
+            backoff: self
+                .restart_backoff
+                .unwrap_or(defaults.backoff.min(backoff_max)),
+            backoff_max: self.restart_backoff_max.unwrap_or(backoff_max),
             memory_max: self.memory_max,
             landlock: self.landlock.unwrap_or(false),
         }
@@ -230,7 +234,7 @@ pub fn read(path: &Path) -> anyhow::Result<FileConfig> {
     for (name, section) in &config.service {
         if !plugin_api::is_valid_service_name(name) {
             anyhow::bail!(
-                "configuration file {}: [service.{name}]: {name:?} is not a service name (1 to 64 of a-z, 0-9, `_` and `-`)",
+                "configuration file {}: [service.{name}]: {name:?} is not a service name (1 to 64 of a-z, 0-9, `_` and `-`, starting with a letter or digit; `kernel` is the host's own)",
                 path.display()
             );
         }
@@ -246,13 +250,48 @@ pub fn read(path: &Path) -> anyhow::Result<FileConfig> {
     Ok(config)
 }
 
+/// Checks the effective settings as a whole (the file merged under the command line):
+/// what no single key can say wrong. `file` names the configuration file in the errors.
+pub fn validate(
+    args: &RunArgs,
+    isolation: &BTreeMap<String, Isolation>,
+    file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let named = |what: String| match file {
+        Some(path) => format!("configuration file {}: {what}", path.display()),
+        None => what,
+    };
+    if args.no_state && (args.keys.key_file.is_some() || !args.keys.old_key_files.is_empty()) {
+        anyhow::bail!(named(
+            "`no-state` and a key file (`key-file`, `old-key-files`) together: persist state or not, not both".to_owned()
+        ));
+    }
+    for (service, settings) in isolation {
+        if settings.backoff > settings.backoff_max {
+            anyhow::bail!(named(format!(
+                "[service.{service}]: restart-backoff ({:?}) is longer than restart-backoff-max ({:?})",
+                settings.backoff, settings.backoff_max
+            )));
+        }
+        // A request waits for a restart's backoff on the executor, and operations queued
+        // behind it with it: the backoff must end well within the operation timeout.
+        if settings.backoff_max * 2 > args.operation_timeout {
+            anyhow::bail!(named(format!(
+                "[service.{service}]: restart-backoff-max ({:?}) must be at most half of operation-timeout ({:?})",
+                settings.backoff_max, args.operation_timeout
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The isolated services of a configuration, with their settings.
-pub fn isolation(config: &FileConfig) -> BTreeMap<String, Isolation> {
+pub fn isolation(config: &FileConfig, operation_timeout: Duration) -> BTreeMap<String, Isolation> {
     config
         .service
         .iter()
         .filter(|(_, section)| section.isolate)
-        .map(|(name, section)| (name.clone(), section.isolation()))
+        .map(|(name, section)| (name.clone(), section.isolation(operation_timeout)))
         .collect()
 }
 
@@ -471,7 +510,7 @@ memory-max = "512MiB"
         )
         .unwrap();
         assert_eq!(config.checkpoint_interval, Some(Duration::from_secs(2)));
-        let isolation = isolation(&config);
+        let isolation = isolation(&config, Duration::from_secs(30));
         assert_eq!(isolation["kv"].max_restarts, 3);
         assert_eq!(isolation["kv"].memory_max, Some(512 << 20));
     }

@@ -35,6 +35,16 @@ fn main() -> ExitCode {
     let mut config_file = None;
     if let (Command::Run(args), Some(run)) = (&mut cli.command, matches.subcommand_matches("run")) {
         if let Some(path) = args.config.clone() {
+            // Whoever can write the file can choose the plugins and turn isolation off: it
+            // is checked as the plugins directory is (only the command line can opt out).
+            let trust = host::trust::Trust {
+                strict_modes: !args.allow_insecure_permissions,
+                allow_list: None,
+            };
+            if let Err(error) = trust.check("configuration file", &path) {
+                eprintln!("microkernel: {}", host::error_chain(&error));
+                return ExitCode::from(2);
+            }
             let file = match microkernel::config::read(&path) {
                 Ok(file) => file,
                 Err(error) => {
@@ -53,9 +63,19 @@ fn main() -> ExitCode {
             );
             config_file = Some((path, file));
         }
+        let isolation = config_file
+            .as_ref()
+            .map(|(_, file)| microkernel::config::isolation(file, args.operation_timeout))
+            .unwrap_or_default();
+        let path = config_file.as_ref().map(|(path, _)| path.as_path());
+        if let Err(error) = microkernel::config::validate(args, &isolation, path) {
+            eprintln!("microkernel: {error:#}");
+            return ExitCode::from(2);
+        }
         if args.check {
             daemon::release_signals();
-            return check(args, config_file.as_ref().map(|(_, file)| file));
+            let logging = (cli.log_level.clone(), cli.log_format);
+            return check(args, logging, &isolation);
         }
     }
     // A worker keeps SIGHUP, SIGINT and SIGTERM held: the host ends it when it stops its
@@ -134,17 +154,58 @@ fn reader_went_away(error: &anyhow::Error) -> bool {
     })
 }
 
-/// `run --check`: the effective settings, or why they are wrong.
+/// `run --check`: the effective settings, or why they are wrong: what `run` would refuse
+/// before it starts anything (the plugins directory, the key, the log filter).
 fn check(
     args: &microkernel::cli::RunArgs,
-    file: Option<&microkernel::config::FileConfig>,
+    (log_level, log_format): (Option<String>, microkernel::cli::LogFormat),
+    isolation: &std::collections::BTreeMap<String, host::worker::Isolation>,
 ) -> ExitCode {
-    if args.plugins.is_none() {
-        eprintln!("microkernel: no plugins directory: give --plugins, or `plugins` in the configuration file");
+    let mut problems = Vec::new();
+    match &args.plugins {
+        None => problems.push(
+            "no plugins directory: give --plugins, or `plugins` in the configuration file"
+                .to_owned(),
+        ),
+        Some(dir) if !dir.is_dir() => problems.push(format!(
+            "plugins directory {} does not exist or is not a directory",
+            dir.display()
+        )),
+        Some(_) => {}
+    }
+    if !args.no_state {
+        match &args.keys.key_file {
+            Some(key) if !key.is_file() => {
+                problems.push(format!("key file {} does not exist", key.display()))
+            }
+            None if std::env::var_os(daemon::KEY_ENV).is_none() => problems.push(format!(
+                "no state key: give `key-file`, set {}, or `no-state = true`",
+                daemon::KEY_ENV
+            )),
+            _ => {}
+        }
+    }
+    let level = log_level.as_deref().unwrap_or("info");
+    if let Err(error) = EnvFilter::try_new(level) {
+        problems.push(format!("log-level {level:?} is not a log filter: {error}"));
+    }
+    if !problems.is_empty() {
+        for problem in problems {
+            eprintln!("microkernel: {problem}");
+        }
         return ExitCode::from(2);
     }
-    let isolation = file.map(microkernel::config::isolation).unwrap_or_default();
-    let text = microkernel::config::effective(args, &isolation);
+    let mut text = microkernel::config::effective(args, isolation);
+    text.insert_str(
+        0,
+        &format!(
+            "log-level = {level:?}\nlog-format = \"{}\"\n",
+            match log_format {
+                microkernel::cli::LogFormat::Text => "text",
+                microkernel::cli::LogFormat::Json => "json",
+            }
+        ),
+    );
     match write!(std::io::stdout(), "{text}") {
         Ok(()) => ExitCode::SUCCESS,
         Err(_) => ExitCode::from(2),

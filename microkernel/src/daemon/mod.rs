@@ -158,7 +158,7 @@ pub fn run(
         probe: Some(Probe::new(Probe::this_program(), args.probe_timeout)),
         isolation: config_file
             .as_ref()
-            .map(|(_, file)| crate::config::isolation(file))
+            .map(|(_, file)| crate::config::isolation(file, args.operation_timeout))
             .unwrap_or_default(),
         worker_program: None,
     })?);

@@ -82,7 +82,7 @@ fn reread(kernel: &Kernel, path: &Path, file: &mut FileConfig) -> Option<String>
             return Some(error);
         }
     };
-    let isolation = crate::config::isolation(&new);
+    let isolation = crate::config::isolation(&new, kernel.operation_timeout());
     if let Err(error) = kernel.set_isolation(isolation) {
         return Some(format!("configuration file {}: {error}", path.display()));
     }
