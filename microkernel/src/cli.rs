@@ -237,8 +237,9 @@ pub struct RunArgs {
     /// The host's configuration file (TOML): a key for each option of `run` (named as the
     /// option: `checkpoint-interval = "2s"`), where the command line wins; and
     /// `[service.NAME]` sections with `isolate = true` (run the service in a worker process),
-    /// `max-restarts`, `restart-window`, `restart-backoff`, `restart-backoff-max` and
-    /// `memory-max`. SIGHUP reads the sections again. See README, "Configuration file".
+    /// `max-restarts`, `restart-window`, `restart-backoff`, `restart-backoff-max`,
+    /// `memory-max` and `landlock`. SIGHUP reads the sections again. See README, "Isolated
+    /// services".
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// Check the configuration file and the options, print the effective settings, and exit.

@@ -486,9 +486,11 @@ impl ServiceSlot {
         self.update(|info| {
             info.status = status;
             if let Run::Stuck(stuck) = &ops.run {
-                info.last_error = Some(format!(
-                    "{stuck}; its thread and library are left as they are"
-                ));
+                info.last_error = Some(if ops.loaded.is_isolated() {
+                    format!("{stuck}; its thread is left as it is (its worker is killed at the call's deadline, and the thread then ends)")
+                } else {
+                    format!("{stuck}; its thread and library are left as they are")
+                });
             }
         });
     }

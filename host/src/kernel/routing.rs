@@ -138,6 +138,16 @@ impl HostServices for ServiceContext {
             ProcessEvent::Restarted => kernel.metrics.worker_restarted(&self.service),
             ProcessEvent::Started => {}
         }
+        if status.gave_up {
+            if let Some(slot) = kernel.slot(&self.service) {
+                let last = status.last_crash.as_deref().unwrap_or("no crash recorded");
+                slot.update(|info| {
+                    info.last_error = Some(format!(
+                        "its worker process crashed too often and is not restarted (`ctl start` brings the service back from its last checkpoint); the last crash: {last}"
+                    ))
+                });
+            }
+        }
     }
 }
 

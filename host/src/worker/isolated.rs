@@ -312,11 +312,14 @@ impl WorkerInstance {
                 Ok(outcome) => return Ok(outcome),
                 Err(CallError { delivered, error }) => {
                     let when = if delivered { "during" } else { "before" };
-                    let how = format!(
-                        "its worker process (pid {}) {} {when} {what}",
-                        worker.pid(),
-                        worker.end_of(&error)
-                    );
+                    let pid = worker.pid();
+                    let ended = worker.end_of(&error);
+                    let how = match error {
+                        WireError::TimedOut(_) => format!(
+                            "its worker process (pid {pid}) did not answer {what} within {timeout:?}, and was killed"
+                        ),
+                        _ => format!("its worker process (pid {pid}) {ended} {when} {what}"),
+                    };
                     let lost = self.lost(how);
                     if delivered || tries > 1 || !self.started {
                         return Err(lost);
@@ -360,8 +363,9 @@ impl WorkerInstance {
         } else if gave_up {
             tracing::error!(service, crash = %how, crashes = self.crashes.len(), window = ?window, "the worker died too often: not restarted (`ctl start` or a new version brings the service back)");
             format!(
-                "{how}; {} crashes within {window:?}: not restarted",
-                self.crashes.len()
+                "{how}; {} crash{} within {window:?}: not restarted",
+                self.crashes.len(),
+                if self.crashes.len() == 1 { "" } else { "es" }
             )
         } else {
             tracing::error!(service, crash = %how, "the worker died; restarting it from the last checkpoint");

@@ -305,7 +305,7 @@ impl Worker {
                 if timed_out {
                     format!("{error}, and was killed")
                 } else {
-                    format!("{error}; it was killed")
+                    format!("ended its exchange with the host ({error}), and was killed")
                 }
             }
         }

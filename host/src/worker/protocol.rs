@@ -142,7 +142,7 @@ pub(crate) enum WireError {
     #[error("its socket was closed")]
     Closed,
     /// Nothing came in time.
-    #[error("it did not answer within {0:?}")]
+    #[error("did not answer within {:?}", Duration::from_millis(u64::try_from(.0.as_millis()).unwrap_or(u64::MAX)))]
     TimedOut(Duration),
     /// The socket failed.
     #[error("its socket failed: {0}")]
