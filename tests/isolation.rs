@@ -950,3 +950,54 @@ fn check_refuses_what_run_would_and_a_file_others_can_write() -> TestResult {
     );
     Ok(())
 }
+
+/// A new version whose worker is killed from outside before it opens the file (an
+/// operator, the OOM killer) is not rejected: the replace rolls back, and the next rescan
+/// tries the same file again.
+#[test]
+fn a_worker_killed_from_outside_during_a_replace_does_not_reject_the_file() -> TestResult {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = plugin_dir(&["echo"]);
+    let scratch = tempfile::tempdir()?;
+    let flag = scratch.path().join("kill-workers");
+    // The host's program, unless the flag is there: then every worker of an instance (not
+    // the one that reads a file's manifest) is killed before it runs.
+    let wrapper = scratch.path().join("worker.sh");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\ncase \"$*\" in *--service*) [ -e {flag:?} ] && kill -9 $$;; esac\nexec {:?} \"$@\"\n",
+            worker_program()
+        ),
+    )?;
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755))?;
+    let persisted = Persisted::new();
+    let config = KernelConfig {
+        isolation: isolating(&["echo"], &Isolation::default()),
+        worker_program: Some(wrapper),
+        ..persisted.config(BadStatePolicy::Refuse)
+    };
+    let (kernel, report) = persisted.kernel_with(dir.path(), config);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let mut reloader = support::reloader_of(dir.path());
+    reloader.scan(&kernel, None);
+    assert_eq!(kernel.request("echo", "echo", b"", None).code, codes::OK);
+
+    std::fs::write(&flag, "")?;
+    support::add_plugin(dir.path(), "echo-v2");
+    let report = reloader.scan(&kernel, None);
+    assert!(report.replaced.is_empty(), "{report:?}");
+    let said: Vec<String> = report.errors.iter().map(|e| host::error_chain(e)).collect();
+    assert!(
+        said.iter().any(|e| e.contains("not the plugin's doing")),
+        "{said:?}"
+    );
+    assert_eq!(kernel.info("echo").ok_or("echo")?.version, "1.0.0");
+
+    std::fs::remove_file(&flag)?;
+    let report = reloader.scan(&kernel, None);
+    assert_eq!(report.replaced.len(), 1, "{report:?}");
+    assert_eq!(kernel.info("echo").ok_or("echo")?.version, "2.0.0");
+    assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], 2);
+    Ok(())
+}

@@ -123,5 +123,25 @@ pub trait InstanceSource: Send + Sync + 'static {
         self: Arc<Self>,
         services: Arc<dyn HostServices>,
         config: Option<&str>,
-    ) -> Result<Box<dyn ServiceInstance>, String>;
+    ) -> Result<Box<dyn ServiceInstance>, CreateError>;
+}
+
+/// Why an instance could not be created: the plugin's doing, or the host's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CreateError {
+    /// The plugin's constructor failed, or what runs it crashed or hung in it: its
+    /// message.
+    #[error("{0}")]
+    Plugin(String),
+    /// What runs the instance could not be had, for a reason outside the plugin (a worker
+    /// process that could not start, or was killed from outside): not held against the
+    /// plugin's file.
+    #[error("{0}")]
+    Host(String),
+}
+
+impl From<String> for CreateError {
+    fn from(message: String) -> Self {
+        CreateError::Plugin(message)
+    }
 }

@@ -178,6 +178,10 @@ pub enum InstanceError {
     /// The plugin's constructor failed or panicked.
     #[error("creating the instance failed: {0}")]
     Create(String),
+    /// What runs the instance could not be had, for a reason outside the plugin (a worker
+    /// process that could not start, or was killed from outside): the host's trouble.
+    #[error("the instance could not be brought up (not the plugin's doing): {0}")]
+    Unavailable(String),
     /// `import_state` refused the state, or panicked.
     #[error("import_state refused the state: {0}")]
     Import(String),

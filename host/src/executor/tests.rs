@@ -81,7 +81,7 @@ impl InstanceSource for Recorder {
         self: Arc<Self>,
         _services: Arc<dyn HostServices>,
         config: Option<&str>,
-    ) -> Result<Box<dyn ServiceInstance>, String> {
+    ) -> Result<Box<dyn ServiceInstance>, crate::instance::CreateError> {
         self.note(format!("new {}", config.unwrap_or("-")));
         Ok(Box::new(Recorded {
             recorder: self,

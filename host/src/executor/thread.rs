@@ -75,7 +75,11 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     let mut instance = match created {
         Ok(instance) => instance,
         Err(e) => {
-            let _ = waits.stages.send(Err(InstanceError::Create(e)));
+            let error = match e {
+                crate::instance::CreateError::Plugin(message) => InstanceError::Create(message),
+                crate::instance::CreateError::Host(message) => InstanceError::Unavailable(message),
+            };
+            let _ = waits.stages.send(Err(error));
             return;
         }
     };

@@ -203,6 +203,16 @@ pub enum LoadError {
         /// How the process ended.
         how: String,
     },
+    /// The worker process was killed from outside while it opened the file (SIGKILL the host
+    /// did not send: an operator, the OOM killer): not the file's doing; it is tried again
+    /// at the next rescan.
+    #[error("could not load plugin {path}: its worker process {how} while opening it, by a signal from outside the host (not the file's doing); it is tried again at the next rescan")]
+    WorkerKilled {
+        /// The plugin file.
+        path: PathBuf,
+        /// How the process ended.
+        how: String,
+    },
     /// The worker process opened the file and the loader there refused it.
     #[error("failed to load plugin {path} in a worker process: {reason}")]
     WorkerRefused {
@@ -249,6 +259,7 @@ impl LoadError {
                 | LoadError::ProbeDidNotStart { .. }
                 | LoadError::WorkerFailed { .. }
                 | LoadError::WorkerDidNotStart { .. }
+                | LoadError::WorkerKilled { .. }
                 | LoadError::LoaderWedged { .. }
         )
     }

@@ -7,7 +7,7 @@ use plugin_api::{
 };
 
 use super::{host_handle, threads::CallCensus, Library};
-use crate::instance::{HostServices, InstanceSource, Message, ServiceInstance};
+use crate::instance::{CreateError, HostServices, InstanceSource, Message, ServiceInstance};
 
 /// One live service instance, created by a [`Library`]: the [`ServiceInstance`] of a
 /// plugin file opened in this process, or of a linked service.
@@ -124,7 +124,7 @@ impl InstanceSource for Library {
         self: Arc<Self>,
         services: Arc<dyn HostServices>,
         config: Option<&str>,
-    ) -> Result<Box<dyn ServiceInstance>, String> {
+    ) -> Result<Box<dyn ServiceInstance>, CreateError> {
         Ok(Box::new(Instance::new(self, services, config)?))
     }
 }

@@ -60,6 +60,18 @@ fn blame_reload(error: &ReloadError, replacing_live_state: bool) -> Blame {
 
 fn blame(error: &KernelError, replacing_live_state: bool) -> Blame {
     match error {
+        // A new version that could not be brought up for the host's own reasons (its
+        // worker did not start, or was killed from outside) is not at fault.
+        KernelError::Swap(
+            SwapError::RolledBack {
+                cause: InstanceError::Unavailable(_),
+                ..
+            }
+            | SwapError::RollbackFailed {
+                cause: InstanceError::Unavailable(_),
+                ..
+            },
+        ) => Blame::Elsewhere,
         KernelError::Swap(SwapError::RolledBack { .. } | SwapError::RollbackFailed { .. }) => {
             Blame::File
         }
@@ -69,7 +81,7 @@ fn blame(error: &KernelError, replacing_live_state: bool) -> Blame {
             InstanceError::Create(_) | InstanceError::Start(_) | InstanceError::Timeout { .. } => {
                 Blame::File
             }
-            InstanceError::Thread(_) => Blame::Elsewhere,
+            InstanceError::Thread(_) | InstanceError::Unavailable(_) => Blame::Elsewhere,
         },
         KernelError::Load(error) if error.is_the_files_fault() => Blame::File,
         _ => Blame::Elsewhere,

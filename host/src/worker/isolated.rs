@@ -17,7 +17,8 @@ use super::{
 };
 use crate::{
     instance::{
-        HostServices, InstanceSource, Message, ProcessEvent, ProcessStatus, ServiceInstance,
+        CreateError, HostServices, InstanceSource, Message, ProcessEvent, ProcessStatus,
+        ServiceInstance,
     },
     loader::{LoadError, Manifest, ShadowCopy},
 };
@@ -128,6 +129,10 @@ fn load_error(program: &Path, path: &Path, error: StartError) -> LoadError {
             path: path.to_owned(),
             how,
         },
+        StartError::Killed(how) => LoadError::WorkerKilled {
+            path: path.to_owned(),
+            how,
+        },
         StartError::Refused(reason) => LoadError::WorkerRefused {
             path: path.to_owned(),
             reason,
@@ -184,43 +189,62 @@ impl IsolatedPlugin {
         &self.settings
     }
 
-    /// Starts a worker for the service and has it create its instance.
+    /// Starts a worker for the service and has it create its instance; with what confines
+    /// it, if asked for.
     fn bring_up(
         &self,
         services: &Arc<dyn HostServices>,
         config: Option<&str>,
-    ) -> Result<(Worker, Option<String>), String> {
+    ) -> Result<(Worker, Option<String>), CreateError> {
         let deadline = Instant::now() + self.timeout;
         let name = &self.manifest.name;
         let limits = Limits {
             memory_max: self.settings.memory_max,
             landlock: self.settings.landlock,
         };
-        let (mut worker, opened, confined) =
-            Worker::start(&self.program, &self.copy, Some(name), &limits, deadline).map_err(
-                |error| {
-                    plugin_api::error_chain(&load_error(&self.program, self.copy.path(), error))
-                },
-            )?;
+        let started = Worker::start(&self.program, &self.copy, Some(name), &limits, deadline);
+        let (mut worker, opened, confined) = match started {
+            Ok(started) => started,
+            Err(error) => {
+                let hosts = matches!(
+                    error,
+                    StartError::Spawn(_) | StartError::NotStarted(_) | StartError::Killed(_)
+                );
+                let message =
+                    plugin_api::error_chain(&load_error(&self.program, self.copy.path(), error));
+                return Err(if hosts {
+                    CreateError::Host(message)
+                } else {
+                    CreateError::Plugin(message)
+                });
+            }
+        };
         if opened.name != *name || opened.version != self.manifest.version.to_string() {
             worker.kill();
-            return Err(format!(
+            return Err(CreateError::Plugin(format!(
                 "its worker opened {} {} where {name} {} was read before",
                 opened.name, opened.version, self.manifest.version
-            ));
+            )));
         }
         worker.serve_side(name, services.clone());
         match worker.create(config, &**services, self.spin, deadline) {
             Ok(Ok(())) => Ok((worker, confined)),
             Ok(Err(error)) => {
                 worker.exit(Instant::now() + self.timeout);
-                Err(error)
+                Err(CreateError::Plugin(error))
             }
-            Err(error) => Err(format!(
-                "its worker process (pid {}) {} while creating the instance",
-                worker.pid(),
-                worker.end_of(&error)
-            )),
+            Err(error) => {
+                let how = format!(
+                    "its worker process (pid {}) {} while creating the instance",
+                    worker.pid(),
+                    worker.end_of(&error)
+                );
+                Err(if worker.killed_from_outside() {
+                    CreateError::Host(how)
+                } else {
+                    CreateError::Plugin(how)
+                })
+            }
         }
     }
 }
@@ -230,7 +254,7 @@ impl InstanceSource for IsolatedPlugin {
         self: Arc<Self>,
         services: Arc<dyn HostServices>,
         config: Option<&str>,
-    ) -> Result<Box<dyn ServiceInstance>, String> {
+    ) -> Result<Box<dyn ServiceInstance>, CreateError> {
         let (worker, confined) = self.bring_up(&services, config)?;
         let instance = WorkerInstance {
             status: ProcessStatus {
@@ -469,7 +493,8 @@ impl WorkerInstance {
     fn restart(&mut self) -> Result<Worker, String> {
         let (mut worker, confined) = self
             .plugin
-            .bring_up(&self.services, self.config.as_deref())?;
+            .bring_up(&self.services, self.config.as_deref())
+            .map_err(|error| error.to_string())?;
         self.status.confined = confined;
         let saved = self
             .services

@@ -38,6 +38,9 @@ pub(super) enum StartError {
     NotStarted(String),
     /// It died or went silent while opening the file (the file's fault).
     Crashed(String),
+    /// It was killed from outside (SIGKILL, not by the host) while opening the file: an
+    /// operator, the OOM killer; not the file's doing.
+    Killed(String),
     /// It opened the file and refused it (the file's fault): the loader's message.
     Refused(String),
 }
@@ -52,6 +55,8 @@ pub(super) struct Worker {
     side_conn: Option<Conn>,
     /// Set by that thread when the side socket closes: the worker is gone (or going).
     side_closed: Arc<AtomicBool>,
+    /// Whether it was seen to end by SIGKILL that the host did not send.
+    killed_from_outside: bool,
 }
 
 /// Why a call got no outcome.
@@ -114,6 +119,7 @@ impl Worker {
             side: None,
             side_conn: Some(conn(side_host)?),
             side_closed: Arc::new(AtomicBool::new(false)),
+            killed_from_outside: false,
         };
         let confined = match worker
             .call
@@ -148,7 +154,14 @@ impl Worker {
                 "sent {} instead of what it opened",
                 name_of(&other)
             ))),
-            Err(error) => Err(StartError::Crashed(worker.end_of(&error))),
+            Err(error) => {
+                let how = worker.end_of(&error);
+                Err(if worker.killed_from_outside() {
+                    StartError::Killed(how)
+                } else {
+                    StartError::Crashed(how)
+                })
+            }
         };
         match opened {
             Ok(opened) => Ok((worker, opened, confined)),
@@ -299,7 +312,10 @@ impl Worker {
             }
         };
         match status {
-            Some(status) => describe(status),
+            Some(status) => {
+                self.killed_from_outside = status.signal() == Some(libc::SIGKILL);
+                describe(status)
+            }
             None => {
                 self.kill();
                 if timed_out {
@@ -309,6 +325,11 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// Whether [`Worker::end_of`] found it killed by a SIGKILL the host did not send.
+    pub fn killed_from_outside(&self) -> bool {
+        self.killed_from_outside
     }
 
     /// Kills and reaps the process.
