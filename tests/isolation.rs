@@ -435,6 +435,20 @@ fn a_configuration_file_chooses_the_mode_and_sighup_moves_a_service_with_its_sta
     );
     assert_eq!(kv(&daemon)["mode"], "isolated");
 
+    // A section that names no service (a typo) is said, and changes nothing.
+    std::fs::write(
+        &config,
+        "checkpoint-interval = \"0\"\n[service.kv]\nisolate = true\nmax-restarts = 3\n[service.ehco]\nisolate = true\n",
+    )?;
+    let reload = daemon.ctl(&["reload"]);
+    assert!(reload.status.success(), "{}", stderr(&reload));
+    assert!(
+        stdout(&reload).contains("[service.ehco] names no service"),
+        "{}",
+        stdout(&reload)
+    );
+    assert_eq!(kv(&daemon)["mode"], "isolated");
+
     // Back into the host by SIGHUP, with the state the worker had.
     std::fs::write(&config, "checkpoint-interval = \"0\"\n")?;
     let pid_file = root.path().join("host.pid");

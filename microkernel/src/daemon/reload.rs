@@ -29,6 +29,11 @@ pub(super) fn spawn_reload_thread(
     let (tx, rx) = unbounded::<Work>();
     threads::spawn_detached("reload", move || {
         reloader.scan(&kernel, None);
+        if let Some((path, file)) = &config_file {
+            for line in unknown_sections(&kernel, path, file) {
+                tracing::warn!("{line}");
+            }
+        }
         let _ = started.send(());
         while let Ok(first) = rx.recv() {
             let mut sweep = false;
@@ -52,6 +57,12 @@ pub(super) fn spawn_reload_thread(
                     .and_then(|(path, file)| reread(&kernel, path, file));
                 let report = reloader.scan_with(&kernel, only.as_deref(), retry);
                 let mut lines = report_lines(&report, only.as_deref(), &kernel);
+                if let Some((path, file)) = &config_file {
+                    for line in unknown_sections(&kernel, path, file) {
+                        tracing::warn!("{line}");
+                        lines.push((line, false));
+                    }
+                }
                 if let Some(error) = reread {
                     lines.insert(0, (error, true));
                 }
@@ -67,6 +78,21 @@ pub(super) fn spawn_reload_thread(
     })
     .context("starting the reload thread")?;
     Ok(tx)
+}
+
+/// A line for each `[service.NAME]` section of the file that names no service the host
+/// has (a typo, or a plugin not deployed yet): such a section does nothing.
+fn unknown_sections(kernel: &Kernel, path: &Path, file: &FileConfig) -> Vec<String> {
+    file.service
+        .keys()
+        .filter(|service| kernel.info(service).is_none())
+        .map(|service| {
+            format!(
+                "configuration file {}: [service.{service}] names no service the host runs; it does nothing until one is deployed",
+                path.display()
+            )
+        })
+        .collect()
 }
 
 /// Reads the configuration file again before a rescan: its `[service.*]` sections take
