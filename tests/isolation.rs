@@ -501,8 +501,33 @@ fn a_worker_that_crashes_too_often_leaves_its_service_failed_until_it_is_started
     assert!(process.gave_up && process.pid.is_none(), "{process:?}");
     assert_eq!((process.crashes, process.restarts), (3, 2));
     // A rescan leaves it failed (only a start or another version brings it back).
-    let report = support::reloader_of(dir.path()).scan(&kernel, None);
+    let mut reloader = support::reloader_of(dir.path());
+    let report = reloader.scan(&kernel, None);
     assert!(report.restarted.is_empty(), "{report:?}");
+    assert_eq!(
+        kernel.info("faulty").ok_or("faulty")?.status,
+        Status::Failed
+    );
+    // New settings are a new version of sorts: they bring it back, from its checkpoint.
+    let settings = Isolation {
+        max_restarts: 3,
+        ..settings
+    };
+    kernel.set_isolation(isolating(&["faulty"], &settings))?;
+    let report = reloader.scan(&kernel, None);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(
+        kernel.info("faulty").ok_or("faulty")?.status,
+        Status::Running
+    );
+    assert_eq!(
+        json(&kernel.request("faulty", "count", b"", None))["count"],
+        2
+    );
+    for crash in 1..=4 {
+        let reply = kernel.request("faulty", "segv", b"", None);
+        assert_eq!(reply.code, codes::UNAVAILABLE, "crash {crash}: {reply:?}");
+    }
     assert_eq!(
         kernel.info("faulty").ok_or("faulty")?.status,
         Status::Failed
@@ -524,6 +549,14 @@ fn a_worker_that_crashes_too_often_leaves_its_service_failed_until_it_is_started
         json(&kernel.request("faulty", "count", b"", None))["count"],
         2
     );
+    // Stopped, it shows no process.
+    kernel.stop("faulty")?;
+    let process = kernel
+        .info("faulty")
+        .ok_or("faulty")?
+        .process
+        .ok_or("isolated")?;
+    assert_eq!(process.pid, None, "{process:?}");
     Ok(())
 }
 
@@ -933,6 +966,8 @@ fn check_refuses_what_run_would_and_a_file_others_can_write() -> TestResult {
         "at most half of operation-timeout",
     );
     refused("log-level = \"bogus[[[\"\n", "not a log filter");
+    // A typo'd level parses as a target name and would silence the log.
+    refused("log-level = \"inof\"\n", "is not a level");
     // The file alone (no --plugins to win over it).
     let key = root.path().join("key");
     std::fs::write(

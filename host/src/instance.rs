@@ -108,6 +108,13 @@ pub trait ServiceInstance {
     /// The plugin's `import_state` of a state exported by `from_version`.
     fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String>;
 
+    /// Whether the last call failed because what runs the instance was lost for a reason
+    /// outside the plugin (a worker killed from outside), so that the failure is not held
+    /// against the plugin's file. Never, in process.
+    fn lost_to_the_host(&self) -> bool {
+        false
+    }
+
     /// Called by the executor once it has answered a message, before it takes the next:
     /// an instance that lost its worker process brings up another here, while what comes
     /// meanwhile waits in the mailbox. Nothing to do in process.

@@ -240,8 +240,13 @@ pub fn read(path: &Path) -> anyhow::Result<FileConfig> {
         }
         let keys = section.worker_keys();
         if !section.isolate && !keys.is_empty() {
+            let (verb, them) = if keys.len() == 1 {
+                ("applies", "it")
+            } else {
+                ("apply", "them")
+            };
             anyhow::bail!(
-                "configuration file {}: [service.{name}]: {} only apply to an isolated service; add `isolate = true` or remove them",
+                "configuration file {}: [service.{name}]: {} only {verb} to an isolated service; add `isolate = true` or remove {them}",
                 path.display(),
                 keys.join(", ")
             );
@@ -266,6 +271,20 @@ pub fn validate(
             "`no-state` and a key file (`key-file`, `old-key-files`) together: persist state or not, not both".to_owned()
         ));
     }
+    validate_isolation(isolation, args.operation_timeout, file)
+}
+
+/// Checks the isolated services' settings against each other and the operation timeout
+/// (at start-up, and for a file read again at SIGHUP).
+pub fn validate_isolation(
+    isolation: &BTreeMap<String, Isolation>,
+    operation_timeout: Duration,
+    file: Option<&Path>,
+) -> anyhow::Result<()> {
+    let named = |what: String| match file {
+        Some(path) => format!("configuration file {}: {what}", path.display()),
+        None => what,
+    };
     for (service, settings) in isolation {
         if settings.backoff > settings.backoff_max {
             anyhow::bail!(named(format!(
@@ -275,10 +294,10 @@ pub fn validate(
         }
         // A request waits for a restart's backoff on the executor, and operations queued
         // behind it with it: the backoff must end well within the operation timeout.
-        if settings.backoff_max * 2 > args.operation_timeout {
+        if settings.backoff_max * 2 > operation_timeout {
             anyhow::bail!(named(format!(
                 "[service.{service}]: restart-backoff-max ({:?}) must be at most half of operation-timeout ({:?})",
-                settings.backoff_max, args.operation_timeout
+                settings.backoff_max, operation_timeout
             )));
         }
     }

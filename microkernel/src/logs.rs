@@ -70,3 +70,19 @@ pub fn flush() {
         drop(guard);
     }
 }
+
+/// Checks a `--log-level`: a filter `tracing-subscriber` parses, whose bare words (a
+/// directive with no `=`) are levels. `loud`, `warning` or `inof` would parse as a target
+/// name, enable nothing else, and silence the log.
+pub fn check_level(filter: &str) -> Result<(), String> {
+    tracing_subscriber::EnvFilter::try_new(filter).map_err(|e| e.to_string())?;
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        if !directive.contains('=') && !LEVELS.contains(&directive.to_ascii_lowercase().as_str()) {
+            return Err(format!(
+                "{directive:?} is not a level (off, error, warn, info, debug, trace); name a target's level as `TARGET=LEVEL`"
+            ));
+        }
+    }
+    Ok(())
+}

@@ -90,6 +90,10 @@ fn main() -> ExitCode {
         _ => "info",
     };
     let level = cli.log_level.as_deref().unwrap_or(default_level);
+    if let Err(error) = microkernel::logs::check_level(level) {
+        eprintln!("microkernel: invalid --log-level {level:?}: {error}");
+        std::process::exit(2);
+    }
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(level))
         .unwrap_or_else(|e| {
@@ -186,7 +190,7 @@ fn check(
         }
     }
     let level = log_level.as_deref().unwrap_or("info");
-    if let Err(error) = EnvFilter::try_new(level) {
+    if let Err(error) = microkernel::logs::check_level(level) {
         problems.push(format!("log-level {level:?} is not a log filter: {error}"));
     }
     if !problems.is_empty() {

@@ -9,7 +9,7 @@ use std::{
 use crossbeam_channel::bounded;
 use plugin_api::{abi::LogLevel, Reply};
 
-use super::{launch, Envelope, Launch, Letter, Mailbox, OperationError};
+use super::{launch, Envelope, InstanceError, Launch, Letter, Mailbox, OperationError};
 use crate::instance::{HostServices, InstanceSource, Message, ServiceInstance};
 
 /// Records every call made to its instances, in order.
@@ -18,6 +18,8 @@ struct Recorder {
     calls: Mutex<Vec<String>>,
     /// What `stop` answers.
     stop_fails: bool,
+    /// Whether `import_state` fails as an instance whose process was killed from outside.
+    lost_on_import: bool,
 }
 
 impl Recorder {
@@ -57,12 +59,18 @@ impl ServiceInstance for Recorded {
         self.recorder.note(format!("on_event {}", event.kind));
         Ok(())
     }
+    fn lost_to_the_host(&self) -> bool {
+        self.recorder.lost_on_import
+    }
     fn export_state(&mut self) -> Result<Vec<u8>, String> {
         self.recorder.note("export".into());
         Ok(self.count.to_string().into_bytes())
     }
     fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
         self.recorder.note(format!("import from {from_version}"));
+        if self.recorder.lost_on_import {
+            return Err("its worker process was killed by SIGKILL".into());
+        }
         self.count = String::from_utf8_lossy(state)
             .parse()
             .map_err(|e| format!("{e}"))?;
@@ -229,4 +237,29 @@ fn a_failed_stop_is_the_plugins_error_and_an_operation_on_an_ended_executor_is_u
         "{error}"
     );
     assert!(error.to_string().contains("did not get to it"), "{error}");
+}
+
+#[test]
+fn a_call_failed_because_the_instances_process_was_lost_to_the_host_is_not_the_plugins() {
+    let mailbox = Mailbox::new(8);
+    let state = ("1.0.0".to_owned(), Arc::new(b"7".to_vec()));
+    let lost = Arc::new(Recorder {
+        lost_on_import: true,
+        ..Recorder::default()
+    });
+    let failure = launch(launch_of(&lost, &mailbox), Some(state.clone())).unwrap_err();
+    assert!(
+        matches!(failure.error, InstanceError::Unavailable(_)),
+        "{}",
+        failure.error
+    );
+    // The same failure of the plugin's own is the plugin's.
+    let refused = Arc::new(Recorder::default());
+    let bad = ("1.0.0".to_owned(), Arc::new(b"not a number".to_vec()));
+    let failure = launch(launch_of(&refused, &mailbox), Some(bad)).unwrap_err();
+    assert!(
+        matches!(failure.error, InstanceError::Import(_)),
+        "{}",
+        failure.error
+    );
 }

@@ -100,7 +100,12 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     if let Some((version, bytes)) = &state {
         let imported = doing.call(Call::ImportState, || instance.import_state(version, bytes));
         if let Err(e) = imported {
-            return failed(InstanceError::Import(e), instance, &waits.stages);
+            let error = if instance.lost_to_the_host() {
+                InstanceError::Unavailable(e)
+            } else {
+                InstanceError::Import(e)
+            };
+            return failed(error, instance, &waits.stages);
         }
     }
     drop(state);
@@ -111,7 +116,12 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
         return drop_it(instance);
     }
     if let Err(e) = doing.call(Call::Start, || instance.start()) {
-        return failed(InstanceError::Start(e), instance, &waits.started);
+        let error = if instance.lost_to_the_host() {
+            InstanceError::Unavailable(e)
+        } else {
+            InstanceError::Start(e)
+        };
+        return failed(error, instance, &waits.started);
     }
     if waits.started.send(Ok(())).is_err() {
         // The kernel gave up waiting (see `Pending::stage`): this instance must not serve.

@@ -131,6 +131,16 @@ impl KernelInner {
             self.retire(&service, new, None);
             return Err(error);
         }
+        if slot.gave_up() {
+            // Its worker crashed too often: nothing runs to export from. It is stopped (its
+            // state is its last checkpoint, on disk), and the new version starts from that.
+            if let Some(executor) = ops.run.take_executor(Idle::Failed) {
+                let stopped = executor.stop(false, self.deadline());
+                if let Some(stuck) = stopped.stuck {
+                    ops.run = Run::Stuck(stuck);
+                }
+            }
+        }
         if !matches!(ops.run, Run::Running(_)) {
             return self.replace_idle(&slot, ops, new, config, from, to);
         }

@@ -270,6 +270,7 @@ impl InstanceSource for IsolatedPlugin {
             crashes: VecDeque::new(),
             next_attempt: None,
             timer_armed: false,
+            lost_to_the_host: false,
         };
         instance.report();
         Ok(Box::new(instance))
@@ -293,6 +294,9 @@ struct WorkerInstance {
     next_attempt: Option<Instant>,
     /// Whether a timer will nudge the executor when that is.
     timer_armed: bool,
+    /// Whether the last worker lost was killed from outside (a SIGKILL the host did not
+    /// send): not the plugin's doing.
+    lost_to_the_host: bool,
     status: ProcessStatus,
 }
 
@@ -338,6 +342,7 @@ impl WorkerInstance {
                     let when = if delivered { "during" } else { "before" };
                     let pid = worker.pid();
                     let ended = worker.end_of(&error);
+                    self.lost_to_the_host = worker.killed_from_outside();
                     let how = match error {
                         WireError::TimedOut(_) => format!(
                             "its worker process (pid {pid}) did not answer {what} within {timeout:?}, and was killed"
@@ -594,6 +599,10 @@ impl ServiceInstance for WorkerInstance {
         Self::unit(self.lifecycle("import_state", &message))
     }
 
+    fn lost_to_the_host(&self) -> bool {
+        self.lost_to_the_host
+    }
+
     fn answered(&mut self) {
         // Its side socket closed: the worker died while idle (the side thread nudged the
         // executor to get here).
@@ -618,6 +627,9 @@ impl Drop for WorkerInstance {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.exit(Instant::now() + self.plugin.timeout);
+            // Gone: `list` shows no process for a stopped service.
+            self.status.pid = None;
+            *self.plugin.status.lock().unwrap_or_else(|p| p.into_inner()) = self.status.clone();
         }
     }
 }

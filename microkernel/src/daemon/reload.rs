@@ -109,6 +109,13 @@ fn reread(kernel: &Kernel, path: &Path, file: &mut FileConfig) -> Option<String>
         }
     };
     let isolation = crate::config::isolation(&new, kernel.operation_timeout());
+    if let Err(error) =
+        crate::config::validate_isolation(&isolation, kernel.operation_timeout(), Some(path))
+    {
+        let error = format!("{error:#}; the settings read before stay");
+        tracing::error!(%error, "configuration file not applied");
+        return Some(error);
+    }
     if let Err(error) = kernel.set_isolation(isolation) {
         return Some(format!("configuration file {}: {error}", path.display()));
     }
