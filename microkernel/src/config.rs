@@ -245,8 +245,11 @@ pub fn read(path: &Path) -> anyhow::Result<FileConfig> {
             } else {
                 ("apply", "them")
             };
+            let line = line_of(&text, name, keys[0])
+                .map(|line| format!(", line {line}"))
+                .unwrap_or_default();
             anyhow::bail!(
-                "configuration file {}: [service.{name}]: {} only {verb} to an isolated service; add `isolate = true` or remove {them}",
+                "configuration file {}{line}: [service.{name}]: {} only {verb} to an isolated service; add `isolate = true` or remove {them}",
                 path.display(),
                 keys.join(", ")
             );
@@ -302,6 +305,22 @@ pub fn validate_isolation(
         }
     }
     Ok(())
+}
+
+/// The line (from 1) where `key` is set in the `[service.NAME]` section of `text`, as
+/// far as a plain reading of the lines tells.
+fn line_of(text: &str, service: &str, key: &str) -> Option<usize> {
+    let header = format!("[service.{service}]");
+    let mut inside = false;
+    for (index, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            inside = line.replace(' ', "") == header;
+        } else if inside && line.split('=').next().map(str::trim) == Some(key) {
+            return Some(index + 1);
+        }
+    }
+    None
 }
 
 /// The isolated services of a configuration, with their settings.
@@ -553,6 +572,14 @@ memory-max = "512MiB"
             error.contains("line 3") && error.contains("unit"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn a_worker_key_outside_isolation_is_found_on_its_line() {
+        let text = "plugins = \"/p\"\n[service.kv]\nmax-restarts = 3\n[service.echo]\nisolate = true\nmax-restarts = 2\n";
+        assert_eq!(line_of(text, "kv", "max-restarts"), Some(3));
+        assert_eq!(line_of(text, "echo", "max-restarts"), Some(6));
+        assert_eq!(line_of(text, "echo", "memory-max"), None);
     }
 
     #[test]
