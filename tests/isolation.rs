@@ -32,12 +32,16 @@ fn isolated_kernel(
     services: &[&str],
     settings: &Isolation,
 ) -> (Kernel, host::reload::ScanReport) {
-    let config = KernelConfig {
+    persisted.kernel_with(plugins, isolated_config(persisted, services, settings))
+}
+
+/// A persisting kernel's configuration with `services` isolated.
+fn isolated_config(persisted: &Persisted, services: &[&str], settings: &Isolation) -> KernelConfig {
+    KernelConfig {
         isolation: isolating(services, settings),
         worker_program: Some(worker_program()),
         ..persisted.config(BadStatePolicy::Refuse)
-    };
-    persisted.kernel_with(plugins, config)
+    }
 }
 
 /// Restarts at once and without limit: for tests that crash a worker on purpose.
@@ -282,11 +286,9 @@ fn every_fault_of_an_isolated_request_costs_only_its_own_service() -> TestResult
         ..quick_restarts()
     };
     let config = KernelConfig {
-        isolation: isolating(&["faulty"], &settings),
-        worker_program: Some(worker_program()),
         // A handler that hangs is killed after this.
         operation_timeout: Duration::from_secs(3),
-        ..persisted.config(BadStatePolicy::Refuse)
+        ..isolated_config(&persisted, &["faulty"], &settings)
     };
     let (kernel, report) = persisted.kernel_with(dir.path(), config);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -612,11 +614,10 @@ fn crashes_of_random_kinds_under_four_clients_cost_the_other_services_nothing() 
         ..quick_restarts()
     };
     let config = KernelConfig {
-        isolation: isolating(&["faulty"], &settings),
-        worker_program: Some(worker_program()),
-        // A handler that hangs is killed after this.
-        operation_timeout: Duration::from_millis(500),
-        ..persisted.config(BadStatePolicy::Refuse)
+        // A handler that hangs is killed after this: long enough that a worker's restart
+        // (a process started, a library opened) never comes near it on a slow machine.
+        operation_timeout: Duration::from_secs(2),
+        ..isolated_config(&persisted, &["faulty"], &settings)
     };
     let (kernel, report) = persisted.kernel_with(dir.path(), config);
     assert!(report.errors.is_empty(), "{:?}", report.errors);
@@ -703,10 +704,8 @@ fn corrupt_copies_of_an_isolated_plugin_cost_the_host_and_the_other_services_not
         ..Isolation::default()
     };
     let config = KernelConfig {
-        isolation: isolating(&["echo"], &settings),
-        worker_program: Some(worker_program()),
         operation_timeout: Duration::from_secs(2),
-        ..persisted.config(BadStatePolicy::Refuse)
+        ..isolated_config(&persisted, &["echo"], &settings)
     };
     let (kernel, _) = persisted.kernel_with(dir.path(), config);
     let mut reloader = support::reloader_of(dir.path());
@@ -906,10 +905,8 @@ fn a_restart_backoff_holds_back_no_checkpoint_and_no_stop() -> TestResult {
         ..Isolation::default()
     };
     let config = KernelConfig {
-        isolation: isolating(&["faulty"], &slow),
-        worker_program: Some(worker_program()),
         operation_timeout: Duration::from_secs(5),
-        ..persisted.config(BadStatePolicy::Refuse)
+        ..isolated_config(&persisted, &["faulty"], &slow)
     };
     let (kernel, _) = persisted.kernel_with(dir.path(), config);
     assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);

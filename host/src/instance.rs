@@ -32,9 +32,9 @@ pub trait HostServices: Send + Sync + 'static {
         Ok(None)
     }
 
-    /// What an isolated instance's worker process is now (started, crashed, restarted,
-    /// given up): for `list`, the metrics and the service's status.
-    fn process_status(&self, _status: &ProcessStatus) {}
+    /// What an isolated instance's worker process is now, after `event` (started, crashed,
+    /// restarted): for the metrics, and the service's last error once it is given up.
+    fn process_status(&self, _status: &ProcessStatus, _event: ProcessEvent) {}
 
     /// Wakes the service's executor, from any thread, without a message for the plugin:
     /// its instance's [`ServiceInstance::answered`] then runs (a worker that died while
@@ -60,15 +60,12 @@ pub struct ProcessStatus {
     /// What confines the worker beyond its own process, when asked for (`landlock:
     /// enforced`, or why not).
     pub confined: Option<String>,
-    /// Whether this update is a crash (counted by the metrics), a restart, or neither.
-    pub event: ProcessEvent,
 }
 
 /// What changed with a [`ProcessStatus`] update.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ProcessEvent {
     /// A worker started for a new instance.
-    #[default]
     Started,
     /// The worker was lost.
     Crashed,

@@ -72,10 +72,11 @@ impl Loaded {
 }
 
 impl KernelInner {
-    /// Loads a plugin file in the mode its service is configured for. When some service is
-    /// isolated, a worker process reads the file's manifest first (the worker is then the
-    /// file's probe, and the host never opens a file of an isolated service); otherwise, or
-    /// for a service that runs in process, the probe proves it and the host opens it.
+    /// Loads a plugin file in the mode its service is configured for. The probe proves it
+    /// in a child process, as it does every file, and says which service it provides;
+    /// without a probe (and only when some service is isolated) a worker process reads its
+    /// manifest instead. A file of an isolated service is then never opened in the host;
+    /// the others are opened here.
     ///
     /// # Safety
     ///
@@ -83,13 +84,17 @@ impl KernelInner {
     pub(super) unsafe fn load_version(&self, file: &PluginFile) -> Result<Loaded, LoadError> {
         let loader = &self.loader;
         let copy = loader.copy(file)?;
+        let probed = loader.prove(&copy)?;
         let isolation = self
             .isolation
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let (Some(program), false) = (&self.config.worker_program, isolation.is_empty()) {
-            let manifest = worker::read_manifest(program, &copy, self.config.operation_timeout)?;
+            let manifest = match probed {
+                Some(manifest) => manifest,
+                None => worker::read_manifest(program, &copy, self.config.operation_timeout)?,
+            };
             if let Some(settings) = isolation.get(&manifest.name) {
                 return Ok(IsolatedPlugin::new(
                     copy,
@@ -102,7 +107,6 @@ impl KernelInner {
                 .into());
             }
         }
-        loader.prove(&copy)?;
         // SAFETY: the caller vouches for the file.
         Ok(unsafe { loader.open_copy(copy) }?.into())
     }

@@ -129,11 +129,11 @@ impl HostServices for ServiceContext {
         }
     }
 
-    fn process_status(&self, status: &ProcessStatus) {
+    fn process_status(&self, status: &ProcessStatus, event: ProcessEvent) {
         let Some(kernel) = self.kernel.upgrade() else {
             return;
         };
-        match status.event {
+        match event {
             ProcessEvent::Crashed => kernel.metrics.worker_crashed(&self.service),
             ProcessEvent::Restarted => kernel.metrics.worker_restarted(&self.service),
             ProcessEvent::Started => {}

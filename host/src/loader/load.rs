@@ -14,7 +14,7 @@ use super::{
     open::open,
     probe::{Probe, StateSource},
     shadow::{is_noexec, lock_owner_file, remove_stale_shadow_dirs, SHADOW_PREFIX},
-    LoadError,
+    LoadError, Manifest,
 };
 
 /// Opens plugin files. Owns the private directory that holds the shadow copies.
@@ -236,10 +236,11 @@ impl Loader {
         Ok(copy)
     }
 
-    /// Has the copy proven by the probe, when the loader has one.
-    pub fn prove(&self, copy: &ShadowCopy) -> Result<(), LoadError> {
+    /// Has the copy proven by the probe, when the loader has one; returns the manifest the
+    /// probe read (`None` without a probe, or when the probe found no valid one).
+    pub fn prove(&self, copy: &ShadowCopy) -> Result<Option<Manifest>, LoadError> {
         let Some(probe) = &self.probe else {
-            return Ok(());
+            return Ok(None);
         };
         // Proven in a throwaway process first: a file that crashes or hangs there is never
         // opened here.

@@ -24,7 +24,7 @@ use std::{
 
 use plugin_api::{abi::LogLevel, codes, Reply};
 
-use super::{open::open, Instance, LoadError};
+use super::{open::open, Instance, LoadError, Manifest};
 use crate::instance::{HostServices, ServiceInstance as _};
 
 /// How files are proven: which program to run as `PROGRAM probe FILE`, and for how long.
@@ -89,15 +89,13 @@ impl Probe {
         open_path: &Path,
         path: &Path,
         states: Option<&StateSource>,
-    ) -> Result<(), LoadError> {
+    ) -> Result<Option<Manifest>, LoadError> {
         let started = Instant::now();
         let report = self.run(open_path, path, None, "opening it")?;
-        let service = serde_json::from_str::<serde_json::Value>(&report)
-            .ok()
-            .and_then(|r| r["service"].as_str().map(str::to_owned));
-        let state = service
-            .as_deref()
-            .and_then(|service| states.and_then(|states| states(service)));
+        let manifest = reported_manifest(&report);
+        let state = manifest
+            .as_ref()
+            .and_then(|manifest| states.and_then(|states| states(&manifest.name)));
         let report = match state {
             Some(state) => self.run(
                 open_path,
@@ -113,7 +111,7 @@ impl Probe {
             report,
             "probe passed"
         );
-        Ok(())
+        Ok(manifest)
     }
 
     /// One child: returns its report line once it exited normally.
@@ -239,6 +237,23 @@ impl Probe {
             }),
         }
     }
+}
+
+/// The manifest a probe's report names, when it opened the file and the manifest is valid
+/// (`None` for a file it refused: the host's own checks then say why).
+fn reported_manifest(report: &str) -> Option<Manifest> {
+    let report: serde_json::Value = serde_json::from_str(report).ok()?;
+    let dependencies: Vec<String> = report["dependencies"]
+        .as_array()?
+        .iter()
+        .map(|d| d.as_str().map(str::to_owned))
+        .collect::<Option<_>>()?;
+    Manifest::from_parts(
+        report["service"].as_str()?,
+        report["version"].as_str()?,
+        &dependencies,
+    )
+    .ok()
 }
 
 /// The file mapped at `address` in this process, and its inode, per `/proc/self/maps`

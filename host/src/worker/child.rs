@@ -415,10 +415,6 @@ impl WorkerServices {
     }
 }
 
-fn level_number(level: LogLevel) -> u8 {
-    level as u8
-}
-
 /// Waits for the answer to a callback.
 fn answer<T>(conn: &mut Conn, take: impl Fn(ToWorker<'_>) -> Option<T>) -> Result<T, WireError> {
     loop {
@@ -433,7 +429,7 @@ impl HostServices for WorkerServices {
     fn log(&self, level: LogLevel, target: &str, message: &str) {
         let _ = lock(self.conn()).send(
             &FromWorker::Log {
-                level: level_number(level),
+                level: level as u8,
                 target,
                 message,
             },

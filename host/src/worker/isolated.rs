@@ -64,7 +64,8 @@ impl Default for Isolation {
 }
 
 /// A plugin file prepared to run in worker processes: its private copy (kept while this
-/// lives, for restarts), its manifest (read by a worker: the host never opens the file), and
+/// lives, for restarts), its manifest (read in a child process: the host never opens the
+/// file), and
 /// how its workers are run and supervised.
 pub struct IsolatedPlugin {
     copy: ShadowCopy,
@@ -91,7 +92,7 @@ impl std::fmt::Debug for IsolatedPlugin {
 }
 
 /// Reads the manifest of a copied plugin file in a worker process, which opens it and
-/// exits: the worker is the file's probe.
+/// exits: for a kernel with no probe (whose report says which service a file provides).
 pub fn read_manifest(
     program: &Path,
     copy: &ShadowCopy,
@@ -272,7 +273,7 @@ impl InstanceSource for IsolatedPlugin {
             timer_armed: false,
             lost_to_the_host: false,
         };
-        instance.report();
+        instance.report(ProcessEvent::Started);
         Ok(Box::new(instance))
     }
 }
@@ -315,17 +316,20 @@ enum Revive {
 }
 
 impl WorkerInstance {
-    /// Publishes the worker's status: for `list` (through the plugin) and the metrics.
-    fn report(&self) {
+    /// Publishes the worker's status after `event`: for `list` (through the plugin) and the
+    /// metrics.
+    fn report(&self, event: ProcessEvent) {
         *self.plugin.status.lock().unwrap_or_else(|p| p.into_inner()) = self.status.clone();
-        self.services.process_status(&self.status);
+        self.services.process_status(&self.status, event);
     }
 
     /// Sends a call to the worker (restarting it first if it died and the instance had
     /// started); a worker lost during the call is described in the error. A worker found
     /// gone before the call reached it (it died while idle) is restarted, and the call sent
     /// to the new one: only a call in flight is lost.
-    fn call(&mut self, what: &'static str, message: &ToWorker<'_>, timeout: Duration) -> Called {
+    /// Every call may take the operation timeout.
+    fn call(&mut self, what: &'static str, message: &ToWorker<'_>) -> Called {
+        let timeout = self.plugin.timeout;
         let how = match message {
             ToWorker::Handle { .. } | ToWorker::Event { .. } => Revive::ForARequest,
             _ => Revive::ForAnOperation,
@@ -334,7 +338,14 @@ impl WorkerInstance {
         loop {
             tries += 1;
             self.revive(how)?;
-            let worker = self.worker.as_mut().expect("revived");
+            // Brought back by `revive` (which, for a request or an operation, returns only
+            // once a worker runs, or with why none does).
+            let Some(worker) = self.worker.as_mut() else {
+                return Err(format!(
+                    "service `{}` has no worker process",
+                    self.plugin.manifest.name
+                ));
+            };
             let deadline = Instant::now() + timeout;
             match worker.call(message, &*self.services, self.plugin.spin, deadline) {
                 Ok(outcome) => return Ok(outcome),
@@ -358,11 +369,6 @@ impl WorkerInstance {
         }
     }
 
-    fn lifecycle(&mut self, what: &'static str, message: &ToWorker<'_>) -> Called {
-        let timeout = self.plugin.timeout;
-        self.call(what, message, timeout)
-    }
-
     /// Records a worker lost: the crash, and what happens next.
     fn lost(&mut self, how: String) -> String {
         self.worker = None;
@@ -383,8 +389,7 @@ impl WorkerInstance {
         self.status.crashes += 1;
         self.status.last_crash = Some(how.clone());
         self.status.gave_up |= gave_up;
-        self.status.event = ProcessEvent::Crashed;
-        self.report();
+        self.report(ProcessEvent::Crashed);
         let service = &self.plugin.manifest.name;
         if !self.started {
             tracing::error!(service, crash = %how, "the worker died before the service started");
@@ -459,9 +464,8 @@ impl WorkerInstance {
                 Ok(worker) => {
                     self.status.pid = Some(worker.pid());
                     self.status.restarts += 1;
-                    self.status.event = ProcessEvent::Restarted;
                     self.worker = Some(worker);
-                    self.report();
+                    self.report(ProcessEvent::Restarted);
                     tracing::info!(
                         service,
                         pid = self.status.pid,
@@ -542,7 +546,7 @@ impl WorkerInstance {
 
 impl ServiceInstance for WorkerInstance {
     fn start(&mut self) -> Result<(), String> {
-        let started = Self::unit(self.lifecycle("start", &ToWorker::Start));
+        let started = Self::unit(self.call("start", &ToWorker::Start));
         self.started = started.is_ok();
         started
     }
@@ -552,7 +556,7 @@ impl ServiceInstance for WorkerInstance {
             // Nothing runs, and nothing is started to be stopped.
             return Ok(());
         }
-        let stopped = Self::unit(self.lifecycle("stop", &ToWorker::Stop));
+        let stopped = Self::unit(self.call("stop", &ToWorker::Stop));
         self.started = false;
         stopped
     }
@@ -563,8 +567,7 @@ impl ServiceInstance for WorkerInstance {
             kind: request.kind,
             payload: request.payload,
         };
-        let timeout = self.plugin.timeout;
-        match self.call("handle", &message, timeout) {
+        match self.call("handle", &message) {
             Ok(Outcome::Replied(reply)) => reply,
             Ok(other) => Reply::error(
                 codes::FAILED,
@@ -580,12 +583,11 @@ impl ServiceInstance for WorkerInstance {
             kind: event.kind,
             payload: event.payload,
         };
-        let timeout = self.plugin.timeout;
-        Self::unit(self.call("on_event", &message, timeout))
+        Self::unit(self.call("on_event", &message))
     }
 
     fn export_state(&mut self) -> Result<Vec<u8>, String> {
-        match self.lifecycle("export_state", &ToWorker::Export)? {
+        match self.call("export_state", &ToWorker::Export)? {
             Outcome::Exported(exported) => exported,
             other => Err(format!("the worker answered another call: {other:?}")),
         }
@@ -596,7 +598,7 @@ impl ServiceInstance for WorkerInstance {
             from_version,
             state,
         };
-        Self::unit(self.lifecycle("import_state", &message))
+        Self::unit(self.call("import_state", &message))
     }
 
     fn lost_to_the_host(&self) -> bool {

@@ -2,7 +2,7 @@
 //! executor's seam ([`crate::instance`]) like a library opened in the host.
 //!
 //! - [`IsolatedPlugin`] is the [`crate::instance::InstanceSource`]: a private copy of the
-//!   file, its manifest (read by a worker: the host never opens the file), and how its
+//!   file, its manifest (read in a child process: the host never opens the file), and how its
 //!   workers run. Each instance it creates starts a worker (`microkernel worker`, the host's
 //!   own program, as the probe is) that opens the file and creates the plugin's instance.
 //! - The instance forwards every call over a socket pair ([`protocol`]: postcard frames)

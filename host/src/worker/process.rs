@@ -254,10 +254,15 @@ impl Worker {
                         exported.map(<[u8]>::to_vec).map_err(str::to_owned),
                     ))
                 }
-                FromWorker::Created(_) => {
-                    return Ok(Outcome::Done(Ok(())));
+                other @ (FromWorker::Log { .. }
+                | FromWorker::Request { .. }
+                | FromWorker::Emit { .. }) => serve_callback(other, services),
+                other => {
+                    return Err(WireError::Malformed(format!(
+                        "sent {} in the middle of a call",
+                        name_of(&other)
+                    )))
                 }
-                other => serve_callback(other, services),
             };
             if let Some(answer) = callback {
                 answer.send(&mut self.call, Some(deadline))?;

@@ -13,23 +13,19 @@ use std::{
 
 use anyhow::{bail, Context as _};
 use host::{
-    instance::{HostServices, InstanceSource as _},
+    instance::InstanceSource as _,
     kernel::Loaded,
     loader::PluginFile,
     worker::{BarePeer, Isolation},
     Kernel, KernelConfig,
 };
-use plugin_api::{abi::LogLevel, codes, Reply};
 
 use super::{
-    requests::Peer,
+    requests::{time, Peer, PAYLOAD},
     stats::{micros, millis, Samples},
-    swap::{kv_state, size_name, store},
+    swap::{kv_state, size_name, store, Nothing},
     Bench, Goal, Row,
 };
-
-/// The payload of every request: 64 bytes.
-const PAYLOAD: [u8; 64] = [b'x'; 64];
 
 /// This program: the workers', and the bare peer's.
 fn program() -> anyhow::Result<std::path::PathBuf> {
@@ -90,19 +86,6 @@ fn request(kernel: &Kernel, to: &str, payload: &[u8]) -> anyhow::Result<()> {
     let reply = kernel.request(to, "request", payload, None);
     if !reply.is_ok() {
         bail!("{to} answered {}: {}", reply.code, reply.message);
-    }
-    Ok(())
-}
-
-fn time(
-    samples: &mut Samples,
-    n: usize,
-    mut f: impl FnMut() -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    for _ in 0..n {
-        let started = Instant::now();
-        f()?;
-        samples.push(started.elapsed());
     }
     Ok(())
 }
@@ -244,19 +227,6 @@ fn pauses(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         in_process.shutdown();
     }
     Ok(rows)
-}
-
-/// What a plugin's instance sees of a host in the floor: nothing.
-struct Nothing;
-
-impl HostServices for Nothing {
-    fn log(&self, _: LogLevel, _: &str, _: &str) {}
-    fn request(&self, _: &str, _: &str, _: &[u8], _: Duration) -> Reply {
-        Reply::error(codes::NOT_FOUND, "no host")
-    }
-    fn emit(&self, _: &str, _: &str, _: &[u8]) -> Result<(), String> {
-        Err("no host".into())
-    }
 }
 
 /// Waits until process `pid` is dead (a zombie, or gone).

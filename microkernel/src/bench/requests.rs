@@ -21,7 +21,7 @@ use super::{
 use host::{loader::threads, recv_soon, Kernel, KernelConfig};
 
 /// The payload of every request: 64 bytes.
-const PAYLOAD: [u8; 64] = [b'x'; 64];
+pub(super) const PAYLOAD: [u8; 64] = [b'x'; 64];
 
 /// A message on the bare channel: a request (the payload and where the reply goes), or an
 /// event.
@@ -125,7 +125,7 @@ impl Drop for Placement {
 }
 
 /// Times `n` calls of `f`; stops at its first error.
-fn time(
+pub(super) fn time(
     samples: &mut Samples,
     n: usize,
     mut f: impl FnMut() -> anyhow::Result<()>,

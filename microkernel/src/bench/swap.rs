@@ -64,7 +64,7 @@ pub(super) fn store(dir: &Path) -> anyhow::Result<StateStore> {
 }
 
 /// What the floor's instances see of a host: nothing.
-struct Nothing;
+pub(super) struct Nothing;
 
 impl HostServices for Nothing {
     fn log(&self, _: LogLevel, _: &str, _: &str) {}
