@@ -10,7 +10,7 @@ use std::{
 use host::{worker::Isolation, BadStatePolicy, Kernel, KernelConfig, Status};
 use plugin_api::codes;
 
-use crate::support::{self, json, plugin_dir, Persisted, TestResult};
+use crate::support::{self, echo_count, json, plugin_dir, Persisted, TestResult};
 
 /// The host's own program, which workers run.
 pub fn worker_program() -> PathBuf {
@@ -1045,5 +1045,71 @@ fn a_worker_killed_from_outside_during_a_replace_does_not_reject_the_file() -> T
     assert_eq!(report.replaced.len(), 1, "{report:?}");
     assert_eq!(kernel.info("echo").ok_or("echo")?.version, "2.0.0");
     assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], 2);
+    Ok(())
+}
+
+/// A request to an idle isolated service goes from its requester's thread to the worker (the
+/// service's lane), not through the executor. A requester that stops waiting before the
+/// worker answers gets a 504 at its own deadline; the worker, not killed, finishes that
+/// request, and its late reply goes to no one: the next request gets its own.
+#[test]
+fn a_request_whose_requester_stops_waiting_leaves_its_late_reply_to_no_one() -> TestResult {
+    let dir = plugin_dir(&["fixture-echo-faulty"]);
+    let persisted = Persisted::new();
+    let (kernel, report) =
+        isolated_kernel(&persisted, dir.path(), &["echo"], &Isolation::default());
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let pid = pid_of(&kernel, "echo").ok_or("a worker")?;
+    let first = json(&kernel.request("echo", "echo", b"one", None));
+    assert_eq!(first["count"], 1, "{first}");
+
+    let gave_up = kernel.request("echo", "sleep", b"300", Some(Duration::from_millis(30)));
+    assert_eq!(gave_up.code, codes::TIMEOUT, "{gave_up:?}");
+    // Sent at once, while the worker still sleeps: answered after the late reply, with
+    // its own.
+    let next = kernel.request("echo", "echo", b"two", None);
+    assert_eq!(next.code, codes::OK, "{next:?}");
+    let next = json(&next);
+    assert_eq!(
+        (&next["echo"], &next["count"]),
+        (&"two".into(), &2.into()),
+        "{next}"
+    );
+    let process = kernel
+        .info("echo")
+        .ok_or("echo")?
+        .process
+        .ok_or("isolated")?;
+    assert_eq!((process.pid, process.crashes), (Some(pid), 0));
+    for n in 3..20 {
+        assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], n);
+    }
+    Ok(())
+}
+
+/// Events posted before a request are handled before it, in either mode: a request never
+/// overtakes the mailbox through the lane.
+#[test]
+fn a_request_is_handled_after_every_event_posted_before_it() -> TestResult {
+    let dir = plugin_dir(&["fixture-echo-faulty"]);
+    let persisted = Persisted::new();
+    for isolated in [&["echo"][..], &[]] {
+        let (kernel, report) =
+            isolated_kernel(&persisted, dir.path(), isolated, &Isolation::default());
+        assert!(report.errors.is_empty(), "{:?}", report.errors);
+        let before = echo_count(&kernel);
+        for round in 1..=20u64 {
+            for _ in 0..50 {
+                kernel.emit("echo", "count", b"")?;
+            }
+            let count = echo_count(&kernel);
+            assert_eq!(
+                count,
+                before + round * 51,
+                "isolated: {isolated:?}, round {round}"
+            );
+        }
+        drop(kernel);
+    }
     Ok(())
 }

@@ -9,11 +9,18 @@
 //! - [`HostServices`] is what an instance calls back: log, request, emit. The kernel
 //!   implements it once per service.
 //!
-//! The executor knows only these three traits: nothing of libraries, files or the ABI.
+//! - [`Lane`] is a way into an instance that needs no executor, for an instance whose calls
+//!   may come from any thread (a worker process's): a request handled on its requester's
+//!   thread while the executor is idle.
+//!
+//! The executor knows only these traits: nothing of libraries, files or the ABI.
 //! Values that cross them are host values (`&str`, `&[u8]`, [`Reply`]); turning them into
 //! the plugin ABI's types, and back, is the implementation's business.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use plugin_api::{abi::LogLevel, Reply};
 
@@ -116,6 +123,38 @@ pub trait ServiceInstance {
     /// an instance that lost its worker process brings up another here, while what comes
     /// meanwhile waits in the mailbox. Nothing to do in process.
     fn answered(&mut self) {}
+
+    /// Its [`Lane`], if requests may reach it from other threads while its executor is
+    /// idle. None (the default) in process: plugin code runs only on its executor's thread.
+    fn lane(&self) -> Option<Arc<dyn Lane>> {
+        None
+    }
+}
+
+/// A way for a requester to have a request handled on its own thread, without the hop to
+/// the executor's, while the executor is idle.
+///
+/// The executor's mailbox lets a lane be used only while nothing is queued and the
+/// executor handles nothing (see `executor::Mailbox::through_lane`), so that a lane call
+/// and the executor's calls never overlap, and a lane call never overtakes a message
+/// posted before it.
+pub trait Lane: Send + Sync {
+    /// Handles `request`, answering its callbacks on this thread, and gives up waiting at
+    /// `deadline`. [`Laned::Refused`] when it cannot now (the requester then posts it to
+    /// the mailbox): a lane never waits for a restart.
+    fn handle(&self, request: Message<'_>, deadline: Instant) -> Laned;
+}
+
+/// What became of a request offered to a [`Lane`].
+#[derive(Debug)]
+pub enum Laned {
+    /// Handled: the reply.
+    Replied(Reply),
+    /// Handled, but not answered by the deadline: the requester's wait is over (the
+    /// instance's own wait for the reply goes on within its deadline).
+    TimedOut,
+    /// Not taken: the request goes through the mailbox.
+    Refused,
 }
 
 /// What makes the instances of one version of a service.

@@ -1,13 +1,19 @@
 //! What a service's executors are sent: the service's [`Mailbox`], and the [`Letter`]s and
 //! kernel operations ([`Envelope`]) in it.
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
-use crossbeam_channel::{bounded, Receiver, Sender};
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 use plugin_api::{codes, Reply};
 
 use super::ops::Op;
-use crate::instance::Message;
+use crate::{
+    instance::{Lane, Laned, Message},
+    metrics::ServiceMetrics,
+};
 
 /// A request or an event on its way to a service, in the fewest allocations that carry it:
 /// the recipient is the mailbox's service; the sender a shared name, or none for `external`
@@ -79,6 +85,20 @@ pub(crate) enum Envelope {
 pub(crate) struct Mailbox {
     pub tx: Sender<Envelope>,
     pub rx: Receiver<Envelope>,
+    /// Whether a request may skip the executor (see [`Mailbox::through_lane`]).
+    gate: Arc<parking_lot::Mutex<Gate>>,
+}
+
+/// The way past the executor, open while an executor whose instance has a [`Lane`] serves
+/// the mailbox.
+#[derive(Default)]
+struct Gate {
+    /// The serving instance's lane, and where its replies are counted.
+    lane: Option<(Arc<dyn Lane>, ServiceMetrics)>,
+    /// Whether the executor took a message it has not finished with. Set under the gate's
+    /// lock as the message is taken: a message is in the mailbox, or being handled, or
+    /// done, and a requester holding the lock sees which.
+    busy: bool,
 }
 
 impl Mailbox {
@@ -86,7 +106,98 @@ impl Mailbox {
     /// every event).
     pub fn new(capacity: usize) -> Self {
         let (tx, rx) = bounded(capacity.max(1));
-        Mailbox { tx, rx }
+        Mailbox {
+            tx,
+            rx,
+            gate: Default::default(),
+        }
+    }
+
+    /// Handles a request on the caller's thread through the serving instance's lane, if
+    /// there is one and nothing else is going on: nothing queued, the executor idle, no
+    /// other lane call. `None` when not, or when the lane refused: post it then.
+    ///
+    /// A message posted before this call is in the mailbox or being handled, so the
+    /// request never overtakes it; the executor, which takes the gate's lock to take a
+    /// message, waits for the lane call to end, so calls into the instance never overlap.
+    /// A hot replace, a checkpoint or a stop is a message: while one is under way every
+    /// request goes through the mailbox.
+    pub fn through_lane(
+        &self,
+        request: Message<'_>,
+        chain: &[Arc<str>],
+        deadline: Instant,
+    ) -> Option<Result<Reply, ()>> {
+        // Another lane call going on: the mailbox, rather than a wait on a lock.
+        let gate = self.gate.try_lock()?;
+        if gate.busy || !self.rx.is_empty() {
+            return None;
+        }
+        let (lane, metrics) = gate.lane.as_ref()?;
+        let sent = Instant::now();
+        let to = Arc::<str>::from(request.to);
+        let laned = super::with_chain(chain, &to, || lane.handle(request, deadline));
+        match laned {
+            Laned::Replied(reply) => {
+                metrics.reply(reply.code, sent.elapsed());
+                Some(Ok(reply))
+            }
+            Laned::TimedOut => Some(Err(())),
+            Laned::Refused => None,
+        }
+    }
+
+    /// Opens the gate to `lane` (an executor starts serving), counting replies in
+    /// `metrics`.
+    pub(super) fn open(&self, lane: Arc<dyn Lane>, metrics: ServiceMetrics) {
+        let mut gate = self.gate.lock();
+        gate.lane = Some((lane, metrics));
+        gate.busy = false;
+    }
+
+    /// Closes the gate to `lane`, if it is the one open (an executor stops serving).
+    pub(super) fn close(&self, lane: &Arc<dyn Lane>) {
+        let mut gate = self.gate.lock();
+        if gate
+            .lane
+            .as_ref()
+            .is_some_and(|(open, _)| Arc::ptr_eq(open, lane))
+        {
+            *gate = Gate::default();
+        }
+    }
+
+    /// The next message, for an executor whose instance has a lane: polls for `spin`, then
+    /// sleeps until one comes, and takes it under the gate's lock (after any lane call
+    /// going on), marking the executor busy until [`Mailbox::done`].
+    pub(super) fn take(&self, spin: Duration) -> Result<Envelope, RecvTimeoutError> {
+        let started = Instant::now();
+        loop {
+            if self.rx.is_empty() {
+                if started.elapsed() < spin {
+                    std::thread::yield_now();
+                    continue;
+                }
+                // Ready when a message is queued or the channel closed; takes nothing.
+                let mut select = Select::new();
+                select.recv(&self.rx);
+                select.ready();
+            }
+            let mut gate = self.gate.lock();
+            match self.rx.try_recv() {
+                Ok(envelope) => {
+                    gate.busy = true;
+                    return Ok(envelope);
+                }
+                Err(TryRecvError::Disconnected) => return Err(RecvTimeoutError::Disconnected),
+                Err(TryRecvError::Empty) => {}
+            }
+        }
+    }
+
+    /// The executor is done with the message [`Mailbox::take`] gave it.
+    pub(super) fn done(&self) {
+        self.gate.lock().busy = false;
     }
 
     /// Answers everything queued with "not running"; used once no executor will serve it.

@@ -59,6 +59,16 @@ pub(crate) fn current_chain() -> Vec<Arc<str>> {
     CHAIN.with(|chain| chain.borrow().clone())
 }
 
+/// Runs `f` with the thread's chain set to `chain` followed by `me` (a request handled on
+/// its requester's thread, through a lane), and gives the thread its own chain back after.
+fn with_chain<T>(chain: &[Arc<str>], me: &Arc<str>, f: impl FnOnce() -> T) -> T {
+    let own = CHAIN.with(|c| std::mem::take(&mut *c.borrow_mut()));
+    set_chain(chain, Some(me));
+    let out = f();
+    CHAIN.with(|c| *c.borrow_mut() = own);
+    out
+}
+
 /// Sets the chain to `chain` followed by `me`, reusing the thread's vector.
 fn set_chain(chain: &[Arc<str>], me: Option<&Arc<str>>) {
     CHAIN.with(|c| {

@@ -10,7 +10,7 @@ use crossbeam_channel::bounded;
 use plugin_api::{abi::LogLevel, Reply};
 
 use super::{launch, Envelope, InstanceError, Launch, Letter, Mailbox, OperationError};
-use crate::instance::{HostServices, InstanceSource, Message, ServiceInstance};
+use crate::instance::{HostServices, InstanceSource, Lane, Laned, Message, ServiceInstance};
 
 /// Records every call made to its instances, in order.
 #[derive(Default)]
@@ -262,4 +262,191 @@ fn a_call_failed_because_the_instances_process_was_lost_to_the_host_is_not_the_p
         "{}",
         failure.error
     );
+}
+
+/// An instance with a [`Lane`]: its lane's calls and its executor's are recorded, and
+/// either can be held until the test lets it go.
+struct WithLane {
+    recorder: Arc<Recorder>,
+    lane: Arc<HeldLane>,
+    /// What `on_event` of kind `hold` waits for.
+    hold: crossbeam_channel::Receiver<()>,
+}
+
+struct HeldLane {
+    recorder: Arc<Recorder>,
+    /// What a lane call of kind `hold` waits for.
+    hold: crossbeam_channel::Receiver<()>,
+}
+
+impl Lane for HeldLane {
+    fn handle(&self, request: Message<'_>, _deadline: Instant) -> Laned {
+        self.recorder.note(format!("lane {} enters", request.kind));
+        if request.kind == "hold" {
+            self.hold.recv().unwrap();
+        }
+        self.recorder.note(format!("lane {} leaves", request.kind));
+        Laned::Replied(Reply::ok(b"through the lane".to_vec()))
+    }
+}
+
+impl ServiceInstance for WithLane {
+    fn start(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn stop(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    fn handle(&mut self, request: Message<'_>) -> Reply {
+        self.recorder.note(format!("handle {}", request.kind));
+        Reply::ok(b"through the executor".to_vec())
+    }
+    fn on_event(&mut self, event: Message<'_>) -> Result<(), String> {
+        self.recorder
+            .note(format!("on_event {} enters", event.kind));
+        if event.kind == "hold" {
+            self.hold.recv().unwrap();
+        }
+        Ok(())
+    }
+    fn export_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+    fn import_state(&mut self, _: &str, _: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
+    fn lane(&self) -> Option<Arc<dyn Lane>> {
+        Some(self.lane.clone())
+    }
+}
+
+struct LaneSource {
+    recorder: Arc<Recorder>,
+    lane_hold: crossbeam_channel::Receiver<()>,
+    event_hold: crossbeam_channel::Receiver<()>,
+}
+
+impl InstanceSource for LaneSource {
+    fn create(
+        self: Arc<Self>,
+        _services: Arc<dyn HostServices>,
+        _config: Option<&str>,
+    ) -> Result<Box<dyn ServiceInstance>, crate::instance::CreateError> {
+        Ok(Box::new(WithLane {
+            recorder: self.recorder.clone(),
+            lane: Arc::new(HeldLane {
+                recorder: self.recorder.clone(),
+                hold: self.lane_hold.clone(),
+            }),
+            hold: self.event_hold.clone(),
+        }))
+    }
+}
+
+fn lane_request(mailbox: &Mailbox, kind: &str) -> Option<Reply> {
+    let request = Message {
+        from: "external",
+        to: "recorded",
+        kind,
+        payload: b"",
+    };
+    mailbox
+        .through_lane(request, &[], soon())
+        .map(|replied| replied.expect("no timeout"))
+}
+
+fn event(mailbox: &Mailbox, kind: &str) {
+    mailbox
+        .tx
+        .send(Envelope::Event {
+            letter: Letter::new(None, kind, b""),
+        })
+        .unwrap();
+}
+
+/// Waits (a while at most) for `recorder` to have noted `call`.
+fn noted(recorder: &Recorder, call: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if recorder.calls().iter().any(|c| c == call) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    false
+}
+
+#[test]
+fn a_lane_takes_requests_only_while_the_executor_is_idle_and_never_overlaps_it() {
+    let recorder = Arc::new(Recorder::default());
+    let (release_lane, lane_hold) = bounded(1);
+    let (release_event, event_hold) = bounded(1);
+    let source = Arc::new(LaneSource {
+        recorder: recorder.clone(),
+        lane_hold,
+        event_hold,
+    });
+    let mailbox = Mailbox::new(8);
+    let executor = launch(
+        Launch {
+            source,
+            ..launch_of(&recorder, &mailbox)
+        },
+        None,
+    )
+    .unwrap();
+    // Through the executor first: once it answers, it serves with its lane open.
+    assert_eq!(request(&mailbox, "first").data, b"through the executor");
+    let through = lane_request(&mailbox, "idle").expect("the lane of an idle executor");
+    assert_eq!(through.data, b"through the lane");
+
+    // The executor busy with a message: the lane is closed.
+    event(&mailbox, "hold");
+    assert!(noted(
+        &recorder,
+        "on_event hold enters",
+        Duration::from_secs(30)
+    ));
+    assert!(lane_request(&mailbox, "while busy").is_none());
+    release_event.send(()).unwrap();
+
+    // A lane call under way: the executor takes nothing until it ends.
+    let lane = std::thread::spawn({
+        let mailbox = mailbox.clone();
+        move || lane_request(&mailbox, "hold")
+    });
+    assert!(noted(
+        &recorder,
+        "lane hold enters",
+        Duration::from_secs(30)
+    ));
+    event(&mailbox, "after");
+    let overlapped = noted(
+        &recorder,
+        "on_event after enters",
+        Duration::from_millis(200),
+    );
+    release_lane.send(()).unwrap();
+    assert!(lane.join().unwrap().is_some());
+    assert!(
+        !overlapped,
+        "the executor called the instance during a lane call"
+    );
+    assert!(noted(
+        &recorder,
+        "on_event after enters",
+        Duration::from_secs(30)
+    ));
+
+    // Stopped: the lane is closed.
+    let stopped = executor.stop(false, soon());
+    assert_eq!(stopped.stop, Ok(()));
+    assert!(lane_request(&mailbox, "after the stop").is_none());
+    let calls = recorder.calls();
+    let at = |call: &str| calls.iter().position(|c| c == call).unwrap();
+    assert!(
+        at("lane hold leaves") < at("on_event after enters"),
+        "{calls:?}"
+    );
+    assert!(!calls.iter().any(|c| c.contains("while busy")), "{calls:?}");
 }

@@ -127,7 +127,7 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
         // The kernel gave up waiting (see `Pending::stage`): this instance must not serve.
         ops::stop_logged(&me.service, &mut *instance, doing);
     } else {
-        me.serve(&mut *instance, &mailbox.rx);
+        me.serve(&mut *instance, &mailbox);
     }
     set_chain(&[], None);
     drop_it(instance);
@@ -138,7 +138,18 @@ impl Me {
         self.given_up.load(Ordering::Acquire)
     }
 
-    fn serve(&self, instance: &mut dyn ServiceInstance, mailbox: &Receiver<Envelope>) {
+    /// Serves the mailbox until an operation ends it; with the instance's lane open, if it
+    /// has one, for requests to skip this thread while it is idle.
+    fn serve(&self, instance: &mut dyn ServiceInstance, mailbox: &Mailbox) {
+        let Some(lane) = instance.lane() else {
+            return self.serve_mailbox(instance, mailbox, false);
+        };
+        mailbox.open(lane.clone(), self.metrics.clone());
+        self.serve_mailbox(instance, mailbox, true);
+        mailbox.close(&lane);
+    }
+
+    fn serve_mailbox(&self, instance: &mut dyn ServiceInstance, mailbox: &Mailbox, gated: bool) {
         let (service, doing) = (&*self.service, &self.doing);
         loop {
             if self.given_up() {
@@ -149,7 +160,12 @@ impl Me {
                 ops::stop_logged(service, instance, doing);
                 return;
             }
-            let Ok(envelope) = recv_soon(mailbox, self.spin, None) else {
+            let next = if gated {
+                mailbox.take(self.spin)
+            } else {
+                recv_soon(&mailbox.rx, self.spin, None)
+            };
+            let Ok(envelope) = next else {
                 return;
             };
             match envelope {
@@ -182,6 +198,9 @@ impl Me {
                 Envelope::Nudge => {}
             }
             instance.answered();
+            if gated {
+                mailbox.done();
+            }
         }
     }
 }

@@ -13,7 +13,7 @@ use super::{KernelInner, ServiceInfo, Status};
 use crate::{
     executor::{self, Envelope, Letter},
     instance::HostServices,
-    instance::{ProcessEvent, ProcessStatus},
+    instance::{Message, ProcessEvent, ProcessStatus},
 };
 
 /// A request posted to a service's mailbox, whose reply has yet to come.
@@ -37,16 +37,21 @@ impl PendingReply {
         } = self;
         match got {
             Ok(reply) => reply,
-            Err(RecvTimeoutError::Timeout) => Reply::error(
-                codes::TIMEOUT,
-                format!("`{to}` did not reply to `{kind}` within {timeout:?}"),
-            ),
+            Err(RecvTimeoutError::Timeout) => timed_out(&to, &kind, timeout),
             Err(RecvTimeoutError::Disconnected) => Reply::error(
                 codes::NOT_FOUND,
                 format!("service `{to}` stopped before replying"),
             ),
         }
     }
+}
+
+/// The reply to a request `to` did not answer within `timeout`.
+fn timed_out(to: &str, kind: &str, timeout: Duration) -> Reply {
+    Reply::error(
+        codes::TIMEOUT,
+        format!("`{to}` did not reply to `{kind}` within {timeout:?}"),
+    )
 }
 
 /// The name under which the kernel answers requests and receives events.
@@ -164,6 +169,9 @@ impl KernelInner {
         payload: &[u8],
         timeout: Duration,
     ) -> Reply {
+        if let Some(reply) = self.through_lane(from, &chain, to, kind, payload, timeout) {
+            return reply;
+        }
         match self.post_request(from, chain, to, kind, payload, timeout, timeout) {
             Ok(pending) => {
                 let got =
@@ -171,6 +179,41 @@ impl KernelInner {
                 pending.reply(got)
             }
             Err(reply) => reply,
+        }
+    }
+
+    /// Handles a request on this thread through its service's lane, when the service has
+    /// one (an isolated service), runs, and is idle (see
+    /// [`crate::executor::Mailbox::through_lane`]): one hop, to the worker, instead of two.
+    /// `None` when not: the request is posted then, and every check is made there.
+    fn through_lane(
+        &self,
+        from: Option<&Arc<str>>,
+        chain: &[Arc<str>],
+        to: &str,
+        kind: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Option<Reply> {
+        if to == KERNEL || chain.iter().any(|waiting| &**waiting == to) {
+            return None;
+        }
+        let slot = self.slot(to)?;
+        if slot.status() != Status::Running {
+            return None;
+        }
+        let request = Message {
+            from: from.map_or("external", |from| &**from),
+            to,
+            kind,
+            payload,
+        };
+        match slot
+            .mailbox
+            .through_lane(request, chain, Instant::now() + timeout)?
+        {
+            Ok(reply) => Some(reply),
+            Err(()) => Some(timed_out(to, kind, timeout)),
         }
     }
 

@@ -8,6 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use parking_lot::Mutex;
 use plugin_api::{codes, Reply};
 
 use super::{
@@ -17,8 +18,8 @@ use super::{
 };
 use crate::{
     instance::{
-        CreateError, HostServices, InstanceSource, Message, ProcessEvent, ProcessStatus,
-        ServiceInstance,
+        CreateError, HostServices, InstanceSource, Lane, Laned, Message, ProcessEvent,
+        ProcessStatus, ServiceInstance,
     },
     loader::{LoadError, Manifest, ShadowCopy},
 };
@@ -257,7 +258,7 @@ impl InstanceSource for IsolatedPlugin {
         config: Option<&str>,
     ) -> Result<Box<dyn ServiceInstance>, CreateError> {
         let (worker, confined) = self.bring_up(&services, config)?;
-        let instance = WorkerInstance {
+        let instance = Supervised {
             status: ProcessStatus {
                 pid: Some(worker.pid()),
                 confined,
@@ -272,15 +273,20 @@ impl InstanceSource for IsolatedPlugin {
             next_attempt: None,
             timer_armed: false,
             lost_to_the_host: false,
+            pending: None,
         };
         instance.report(ProcessEvent::Started);
-        Ok(Box::new(instance))
+        Ok(Box::new(WorkerInstance(Arc::new(Mutex::new(instance)))))
     }
 }
 
-/// One instance of an isolated service: its worker process, and what brings another up
-/// when that one dies.
-struct WorkerInstance {
+/// One instance of an isolated service, shared by its executor and its [`Lane`] (whose
+/// calls never overlap the executor's: see `executor::Mailbox::through_lane`; the lock is
+/// never contended, it makes the sharing safe).
+struct WorkerInstance(Arc<Mutex<Supervised>>);
+
+/// An isolated instance's worker process, and what brings another up when that one dies.
+struct Supervised {
     plugin: Arc<IsolatedPlugin>,
     services: Arc<dyn HostServices>,
     config: Option<String>,
@@ -298,6 +304,10 @@ struct WorkerInstance {
     /// Whether the last worker lost was killed from outside (a SIGKILL the host did not
     /// send): not the plugin's doing.
     lost_to_the_host: bool,
+    /// A request handled through the lane whose requester stopped waiting before the
+    /// worker answered: the worker's own deadline for it. Its reply is waited for (and
+    /// dropped) before the next call, killing the worker if none comes by then.
+    pending: Option<Instant>,
     status: ProcessStatus,
 }
 
@@ -315,7 +325,7 @@ enum Revive {
     WhenDue,
 }
 
-impl WorkerInstance {
+impl Supervised {
     /// Publishes the worker's status after `event`: for `list` (through the plugin) and the
     /// metrics.
     fn report(&self, event: ProcessEvent) {
@@ -337,6 +347,7 @@ impl WorkerInstance {
         let mut tries = 0;
         loop {
             tries += 1;
+            self.settle();
             self.revive(how)?;
             // Brought back by `revive` (which, for a request or an operation, returns only
             // once a worker runs, or with why none does).
@@ -350,21 +361,91 @@ impl WorkerInstance {
             match worker.call(message, &*self.services, self.plugin.spin, deadline) {
                 Ok(outcome) => return Ok(outcome),
                 Err(CallError { delivered, error }) => {
-                    let when = if delivered { "during" } else { "before" };
-                    let pid = worker.pid();
-                    let ended = worker.end_of(&error);
-                    self.lost_to_the_host = worker.killed_from_outside();
-                    let how = match error {
-                        WireError::TimedOut(_) => format!(
-                            "its worker process (pid {pid}) did not answer {what} within {timeout:?}, and was killed"
-                        ),
-                        _ => format!("its worker process (pid {pid}) {ended} {when} {what}"),
-                    };
-                    let lost = self.lost(how);
+                    let lost = self.failed(what, delivered, &error);
                     if delivered || tries > 1 || !self.started {
                         return Err(lost);
                     }
                 }
+            }
+        }
+    }
+
+    /// Records the worker lost to `error` in a call of `what` (`delivered`: in flight),
+    /// killing it if it still runs; says how, and what happens next.
+    fn failed(&mut self, what: &str, delivered: bool, error: &WireError) -> String {
+        let when = if delivered { "during" } else { "before" };
+        let timeout = self.plugin.timeout;
+        let Some(worker) = self.worker.as_mut() else {
+            return format!("its worker process was gone {when} {what}");
+        };
+        let pid = worker.pid();
+        let ended = worker.end_of(error);
+        self.lost_to_the_host = worker.killed_from_outside();
+        let how = match error {
+            WireError::TimedOut(_) => format!(
+                "its worker process (pid {pid}) did not answer {what} within {timeout:?}, and was killed"
+            ),
+            _ => format!("its worker process (pid {pid}) {ended} {when} {what}"),
+        };
+        self.lost(how)
+    }
+
+    /// Waits for the reply to a request whose requester, through the lane, stopped
+    /// waiting (see [`Supervised::pending`]), and drops it, answering its callbacks; a
+    /// worker that does not answer by its deadline is killed, a crash like any other.
+    fn settle(&mut self) {
+        let Some(deadline) = self.pending.take() else {
+            return;
+        };
+        let Some(worker) = self.worker.as_mut() else {
+            return;
+        };
+        if let Err(error) = worker.outcome(&*self.services, self.plugin.spin, deadline) {
+            self.failed("handle", true, &error);
+        }
+    }
+
+    /// A request through the lane (see [`Lane::handle`]): refused unless a worker runs
+    /// the started instance with nothing left over, and never restarts one (a worker is
+    /// started only by its executor's thread, whose end is the worker's: see
+    /// `PR_SET_PDEATHSIG` in `child.rs`). A worker lost on the way is recorded as a crash
+    /// and the executor nudged to bring the next up.
+    fn through_lane(&mut self, request: Message<'_>, deadline: Instant) -> Laned {
+        if !self.started || self.pending.is_some() || self.status.gave_up {
+            return Laned::Refused;
+        }
+        let Some(worker) = self.worker.as_mut().filter(|worker| !worker.gone()) else {
+            return Laned::Refused;
+        };
+        let message = ToWorker::Handle {
+            from: request.from,
+            kind: request.kind,
+            payload: request.payload,
+        };
+        // The worker's deadline, as the executor's call would have it; the requester's
+        // own may come first.
+        let due = Instant::now() + self.plugin.timeout;
+        if let Err(error) = worker.send(&message, due) {
+            // Not delivered: the executor restarts the worker and delivers it.
+            self.failed("handle", false, &error);
+            self.services.nudge();
+            return Laned::Refused;
+        }
+        match worker.outcome(&*self.services, self.plugin.spin, deadline.min(due)) {
+            Ok(Outcome::Replied(reply)) => Laned::Replied(reply),
+            Ok(other) => Laned::Replied(Reply::error(
+                codes::FAILED,
+                format!("the worker answered another call: {other:?}"),
+            )),
+            Err(WireError::TimedOut(_)) if deadline < due => {
+                self.pending = Some(due);
+                self.services.nudge();
+                Laned::TimedOut
+            }
+            Err(error) => {
+                let how = self.failed("handle", true, &error);
+                self.services.nudge();
+                Laned::Replied(Reply::error(codes::UNAVAILABLE, how))
             }
         }
     }
@@ -544,7 +625,7 @@ impl WorkerInstance {
     }
 }
 
-impl ServiceInstance for WorkerInstance {
+impl Supervised {
     fn start(&mut self) -> Result<(), String> {
         let started = Self::unit(self.call("start", &ToWorker::Start));
         self.started = started.is_ok();
@@ -601,11 +682,10 @@ impl ServiceInstance for WorkerInstance {
         Self::unit(self.call("import_state", &message))
     }
 
-    fn lost_to_the_host(&self) -> bool {
-        self.lost_to_the_host
-    }
-
     fn answered(&mut self) {
+        // A request the lane gave up on is waited out first (a nudge brought the executor
+        // here for it).
+        self.settle();
         // Its side socket closed: the worker died while idle (the side thread nudged the
         // executor to get here).
         if let Some(worker) = self.worker.as_mut().filter(|worker| worker.gone()) {
@@ -625,13 +705,60 @@ impl ServiceInstance for WorkerInstance {
     }
 }
 
-impl Drop for WorkerInstance {
+impl Drop for Supervised {
     fn drop(&mut self) {
         if let Some(worker) = self.worker.take() {
             worker.exit(Instant::now() + self.plugin.timeout);
             // Gone: `list` shows no process for a stopped service.
             self.status.pid = None;
             *self.plugin.status.lock().unwrap_or_else(|p| p.into_inner()) = self.status.clone();
+        }
+    }
+}
+
+impl ServiceInstance for WorkerInstance {
+    fn start(&mut self) -> Result<(), String> {
+        self.0.lock().start()
+    }
+
+    fn stop(&mut self) -> Result<(), String> {
+        self.0.lock().stop()
+    }
+
+    fn handle(&mut self, request: Message<'_>) -> Reply {
+        self.0.lock().handle(request)
+    }
+
+    fn on_event(&mut self, event: Message<'_>) -> Result<(), String> {
+        self.0.lock().on_event(event)
+    }
+
+    fn export_state(&mut self) -> Result<Vec<u8>, String> {
+        self.0.lock().export_state()
+    }
+
+    fn import_state(&mut self, from_version: &str, state: &[u8]) -> Result<(), String> {
+        self.0.lock().import_state(from_version, state)
+    }
+
+    fn lost_to_the_host(&self) -> bool {
+        self.0.lock().lost_to_the_host
+    }
+
+    fn answered(&mut self) {
+        self.0.lock().answered()
+    }
+
+    fn lane(&self) -> Option<Arc<dyn Lane>> {
+        Some(self.0.clone())
+    }
+}
+
+impl Lane for Mutex<Supervised> {
+    fn handle(&self, request: Message<'_>, deadline: Instant) -> Laned {
+        match self.try_lock() {
+            Some(mut supervised) => supervised.through_lane(request, deadline),
+            None => Laned::Refused,
         }
     }
 }

@@ -223,12 +223,10 @@ impl Worker {
                 error: WireError::Closed,
             });
         }
-        self.call
-            .send(message, Some(deadline))
-            .map_err(|error| CallError {
-                delivered: false,
-                error,
-            })?;
+        self.send(message, deadline).map_err(|error| CallError {
+            delivered: false,
+            error,
+        })?;
         self.outcome(services, spin, deadline)
             .map_err(|error| CallError {
                 delivered: true,
@@ -236,7 +234,14 @@ impl Worker {
             })
     }
 
-    fn outcome(
+    /// Sends `message`, the first half of [`Worker::call`].
+    pub fn send(&mut self, message: &ToWorker<'_>, deadline: Instant) -> Result<(), WireError> {
+        self.call.send(message, Some(deadline))
+    }
+
+    /// Waits for the outcome of the call sent last, answering the callbacks that come
+    /// first; gives up at `deadline` (a frame half read stays buffered for the next wait).
+    pub fn outcome(
         &mut self,
         services: &dyn HostServices,
         spin: Duration,

@@ -145,17 +145,6 @@ fn requests(bench: &Bench) -> anyhow::Result<Vec<Row>> {
         )
         .with_spread(&iso.in_order(micros), &floor.in_order(micros), 0.9),
         Row::new(
-            "isolated request/reply to noop, against the process round trip plus the in-process request, median",
-            (
-                micros(iso.median()),
-                micros(floor.median()) + micros(local.median()),
-            ),
-            "µs",
-            "the bare process round trip plus the same request in process: the two hops an isolated request makes (client to executor, executor to worker)",
-            Goal::None,
-            iso.len(),
-        ),
-        Row::new(
             "isolated request/reply to noop, against in process, median",
             (micros(iso.median()), micros(local.median())),
             "µs",
