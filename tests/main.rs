@@ -6,6 +6,8 @@ mod support;
 mod bench;
 mod cli;
 mod endurance;
+mod etcd;
+mod fleet;
 mod isolation;
 mod loading;
 mod markers;

@@ -35,6 +35,9 @@ pub mod codes {
     pub const NOT_FOUND: u32 = 404;
     /// No reply within the caller's timeout.
     pub const TIMEOUT: u32 = 408;
+    /// The service runs on another host of the fleet, which the message names: send it
+    /// there.
+    pub const MISDIRECTED: u32 = 421;
     /// The service failed or panicked while handling the request.
     pub const FAILED: u32 = 500;
     /// The service's worker process died while it held the request (an isolated service):

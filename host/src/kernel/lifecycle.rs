@@ -14,6 +14,7 @@ use super::{
 use crate::{
     executor::{self, Executor, InstanceError, Launch, LaunchFailure, Pending, State, Stopped},
     loader::threads,
+    state::StateBackend,
 };
 
 impl KernelInner {
@@ -57,11 +58,46 @@ impl KernelInner {
         let mut info = slot.info();
         info.pinned = self.pinned(&slot.name);
         info.process = slot.process();
+        info.owner = self
+            .config
+            .placement
+            .as_ref()
+            .and_then(|placement| placement.owner_of(&slot.name));
         // An isolated service whose worker died too often serves nothing but `503`s.
         if info.status == Status::Running && info.process.as_ref().is_some_and(|p| p.gave_up) {
             info.status = Status::Failed;
         }
         info
+    }
+
+    /// Where service states are kept: a fleet's store, or the state directory; `None`
+    /// without persistence.
+    pub(crate) fn states(&self) -> Option<&dyn StateBackend> {
+        match &self.config.state_backend {
+            Some(backend) => Some(&**backend),
+            None => self
+                .config
+                .state
+                .as_ref()
+                .map(|store| store as &dyn StateBackend),
+        }
+    }
+
+    /// Whether this host may run `service`: it owns it, or it is not one of a fleet.
+    pub(crate) fn may_run(&self, service: &str) -> bool {
+        self.config
+            .placement
+            .as_ref()
+            .is_none_or(|placement| placement.owns(service))
+    }
+
+    /// The node that runs `service` when another host of the fleet does.
+    pub(crate) fn runs_elsewhere(&self, service: &str) -> Option<String> {
+        let placement = self.config.placement.as_ref()?;
+        if placement.owns(service) {
+            return None;
+        }
+        placement.owner_of(service)
     }
 
     /// A deadline one operation timeout from now.
@@ -107,7 +143,7 @@ impl KernelInner {
         &self,
         slot: &ServiceSlot,
     ) -> Result<Option<(String, Vec<u8>)>, KernelError> {
-        let Some(store) = &self.config.state else {
+        let Some(store) = self.states() else {
             return Ok(None);
         };
         match store.load(&slot.name) {
@@ -134,11 +170,7 @@ impl KernelInner {
         slot: &ServiceSlot,
         reason: &dyn std::fmt::Display,
     ) -> Result<(), KernelError> {
-        let store = self
-            .config
-            .state
-            .as_ref()
-            .expect("a state file implies a store");
+        let store = self.states().expect("a state file implies a store");
         let moved = store
             .quarantine(&slot.name)
             .map_err(|source| KernelError::State {
@@ -194,6 +226,14 @@ impl KernelInner {
         let slot = self
             .slot(service)
             .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
+        if let Some(placement) = self.config.placement.as_ref() {
+            if !placement.owns(service) {
+                return Err(KernelError::NotOwner {
+                    service: service.to_owned(),
+                    owner: placement.owner_of(service),
+                });
+            }
+        }
         if slot.gave_up() {
             // An isolated service whose worker crashed too often serves nothing: it is
             // stopped (its state is the last checkpoint, already on disk) and started anew.
@@ -277,9 +317,7 @@ impl KernelInner {
                     None => Run::Idle(Idle::Failed),
                 };
                 let state_file = match &error {
-                    InstanceError::Import(_) => {
-                        self.config.state.as_ref().map(|s| s.path(&slot.name))
-                    }
+                    InstanceError::Import(_) => self.states().map(|s| s.location(&slot.name)),
                     _ => None,
                 };
                 Err(KernelError::StartFailed {
@@ -411,6 +449,30 @@ impl KernelInner {
         slot: &ServiceSlot,
         deadline: Instant,
     ) -> Result<(), KernelError> {
+        self.stop_one_keeping(slot, deadline, true)
+    }
+
+    /// Stops the service and the running services that depend on it, saving nothing:
+    /// another host owns them now, and their state is its to write.
+    pub(super) fn relinquish(&self, service: &str) -> Result<(), KernelError> {
+        let slot = self
+            .slot(service)
+            .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
+        for dependent in self.running_dependents(service).into_iter().rev() {
+            if let Some(dependent) = self.slot(&dependent) {
+                self.stop_one_keeping(&dependent, self.deadline(), false)?;
+            }
+        }
+        self.stop_one_keeping(&slot, self.deadline(), false)
+    }
+
+    /// Stops one service; saves its state when `keep_state`.
+    fn stop_one_keeping(
+        &self,
+        slot: &ServiceSlot,
+        deadline: Instant,
+        keep_state: bool,
+    ) -> Result<(), KernelError> {
         let mut ops = slot.lock_ops(deadline)?;
         let Some(executor) = ops.run.take_executor(Idle::Stopped) else {
             return Ok(());
@@ -419,7 +481,7 @@ impl KernelInner {
         slot.publish(&ops, Some(Status::Stopping));
         // An isolated service whose worker crashed too often has nothing to export: its
         // state is its last checkpoint, already on disk.
-        let export = self.config.state.is_some() && !slot.gave_up();
+        let export = keep_state && self.states().is_some() && !slot.gave_up();
         let Stopped { state, stop, stuck } = executor.stop(export, deadline);
         let mut result = match (&stuck, stop) {
             (Some(stuck), _) => Err(KernelError::Stuck {
@@ -501,7 +563,7 @@ impl KernelInner {
         version: &str,
         bytes: &[u8],
     ) -> Result<(), KernelError> {
-        let Some(store) = &self.config.state else {
+        let Some(store) = self.states() else {
             return Ok(());
         };
         store
@@ -517,7 +579,7 @@ impl KernelInner {
     }
 
     pub(super) fn checkpoint_all(&self) -> Vec<(String, Result<Checkpoint, KernelError>)> {
-        if self.config.state.is_none() {
+        if self.states().is_none() {
             return Vec::new();
         }
         let slots: Vec<Arc<ServiceSlot>> = self
@@ -543,7 +605,7 @@ impl KernelInner {
     }
 
     pub(super) fn checkpoint_in_background(&self) {
-        if self.config.state.is_none() {
+        if self.states().is_none() {
             return;
         }
         for slot in self.slots() {

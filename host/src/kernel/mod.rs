@@ -38,7 +38,7 @@ use crate::{
     executor::{Executor, Mailbox, Stuck},
     instance::ProcessStatus,
     loader::{LoadError, Loader, Probe},
-    state::{StateError, StateStore},
+    state::{StateBackend, StateError, StateStore},
     worker::Isolation,
 };
 
@@ -114,6 +114,22 @@ pub struct KernelConfig {
     /// The program run as a worker (`PROGRAM worker FILE ...`): the `microkernel` binary.
     /// The probe's program when `None`; needed when a service is isolated.
     pub worker_program: Option<PathBuf>,
+    /// Where service states are kept instead of `state`'s directory (a store a fleet of
+    /// hosts shares); `state` then keeps only the host's own records.
+    pub state_backend: Option<Arc<dyn StateBackend>>,
+    /// Which services this host may run, when it is one of a fleet (see [`Placement`]);
+    /// `None`: every service.
+    pub placement: Option<Arc<dyn Placement>>,
+}
+
+/// Which services this host runs, when it shares them with others: a service it does not
+/// own is loaded but not started, requests for it are answered `421` naming its owner,
+/// and `start` refuses it.
+pub trait Placement: Send + Sync + std::fmt::Debug {
+    /// Whether this host owns `service` now.
+    fn owns(&self, service: &str) -> bool;
+    /// The host that owns `service`, as last known.
+    fn owner_of(&self, service: &str) -> Option<String>;
 }
 
 impl Default for KernelConfig {
@@ -129,6 +145,8 @@ impl Default for KernelConfig {
             spin: DEFAULT_SPIN,
             isolation: BTreeMap::new(),
             worker_program: None,
+            state_backend: None,
+            placement: None,
         }
     }
 }
@@ -206,6 +224,14 @@ pub enum KernelError {
         /// How long this operation waited for it.
         waited: Duration,
     },
+    /// This host does not own the service: another host of the fleet runs it.
+    #[error("service `{service}` runs on {} in the fleet, not on this host", owner.as_deref().map(|o| format!("node `{o}`")).unwrap_or_else(|| "no host yet".into()))]
+    NotOwner {
+        /// The service.
+        service: String,
+        /// The node that owns it, if any.
+        owner: Option<String>,
+    },
     /// The service's instance is stuck in plugin code; its thread and library are left as
     /// they are.
     #[error("service `{service}` is {stuck}")]
@@ -246,6 +272,8 @@ pub struct ServiceInfo {
     pub pinned: Vec<String>,
     /// Its worker process, when the service is isolated (`None`: it runs in the host).
     pub process: Option<ProcessStatus>,
+    /// The node that owns it, when this host is one of a fleet.
+    pub owner: Option<String>,
 }
 
 /// Counters, for operators and tests.
@@ -548,7 +576,7 @@ impl Kernel {
             .loader
             .set_state_source(Box::new(move |service| {
                 let kernel = me.upgrade()?;
-                let store = kernel.config.state.as_ref()?;
+                let store = kernel.states()?;
                 if let Some(slot) = kernel.slot(service) {
                     if slot.status() == Status::Running {
                         let checkpoint = kernel.checkpoint(&slot);
@@ -709,6 +737,13 @@ impl Kernel {
     /// Starts the given services (newly registered ones) in dependency order. Returns those
     /// that could not start.
     pub fn start_new(&self, services: &[String]) -> Vec<(String, KernelError)> {
+        // In a fleet, what another host runs (or no host yet) is left alone.
+        let services: Vec<String> = services
+            .iter()
+            .filter(|service| self.inner.may_run(service))
+            .cloned()
+            .collect();
+        let services = &services[..];
         let plan = deps::plan(&self.inner.graph());
         let mut failures = Vec::new();
         for (service, error) in plan.blocked {
@@ -745,6 +780,13 @@ impl Kernel {
     /// first.
     pub fn stop(&self, service: &str) -> Result<(), KernelError> {
         self.inner.stop_with_dependents(service)
+    }
+
+    /// Stops the service, and the running services that depend on it, without saving their
+    /// state: for a host of a fleet that no longer owns them (another host does, and their
+    /// state is its to write).
+    pub fn relinquish(&self, service: &str) -> Result<(), KernelError> {
+        self.inner.relinquish(service)
     }
 
     /// Stops every running service, dependents before their dependencies, saving each

@@ -119,7 +119,7 @@ impl HostServices for ServiceContext {
         let Some(kernel) = self.kernel.upgrade() else {
             return Ok(None);
         };
-        let Some(store) = kernel.config.state.as_ref() else {
+        let Some(store) = kernel.states() else {
             return Ok(None);
         };
         match store.load(&self.service) {
@@ -246,6 +246,13 @@ impl KernelInner {
         };
         let status = slot.status();
         if !matches!(status, Status::Running | Status::Starting) {
+            if let Some(owner) = self.runs_elsewhere(to) {
+                self.metrics.refused(to, codes::MISDIRECTED);
+                return Err(Reply::error(
+                    codes::MISDIRECTED,
+                    format!("service `{to}` runs on node `{owner}` of the fleet, not on this host"),
+                ));
+            }
             self.metrics.refused(to, codes::NOT_FOUND);
             return Err(Reply::error(
                 codes::NOT_FOUND,
@@ -307,6 +314,11 @@ impl KernelInner {
         let slot = self.slot(to).ok_or_else(|| format!("no service `{to}`"))?;
         let status = slot.status();
         if !matches!(status, Status::Running | Status::Starting) {
+            if let Some(owner) = self.runs_elsewhere(to) {
+                return Err(format!(
+                    "service `{to}` runs on node `{owner}` of the fleet, not on this host"
+                ));
+            }
             return Err(format!("service `{to}` is not running ({status})"));
         }
         let envelope = Envelope::Event {

@@ -183,7 +183,7 @@ impl KernelInner {
         // 5. The new instance imports while the state is persisted; if either fails, the old
         // instance resumes (dropping the suspension does).
         pending.import(Some(state.clone()));
-        if let Some(store) = &self.config.state {
+        if let Some(store) = self.states() {
             if let Err(source) = store.save(&service, &from, &state.1) {
                 drop(suspension);
                 let stuck = pending.abandon(self.deadline());

@@ -61,7 +61,8 @@ pub enum KeyError {
     },
 }
 
-/// A 256-bit state key. Zeroed when dropped; never printed.
+/// A 256-bit state key. Zeroed when dropped (every copy); never printed.
+#[derive(Clone)]
 pub struct StateKey {
     bytes: Zeroizing<[u8; 32]>,
     id: [u8; KEY_ID_LEN],
@@ -189,7 +190,7 @@ impl StateKey {
 }
 
 /// The current key, which seals every write, and older keys, which may still open files.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct KeyRing {
     current: StateKey,
     old: Vec<StateKey>,

@@ -130,6 +130,31 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
     },
+    /// The shared store a fleet keeps states in failed or could not be reached: the
+    /// host's trouble, not the state's.
+    #[error("state of `{service}` at {location}: {op} failed")]
+    Store {
+        /// The service.
+        service: String,
+        /// Where (the store and key).
+        location: String,
+        /// What was being done.
+        op: &'static str,
+        /// What the store said.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A write refused because this host no longer owns the service (another does, or its
+    /// ownership lapsed): fenced, nothing was written.
+    #[error("state of `{service}` not written: this host ({node}) no longer owns the service{}", owner.as_deref().map(|o| format!(" (its owner is {o})")).unwrap_or_default())]
+    NotOwner {
+        /// The service.
+        service: String,
+        /// This host's node name.
+        node: String,
+        /// The owner now, if known.
+        owner: Option<String>,
+    },
 }
 
 /// What a path of the state directory is, in words.
@@ -316,17 +341,7 @@ impl StateStore {
     /// fsync of the directory. Either the old file or the new one survives a crash.
     pub fn save(&self, service: &str, version: &str, bytes: &[u8]) -> Result<(), StateError> {
         let path = self.path(service);
-        if bytes.len() as u64 > MAX_STATE_SIZE {
-            return Err(StateError::TooLarge {
-                path,
-                len: bytes.len() as u64,
-            });
-        }
-        let sealed =
-            seal(&self.keys, service, version, bytes).map_err(|field| StateError::HeaderField {
-                path: path.clone(),
-                field,
-            })?;
+        let sealed = seal_state(&self.keys, &path, service, version, bytes)?;
         self.write_atomically(&format!("{service}.state"), &path, &sealed)
     }
 
@@ -493,6 +508,43 @@ pub fn inspect(keys: &KeyRing, path: &Path) -> Result<(StateHeader, Vec<u8>), St
         })?
         .bytes;
     open(keys, path, &data, None)
+}
+
+/// Seals `bytes`, exported by `version` of `service`, as a state file holds them: for a
+/// backend that keeps states elsewhere (`location` names where, in errors). Fails when the
+/// state is too large, or a name does not fit the header.
+pub fn seal_state(
+    keys: &KeyRing,
+    location: &Path,
+    service: &str,
+    version: &str,
+    bytes: &[u8],
+) -> Result<Vec<u8>, StateError> {
+    if bytes.len() as u64 > MAX_STATE_SIZE {
+        return Err(StateError::TooLarge {
+            path: location.to_owned(),
+            len: bytes.len() as u64,
+        });
+    }
+    seal(keys, service, version, bytes).map_err(|field| StateError::HeaderField {
+        path: location.to_owned(),
+        field,
+    })
+}
+
+/// Opens sealed bytes of `service`'s state, as [`seal_state`] made them, read from
+/// `location`.
+pub fn open_sealed(
+    keys: &KeyRing,
+    location: &Path,
+    data: &[u8],
+    service: &str,
+) -> Result<SavedState, StateError> {
+    let (header, bytes) = open(keys, location, data, Some(service))?;
+    Ok(SavedState {
+        version: header.exported_by,
+        bytes,
+    })
 }
 
 /// Seals `bytes`; fails (naming the field) when the service name or version does not fit

@@ -161,6 +161,8 @@ pub fn run(
             .map(|(_, file)| crate::config::isolation(file, args.operation_timeout))
             .unwrap_or_default(),
         worker_program: None,
+        state_backend: None,
+        placement: None,
     })?);
 
     let (events_tx, events) = unbounded();

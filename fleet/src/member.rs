@@ -1,0 +1,292 @@
+//! Placement and failover: which services this host runs.
+//!
+//! Every host loads the same plugins; each service runs on one host, the one that owns it.
+//! Services that depend on each other are placed together: the unit of placement is a
+//! connected group of the dependency graph. A thread (`fleet`) does, every quarter of the
+//! lease TTL (at most every 500 ms):
+//!
+//! 1. If this host's lease may have ended (no renewal answered in time, by its own clock,
+//!    with the guard to spare), it stops every service it owned without saving (another
+//!    host may own them by now: their state is the last checkpoint in etcd), says so, and
+//!    takes a new lease when etcd answers again.
+//! 2. It reads the owners and the live nodes, and stops any service it believed it owned
+//!    that etcd gives to no one or to another host.
+//! 3. It claims groups no host owns, up to its fair share (the groups divided by the live
+//!    nodes, rounded up), and starts them from their state in etcd. A group it cannot start
+//!    (its plugin version cannot import the state, say) is released at once and not tried
+//!    again here for ten TTLs; the log says why.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
+use host::{loader::threads, Kernel, ServiceInfo};
+use sha2::{Digest, Sha256};
+
+use crate::Fleet;
+
+/// This host's part in the fleet: the thread that places services, while it runs.
+#[derive(Debug)]
+pub struct Member {
+    stop: Option<Sender<()>>,
+    thread: Option<threads::HostThread>,
+}
+
+impl Member {
+    /// Starts placing `kernel`'s services as a member of `fleet`.
+    pub fn spawn(fleet: Arc<Fleet>, kernel: Arc<Kernel>) -> std::io::Result<Member> {
+        let (stop, stopped) = bounded(1);
+        let thread = threads::spawn("fleet", move || {
+            let mut placer = Placer {
+                fleet,
+                kernel,
+                refused: HashMap::new(),
+                told_no_etcd: false,
+            };
+            placer.run(&stopped);
+        })?;
+        Ok(Member {
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops placing (services keep running as they are), waiting for the thread until
+    /// `deadline`.
+    pub fn stop(&mut self, deadline: Instant) {
+        drop(self.stop.take());
+        if let Some(mut thread) = self.thread.take() {
+            thread.join_until(deadline);
+        }
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.stop(Instant::now() + Duration::from_secs(5));
+    }
+}
+
+struct Placer {
+    fleet: Arc<Fleet>,
+    kernel: Arc<Kernel>,
+    /// Groups this host could not start, and until when it leaves them to others.
+    refused: HashMap<Vec<String>, Instant>,
+    /// Whether the log already says etcd cannot be reached (said once, until it can).
+    told_no_etcd: bool,
+}
+
+impl Placer {
+    fn run(&mut self, stopped: &Receiver<()>) {
+        let tick = (self.fleet.ttl() / 4).min(Duration::from_millis(500));
+        loop {
+            self.step();
+            // Woken when the lease may end, if that comes before the next tick: a host
+            // stops serving on its own clock, not a tick late.
+            let wait = match self.fleet.session() {
+                Some(session) if !self.fleet.claimed().is_empty() => {
+                    let stop_at = session
+                        .valid_until()
+                        .checked_sub(self.fleet.guard())
+                        .unwrap_or_else(Instant::now);
+                    tick.min(stop_at.saturating_duration_since(Instant::now()))
+                }
+                _ => tick,
+            };
+            match stopped.recv_timeout(wait.max(Duration::from_millis(10))) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+        }
+    }
+
+    fn step(&mut self) {
+        if !self.fleet.is_live() {
+            self.lose_everything();
+            if let Err(error) = self.fleet.renew_session() {
+                self.no_etcd(&error);
+                return;
+            }
+        }
+        let owners = match self.fleet.read_owners() {
+            Ok(owners) => owners,
+            Err(error) => return self.no_etcd(&error),
+        };
+        let nodes = match self.fleet.read_nodes() {
+            Ok(nodes) => nodes.len().max(1),
+            Err(error) => return self.no_etcd(&error),
+        };
+        if self.told_no_etcd {
+            tracing::info!(etcd = %self.fleet.endpoints(), "etcd answers again");
+            self.told_no_etcd = false;
+        }
+        let node = self.fleet.node().to_owned();
+        // What this host claimed but etcd gives to another, or to no one: its lease ended
+        // on etcd's side first.
+        let gone: Vec<String> = self
+            .fleet
+            .claimed()
+            .into_iter()
+            .filter(|service| owners.get(service) != Some(&node))
+            .collect();
+        if !gone.is_empty() {
+            tracing::error!(services = %gone.join(", "), "etcd no longer gives these services to this host: stopping them without saving");
+            self.stop_unsaved(&gone);
+            let _ = self.fleet.release(&gone);
+        }
+        let groups = groups(&self.kernel.list());
+        let share = groups.len().div_ceil(nodes);
+        let mut mine = groups
+            .iter()
+            .filter(|group| group.iter().all(|s| owners.get(s) == Some(&node)))
+            .count();
+        let now = Instant::now();
+        self.refused.retain(|_, until| *until > now);
+        let mut free: Vec<&Vec<String>> = groups
+            .iter()
+            .filter(|group| group.iter().all(|s| !owners.contains_key(s)))
+            .filter(|group| !self.refused.contains_key(*group))
+            .collect();
+        // Each node tries the free groups in an order of its own, so that hosts starting
+        // together do not all race for the same group first.
+        free.sort_by_key(|group| Sha256::digest(format!("{node}/{}", group[0]).as_bytes()));
+        for group in free {
+            if mine >= share {
+                break;
+            }
+            match self.fleet.claim(group) {
+                Ok(true) => {
+                    if self.take(group) {
+                        mine += 1;
+                    }
+                }
+                Ok(false) => {}
+                Err(error) => return self.no_etcd(&error),
+            }
+        }
+    }
+
+    /// Starts a group just claimed; releases it if it does not start.
+    fn take(&mut self, group: &[String]) -> bool {
+        let failures = self.kernel.start_new(group);
+        if failures.is_empty() {
+            tracing::info!(services = %group.join(", "), node = %self.fleet.node(), "took over: running here from the state in etcd");
+            return true;
+        }
+        let why: Vec<String> = failures
+            .iter()
+            .map(|(service, error)| format!("{service}: {}", host::error_chain(error)))
+            .collect();
+        tracing::error!(
+            services = %group.join(", "),
+            why = %why.join("; "),
+            "not taken: these services do not start on this host (left to another host; tried again here in ten lease TTLs)"
+        );
+        self.stop_unsaved(group);
+        if let Err(error) = self.fleet.release(group) {
+            tracing::warn!(error = %host::error_chain(&error), "releasing the services failed: they are free again when this host's lease ends");
+        }
+        self.refused
+            .insert(group.to_vec(), Instant::now() + self.fleet.ttl() * 10);
+        false
+    }
+
+    /// The lease may have ended: everything this host owned is stopped, unsaved.
+    fn lose_everything(&mut self) {
+        let lost = self.fleet.lose_session();
+        if lost.is_empty() {
+            return;
+        }
+        tracing::error!(
+            services = %lost.join(", "),
+            etcd = %self.fleet.endpoints(),
+            "this host's lease may have ended (no renewal answered in time): it stops these services on its own clock; what they did since their last checkpoint in etcd is lost"
+        );
+        self.stop_unsaved(&lost);
+    }
+
+    fn stop_unsaved(&self, services: &[String]) {
+        for service in services {
+            if let Err(error) = self.kernel.relinquish(service) {
+                tracing::warn!(service, error = %host::error_chain(&error), "stopping a service this host no longer owns failed");
+            }
+        }
+    }
+
+    fn no_etcd(&mut self, error: &crate::FleetError) {
+        if !self.told_no_etcd {
+            tracing::warn!(error = %host::error_chain(error), "etcd cannot be reached: services keep running while this host's lease is certainly valid");
+            self.told_no_etcd = true;
+        }
+    }
+}
+
+/// The connected groups of the dependency graph among `services`, each sorted, in order of
+/// their first service.
+pub fn groups(services: &[ServiceInfo]) -> Vec<Vec<String>> {
+    let names: BTreeSet<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let mut parent: BTreeMap<&str, &str> = names.iter().map(|n| (*n, *n)).collect();
+    fn root<'a>(parent: &mut BTreeMap<&'a str, &'a str>, mut at: &'a str) -> &'a str {
+        while parent[at] != at {
+            let up = parent[parent[at]];
+            parent.insert(at, up);
+            at = up;
+        }
+        at
+    }
+    for service in services {
+        for dependency in &service.dependencies {
+            if names.contains(dependency.as_str()) {
+                let (a, b) = (
+                    root(&mut parent, &service.name),
+                    root(&mut parent, dependency),
+                );
+                if a != b {
+                    parent.insert(a.max(b), a.min(b));
+                }
+            }
+        }
+    }
+    let mut groups: BTreeMap<&str, Vec<String>> = BTreeMap::new();
+    for name in &names {
+        let r = root(&mut parent, name);
+        groups.entry(r).or_default().push((*name).to_owned());
+    }
+    groups.into_values().collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn service(name: &str, dependencies: &[&str]) -> ServiceInfo {
+        ServiceInfo {
+            name: name.into(),
+            dependencies: dependencies.iter().map(|d| (*d).into()).collect(),
+            ..ServiceInfo::default()
+        }
+    }
+
+    #[test]
+    fn services_that_depend_on_each_other_are_one_group() {
+        let services = [
+            service("web", &["auth", "kv"]),
+            service("auth", &[]),
+            service("kv", &[]),
+            service("echo", &[]),
+            service("cron", &["mail"]),
+            service("mail", &["missing"]),
+        ];
+        assert_eq!(
+            groups(&services),
+            vec![
+                vec!["auth".to_owned(), "kv".into(), "web".into()],
+                vec!["cron".into(), "mail".into()],
+                vec!["echo".into()],
+            ]
+        );
+    }
+}
