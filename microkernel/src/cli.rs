@@ -314,10 +314,52 @@ pub struct RunArgs {
     /// StrictModes does).
     #[arg(long)]
     pub allow_insecure_permissions: bool,
+    /// Joining a fleet of hosts.
+    #[command(flatten)]
+    pub cluster: ClusterArgs,
     /// How long a control client may take to read an answer before its connection is
     /// closed (for tests on slow machines).
     #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_timeout, hide = true)]
     pub control_answer_timeout: Duration,
+}
+
+/// A fleet of hosts (see README, "A fleet of hosts").
+#[derive(Debug, Clone, Args)]
+pub struct ClusterArgs {
+    /// Join a fleet: keep service state in this etcd (`etcd://HOST:PORT[,HOST:PORT...]`,
+    /// `etcds://` for TLS), and run only the services this host owns (the others run on
+    /// other hosts of the fleet, which take over this host's services if it dies). Without
+    /// it, state stays in the state directory.
+    #[arg(long, value_name = "URL")]
+    pub cluster: Option<String>,
+    /// This host's name in the fleet, unique among its live hosts [default: the machine's
+    /// host name].
+    #[arg(long, value_name = "NAME")]
+    pub node: Option<String>,
+    /// How long a host that stopped answering keeps its services before the others take
+    /// them (whole seconds, at least 2s). A host that cannot renew its lease in time stops
+    /// serving on its own.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub lease_ttl: Duration,
+    /// The fleet's keys in etcd start with this (fleets sharing one etcd need their own).
+    #[arg(long, value_name = "PREFIX", default_value = "/microkernel")]
+    pub cluster_prefix: String,
+    /// The CA certificate (PEM) that signed etcd's certificates.
+    #[arg(long, value_name = "FILE")]
+    pub etcd_ca_file: Option<PathBuf>,
+    /// This host's client certificate for etcd (PEM; with --etcd-key-file).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_cert_file: Option<PathBuf>,
+    /// The key of --etcd-cert-file (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_key_file: Option<PathBuf>,
+    /// etcd user (with --etcd-password-file).
+    #[arg(long, value_name = "USER")]
+    pub etcd_user: Option<String>,
+    /// The file holding the etcd user's password (a password on the command line would
+    /// show in `ps`).
+    #[arg(long, value_name = "FILE")]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// `microkernel ctl`.
@@ -347,8 +389,8 @@ pub struct CtlArgs {
 /// The control commands.
 #[derive(Debug, Subcommand)]
 pub enum CtlCommand {
-    /// List the services: name, version, status, mode (in-process or isolated), library
-    /// digest, loaded since, swaps, earlier libraries still loaded (pinned), last error;
+    /// List the services: name, version, status, mode (in-process or isolated), owner node
+    /// (in a fleet), library digest, loaded since, swaps, earlier libraries still loaded (pinned), last error;
     /// then isolated services' workers (PID, restarts, crashes, last crash), rejected plugin
     /// files, services with no plugin file, and plugin files that do not load.
     List {
@@ -392,6 +434,13 @@ pub enum CtlCommand {
     Start {
         /// The service.
         service: String,
+    },
+    /// The fleet this host is one of (`run --cluster`): its nodes and their services, the
+    /// services no node owns, and this host's lease.
+    Fleet {
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 

@@ -65,6 +65,16 @@ pub struct FileConfig {
     pub allow_insecure_permissions: Option<bool>,
     pub log_level: Option<String>,
     pub log_format: Option<Format>,
+    pub cluster: Option<String>,
+    pub node: Option<String>,
+    #[serde(default, deserialize_with = "duration")]
+    pub lease_ttl: Option<Duration>,
+    pub cluster_prefix: Option<String>,
+    pub etcd_ca_file: Option<PathBuf>,
+    pub etcd_cert_file: Option<PathBuf>,
+    pub etcd_key_file: Option<PathBuf>,
+    pub etcd_user: Option<String>,
+    pub etcd_password_file: Option<PathBuf>,
     /// `[service.NAME]` sections.
     #[serde(default)]
     pub service: BTreeMap<String, ServiceSection>,
@@ -274,7 +284,67 @@ pub fn validate(
             "`no-state` and a key file (`key-file`, `old-key-files`) together: persist state or not, not both".to_owned()
         ));
     }
+    fleet_config(args).map_err(|e| anyhow::anyhow!(named(e)))?;
     validate_isolation(isolation, args.operation_timeout, file)
+}
+
+/// How this host joins its fleet (`cluster` and the keys that go with it), or `None`
+/// without `cluster`. Refuses what cannot work: a fleet without persisted state, a lease
+/// etcd would not keep, fleet options without a fleet.
+pub fn fleet_config(args: &RunArgs) -> Result<Option<fleet::FleetConfig>, String> {
+    let cluster = &args.cluster;
+    let Some(url) = &cluster.cluster else {
+        let stray = [
+            ("node", cluster.node.is_some()),
+            ("etcd-ca-file", cluster.etcd_ca_file.is_some()),
+            ("etcd-cert-file", cluster.etcd_cert_file.is_some()),
+            ("etcd-key-file", cluster.etcd_key_file.is_some()),
+            ("etcd-user", cluster.etcd_user.is_some()),
+            ("etcd-password-file", cluster.etcd_password_file.is_some()),
+        ];
+        if let Some((option, _)) = stray.iter().find(|(_, given)| *given) {
+            return Err(format!("`{option}` is for a fleet: give `cluster` too"));
+        }
+        return Ok(None);
+    };
+    if args.no_state {
+        return Err(
+            "`no-state` with `cluster`: a fleet keeps every service's state in etcd, sealed with the state key".into(),
+        );
+    }
+    let lease_ttl = cluster.lease_ttl;
+    if lease_ttl < fleet::MIN_LEASE_TTL || lease_ttl.subsec_nanos() != 0 {
+        return Err(format!(
+            "`lease-ttl` must be whole seconds, at least {:?} (etcd keeps leases by the second): got {}",
+            fleet::MIN_LEASE_TTL,
+            humantime::format_duration(lease_ttl)
+        ));
+    }
+    let mut endpoints = fleet::Endpoints::parse(url).map_err(|e| format!("`cluster`: {e}"))?;
+    endpoints.ca_file = cluster.etcd_ca_file.clone();
+    endpoints.cert_file = cluster.etcd_cert_file.clone();
+    endpoints.key_file = cluster.etcd_key_file.clone();
+    endpoints.user = cluster.etcd_user.clone();
+    endpoints.password_file = cluster.etcd_password_file.clone();
+    if endpoints.cert_file.is_some() != endpoints.key_file.is_some() {
+        return Err("`etcd-cert-file` and `etcd-key-file` go together".into());
+    }
+    if endpoints.user.is_some() != endpoints.password_file.is_some() {
+        return Err("`etcd-user` and `etcd-password-file` go together".into());
+    }
+    let node = match &cluster.node {
+        Some(node) => node.clone(),
+        None => nix::unistd::gethostname()
+            .ok()
+            .and_then(|name| name.into_string().ok())
+            .ok_or("no `node` given, and the machine's host name could not be read")?,
+    };
+    Ok(Some(fleet::FleetConfig {
+        endpoints,
+        node,
+        lease_ttl,
+        prefix: cluster.cluster_prefix.clone(),
+    }))
 }
 
 /// Checks the isolated services' settings against each other and the operation timeout
@@ -427,6 +497,41 @@ pub fn merge(args: &mut RunArgs, file: &FileConfig, given: Given<'_>) {
         &mut args.allow_insecure_permissions,
         &file.allow_insecure_permissions,
     );
+    let cluster = &mut args.cluster;
+    set_opt(given, "cluster", &mut cluster.cluster, &file.cluster);
+    set_opt(given, "node", &mut cluster.node, &file.node);
+    set(given, "lease_ttl", &mut cluster.lease_ttl, &file.lease_ttl);
+    set(
+        given,
+        "cluster_prefix",
+        &mut cluster.cluster_prefix,
+        &file.cluster_prefix,
+    );
+    set_opt(
+        given,
+        "etcd_ca_file",
+        &mut cluster.etcd_ca_file,
+        &file.etcd_ca_file,
+    );
+    set_opt(
+        given,
+        "etcd_cert_file",
+        &mut cluster.etcd_cert_file,
+        &file.etcd_cert_file,
+    );
+    set_opt(
+        given,
+        "etcd_key_file",
+        &mut cluster.etcd_key_file,
+        &file.etcd_key_file,
+    );
+    set_opt(given, "etcd_user", &mut cluster.etcd_user, &file.etcd_user);
+    set_opt(
+        given,
+        "etcd_password_file",
+        &mut cluster.etcd_password_file,
+        &file.etcd_password_file,
+    );
 }
 
 /// The global log options from the file, where the command line did not give them.
@@ -500,6 +605,19 @@ pub fn effective(args: &RunArgs, isolation: &BTreeMap<String, Isolation>) -> Str
             args.allow_insecure_permissions
         ),
     ];
+    let cluster = &args.cluster;
+    let text = |t: &Option<String>| t.as_ref().map_or("(none)".to_owned(), |t| format!("{t:?}"));
+    lines.extend([
+        format!("cluster = {}", text(&cluster.cluster)),
+        format!("node = {}", text(&cluster.node)),
+        format!("lease-ttl = {}", time(cluster.lease_ttl)),
+        format!("cluster-prefix = {:?}", cluster.cluster_prefix),
+        format!("etcd-ca-file = {}", path(&cluster.etcd_ca_file)),
+        format!("etcd-cert-file = {}", path(&cluster.etcd_cert_file)),
+        format!("etcd-key-file = {}", path(&cluster.etcd_key_file)),
+        format!("etcd-user = {}", text(&cluster.etcd_user)),
+        format!("etcd-password-file = {}", path(&cluster.etcd_password_file)),
+    ]);
     for (name, settings) in isolation {
         lines.push(String::new());
         lines.push(format!("[service.{name}]"));

@@ -330,6 +330,7 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
         CtlCommand::Start { service } => Request::Start {
             service: service.clone(),
         },
+        CtlCommand::Fleet { .. } => Request::Fleet,
     };
     let response = control::call(&socket, &request, args.wait)?;
     let mut out = std::io::stdout().lock();
@@ -370,12 +371,16 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 )?;
                 let mut pinned = Vec::new();
                 let mut workers = Vec::new();
+                let mut owners = Vec::new();
                 let mut rejected = rejected_elsewhere;
                 for s in services {
                     pinned.extend(s.pinned.iter().map(|p| format!("{}: {p}", s.name)));
                     rejected.extend(s.rejected.iter().map(|r| (s.name.clone(), r.clone())));
                     if let Some(worker) = &s.worker {
                         workers.push(format!("{}: {}", s.name, worker.describe()));
+                    }
+                    if let Some(owner) = &s.owner {
+                        owners.push(format!("{}: node {owner}", s.name));
                     }
                     writeln!(
                         out,
@@ -394,6 +399,11 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                         s.last_error.unwrap_or_default()
                     )?;
                 }
+                section(
+                    &mut out,
+                    "owners in the fleet (a service runs on its owner only)",
+                    owners,
+                )?;
                 section(&mut out, "worker processes of isolated services", workers)?;
                 section(
                     &mut out,
@@ -444,6 +454,64 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Response::Fleet(view) => {
+            let control::FleetView {
+                node,
+                etcd,
+                lease,
+                lease_ttl_ms,
+                valid_for_ms,
+                refused_writes,
+                nodes,
+                unowned,
+            } = *view;
+            if matches!(args.command, CtlCommand::Fleet { json: true }) {
+                let all = serde_json::json!({
+                    "node": node,
+                    "etcd": etcd,
+                    "lease": lease,
+                    "lease_ttl_ms": lease_ttl_ms,
+                    "valid_for_ms": valid_for_ms,
+                    "refused_writes": refused_writes,
+                    "nodes": nodes,
+                    "unowned": unowned,
+                });
+                writeln!(out, "{}", serde_json::to_string_pretty(&all)?)?;
+            } else {
+                let lease = match (lease, valid_for_ms) {
+                    (Some(lease), Some(valid)) => format!(
+                        "lease {lease}, TTL {}, certainly valid for {}",
+                        humantime::format_duration(std::time::Duration::from_millis(lease_ttl_ms)),
+                        humantime::format_duration(std::time::Duration::from_millis(valid))
+                    ),
+                    _ => "no lease: this host serves nothing until it has one again".into(),
+                };
+                writeln!(out, "this host: node {node} on {etcd}; {lease}")?;
+                if refused_writes > 0 {
+                    writeln!(out, "state writes refused because this host no longer owned the service: {refused_writes}")?;
+                }
+                writeln!(
+                    out,
+                    "{:<24} {:>8} {:<20}  SERVICES",
+                    "NODE", "PID", "JOINED"
+                )?;
+                for n in nodes {
+                    writeln!(
+                        out,
+                        "{:<24} {:>8} {:<20}  {}",
+                        n.node,
+                        n.pid,
+                        humantime::format_rfc3339_seconds(
+                            std::time::UNIX_EPOCH + std::time::Duration::from_secs(n.since)
+                        )
+                        .to_string(),
+                        n.services.join(", ")
+                    )?;
+                }
+                section(&mut out, "services no node owns (yet)", unowned)?;
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Response::Error { message } => anyhow::bail!("{message}"),
     }

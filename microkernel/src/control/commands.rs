@@ -7,7 +7,7 @@ use std::{
 
 use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Select, Sender, TryRecvError};
 
-use super::{Request, Response, ServiceEntry};
+use super::{FleetNode, FleetView, Request, Response, ServiceEntry};
 use host::{kernel::PendingReply, reload::Verdicts, Checkpoint, Kernel};
 
 use crate::event::Event;
@@ -19,6 +19,8 @@ pub(super) struct Context {
     pub(super) events: Sender<Event>,
     /// Those waiting for the checkpoint under way, if one is.
     pub(super) checkpoint: Arc<Mutex<Option<Vec<Sender<Response>>>>>,
+    /// The fleet this host is one of.
+    pub(super) fleet: Option<Arc<fleet::Fleet>>,
 }
 
 /// A request line, or the error answer a malformed one (invalid UTF-8 included) gets.
@@ -168,6 +170,7 @@ pub(super) fn begin(request: Request, context: &Context) -> Result<Outcome, Requ
         verdicts,
         events,
         checkpoint,
+        ..
     } = context;
     Ok(match request {
         Request::List => {
@@ -264,7 +267,9 @@ pub(super) fn begin(request: Request, context: &Context) -> Result<Outcome, Requ
             }
             Outcome::Later(Pending::Answer(rx))
         }
-        request @ (Request::Stop { .. } | Request::Start { .. }) => return Err(request),
+        request @ (Request::Stop { .. } | Request::Start { .. } | Request::Fleet) => {
+            return Err(request)
+        }
     })
 }
 
@@ -298,8 +303,65 @@ pub(super) fn handle(request: Request, context: &Context) -> Response {
             Ok(()) => done(vec![(format!("{service}: running"), false)]),
             Err(e) => done(vec![(host::error_chain(&e), true)]),
         },
+        Err(Request::Fleet) => match &context.fleet {
+            Some(fleet) => fleet_view(fleet, &context.kernel),
+            None => Response::Error {
+                message: "this host is not one of a fleet (see `run --cluster`)".into(),
+            },
+        },
         Err(_) => Response::Error {
             message: "this command is begun, not carried out".into(),
         },
     }
+}
+
+/// `fleet`: the nodes and what each owns, read from etcd now.
+fn fleet_view(fleet: &fleet::Fleet, kernel: &Kernel) -> Response {
+    let read = fleet
+        .read_nodes()
+        .and_then(|nodes| Ok((nodes, fleet.read_owners()?)));
+    let (nodes, owners) = match read {
+        Ok(read) => read,
+        Err(error) => {
+            return Response::Error {
+                message: host::error_chain(&error),
+            }
+        }
+    };
+    let session = fleet.session();
+    let now = std::time::Instant::now();
+    let unowned = kernel
+        .list()
+        .into_iter()
+        .map(|info| info.name)
+        .filter(|name| !owners.contains_key(name))
+        .collect();
+    Response::Fleet(Box::new(FleetView {
+        node: fleet.node().to_owned(),
+        etcd: fleet.endpoints(),
+        lease: session.as_ref().map(|s| format!("{:x}", s.lease())),
+        lease_ttl_ms: millis(fleet.ttl()),
+        valid_for_ms: session
+            .as_ref()
+            .map(|s| millis(s.valid_until().saturating_duration_since(now))),
+        refused_writes: fleet.refused_writes(),
+        nodes: nodes
+            .into_iter()
+            .map(|record| FleetNode {
+                services: owners
+                    .iter()
+                    .filter(|(_, owner)| **owner == record.node)
+                    .map(|(service, _)| service.clone())
+                    .collect(),
+                node: record.node,
+                pid: record.pid,
+                since: record.since,
+            })
+            .collect(),
+        unowned,
+    }))
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }

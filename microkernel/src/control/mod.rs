@@ -69,9 +69,43 @@ pub struct ServiceEntry {
     /// The worker process of an isolated service.
     #[serde(default)]
     pub worker: Option<WorkerEntry>,
+    /// The node that owns it, in a fleet.
+    #[serde(default)]
+    pub owner: Option<String>,
 }
 
 /// An isolated service's worker process, as `list` shows it.
+/// The fleet as `fleet` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetView {
+    /// This host's node name.
+    pub node: String,
+    /// etcd's members.
+    pub etcd: String,
+    /// This host's lease (hex, as `etcdctl lease` shows it), while it has one.
+    pub lease: Option<String>,
+    /// The lease's TTL.
+    pub lease_ttl_ms: u64,
+    /// How long the lease is certainly valid still, by this host's clock.
+    pub valid_for_ms: Option<u64>,
+    /// State writes etcd refused because this host no longer owned the service.
+    pub refused_writes: u64,
+    /// The live nodes, each with the services it owns.
+    pub nodes: Vec<FleetNode>,
+    /// Services loaded here that no node owns.
+    pub unowned: Vec<String>,
+}
+
+/// A node of the fleet, as `fleet` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetNode {
+    pub node: String,
+    pub pid: u32,
+    /// When it joined (Unix seconds).
+    pub since: u64,
+    pub services: Vec<String>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerEntry {
     /// Its process id; `null` between a crash and the restart, or once given up.
@@ -138,6 +172,7 @@ impl ServiceEntry {
                 "in-process"
             }
             .to_owned(),
+            owner: info.owner,
             worker: info.process.map(|p| WorkerEntry {
                 pid: p.pid,
                 restarts: p.restarts,
@@ -187,6 +222,8 @@ pub enum Request {
         /// The service.
         service: String,
     },
+    /// The fleet.
+    Fleet,
 }
 
 /// The host's answer.
@@ -226,6 +263,8 @@ pub enum Response {
         /// Whether something failed.
         failed: bool,
     },
+    /// `fleet`.
+    Fleet(Box<FleetView>),
     /// The command could not be carried out.
     Error {
         /// Why.

@@ -39,6 +39,8 @@ pub struct ControlServer {
     bound: Option<(u64, u64)>,
     /// Until [`ControlServer::serve`] hands it to the control thread.
     listener: Option<UnixListener>,
+    /// The fleet this host is one of, for `fleet`.
+    fleet: Option<Arc<fleet::Fleet>>,
 }
 
 impl ControlServer {
@@ -77,10 +79,16 @@ impl ControlServer {
             path: path.to_owned(),
             bound: socket_identity(path),
             listener: Some(listener),
+            fleet: None,
         };
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting the mode of control socket {}", path.display()))?;
         Ok(server)
+    }
+
+    /// Answers `fleet` about `fleet` (set before serving).
+    pub fn set_fleet(&mut self, fleet: Arc<fleet::Fleet>) {
+        self.fleet = Some(fleet);
     }
 
     /// Serves the socket from now on (see [`Limits`]): one thread reads every connection,
@@ -122,6 +130,7 @@ impl ControlServer {
             verdicts,
             events,
             checkpoint: Default::default(),
+            fleet: self.fleet.clone(),
         });
         let busy = Arc::new(AtomicUsize::new(0));
         let sends = Arc::new(Sends::default());

@@ -19,6 +19,7 @@ fn context() -> Context {
         verdicts: Verdicts::default(),
         events,
         checkpoint: Default::default(),
+        fleet: None,
     }
 }
 
@@ -27,6 +28,7 @@ fn request() -> impl Strategy<Value = Request> {
     prop_oneof![
         Just(Request::List),
         Just(Request::Checkpoint),
+        Just(Request::Fleet),
         (
             name,
             ".{0,8}",

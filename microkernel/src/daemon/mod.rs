@@ -146,6 +146,25 @@ pub fn run(
         None => None,
     };
     let _pid_file = args.pid_file.as_deref().map(PidFile::create).transpose()?;
+    // In a fleet, states live in etcd, sealed with the same key (which never leaves the
+    // host), and this host runs the services it owns.
+    let fleet = match crate::config::fleet_config(&args).map_err(anyhow::Error::msg)? {
+        Some(config) => {
+            let keys = state
+                .as_ref()
+                .map(|store| store.keys().clone())
+                .context("a fleet keeps state in etcd: it needs the state key")?;
+            let joined = fleet::Fleet::join(&config, keys).with_context(|| {
+                format!(
+                    "joining the fleet on {} as node `{}`",
+                    config.endpoints.describe(),
+                    config.node
+                )
+            })?;
+            Some(joined)
+        }
+        None => None,
+    };
 
     let kernel = Arc::new(Kernel::new(KernelConfig {
         mailbox_capacity: args.mailbox_capacity as usize,
@@ -161,8 +180,12 @@ pub fn run(
             .map(|(_, file)| crate::config::isolation(file, args.operation_timeout))
             .unwrap_or_default(),
         worker_program: None,
-        state_backend: None,
-        placement: None,
+        state_backend: fleet
+            .clone()
+            .map(|fleet| fleet as Arc<dyn host::state::StateBackend>),
+        placement: fleet
+            .clone()
+            .map(|fleet| fleet as Arc<dyn host::kernel::Placement>),
     })?);
 
     let (events_tx, events) = unbounded();
@@ -174,6 +197,9 @@ pub fn run(
     // Bound before anything starts (a bad socket path fails here), served once the services
     // are up: a client that connects early gets its answer from the running host.
     let mut control = ControlServer::bind(&socket)?;
+    if let Some(fleet) = &fleet {
+        control.set_fleet(fleet.clone());
+    }
     if let Some(addr) = args.metrics_listen {
         serve_metrics(addr, kernel.clone())?;
     }
@@ -190,6 +216,11 @@ pub fn run(
     let reloader = unsafe { Reloader::new(&plugins) }.with_trust(trust);
     let verdicts = reloader.verdicts();
     let reloads = spawn_reload_thread(kernel.clone(), reloader, config_file, started_tx)?;
+    let mut member = fleet
+        .clone()
+        .map(|fleet| fleet::Member::spawn(fleet, kernel.clone()))
+        .transpose()
+        .context("starting the fleet's placement thread")?;
     let mut up = || -> anyhow::Result<()> {
         let limits = crate::control::Limits {
             write: args.control_answer_timeout,
@@ -232,7 +263,15 @@ pub fn run(
     }
     // The libraries stay loaded: the process ends with `_exit` (see `main`), so that no
     // plugin destructor runs (one that hangs would keep the host from ever exiting).
+    // No service is taken any more; those this host owns are saved as they stop, and the
+    // lease revoked after, so that the others take them at once.
+    if let Some(member) = member.as_mut() {
+        member.stop(deadline);
+    }
     let report = kernel.stop_for_exit(deadline);
+    if let Some(fleet) = &fleet {
+        fleet.leave();
+    }
     let _ = fs::remove_dir_all(kernel.loader().shadow_dir());
     if let Some(failure) = failure {
         return Err(failure.context(format!(
