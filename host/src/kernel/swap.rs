@@ -296,7 +296,9 @@ impl KernelInner {
         set_library(slot, &ops.loaded);
         let unmapped = self.retire(&slot.name, old, stuck);
         drop(ops);
-        if matches!(status, Status::Failed | Status::Registered) {
+        // In a fleet, a service another host runs is only swapped here: it starts on the
+        // host that owns it.
+        if matches!(status, Status::Failed | Status::Registered) && self.may_run(&slot.name) {
             self.start(&slot.name)?;
         }
         Ok(SwapReport {
