@@ -401,6 +401,11 @@ fn a_configuration_file_chooses_the_mode_and_sighup_moves_a_service_with_its_sta
         nix::unistd::Pid::from_raw(pid as i32),
         nix::sys::signal::Signal::SIGKILL,
     )?;
+    // Dead, not only sent a signal: a request sent before it died would have been in flight
+    // (a 503), which is another test's.
+    while alive(pid as u32) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let after = daemon.ctl(&["send", "kv", r#"{"op":"get","key":"a"}"#]);
     assert!(after.status.success(), "{}", stderr(&after));
     let lost = daemon.ctl(&["send", "kv", r#"{"op":"get","key":"b"}"#]);
@@ -1111,5 +1116,42 @@ fn a_request_is_handled_after_every_event_posted_before_it() -> TestResult {
         }
         drop(kernel);
     }
+    Ok(())
+}
+
+/// A stop, a checkpoint or a hot replace sent right behind a request that hangs in an
+/// isolated service is done within the operation timeout: the worker is killed in time for
+/// it (found by the adversarial pass: the stop was given up as stuck).
+#[test]
+fn an_operation_right_behind_a_hung_request_is_done_within_the_operation_timeout() -> TestResult {
+    let dir = plugin_dir(&["fixture-faulty"]);
+    let persisted = Persisted::new();
+    let config = KernelConfig {
+        operation_timeout: Duration::from_secs(2),
+        ..isolated_config(&persisted, &["faulty"], &Isolation::default())
+    };
+    let (kernel, report) = persisted.kernel_with(dir.path(), config);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert_eq!(kernel.request("faulty", "count", b"", None).code, codes::OK);
+    kernel.checkpoint();
+    let hung = kernel.request("faulty", "hang", b"", Some(Duration::from_millis(1)));
+    assert_eq!(hung.code, codes::TIMEOUT);
+    let checkpoint = kernel.checkpoint();
+    assert!(
+        checkpoint.iter().all(|(_, result)| result.is_ok()),
+        "{checkpoint:?}"
+    );
+    let hung = kernel.request("faulty", "hang", b"", Some(Duration::from_millis(1)));
+    assert_eq!(hung.code, codes::TIMEOUT);
+    kernel.stop("faulty")?;
+    assert_eq!(
+        kernel.info("faulty").ok_or("faulty")?.status,
+        Status::Stopped
+    );
+    kernel.start("faulty")?;
+    assert_eq!(
+        json(&kernel.request("faulty", "count", b"", None))["count"],
+        2
+    );
     Ok(())
 }

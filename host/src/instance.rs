@@ -119,6 +119,13 @@ pub trait ServiceInstance {
         false
     }
 
+    /// Whether the last call failed because it did not answer in time (what ran it was
+    /// killed for it): a timeout, as a call in process that does not return is. Never, in
+    /// process (the executor's own deadline tells).
+    fn timed_out(&self) -> bool {
+        false
+    }
+
     /// Called by the executor once it has answered a message, before it takes the next:
     /// an instance that lost its worker process brings up another here, while what comes
     /// meanwhile waits in the mailbox. Nothing to do in process.
@@ -181,6 +188,9 @@ pub enum CreateError {
     /// plugin's file.
     #[error("{0}")]
     Host(String),
+    /// The constructor did not answer in time (what ran it was killed for it).
+    #[error("{0}")]
+    TimedOut(String),
 }
 
 impl From<String> for CreateError {

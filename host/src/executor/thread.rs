@@ -66,6 +66,7 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
         services,
         config,
         mailbox,
+        timeout,
         ..
     } = launch;
     let doing = &me.doing;
@@ -78,6 +79,10 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
             let error = match e {
                 crate::instance::CreateError::Plugin(message) => InstanceError::Create(message),
                 crate::instance::CreateError::Host(message) => InstanceError::Unavailable(message),
+                crate::instance::CreateError::TimedOut(_) => InstanceError::Timeout {
+                    call: Call::New,
+                    timeout,
+                },
             };
             let _ = waits.stages.send(Err(error));
             return;
@@ -102,6 +107,11 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
         if let Err(e) = imported {
             let error = if instance.lost_to_the_host() {
                 InstanceError::Unavailable(e)
+            } else if instance.timed_out() {
+                InstanceError::Timeout {
+                    call: Call::ImportState,
+                    timeout,
+                }
             } else {
                 InstanceError::Import(e)
             };
@@ -118,6 +128,11 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     if let Err(e) = doing.call(Call::Start, || instance.start()) {
         let error = if instance.lost_to_the_host() {
             InstanceError::Unavailable(e)
+        } else if instance.timed_out() {
+            InstanceError::Timeout {
+                call: Call::Start,
+                timeout,
+            }
         } else {
             InstanceError::Start(e)
         };

@@ -191,6 +191,13 @@ impl IsolatedPlugin {
         &self.settings
     }
 
+    /// How long a worker may take to answer a call before it is killed: the operation
+    /// timeout less a tenth of it (at most 1 s), so that an operation queued behind a call
+    /// that hangs (a stop, a checkpoint) is still done within its own operation timeout.
+    pub fn call_timeout(&self) -> Duration {
+        self.timeout - (self.timeout / 10).min(Duration::from_secs(1))
+    }
+
     /// Starts a worker for the service and has it create its instance; with what confines
     /// it, if asked for.
     fn bring_up(
@@ -198,7 +205,7 @@ impl IsolatedPlugin {
         services: &Arc<dyn HostServices>,
         config: Option<&str>,
     ) -> Result<(Worker, Option<String>), CreateError> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.call_timeout();
         let name = &self.manifest.name;
         let limits = Limits {
             memory_max: self.settings.memory_max,
@@ -243,6 +250,8 @@ impl IsolatedPlugin {
                 );
                 Err(if worker.killed_from_outside() {
                     CreateError::Host(how)
+                } else if matches!(error, WireError::TimedOut(_)) {
+                    CreateError::TimedOut(how)
                 } else {
                     CreateError::Plugin(how)
                 })
@@ -274,6 +283,8 @@ impl InstanceSource for IsolatedPlugin {
             timer_armed: false,
             lost_to_the_host: false,
             pending: None,
+            restart_deferred: false,
+            timed_out: false,
         };
         instance.report(ProcessEvent::Started);
         Ok(Box::new(WorkerInstance(Arc::new(Mutex::new(instance)))))
@@ -308,6 +319,10 @@ struct Supervised {
     /// worker answered: the worker's own deadline for it. Its reply is waited for (and
     /// dropped) before the next call, killing the worker if none comes by then.
     pending: Option<Instant>,
+    /// Whether the restart after the last crash was put behind what the mailbox held.
+    restart_deferred: bool,
+    /// Whether the last worker lost was killed for not answering in time.
+    timed_out: bool,
     status: ProcessStatus,
 }
 
@@ -339,7 +354,7 @@ impl Supervised {
     /// to the new one: only a call in flight is lost.
     /// Every call may take the operation timeout.
     fn call(&mut self, what: &'static str, message: &ToWorker<'_>) -> Called {
-        let timeout = self.plugin.timeout;
+        let timeout = self.plugin.call_timeout();
         let how = match message {
             ToWorker::Handle { .. } | ToWorker::Event { .. } => Revive::ForARequest,
             _ => Revive::ForAnOperation,
@@ -374,13 +389,14 @@ impl Supervised {
     /// killing it if it still runs; says how, and what happens next.
     fn failed(&mut self, what: &str, delivered: bool, error: &WireError) -> String {
         let when = if delivered { "during" } else { "before" };
-        let timeout = self.plugin.timeout;
+        let timeout = self.plugin.call_timeout();
         let Some(worker) = self.worker.as_mut() else {
             return format!("its worker process was gone {when} {what}");
         };
         let pid = worker.pid();
         let ended = worker.end_of(error);
         self.lost_to_the_host = worker.killed_from_outside();
+        self.timed_out = matches!(error, WireError::TimedOut(_));
         let how = match error {
             WireError::TimedOut(_) => format!(
                 "its worker process (pid {pid}) did not answer {what} within {timeout:?}, and was killed"
@@ -424,7 +440,7 @@ impl Supervised {
         };
         // The worker's deadline, as the executor's call would have it; the requester's
         // own may come first.
-        let due = Instant::now() + self.plugin.timeout;
+        let due = Instant::now() + self.plugin.call_timeout();
         if let Err(error) = worker.send(&message, due) {
             // Not delivered: the executor restarts the worker and delivers it.
             self.failed("handle", false, &error);
@@ -543,6 +559,7 @@ impl Supervised {
             self.timer_armed = false;
             match self.restart() {
                 Ok(worker) => {
+                    self.restart_deferred = false;
                     self.status.pid = Some(worker.pid());
                     self.status.restarts += 1;
                     self.worker = Some(worker);
@@ -590,7 +607,7 @@ impl Supervised {
             .services
             .saved_state()
             .map_err(|error| format!("its last state could not be read: {error}"));
-        let deadline = || Instant::now() + self.plugin.timeout;
+        let deadline = || Instant::now() + self.plugin.call_timeout();
         let spin = self.plugin.spin;
         let mut step = |what: &str, message: &ToWorker<'_>| -> Result<(), String> {
             match worker.call(message, &*self.services, spin, deadline()) {
@@ -617,6 +634,17 @@ impl Supervised {
         Ok(worker)
     }
 
+    /// The state of an instance whose worker died, without starting another: the last
+    /// durable state, which a new worker would import, when this version exported it (a
+    /// state of another version is not this version's to hand over as its own).
+    fn saved_if_dead(&self) -> Option<Vec<u8>> {
+        if self.worker.is_some() || !self.started {
+            return None;
+        }
+        let (version, bytes) = self.services.saved_state().ok()??;
+        (version == self.plugin.manifest.version.to_string()).then_some(bytes)
+    }
+
     fn unit(called: Called) -> Result<(), String> {
         match called? {
             Outcome::Done(done) => done,
@@ -633,8 +661,10 @@ impl Supervised {
     }
 
     fn stop(&mut self) -> Result<(), String> {
-        if self.worker.is_none() && self.status.gave_up {
-            // Nothing runs, and nothing is started to be stopped.
+        if self.worker.is_none() {
+            // Its worker died (or crashed too often): nothing runs to be stopped, and none
+            // is started only to be stopped.
+            self.started = false;
             return Ok(());
         }
         let stopped = Self::unit(self.call("stop", &ToWorker::Stop));
@@ -668,6 +698,9 @@ impl Supervised {
     }
 
     fn export_state(&mut self) -> Result<Vec<u8>, String> {
+        if let Some(saved) = self.saved_if_dead() {
+            return Ok(saved);
+        }
         match self.call("export_state", &ToWorker::Export)? {
             Outcome::Exported(exported) => exported,
             other => Err(format!("the worker answered another call: {other:?}")),
@@ -697,6 +730,14 @@ impl Supervised {
             self.lost(how);
         }
         if self.worker.is_none() && self.started && !self.status.gave_up {
+            if !self.restart_deferred {
+                // What was queued behind the lost call goes first (a stop or a checkpoint
+                // needs no new worker: see `saved_if_dead`); a nudge behind it brings the
+                // restart.
+                self.restart_deferred = true;
+                self.services.nudge();
+                return;
+            }
             // Brought back now (or when its backoff is due), not at the next message: the
             // mailbox holds what comes meanwhile, and the restart's own errors are recorded
             // as crashes.
@@ -743,6 +784,10 @@ impl ServiceInstance for WorkerInstance {
 
     fn lost_to_the_host(&self) -> bool {
         self.0.lock().lost_to_the_host
+    }
+
+    fn timed_out(&self) -> bool {
+        self.0.lock().timed_out
     }
 
     fn answered(&mut self) {
