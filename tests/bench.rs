@@ -42,6 +42,7 @@ fn bench_measures_everything_and_writes_a_summary() -> TestResult {
         "--out",
         out.to_str().unwrap(),
         "--smoke",
+        "--fleet",
     ]);
     assert!(run.status.success(), "{}", stderr(&run));
 
@@ -108,6 +109,8 @@ fn bench_measures_everything_and_writes_a_summary() -> TestResult {
         "isolated swap pause, kv 1 KiB",
         "isolated crash to serving again",
         "while an isolated service crashes in a loop",
+        "checkpoint of kv (1 KiB state) to etcd",
+        "failover: an owner killed",
     ] {
         assert!(
             measures.iter().any(|m| m.contains(expected)),

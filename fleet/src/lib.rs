@@ -18,6 +18,7 @@
 
 pub mod etcd;
 mod keys;
+pub mod local;
 pub mod member;
 pub mod session;
 mod store;

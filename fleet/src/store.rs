@@ -1,11 +1,13 @@
 //! Service states in etcd, behind the kernel's [`StateBackend`] seam.
 //!
-//! A state is sealed exactly as a state file is ([`host::state::seal_state`]), and written
-//! under a new generation in chunks of at most [`CHUNK`] bytes (etcd refuses requests over
-//! 1.5 MiB). One small transaction then switches the service's pointer to the new
-//! generation and removes the old one. Every write is fenced (see the crate's invariant).
-//! A reader reads the pointer, then the generation's chunks at the pointer's revision, and
-//! checks their length and SHA-256 against it: it never sees a mix of two generations.
+//! A state is sealed exactly as a state file is ([`host::state::seal_state`]). One of at
+//! most [`CHUNK`] bytes is written with its pointer, in one fenced transaction: the
+//! pointer's value is a line of JSON, then the sealed bytes. A larger one (etcd refuses
+//! requests over 1.5 MiB) is written under a new generation in chunks of at most [`CHUNK`]
+//! bytes, each fenced; one small transaction then switches the service's pointer to the new
+//! generation and removes the old one. A reader reads the pointer, then the generation's
+//! chunks at the pointer's revision, and checks their length and SHA-256 against it: it
+//! never sees a mix of two generations.
 
 use std::path::PathBuf;
 
@@ -18,9 +20,10 @@ use crate::{session::unix_now, Fleet, FleetError};
 /// The largest chunk of a state written in one request.
 pub const CHUNK: usize = 1 << 20;
 
-/// What a service's state pointer holds.
+/// What a service's state pointer holds (then, for a state held inline, the sealed bytes).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Pointer {
+    /// The generation whose chunks hold the state; empty when the state is inline.
     generation: String,
     chunks: usize,
     len: usize,
@@ -75,8 +78,27 @@ impl Fleet {
         Ok(got
             .kvs()
             .first()
-            .and_then(|kv| serde_json::from_slice::<Pointer>(kv.value()).ok())
-            .map(|p| p.generation))
+            .and_then(|kv| Pointer::read(kv.value()))
+            .map(|(p, _)| p.generation))
+    }
+}
+
+impl Pointer {
+    /// The pointer's value: its JSON line, then the inline state.
+    fn value(&self, inline: &[u8]) -> Vec<u8> {
+        let mut value = serde_json::to_vec(self).expect("a pointer serializes");
+        value.push(b'\n');
+        value.extend_from_slice(inline);
+        value
+    }
+
+    /// A pointer's value read back: the pointer, and the inline state.
+    fn read(value: &[u8]) -> Option<(Pointer, &[u8])> {
+        let end = value.iter().position(|b| *b == b'\n')?;
+        Some((
+            serde_json::from_slice(&value[..end]).ok()?,
+            &value[end + 1..],
+        ))
     }
 }
 
@@ -96,8 +118,18 @@ impl StateBackend for Fleet {
         let old = self
             .current_generation(service)
             .map_err(|e| self.store_error(service, "reading the state pointer", e))?;
-        let generation = fresh_generation();
-        let chunks: Vec<&[u8]> = sealed.chunks(CHUNK).collect();
+        let owner_key = self.keys.owner(service);
+        let inline = sealed.len() <= CHUNK;
+        let generation = if inline {
+            String::new()
+        } else {
+            fresh_generation()
+        };
+        let chunks: Vec<&[u8]> = if inline {
+            Vec::new()
+        } else {
+            sealed.chunks(CHUNK).collect()
+        };
         let pointer = Pointer {
             generation: generation.clone(),
             chunks: chunks.len(),
@@ -106,11 +138,9 @@ impl StateBackend for Fleet {
             node: self.node.clone(),
             written: unix_now(),
         };
-        let owner_key = self.keys.owner(service);
-        let (last, rest) = chunks.split_last().expect("a sealed state is never empty");
-        // Every chunk but the last in a transaction of its own, fenced too: a host that no
-        // longer owns the service writes nothing at all.
-        for (index, chunk) in rest.iter().enumerate() {
+        // Every chunk in a transaction of its own, fenced too: a host that no longer owns
+        // the service writes nothing at all.
+        for (index, chunk) in chunks.iter().enumerate() {
             let txn = Txn::new()
                 .when([fence.clone()])
                 .and_then([TxnOp::put(
@@ -136,19 +166,12 @@ impl StateBackend for Fleet {
                 }
             }
         }
-        let mut ops = vec![
-            TxnOp::put(
-                self.keys.chunk(service, &generation, rest.len()),
-                last.to_vec(),
-                None,
-            ),
-            TxnOp::put(
-                self.keys.current(service),
-                serde_json::to_vec(&pointer).expect("a pointer serializes"),
-                None,
-            ),
-        ];
-        if let Some(old) = old.filter(|old| *old != generation) {
+        let mut ops = vec![TxnOp::put(
+            self.keys.current(service),
+            pointer.value(if inline { &sealed } else { &[] }),
+            None,
+        )];
+        if let Some(old) = old.filter(|old| !old.is_empty() && *old != generation) {
             ops.push(TxnOp::delete(
                 self.keys.generation(service, &old),
                 Some(etcd_client::DeleteOptions::new().with_prefix()),
@@ -194,11 +217,11 @@ impl StateBackend for Fleet {
             return Ok(None);
         };
         let revision = got.header().map_or(0, |h| h.revision());
-        let pointer: Pointer =
-            serde_json::from_slice(kv.value()).map_err(|_| StateError::NotAStateFile {
-                path: location.clone(),
-            })?;
+        let (pointer, inline) = Pointer::read(kv.value()).ok_or(StateError::NotAStateFile {
+            path: location.clone(),
+        })?;
         let mut sealed = Vec::with_capacity(pointer.len);
+        sealed.extend_from_slice(inline);
         for index in 0..pointer.chunks {
             let key = self.keys.chunk(service, &pointer.generation, index);
             // At the pointer's revision: a newer generation may have replaced this one

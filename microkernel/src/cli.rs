@@ -160,9 +160,14 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub disk: Option<PathBuf>,
     /// Only these measures (repeat, or separate with commas): requests, memory, swap,
-    /// persist, checkpoint, reload, startup, isolation.
-    #[arg(long, value_name = "MEASURE", value_delimiter = ',', value_parser = ["requests", "memory", "swap", "persist", "checkpoint", "reload", "startup", "isolation"])]
+    /// persist, checkpoint, reload, startup, isolation, fleet.
+    #[arg(long, value_name = "MEASURE", value_delimiter = ',', value_parser = ["requests", "memory", "swap", "persist", "checkpoint", "reload", "startup", "isolation", "fleet"])]
     pub only: Vec<String>,
+    /// Also measure a fleet of hosts: a checkpoint to etcd against a bare put, failover
+    /// against the lease TTL. It starts its own etcd (`etcd` on the PATH: Debian's
+    /// `etcd-server`) on loopback ports; about a minute more.
+    #[arg(long)]
+    pub fleet: bool,
     /// One or two samples of each measure: checks that the bench runs (figures meaningless).
     #[arg(long, hide = true, conflicts_with = "quick")]
     pub smoke: bool,

@@ -251,6 +251,7 @@ fn execute(
                 disk: args.disk,
                 effort,
                 only: args.only,
+                fleet: args.fleet,
             })?;
             // Goals missed are in the table and the summary: the bench itself succeeded.
             drop(rows);

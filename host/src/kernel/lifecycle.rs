@@ -587,6 +587,10 @@ impl KernelInner {
             .into_iter()
             .filter(|slot| slot.status() == Status::Running && !slot.gave_up())
             .collect();
+        if let [slot] = &slots[..] {
+            // One service: no thread to start for it.
+            return vec![(slot.name.clone(), self.checkpoint(slot))];
+        }
         std::thread::scope(|scope| {
             let checkpoints: Vec<_> = slots
                 .iter()

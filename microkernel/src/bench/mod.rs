@@ -14,6 +14,7 @@
 
 mod chart;
 mod daemon;
+mod fleet;
 mod isolation;
 mod requests;
 mod stats;
@@ -44,6 +45,8 @@ pub struct Options {
     pub effort: Effort,
     /// Only the measures whose names are given (all when empty).
     pub only: Vec<String>,
+    /// Also measure a fleet (`fleet`): it starts etcd, which must be installed.
+    pub fleet: bool,
 }
 
 /// How many samples each measure takes.
@@ -253,6 +256,14 @@ pub fn run(options: &Options) -> anyhow::Result<Vec<Row>> {
         }
         eprintln!("bench: {name} ...");
         let new = measure(&bench).with_context(|| format!("measuring {name}"))?;
+        for row in &new {
+            eprintln!("{}", table_line(row));
+        }
+        rows.extend(new);
+    }
+    if options.fleet || options.only.iter().any(|o| o == "fleet") {
+        eprintln!("bench: fleet ...");
+        let new = fleet::rows(&bench).context("measuring fleet")?;
         for row in &new {
             eprintln!("{}", table_line(row));
         }
