@@ -234,8 +234,8 @@ impl Hosts {
         }
     }
 
-    /// Starts host `name` on `etcd`, with `extra` options.
-    fn start(&mut self, name: &str, etcd: &EtcdServer, extra: &[&str]) {
+    /// Host `name`'s directory, made with its plugins and the key if it is new.
+    fn prepare(&self, name: &str) -> std::path::PathBuf {
         let root = self.root.path().join(name);
         if !root.exists() {
             fs::create_dir_all(root.join("plugins")).unwrap();
@@ -244,6 +244,12 @@ impl Hosts {
             }
             fs::copy(self.root.path().join("key"), root.join("key")).unwrap();
         }
+        root
+    }
+
+    /// Starts host `name` on `etcd`, with `extra` options.
+    fn start(&mut self, name: &str, etcd: &EtcdServer, extra: &[&str]) {
+        let root = self.prepare(name);
         let ttl = format!("{}s", TTL.as_secs());
         let mut args = vec!["--cluster", &etcd.url(), "--node", name]
             .into_iter()
@@ -737,5 +743,44 @@ fn owners_killed_at_random_never_leave_two_owners_or_lose_a_checkpointed_state()
             "{kills} owners killed: failover median {median:?}, max {max:?} (lease TTL {TTL:?}); 0 checkpointed states lost, never two hosts serving one service"
         );
     }
+    Ok(())
+}
+
+/// A host whose plugin version cannot import a service's state (an older file) does not
+/// take the service: it releases it, says why, and the state in etcd stays as it was.
+#[test]
+fn a_host_that_cannot_import_a_services_state_does_not_take_it() -> TestResult {
+    let etcd = EtcdServer::start();
+    let mut hosts = Hosts::new(&["echo"]);
+    // a runs echo 2.0.0; b has only 1.0.0, which cannot read a 2.x state.
+    add_plugin(&hosts.prepare("a").join("plugins"), "echo-v2");
+    hosts.start("a", &etcd, &[]);
+    assert_eq!(hosts.owner("echo"), "a");
+    for _ in 0..3 {
+        hosts.host("a").send("echo", "x");
+    }
+    checkpoint(hosts.host("a"));
+    hosts.start("b", &etcd, &[]);
+    hosts.kill("a");
+    hosts.wait(TTL + Duration::from_secs(20), "b to refuse echo", |hosts| {
+        hosts.host("b").log().contains("not taken")
+    });
+    let log = hosts.host("b").log();
+    assert!(
+        log.contains("echo 1.0.0 cannot read state of version 2.0.0"),
+        "{log}"
+    );
+    let refused = hosts.host("b").ctl(&["send", "echo", "x"]);
+    assert!(!refused.status.success());
+    // Released, not held: a host that can import it takes it, with the state as it was.
+    hosts.start("a", &etcd, &[]);
+    hosts.wait(
+        TTL + Duration::from_secs(20),
+        "a to take echo back",
+        |hosts| hosts.host("a").ctl(&["send", "echo", "x"]).status.success(),
+    );
+    let reply = hosts.host("a").send("echo", "y");
+    assert_eq!(reply["version"], "2.0.0");
+    assert_eq!(reply["count"], 5, "{reply}");
     Ok(())
 }
