@@ -10,7 +10,7 @@ use std::{
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 
-use crate::FleetError;
+use crate::error::FleetError;
 
 /// How to reach etcd: `--cluster`, and the TLS and authentication of a real deployment.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

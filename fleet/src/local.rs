@@ -9,7 +9,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{Endpoints, Etcd, FleetError};
+use crate::{
+    error::FleetError,
+    etcd::{Endpoints, Etcd},
+};
 
 /// One etcd member, killed when dropped.
 #[derive(Debug)]

@@ -26,7 +26,7 @@ use crossbeam_channel::{bounded, Receiver, RecvTimeoutError, Sender};
 use host::{loader::threads, Kernel, ServiceInfo};
 use sha2::{Digest, Sha256};
 
-use crate::Fleet;
+use crate::owner::Fleet;
 
 /// This host's part in the fleet: the thread that places services, while it runs.
 #[derive(Debug)]
@@ -216,7 +216,7 @@ impl Placer {
         }
     }
 
-    fn no_etcd(&mut self, error: &crate::FleetError) {
+    fn no_etcd(&mut self, error: &crate::error::FleetError) {
         if !self.told_no_etcd {
             tracing::warn!(error = %host::error_chain(error), "etcd cannot be reached: services keep running while this host's lease is certainly valid");
             self.told_no_etcd = true;

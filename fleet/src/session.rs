@@ -12,7 +12,7 @@ use std::{
 use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
 use parking_lot::Mutex;
 
-use crate::{etcd::Etcd, keys::Keys, FleetError};
+use crate::{error::FleetError, etcd::Etcd, keys::Keys};
 
 /// How long this host's lease is certainly valid: etcd ends a lease no sooner than its TTL
 /// after it received the last renewal, so a renewal *sent* at `t` and answered keeps the

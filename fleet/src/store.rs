@@ -15,7 +15,7 @@ use etcd_client::{GetOptions, Txn, TxnOp, TxnOpResponse};
 use host::state::{open_sealed, seal_state, SavedState, StateBackend, StateError};
 use sha2::{Digest, Sha256};
 
-use crate::{session::unix_now, Fleet, FleetError};
+use crate::{error::FleetError, owner::Fleet, session::unix_now};
 
 /// The largest chunk of a state written in one request.
 pub const CHUNK: usize = 1 << 20;
