@@ -131,7 +131,10 @@ impl Endpoints {
                     })?
                     .trim_end_matches(['\n', '\r'])
                     .to_owned();
-                options = options.with_user(user.clone(), password);
+                // etcd's tokens expire: fetched again when refused, not only at connect.
+                options = options
+                    .with_user(user.clone(), password)
+                    .with_auto_token_refresh(true);
             }
             (None, None) => {}
             _ => {

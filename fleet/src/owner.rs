@@ -271,8 +271,8 @@ impl Fleet {
         Ok(owners)
     }
 
-    /// The live nodes (those whose lease holds their key).
-    pub fn read_nodes(&self) -> Result<Vec<NodeRecord>, FleetError> {
+    /// The live nodes (those whose lease holds their key), with their lease's id.
+    pub fn read_nodes(&self) -> Result<Vec<(NodeRecord, i64)>, FleetError> {
         let prefix = self.keys.nodes();
         let got = self
             .etcd
@@ -282,7 +282,7 @@ impl Fleet {
         Ok(got
             .kvs()
             .iter()
-            .filter_map(|kv| serde_json::from_slice(kv.value()).ok())
+            .filter_map(|kv| Some((serde_json::from_slice(kv.value()).ok()?, kv.lease())))
             .collect())
     }
 

@@ -494,15 +494,16 @@ fn ctl(args: CtlArgs) -> anyhow::Result<ExitCode> {
                 }
                 writeln!(
                     out,
-                    "{:<24} {:>8} {:<20}  SERVICES",
-                    "NODE", "PID", "JOINED"
+                    "{:<24} {:>8} {:<16} {:<20}  SERVICES",
+                    "NODE", "PID", "LEASE", "JOINED"
                 )?;
                 for n in nodes {
                     writeln!(
                         out,
-                        "{:<24} {:>8} {:<20}  {}",
+                        "{:<24} {:>8} {:<16} {:<20}  {}",
                         n.node,
                         n.pid,
+                        n.lease,
                         humantime::format_rfc3339_seconds(
                             std::time::UNIX_EPOCH + std::time::Duration::from_secs(n.since)
                         )

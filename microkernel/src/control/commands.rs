@@ -347,7 +347,8 @@ fn fleet_view(fleet: &fleet::Fleet, kernel: &Kernel) -> Response {
         refused_writes: fleet.refused_writes(),
         nodes: nodes
             .into_iter()
-            .map(|record| FleetNode {
+            .map(|(record, lease)| FleetNode {
+                lease: format!("{lease:x}"),
                 services: owners
                     .iter()
                     .filter(|(_, owner)| **owner == record.node)

@@ -103,6 +103,9 @@ pub struct FleetNode {
     pub pid: u32,
     /// When it joined (Unix seconds).
     pub since: u64,
+    /// Its lease (hex, as `etcdctl lease` shows it).
+    #[serde(default)]
+    pub lease: String,
     pub services: Vec<String>,
 }
 
