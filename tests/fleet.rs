@@ -4,6 +4,7 @@
 use std::{
     collections::BTreeMap,
     fs,
+    path::Path,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -783,4 +784,89 @@ fn a_host_that_cannot_import_a_services_state_does_not_take_it() -> TestResult {
     assert_eq!(reply["version"], "2.0.0");
     assert_eq!(reply["count"], 5, "{reply}");
     Ok(())
+}
+
+/// etcd with authentication on: a host with its user and password file joins and works
+/// under the permissions of its role; without them, or with a wrong password, it is
+/// refused with an error naming etcd and what it was doing.
+#[test]
+fn a_fleet_on_an_etcd_with_authentication_needs_its_user_and_password() -> TestResult {
+    let etcd = EtcdServer::start();
+    let admin = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!(
+                "--endpoints={}",
+                etcd.url().replace("etcd://", "http://")
+            ))
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", stderr(&out));
+    };
+    admin(&["role", "add", "root"]);
+    admin(&["user", "add", "root", "--new-user-password=rootpw"]);
+    admin(&["user", "grant-role", "root", "root"]);
+    admin(&["role", "add", "host"]);
+    admin(&[
+        "role",
+        "grant-permission",
+        "host",
+        "--prefix=true",
+        "readwrite",
+        "/microkernel/",
+    ]);
+    admin(&["user", "add", "mk", "--new-user-password=s3cret"]);
+    admin(&["user", "grant-role", "mk", "host"]);
+    admin(&["auth", "enable"]);
+
+    let dir = tempfile::tempdir()?;
+    let password = dir.path().join("password");
+    fs::write(&password, "s3cret\n")?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&password, fs::Permissions::from_mode(0o644))?;
+        let readable = Fleet::join(&with_password(&etcd, &password), keyring())
+            .expect_err("a password file others can read");
+        assert!(readable.to_string().contains("chmod 600"), "{readable}");
+        fs::set_permissions(&password, fs::Permissions::from_mode(0o600))?;
+    }
+    let with = |user: Option<&str>, password: Option<&Path>| FleetConfig {
+        endpoints: fleet::Endpoints {
+            user: user.map(str::to_owned),
+            password_file: password.map(Path::to_owned),
+            ..etcd.endpoints()
+        },
+        ..config(&etcd, "a")
+    };
+    let a = Fleet::join(&with(Some("mk"), Some(&password)), keyring())?;
+    assert!(a.claim(&services(&["kv"]))?);
+    a.save("kv", "1", b"with a user")?;
+    assert_eq!(a.load("kv")?.ok_or("a state")?.bytes, b"with a user");
+    a.leave();
+
+    let anonymous = Fleet::join(&with(None, None), keyring()).expect_err("no user");
+    let said = host::error_chain(&anonymous);
+    assert!(said.contains("etcd etcd://127.0.0.1:"), "{said}");
+    assert!(
+        said.contains("granting the lease") || said.contains("registering"),
+        "{said}"
+    );
+    fs::write(&password, "wrong\n")?;
+    let wrong =
+        Fleet::join(&with(Some("mk"), Some(&password)), keyring()).expect_err("a wrong password");
+    let said = host::error_chain(&wrong);
+    assert!(said.contains("authentication failed"), "{said}");
+    Ok(())
+}
+
+fn with_password(etcd: &EtcdServer, password: &Path) -> FleetConfig {
+    FleetConfig {
+        endpoints: fleet::Endpoints {
+            user: Some("mk".into()),
+            password_file: Some(password.to_owned()),
+            ..etcd.endpoints()
+        },
+        ..config(etcd, "a")
+    }
 }

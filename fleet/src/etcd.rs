@@ -121,6 +121,23 @@ impl Endpoints {
         }
         match (&self.user, &self.password_file) {
             (Some(user), Some(file)) => {
+                // As the state key's file: a secret others can read is refused.
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(file)
+                    .map_err(|source| FleetError::File {
+                        path: file.clone(),
+                        what: "etcd password",
+                        source,
+                    })?
+                    .permissions()
+                    .mode();
+                if mode & 0o077 != 0 {
+                    return Err(FleetError::Config(format!(
+                        "etcd password file {} can be read or written by other users (mode {:04o}): `chmod 600` it",
+                        file.display(),
+                        mode & 0o7777
+                    )));
+                }
                 let password = read(file, "etcd password")?;
                 let password = String::from_utf8(password)
                     .map_err(|_| {
