@@ -870,3 +870,69 @@ fn with_password(etcd: &EtcdServer, password: &Path) -> FleetConfig {
         ..config(etcd, "a")
     }
 }
+
+/// Requests already waiting on an owner when its lease lapses (queued while it was paused)
+/// are refused when it wakes, never answered from its stale state (found by the
+/// adversarial pass: they were answered, after another host had taken over).
+#[test]
+fn requests_waiting_on_an_owner_whose_lease_lapsed_are_refused_not_answered() -> TestResult {
+    let etcd = EtcdServer::start();
+    let mut hosts = Hosts::new(&["kv"]);
+    hosts.start("a", &etcd, &[]);
+    hosts.start("b", &etcd, &[]);
+    let old = hosts.owner("kv");
+    let new = if old == "a" { "b" } else { "a" }.to_owned();
+    put(hosts.host(&old), "x", 1);
+    checkpoint(hosts.host(&old));
+    signal::kill(hosts.pid(&old), signal::Signal::SIGSTOP)?;
+    let socket = hosts.root.path().join(&old).join("state/control.sock");
+    let waiting: Vec<_> = (0..3)
+        .map(|n| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                microkernel(&[
+                    "ctl",
+                    "--socket",
+                    socket.to_str().unwrap(),
+                    "--wait",
+                    "60s",
+                    "send",
+                    "--timeout",
+                    "30s",
+                    "kv",
+                    &format!(r#"{{"op":"put","key":"x","value":{}}}"#, 100 + n),
+                ])
+            })
+        })
+        .collect();
+    hosts.wait(
+        TTL + Duration::from_secs(10),
+        "the other host to take kv",
+        |hosts| {
+            hosts
+                .host(&new)
+                .ctl(&["send", "kv", r#"{"op":"get","key":"x"}"#])
+                .status
+                .success()
+        },
+    );
+    put(hosts.host(&new), "x", 2);
+    checkpoint(hosts.host(&new));
+    signal::kill(hosts.pid(&old), signal::Signal::SIGCONT)?;
+    for request in waiting {
+        let out = request.join().expect("a client");
+        assert!(
+            !out.status.success(),
+            "a request waiting on the old owner was answered: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        // 421 naming the new owner, or 503 while this host has yet to read who it is.
+        let said = stderr(&out);
+        assert!(
+            said.contains("error 421") || said.contains("error 503"),
+            "{said}"
+        );
+    }
+    assert_eq!(get(hosts.host(&new), "x"), 2);
+    Ok(())
+}

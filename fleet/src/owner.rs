@@ -247,9 +247,11 @@ impl Fleet {
         self.claims.lock().keys().cloned().collect()
     }
 
-    /// The owner of `service` as last read.
+    /// The owner of `service` as last read; never this host while it does not own the
+    /// service now (its lease lapsed: another host may have it).
     pub fn owner_of(&self, service: &str) -> Option<String> {
-        self.owners.read().get(service).cloned()
+        let owner = self.owners.read().get(service).cloned()?;
+        (owner != self.node || self.owns(service)).then_some(owner)
     }
 
     /// Reads every service's owner from etcd (and remembers them).

@@ -48,6 +48,13 @@ pub trait HostServices: Send + Sync + 'static {
     /// idle is restarted at once, not at the next request). Nothing happens when the
     /// mailbox is full (a message is on its way anyway).
     fn nudge(&self) {}
+
+    /// Whether this host may still answer requests for the service: in a fleet, only
+    /// while it owns it (its lease certainly valid). A request it may not answer is
+    /// refused unhandled, and one handled while the ownership lapsed is refused after.
+    fn may_serve(&self) -> bool {
+        true
+    }
 }
 
 /// An isolated instance's worker process, as `list` shows it.

@@ -72,6 +72,7 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     let doing = &me.doing;
     set_chain(&[], Some(&me.service));
     crate::last_words::on_executor(&me.service);
+    let host = services.clone();
     let created = doing.call(Call::New, || source.create(services, config.as_deref()));
     let mut instance = match created {
         Ok(instance) => instance,
@@ -142,7 +143,7 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
         // The kernel gave up waiting (see `Pending::stage`): this instance must not serve.
         ops::stop_logged(&me.service, &mut *instance, doing);
     } else {
-        me.serve(&mut *instance, &mailbox);
+        me.serve(&mut *instance, &mailbox, &*host);
     }
     set_chain(&[], None);
     drop_it(instance);
@@ -155,16 +156,27 @@ impl Me {
 
     /// Serves the mailbox until an operation ends it; with the instance's lane open, if it
     /// has one, for requests to skip this thread while it is idle.
-    fn serve(&self, instance: &mut dyn ServiceInstance, mailbox: &Mailbox) {
+    fn serve(
+        &self,
+        instance: &mut dyn ServiceInstance,
+        mailbox: &Mailbox,
+        host: &dyn HostServices,
+    ) {
         let Some(lane) = instance.lane() else {
-            return self.serve_mailbox(instance, mailbox, false);
+            return self.serve_mailbox(instance, mailbox, host, false);
         };
         mailbox.open(lane.clone(), self.metrics.clone());
-        self.serve_mailbox(instance, mailbox, true);
+        self.serve_mailbox(instance, mailbox, host, true);
         mailbox.close(&lane);
     }
 
-    fn serve_mailbox(&self, instance: &mut dyn ServiceInstance, mailbox: &Mailbox, gated: bool) {
+    fn serve_mailbox(
+        &self,
+        instance: &mut dyn ServiceInstance,
+        mailbox: &Mailbox,
+        host: &dyn HostServices,
+        gated: bool,
+    ) {
         let (service, doing) = (&*self.service, &self.doing);
         loop {
             if self.given_up() {
@@ -190,9 +202,24 @@ impl Me {
                     reply,
                     sent,
                 } => {
-                    set_chain(&chain, Some(&self.service));
-                    let answer = doing.call(Call::Handle, || instance.handle(letter.lend(service)));
-                    set_chain(&[], Some(&self.service));
+                    // In a fleet, what waited here while this host's ownership lapsed is
+                    // refused, not answered from a state another host has taken over.
+                    let answer = if host.may_serve() {
+                        set_chain(&chain, Some(&self.service));
+                        let answer =
+                            doing.call(Call::Handle, || instance.handle(letter.lend(service)));
+                        set_chain(&[], Some(&self.service));
+                        if host.may_serve() {
+                            answer
+                        } else {
+                            not_owned(
+                                service,
+                                "while it handled the request (its result is not kept)",
+                            )
+                        }
+                    } else {
+                        not_owned(service, "before it got to the request")
+                    };
                     self.metrics.reply(answer.code, sent.elapsed());
                     // The requester may have timed out and gone: nothing to do then.
                     let _ = reply.send(answer);
@@ -218,4 +245,13 @@ impl Me {
             }
         }
     }
+}
+
+/// The reply to a request this host may no longer answer: its ownership of the service in
+/// the fleet lapsed `when`.
+fn not_owned(service: &str, when: &str) -> plugin_api::Reply {
+    plugin_api::Reply::error(
+        plugin_api::codes::MISDIRECTED,
+        format!("this host's ownership of `{service}` in the fleet lapsed {when}: another node takes it over"),
+    )
 }

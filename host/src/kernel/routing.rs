@@ -46,6 +46,23 @@ impl PendingReply {
     }
 }
 
+impl KernelInner {
+    /// The reply to a request for a service this host of a fleet does not own: `421`
+    /// naming the owner; `503` while no host owns it (a failover under way).
+    fn not_here(&self, to: &str) -> Reply {
+        match self.runs_elsewhere(to) {
+            Some(owner) => Reply::error(
+                codes::MISDIRECTED,
+                format!("service `{to}` runs on node `{owner}` of the fleet, not on this host"),
+            ),
+            None => Reply::error(
+                codes::UNAVAILABLE,
+                format!("no host of the fleet runs `{to}` right now (a failover may be under way): try again shortly"),
+            ),
+        }
+    }
+}
+
 /// The reply to a request `to` did not answer within `timeout`.
 fn timed_out(to: &str, kind: &str, timeout: Duration) -> Reply {
     Reply::error(
@@ -128,6 +145,12 @@ impl HostServices for ServiceContext {
         }
     }
 
+    fn may_serve(&self) -> bool {
+        self.kernel
+            .upgrade()
+            .is_some_and(|kernel| kernel.may_run(&self.service))
+    }
+
     fn nudge(&self) {
         if let Some(slot) = self.kernel.upgrade().and_then(|k| k.slot(&self.service)) {
             let _ = slot.mailbox.tx.try_send(Envelope::Nudge);
@@ -199,7 +222,7 @@ impl KernelInner {
             return None;
         }
         let slot = self.slot(to)?;
-        if slot.status() != Status::Running {
+        if slot.status() != Status::Running || !self.may_run(to) {
             return None;
         }
         let request = Message {
@@ -208,13 +231,20 @@ impl KernelInner {
             kind,
             payload,
         };
-        match slot
+        let reply = match slot
             .mailbox
             .through_lane(request, chain, Instant::now() + timeout)?
         {
-            Ok(reply) => Some(reply),
-            Err(()) => Some(timed_out(to, kind, timeout)),
-        }
+            Ok(reply) => reply,
+            Err(()) => timed_out(to, kind, timeout),
+        };
+        // Handled while this host's ownership lapsed: not answered from a state another
+        // host has taken over.
+        Some(if self.may_run(to) {
+            reply
+        } else {
+            self.not_here(to)
+        })
     }
 
     /// Routes a request without waiting for its reply: waits at most `room` for room in a
@@ -245,14 +275,13 @@ impl KernelInner {
             return Err(Reply::error(codes::NOT_FOUND, format!("no service `{to}`")));
         };
         let status = slot.status();
+        if !self.may_run(to) {
+            // In a fleet, what another host owns (or no host, during a failover).
+            let reply = self.not_here(to);
+            self.metrics.refused(to, reply.code);
+            return Err(reply);
+        }
         if !matches!(status, Status::Running | Status::Starting) {
-            if let Some(owner) = self.runs_elsewhere(to) {
-                self.metrics.refused(to, codes::MISDIRECTED);
-                return Err(Reply::error(
-                    codes::MISDIRECTED,
-                    format!("service `{to}` runs on node `{owner}` of the fleet, not on this host"),
-                ));
-            }
             self.metrics.refused(to, codes::NOT_FOUND);
             return Err(Reply::error(
                 codes::NOT_FOUND,
@@ -313,12 +342,10 @@ impl KernelInner {
         }
         let slot = self.slot(to).ok_or_else(|| format!("no service `{to}`"))?;
         let status = slot.status();
+        if !self.may_run(to) {
+            return Err(self.not_here(to).message);
+        }
         if !matches!(status, Status::Running | Status::Starting) {
-            if let Some(owner) = self.runs_elsewhere(to) {
-                return Err(format!(
-                    "service `{to}` runs on node `{owner}` of the fleet, not on this host"
-                ));
-            }
             return Err(format!("service `{to}` is not running ({status})"));
         }
         let envelope = Envelope::Event {
