@@ -936,3 +936,56 @@ fn requests_waiting_on_an_owner_whose_lease_lapsed_are_refused_not_answered() ->
     assert_eq!(get(hosts.host(&new), "x"), 2);
     Ok(())
 }
+
+/// etcd that refuses a host's reads and writes while it still renews its lease (here:
+/// authentication turned on under running hosts that have no user) does not leave it
+/// serving without checkpoints for ever: past a lease TTL it gives its lease up and stops;
+/// when etcd takes it again, the service comes back from its last checkpoint (found by the
+/// adversarial pass).
+#[test]
+fn a_host_etcd_refuses_gives_its_lease_up_and_its_services_come_back_after() -> TestResult {
+    let etcd = EtcdServer::start();
+    let mut hosts = Hosts::new(&["kv"]);
+    hosts.start("a", &etcd, &[]);
+    assert_eq!(hosts.owner("kv"), "a");
+    put(hosts.host("a"), "n", 3);
+    checkpoint(hosts.host("a"));
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!(
+                "--endpoints={}",
+                etcd.url().replace("etcd://", "http://")
+            ))
+            .args(args)
+            .output()
+            .expect("etcdctl runs");
+        assert!(out.status.success(), "etcdctl {args:?}: {}", stderr(&out));
+    };
+    etcdctl(&["role", "add", "root"]);
+    etcdctl(&["user", "add", "root", "--new-user-password=rootpw"]);
+    etcdctl(&["user", "grant-role", "root", "root"]);
+    etcdctl(&["auth", "enable"]);
+    hosts.wait(TTL * 3 + Duration::from_secs(10), "a to stop kv", |hosts| {
+        !hosts
+            .host("a")
+            .ctl(&["send", "kv", r#"{"op":"get","key":"n"}"#])
+            .status
+            .success()
+    });
+    assert!(
+        hosts.host("a").log().contains("gives its lease up"),
+        "{}",
+        hosts.host("a").log()
+    );
+    etcdctl(&["--user", "root:rootpw", "auth", "disable"]);
+    hosts.wait(TTL * 3 + Duration::from_secs(20), "kv back on a", |hosts| {
+        hosts
+            .host("a")
+            .ctl(&["send", "kv", r#"{"op":"get","key":"n"}"#])
+            .status
+            .success()
+    });
+    assert_eq!(get(hosts.host("a"), "n"), 3);
+    Ok(())
+}

@@ -45,6 +45,7 @@ impl Member {
                 kernel,
                 refused: HashMap::new(),
                 told_no_etcd: false,
+                failing_since: None,
             };
             placer.run(&stopped);
         })?;
@@ -75,8 +76,10 @@ struct Placer {
     kernel: Arc<Kernel>,
     /// Groups this host could not start, and until when it leaves them to others.
     refused: HashMap<Vec<String>, Instant>,
-    /// Whether the log already says etcd cannot be reached (said once, until it can).
+    /// Whether the log already says etcd fails this host (said once, until it answers).
     told_no_etcd: bool,
+    /// Since when etcd has failed this host's reads (refused them, or not answered).
+    failing_since: Option<Instant>,
 }
 
 impl Placer {
@@ -105,7 +108,7 @@ impl Placer {
 
     fn step(&mut self) {
         if !self.fleet.is_live() {
-            self.lose_everything();
+            self.lose_everything("this host's lease may have ended (no renewal answered in time)");
             if let Err(error) = self.fleet.renew_session() {
                 self.no_etcd(&error);
                 return;
@@ -123,6 +126,7 @@ impl Placer {
             tracing::info!(etcd = %self.fleet.endpoints(), "etcd answers again");
             self.told_no_etcd = false;
         }
+        self.failing_since = None;
         let node = self.fleet.node().to_owned();
         // What this host claimed but etcd gives to another, or to no one: its lease ended
         // on etcd's side first.
@@ -194,8 +198,9 @@ impl Placer {
         false
     }
 
-    /// The lease may have ended: everything this host owned is stopped, unsaved.
-    fn lose_everything(&mut self) {
+    /// The lease may have ended (or is given up): everything this host owned is stopped,
+    /// unsaved.
+    fn lose_everything(&mut self, why: &str) {
         let lost = self.fleet.lose_session();
         if lost.is_empty() {
             return;
@@ -203,7 +208,7 @@ impl Placer {
         tracing::error!(
             services = %lost.join(", "),
             etcd = %self.fleet.endpoints(),
-            "this host's lease may have ended (no renewal answered in time): it stops these services on its own clock; what they did since their last checkpoint in etcd is lost"
+            "{why}: this host stops these services on its own clock; what they did since their last checkpoint in etcd is lost"
         );
         self.stop_unsaved(&lost);
     }
@@ -216,10 +221,21 @@ impl Placer {
         }
     }
 
+    /// etcd failed a read or a claim: said once; past a lease TTL of failures (etcd
+    /// refuses this host but still renews its lease, say, when authentication was turned
+    /// on), the host gives its lease up and stops its services: it can neither checkpoint
+    /// them nor learn that another host owns them.
     fn no_etcd(&mut self, error: &crate::error::FleetError) {
+        let since = *self.failing_since.get_or_insert_with(Instant::now);
         if !self.told_no_etcd {
-            tracing::warn!(error = %host::error_chain(error), "etcd cannot be reached: services keep running while this host's lease is certainly valid");
+            tracing::warn!(etcd = %self.fleet.endpoints(), error = %host::error_chain(error), "etcd failed this host's request: its services keep running while its lease is certainly valid, a lease TTL at most");
             self.told_no_etcd = true;
+        }
+        if since.elapsed() > self.fleet.ttl() && self.fleet.session().is_some() {
+            tracing::error!(etcd = %self.fleet.endpoints(), error = %host::error_chain(error), "etcd has failed this host for longer than the lease TTL");
+            self.lose_everything(
+                "this host gives its lease up (it can neither checkpoint its services nor see who owns them)",
+            );
         }
     }
 }
