@@ -46,6 +46,7 @@ impl Member {
                 refused: HashMap::new(),
                 told_no_etcd: false,
                 failing_since: None,
+                last_owners: BTreeMap::new(),
             };
             placer.run(&stopped);
         })?;
@@ -74,12 +75,15 @@ impl Drop for Member {
 struct Placer {
     fleet: Arc<Fleet>,
     kernel: Arc<Kernel>,
-    /// Groups this host could not start, and until when it leaves them to others.
+    /// Groups this host leaves to others until then: those it could not start, and those
+    /// whose owner still lives (see `step`).
     refused: HashMap<Vec<String>, Instant>,
     /// Whether the log already says etcd fails this host (said once, until it answers).
     told_no_etcd: bool,
     /// Since when etcd has failed this host's reads (refused them, or not answered).
     failing_since: Option<Instant>,
+    /// The owners read at the last step.
+    last_owners: BTreeMap<String, String>,
 }
 
 impl Placer {
@@ -118,10 +122,11 @@ impl Placer {
             Ok(owners) => owners,
             Err(error) => return self.no_etcd(&error),
         };
-        let nodes = match self.fleet.read_nodes() {
-            Ok(nodes) => nodes.len().max(1),
+        let live: BTreeSet<String> = match self.fleet.read_nodes() {
+            Ok(nodes) => nodes.into_iter().map(|(record, _)| record.node).collect(),
             Err(error) => return self.no_etcd(&error),
         };
+        let nodes = live.len().max(1);
         if self.told_no_etcd {
             tracing::info!(etcd = %self.fleet.endpoints(), "etcd answers again");
             self.told_no_etcd = false;
@@ -149,6 +154,22 @@ impl Placer {
             .count();
         let now = Instant::now();
         self.refused.retain(|_, until| *until > now);
+        // A group whose owner key went while its owner still lives (deleted by hand, or
+        // given up): that host stops it at its next read of the owners, a tick at most;
+        // the group is taken only after that, so that no two hosts serve it.
+        let tick = (self.fleet.ttl() / 4).min(Duration::from_millis(500));
+        for group in &groups {
+            let previous = group.iter().find_map(|s| self.last_owners.get(s));
+            if let Some(previous) = previous {
+                let gone = group.iter().all(|s| !owners.contains_key(s));
+                if gone && *previous != node && live.contains(previous) {
+                    self.refused
+                        .entry(group.clone())
+                        .or_insert(now + tick * 2 + self.fleet.guard());
+                }
+            }
+        }
+        self.last_owners = owners.clone();
         let mut free: Vec<&Vec<String>> = groups
             .iter()
             .filter(|group| group.iter().all(|s| !owners.contains_key(s)))
