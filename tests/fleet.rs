@@ -395,6 +395,15 @@ fn an_owner_killed_outright_is_replaced_by_another_host_with_its_last_checkpoint
         stderr(&misdirected)
     );
 
+    // Nor is it another host's to stop.
+    let stop = hosts.host(&other).ctl(&["stop", "kv"]);
+    assert!(!stop.status.success());
+    assert!(
+        crate::cli::stdout(&stop).contains(&format!("runs on node `{owner}`")),
+        "{}",
+        crate::cli::stdout(&stop)
+    );
+
     hosts.kill(&owner);
     let took = hosts.wait(
         TTL + Duration::from_secs(10),

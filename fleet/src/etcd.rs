@@ -53,9 +53,15 @@ impl Endpoints {
             return Err(format!("`{text}` names no etcd member"));
         }
         for member in &members {
-            let port = member.rsplit_once(':').map(|(_, port)| port);
-            if !port.is_some_and(|p| p.parse::<u16>().is_ok_and(|p| p > 0)) {
-                return Err(format!("etcd member `{member}` has no port (HOST:PORT)"));
+            match member.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() => {
+                    if !port.parse::<u16>().is_ok_and(|p| p > 0) {
+                        return Err(format!(
+                            "etcd member `{member}`: `{port}` is not a port (1 to 65535)"
+                        ));
+                    }
+                }
+                _ => return Err(format!("etcd member `{member}` is not HOST:PORT")),
             }
         }
         Ok(Endpoints {

@@ -66,12 +66,7 @@ impl Fleet {
                 config.lease_ttl
             )));
         }
-        if !plugin_api_name(&config.node) {
-            return Err(FleetError::Config(format!(
-                "node name `{}` must be 1 to 64 characters: letters, digits, `-`, `_`, `.`",
-                config.node
-            )));
-        }
+        check_node_name(&config.node).map_err(FleetError::Config)?;
         // Every call must end well within the lease: a renewal waits for none of them, but
         // a claim or a write that took longer than the lease would be fenced anyway.
         let timeout = (config.lease_ttl / 2).min(Duration::from_secs(5));
@@ -330,11 +325,18 @@ impl host::kernel::Placement for Fleet {
     }
 }
 
-/// Whether `name` is a usable node name.
-fn plugin_api_name(name: &str) -> bool {
-    !name.is_empty()
+/// Whether `name` can name a node: 1 to 64 letters, digits, `-`, `_`, `.`; why not.
+pub fn check_node_name(name: &str) -> Result<(), String> {
+    let fits = !name.is_empty()
         && name.len() <= 64
         && name
             .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if fits {
+        Ok(())
+    } else {
+        Err(format!(
+            "node name `{name}` must be 1 to 64 characters: letters, digits, `-`, `_`, `.`"
+        ))
+    }
 }

@@ -342,13 +342,14 @@ pub struct ClusterArgs {
     #[arg(long, value_name = "NAME")]
     pub node: Option<String>,
     /// How long a host that stopped answering keeps its services before the others take
-    /// them (whole seconds, at least 2s). A host that cannot renew its lease in time stops
-    /// serving on its own.
-    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
-    pub lease_ttl: Duration,
+    /// them (whole seconds, at least 2s; longer than etcd takes to restart). A host that
+    /// cannot renew its lease in time stops serving on its own. [default: 5s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub lease_ttl: Option<Duration>,
     /// The fleet's keys in etcd start with this (fleets sharing one etcd need their own).
-    #[arg(long, value_name = "PREFIX", default_value = "/microkernel")]
-    pub cluster_prefix: String,
+    /// [default: /microkernel]
+    #[arg(long, value_name = "PREFIX")]
+    pub cluster_prefix: Option<String>,
     /// The CA certificate (PEM) that signed etcd's certificates.
     #[arg(long, value_name = "FILE")]
     pub etcd_ca_file: Option<PathBuf>,

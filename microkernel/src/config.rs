@@ -296,6 +296,8 @@ pub fn fleet_config(args: &RunArgs) -> Result<Option<fleet::FleetConfig>, String
     let Some(url) = &cluster.cluster else {
         let stray = [
             ("node", cluster.node.is_some()),
+            ("lease-ttl", cluster.lease_ttl.is_some()),
+            ("cluster-prefix", cluster.cluster_prefix.is_some()),
             ("etcd-ca-file", cluster.etcd_ca_file.is_some()),
             ("etcd-cert-file", cluster.etcd_cert_file.is_some()),
             ("etcd-key-file", cluster.etcd_key_file.is_some()),
@@ -312,7 +314,7 @@ pub fn fleet_config(args: &RunArgs) -> Result<Option<fleet::FleetConfig>, String
             "`no-state` with `cluster`: a fleet keeps every service's state in etcd, sealed with the state key".into(),
         );
     }
-    let lease_ttl = cluster.lease_ttl;
+    let lease_ttl = cluster.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
     if lease_ttl < fleet::MIN_LEASE_TTL || lease_ttl.subsec_nanos() != 0 {
         return Err(format!(
             "`lease-ttl` must be whole seconds, at least {:?} (etcd keeps leases by the second): got {}",
@@ -339,13 +341,25 @@ pub fn fleet_config(args: &RunArgs) -> Result<Option<fleet::FleetConfig>, String
             .and_then(|name| name.into_string().ok())
             .ok_or("no `node` given, and the machine's host name could not be read")?,
     };
+    fleet::check_node_name(&node).map_err(|e| format!("`node`: {e}"))?;
+    let prefix = cluster.cluster_prefix.as_deref().unwrap_or(DEFAULT_PREFIX);
+    if !prefix.starts_with('/') || prefix.trim_end_matches('/').is_empty() {
+        return Err(format!(
+            "`cluster-prefix` must be a key path such as /microkernel (got `{prefix}`)"
+        ));
+    }
     Ok(Some(fleet::FleetConfig {
         endpoints,
         node,
         lease_ttl,
-        prefix: cluster.cluster_prefix.clone(),
+        prefix: prefix.to_owned(),
     }))
 }
+
+/// `lease-ttl` when not given.
+const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(5);
+/// `cluster-prefix` when not given.
+const DEFAULT_PREFIX: &str = "/microkernel";
 
 /// Checks the isolated services' settings against each other and the operation timeout
 /// (at start-up, and for a file read again at SIGHUP).
@@ -500,8 +514,8 @@ pub fn merge(args: &mut RunArgs, file: &FileConfig, given: Given<'_>) {
     let cluster = &mut args.cluster;
     set_opt(given, "cluster", &mut cluster.cluster, &file.cluster);
     set_opt(given, "node", &mut cluster.node, &file.node);
-    set(given, "lease_ttl", &mut cluster.lease_ttl, &file.lease_ttl);
-    set(
+    set_opt(given, "lease_ttl", &mut cluster.lease_ttl, &file.lease_ttl);
+    set_opt(
         given,
         "cluster_prefix",
         &mut cluster.cluster_prefix,
@@ -610,8 +624,14 @@ pub fn effective(args: &RunArgs, isolation: &BTreeMap<String, Isolation>) -> Str
     lines.extend([
         format!("cluster = {}", text(&cluster.cluster)),
         format!("node = {}", text(&cluster.node)),
-        format!("lease-ttl = {}", time(cluster.lease_ttl)),
-        format!("cluster-prefix = {:?}", cluster.cluster_prefix),
+        format!(
+            "lease-ttl = {}",
+            time(cluster.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL))
+        ),
+        format!(
+            "cluster-prefix = {:?}",
+            cluster.cluster_prefix.as_deref().unwrap_or(DEFAULT_PREFIX)
+        ),
         format!("etcd-ca-file = {}", path(&cluster.etcd_ca_file)),
         format!("etcd-cert-file = {}", path(&cluster.etcd_cert_file)),
         format!("etcd-key-file = {}", path(&cluster.etcd_key_file)),
@@ -698,6 +718,65 @@ memory-max = "512MiB"
         assert_eq!(line_of(text, "kv", "max-restarts"), Some(3));
         assert_eq!(line_of(text, "echo", "max-restarts"), Some(6));
         assert_eq!(line_of(text, "echo", "memory-max"), None);
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        use clap::Parser;
+        let all = ["microkernel", "run", "--plugins", "/p"]
+            .iter()
+            .chain(args)
+            .copied();
+        match crate::cli::Cli::try_parse_from(all)
+            .expect("valid options")
+            .command
+        {
+            crate::cli::Command::Run(run) => run,
+            _ => unreachable!("a run command"),
+        }
+    }
+
+    #[test]
+    fn fleet_options_are_refused_when_they_cannot_work() {
+        let refused = |args: &[&str], says: &str| {
+            let error = fleet_config(&run_args(args)).expect_err("refused");
+            assert!(error.contains(says), "{args:?}: {error}");
+        };
+        refused(&["--lease-ttl", "7s"], "`lease-ttl` is for a fleet");
+        refused(
+            &["--cluster-prefix", "/x"],
+            "`cluster-prefix` is for a fleet",
+        );
+        refused(&["--node", "a"], "`node` is for a fleet");
+        refused(&["--cluster", "etcd://h:99999"], "`99999` is not a port");
+        refused(&["--cluster", "http://h:1"], "not an etcd address");
+        refused(
+            &["--cluster", "etcd://h:1", "--node", "a/b"],
+            "node name `a/b`",
+        );
+        refused(&["--cluster", "etcd://h:1", "--node", ""], "node name ``");
+        refused(
+            &["--cluster", "etcd://h:1", "--cluster-prefix", "x"],
+            "key path",
+        );
+        refused(
+            &["--cluster", "etcd://h:1", "--lease-ttl", "1s"],
+            "at least 2s",
+        );
+        refused(
+            &["--cluster", "etcd://h:1", "--lease-ttl", "2500ms"],
+            "whole seconds",
+        );
+        refused(
+            &["--cluster", "etcd://h:1", "--no-state"],
+            "`no-state` with `cluster`",
+        );
+        let config = fleet_config(&run_args(&["--cluster", "etcd://h:1,g:2", "--node", "a"]))
+            .expect("valid")
+            .expect("a fleet");
+        assert_eq!(config.endpoints.members, ["h:1", "g:2"]);
+        assert_eq!(config.lease_ttl, DEFAULT_LEASE_TTL);
+        assert_eq!(config.prefix, DEFAULT_PREFIX);
+        assert!(fleet_config(&run_args(&[])).expect("valid").is_none());
     }
 
     #[test]

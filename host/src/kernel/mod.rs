@@ -779,6 +779,13 @@ impl Kernel {
     /// Stops one service, saving its state; running services that depend on it are stopped
     /// first.
     pub fn stop(&self, service: &str) -> Result<(), KernelError> {
+        // In a fleet, a service another host runs is not this host's to stop.
+        if let Some(owner) = self.inner.runs_elsewhere(service) {
+            return Err(KernelError::NotOwner {
+                service: service.to_owned(),
+                owner: Some(owner),
+            });
+        }
         self.inner.stop_with_dependents(service)
     }
 

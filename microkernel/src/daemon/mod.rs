@@ -154,12 +154,17 @@ pub fn run(
                 .as_ref()
                 .map(|store| store.keys().clone())
                 .context("a fleet keeps state in etcd: it needs the state key")?;
-            let joined = fleet::Fleet::join(&config, keys).with_context(|| {
-                format!(
-                    "joining the fleet on {} as node `{}`",
+            let joined = fleet::Fleet::join(&config, keys).map_err(|error| {
+                let hint = if host::error_chain(&error).contains("user name is empty") {
+                    " (etcd has authentication on: give --etcd-user and --etcd-password-file)"
+                } else {
+                    ""
+                };
+                anyhow::Error::new(error).context(format!(
+                    "joining the fleet on {} as node `{}`{hint}",
                     config.endpoints.describe(),
                     config.node
-                )
+                ))
             })?;
             Some(joined)
         }
