@@ -79,12 +79,16 @@ pub const KERNEL: &str = "kernel";
 struct ServiceContext {
     service: Arc<str>,
     kernel: Weak<KernelInner>,
+    /// The fleet's placement, when the host is one of a fleet: asked before and after
+    /// each request (without it, nothing is asked: a request costs no more).
+    placement: Option<Arc<dyn super::Placement>>,
 }
 
 pub(super) fn context(service: &str, kernel: &KernelInner) -> Arc<dyn HostServices> {
     Arc::new(ServiceContext {
         service: Arc::from(service),
         kernel: kernel.weak_self(),
+        placement: kernel.config.placement.clone(),
     })
 }
 
@@ -146,9 +150,9 @@ impl HostServices for ServiceContext {
     }
 
     fn may_serve(&self) -> bool {
-        self.kernel
-            .upgrade()
-            .is_some_and(|kernel| kernel.may_run(&self.service))
+        self.placement
+            .as_ref()
+            .is_none_or(|placement| placement.owns(&self.service))
     }
 
     fn nudge(&self) {
