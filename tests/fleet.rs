@@ -1072,3 +1072,91 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
     }
     Ok(())
 }
+
+/// etcd whose clients speak TLS (`etcds://`), with a certificate signed by a CA of the
+/// test's own (made with `openssl`): a host given the CA (`--etcd-ca-file`) joins and
+/// works; one without it is refused, naming etcd and what failed.
+#[test]
+fn a_fleet_on_an_etcd_that_speaks_tls_trusts_only_the_ca_it_is_given() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let at = |name: &str| dir.path().join(name);
+    let openssl = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir.path())
+            .output()
+            .expect("openssl runs (`.ci/run` installs it)");
+        assert!(out.status.success(), "openssl {args:?}: {}", stderr(&out));
+    };
+    openssl(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=microkernel test CA",
+    ]);
+    openssl(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "server.key",
+        "-out",
+        "server.csr",
+        "-subj",
+        "/CN=127.0.0.1",
+    ]);
+    fs::write(at("ext.cnf"), "subjectAltName=IP:127.0.0.1\n")?;
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "server.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "server.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+    let data = tempfile::tempdir()?;
+    let etcd = fleet::local::LocalEtcd::start_with(
+        data.path(),
+        Some(fleet::local::Tls {
+            ca: at("ca.pem"),
+            cert: at("server.pem"),
+            key: at("server.key"),
+        }),
+    )?;
+    let config = |endpoints: fleet::Endpoints| FleetConfig {
+        endpoints,
+        node: "a".into(),
+        lease_ttl: TTL,
+        prefix: "/microkernel".into(),
+    };
+    let a = Fleet::join(&config(etcd.endpoints()), keyring())?;
+    assert!(a.claim(&services(&["kv"]))?);
+    a.save("kv", "1", b"over TLS")?;
+    assert_eq!(a.load("kv")?.ok_or("a state")?.bytes, b"over TLS");
+    a.leave();
+    // `etcds://` without the CA: the system's roots do not know it.
+    let untrusted = fleet::Endpoints::parse(&etcd.url())?;
+    let refused = Fleet::join(&config(untrusted), keyring()).expect_err("an unknown CA");
+    let said = host::error_chain(&refused);
+    assert!(said.contains(&format!("etcd {}", etcd.url())), "{said}");
+    Ok(())
+}

@@ -21,6 +21,19 @@ pub struct LocalEtcd {
     dir: PathBuf,
     client: u16,
     peer: u16,
+    /// Its clients speak TLS: the CA that signed its certificate, its certificate and key.
+    tls: Option<Tls>,
+}
+
+/// The files of an etcd whose clients speak TLS.
+#[derive(Debug, Clone)]
+pub struct Tls {
+    /// The CA that signed `cert` (PEM).
+    pub ca: PathBuf,
+    /// The server's certificate (PEM), for 127.0.0.1.
+    pub cert: PathBuf,
+    /// Its key (PEM).
+    pub key: PathBuf,
 }
 
 fn free_port() -> std::io::Result<u16> {
@@ -31,11 +44,17 @@ impl LocalEtcd {
     /// Starts `etcd` (from `PATH`) with its data and log in `dir`, and waits until it
     /// answers.
     pub fn start(dir: &Path) -> anyhow::Result<LocalEtcd> {
+        LocalEtcd::start_with(dir, None)
+    }
+
+    /// The same, its clients speaking TLS with `tls`'s certificate.
+    pub fn start_with(dir: &Path, tls: Option<Tls>) -> anyhow::Result<LocalEtcd> {
         let mut etcd = LocalEtcd {
             child: None,
             dir: dir.to_owned(),
             client: free_port()?,
             peer: free_port()?,
+            tls,
         };
         etcd.run()?;
         Ok(etcd)
@@ -43,11 +62,20 @@ impl LocalEtcd {
 
     fn run(&mut self) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        let client = format!("http://127.0.0.1:{}", self.client);
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client = format!("{scheme}://127.0.0.1:{}", self.client);
         let peer = format!("http://127.0.0.1:{}", self.peer);
         let log = std::fs::File::create(self.dir.join("etcd.log"))
             .with_context(|| format!("creating etcd's log in {}", self.dir.display()))?;
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        if let Some(tls) = &self.tls {
+            command
+                .arg("--cert-file")
+                .arg(&tls.cert)
+                .arg("--key-file")
+                .arg(&tls.key);
+        }
+        let child = command
             .args(["--name", "local"])
             .arg("--data-dir")
             .arg(self.dir.join("data"))
@@ -99,15 +127,18 @@ impl LocalEtcd {
         )
     }
 
-    /// `etcd://127.0.0.1:PORT`.
+    /// `etcd://127.0.0.1:PORT` (`etcds://` with TLS).
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client)
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://127.0.0.1:{}", self.client)
     }
 
-    /// Its endpoints.
+    /// Its endpoints (with its CA, when its clients speak TLS).
     pub fn endpoints(&self) -> Endpoints {
         Endpoints {
             members: vec![format!("127.0.0.1:{}", self.client)],
+            tls: self.tls.is_some(),
+            ca_file: self.tls.as_ref().map(|tls| tls.ca.clone()),
             ..Endpoints::default()
         }
     }
