@@ -77,6 +77,20 @@ fn a_host_whose_lease_ended_cannot_write_over_the_new_owners_state() -> TestResu
         other => panic!("a's write was not refused: {other:?}"),
     }
     assert_eq!(a.refused_writes(), 1);
+    // And in the metrics of a kernel placed by a.
+    let kernel = host::Kernel::new(host::KernelConfig {
+        placement: Some(a.clone() as Arc<dyn host::kernel::Placement>),
+        ..host::KernelConfig::default()
+    })?;
+    let metrics = kernel.metrics_text();
+    assert!(
+        metrics.contains("microkernel_fleet_refused_writes_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("microkernel_fleet_owned_services 1"),
+        "{metrics}"
+    );
     let saved = b.load("kv")?.ok_or("a state")?;
     assert_eq!(
         (saved.version.as_str(), &saved.bytes[..]),

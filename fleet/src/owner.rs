@@ -323,6 +323,19 @@ impl host::kernel::Placement for Fleet {
     fn owner_of(&self, service: &str) -> Option<String> {
         Fleet::owner_of(self, service)
     }
+
+    fn stats(&self) -> host::metrics::FleetStats {
+        let lease_valid = self.session().map_or(Duration::ZERO, |session| {
+            session
+                .valid_until()
+                .saturating_duration_since(std::time::Instant::now())
+        });
+        host::metrics::FleetStats {
+            refused_writes: self.refused_writes(),
+            lease_valid,
+            owned: self.claimed().len(),
+        }
+    }
 }
 
 /// Whether `name` can name a node: 1 to 64 letters, digits, `-`, `_`, `.`; why not.

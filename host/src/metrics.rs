@@ -58,8 +58,22 @@ pub struct Metrics {
     state_bytes: Counter,
     libraries_opened: Counter,
     load_failures: Counter,
+    fleet_refused: Counter,
+    fleet_lease_valid: Gauge<f64, AtomicU64>,
+    fleet_owned: Gauge,
     /// What the counters read at scrape time had reached at the last scrape.
-    read: [AtomicU64; 3],
+    read: [AtomicU64; 4],
+}
+
+/// What a host of a fleet reports at a scrape (see [`crate::kernel::Placement::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct FleetStats {
+    /// State writes the store refused because this host no longer owned the service.
+    pub refused_writes: u64,
+    /// How long this host's lease is certainly valid still (0 without one).
+    pub lease_valid: Duration,
+    /// The services this host owns.
+    pub owned: usize,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -124,6 +138,9 @@ impl Metrics {
             state_bytes: Counter::default(),
             libraries_opened: Counter::default(),
             load_failures: Counter::default(),
+            fleet_refused: Counter::default(),
+            fleet_lease_valid: Gauge::default(),
+            fleet_owned: Gauge::default(),
             read: Default::default(),
             registry: Registry::default(),
         };
@@ -191,6 +208,21 @@ impl Metrics {
             "plugin_load_failures",
             "Plugin files that failed to load (refused by the probe or the checks)",
             metrics.load_failures.clone(),
+        );
+        registry.register(
+            "fleet_refused_writes",
+            "State writes refused because this host no longer owned the service (0 outside a fleet)",
+            metrics.fleet_refused.clone(),
+        );
+        registry.register(
+            "fleet_lease_valid_seconds",
+            "How long this host's lease in the fleet is certainly valid still (0 without one, or outside a fleet)",
+            metrics.fleet_lease_valid.clone(),
+        );
+        registry.register(
+            "fleet_owned_services",
+            "Services this host owns in the fleet (0 outside a fleet)",
+            metrics.fleet_owned.clone(),
         );
         Metrics {
             registry,
@@ -269,9 +301,18 @@ impl Metrics {
             .inc();
     }
 
-    /// The text format, with what is read at scrape time: mailbox depths by service, and
-    /// the totals given (state bytes written, libraries opened, load failures).
-    pub(crate) fn encode(&self, mailboxes: &[(String, usize)], totals: [u64; 3]) -> String {
+    /// The text format, with what is read at scrape time: mailbox depths by service, the
+    /// totals given (state bytes written, libraries opened, load failures), and the fleet's.
+    pub(crate) fn encode(
+        &self,
+        mailboxes: &[(String, usize)],
+        totals: [u64; 3],
+        fleet: FleetStats,
+    ) -> String {
+        self.fleet_lease_valid.set(fleet.lease_valid.as_secs_f64());
+        self.fleet_owned
+            .set(i64::try_from(fleet.owned).unwrap_or(i64::MAX));
+        let totals = [totals[0], totals[1], totals[2], fleet.refused_writes];
         for (service, depth) in mailboxes {
             self.mailbox
                 .get_or_create(&ServiceLabel {
@@ -283,6 +324,7 @@ impl Metrics {
             &self.state_bytes,
             &self.libraries_opened,
             &self.load_failures,
+            &self.fleet_refused,
         ];
         for ((counter, read), total) in counters.iter().zip(&self.read).zip(totals) {
             let before = read.swap(total, Ordering::Relaxed);

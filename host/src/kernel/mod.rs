@@ -130,6 +130,10 @@ pub trait Placement: Send + Sync + std::fmt::Debug {
     fn owns(&self, service: &str) -> bool;
     /// The host that owns `service`, as last known.
     fn owner_of(&self, service: &str) -> Option<String>;
+    /// What the metrics show of the fleet.
+    fn stats(&self) -> crate::metrics::FleetStats {
+        crate::metrics::FleetStats::default()
+    }
 }
 
 impl Default for KernelConfig {
@@ -865,6 +869,12 @@ impl Kernel {
             .state
             .as_ref()
             .map_or(0, StateStore::bytes_written);
+        let fleet = inner
+            .config
+            .placement
+            .as_ref()
+            .map(|placement| placement.stats())
+            .unwrap_or_default();
         inner.metrics.encode(
             &mailboxes,
             [
@@ -872,6 +882,7 @@ impl Kernel {
                 inner.loader.libraries_opened(),
                 inner.loader.load_failures(),
             ],
+            fleet,
         )
     }
 
