@@ -1025,7 +1025,7 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
     let mut hosts = Hosts::new(&["kv", "echo", "fixture-relay"]);
     hosts.start("a", &etcd, &[]);
     hosts.start("b", &etcd, &[]);
-    for round in 0..4 {
+    for round in 0..6 {
         for service in ["kv", "echo", "relay"] {
             hosts.owner(service);
         }
@@ -1053,6 +1053,18 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
             ))
             .args(["del", &format!("/microkernel/owner/{service}")])
             .output()?;
+        if round >= 4 {
+            // Its node key too (second adversarial pass): the other host must not take
+            // the owner for dead, and the owner puts its key back.
+            let _ = std::process::Command::new("etcdctl")
+                .env("ETCDCTL_API", "3")
+                .arg(format!(
+                    "--endpoints={}",
+                    etcd.url().replace("etcd://", "http://")
+                ))
+                .args(["del", &format!("/microkernel/nodes/{busy}")])
+                .output()?;
+        }
         assert!(out.status.success(), "{}", stderr(&out));
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut served: Vec<&str> = Vec::new();
@@ -1084,6 +1096,13 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
             "round {round}: {service} answered in turn by {served:?}"
         );
     }
+    // Both node keys are back.
+    hosts.wait(Duration::from_secs(10), "both nodes listed", |hosts| {
+        let fleet: serde_json::Value =
+            serde_json::from_slice(&hosts.host("a").ctl(&["fleet", "--json"]).stdout)
+                .unwrap_or_default();
+        fleet["nodes"].as_array().map(Vec::len) == Some(2)
+    });
     Ok(())
 }
 

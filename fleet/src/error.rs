@@ -48,12 +48,14 @@ pub enum FleetError {
     #[error("{0}")]
     Config(String),
     /// Another live host has this node name.
-    #[error("node name `{node}` is in use by another live host{}: give each host its own --node", pid.map(|p| format!(" (pid {p} on its machine)")).unwrap_or_default())]
+    #[error("{}", if *mine { format!("node name `{node}` is still held by this host's own earlier lease: it is free once that lease ends (a lease TTL)") } else { format!("node name `{node}` is in use by another live host{}: give each host its own --node", pid.map(|p| format!(" (pid {p} on its machine)")).unwrap_or_default()) })]
     NodeInUse {
         /// The name.
         node: String,
         /// The other host's process id, if it said.
         pid: Option<u32>,
+        /// Whether the holder is this very process (an earlier lease of its own).
+        mine: bool,
     },
     /// This host has no lease: it lost it, and has not got a new one yet.
     #[error("this host has no valid lease in the fleet")]

@@ -47,6 +47,7 @@ impl Member {
                 told_no_etcd: false,
                 failing_since: None,
                 last_owners: BTreeMap::new(),
+                last_live: BTreeSet::new(),
             };
             placer.run(&stopped);
         })?;
@@ -84,6 +85,8 @@ struct Placer {
     failing_since: Option<Instant>,
     /// The owners read at the last step.
     last_owners: BTreeMap<String, String>,
+    /// The live nodes read at the last step.
+    last_live: BTreeSet<String>,
 }
 
 impl Placer {
@@ -143,8 +146,17 @@ impl Placer {
             .collect();
         if !gone.is_empty() {
             tracing::error!(services = %gone.join(", "), "etcd no longer gives these services to this host: stopping them without saving");
+            // Forgotten first: from now on no request is answered for them here, while
+            // they stop (the owner keys are not this host's: nothing to release).
+            self.fleet.forget(&gone);
             self.stop_unsaved(&gone);
-            let _ = self.fleet.release(&gone);
+        }
+        // This host's own node key, gone while its lease lives (deleted by hand): put back,
+        // so that the others see it alive.
+        if !live.contains(&node) {
+            if let Err(error) = self.fleet.register_again() {
+                tracing::warn!(error = %host::error_chain(&error), "this host's node key is gone and could not be put back");
+            }
         }
         let groups = groups(&self.kernel.list());
         let share = groups.len().div_ceil(nodes);
@@ -162,7 +174,9 @@ impl Placer {
             let previous = group.iter().find_map(|s| self.last_owners.get(s));
             if let Some(previous) = previous {
                 let gone = group.iter().all(|s| !owners.contains_key(s));
-                if gone && *previous != node && live.contains(previous) {
+                // Alive now, or at the last read (its node key may have gone with it).
+                let alive = live.contains(previous) || self.last_live.contains(previous);
+                if gone && *previous != node && alive {
                     self.refused
                         .entry(group.clone())
                         .or_insert(now + tick * 2 + self.fleet.guard());
@@ -170,6 +184,7 @@ impl Placer {
             }
         }
         self.last_owners = owners.clone();
+        self.last_live = live.clone();
         let mut free: Vec<&Vec<String>> = groups
             .iter()
             .filter(|group| group.iter().all(|s| !owners.contains_key(s)))

@@ -55,6 +55,8 @@ pub struct Fleet {
     pub(crate) refused: AtomicU64,
     /// The generation of each service's state this host last wrote or read.
     pub(crate) generations: Mutex<HashMap<String, String>>,
+    /// This host's token in its node records (tells its own earlier lease from others').
+    instance: String,
 }
 
 impl Fleet {
@@ -72,7 +74,8 @@ impl Fleet {
         let timeout = (config.lease_ttl / 2).min(Duration::from_secs(5));
         let etcd = Etcd::connect(&config.endpoints, timeout)?;
         let keys = Keys::new(&config.prefix);
-        let session = Session::open(&etcd, &keys, &config.node, config.lease_ttl)?;
+        let instance = crate::session::new_instance();
+        let session = Session::open(&etcd, &keys, &config.node, config.lease_ttl, &instance)?;
         tracing::info!(
             node = %config.node,
             etcd = %etcd.endpoints(),
@@ -91,6 +94,7 @@ impl Fleet {
             owners: RwLock::default(),
             refused: AtomicU64::new(0),
             generations: Mutex::default(),
+            instance,
         }))
     }
 
@@ -145,7 +149,7 @@ impl Fleet {
 
     /// Takes a new lease once the last one ended (etcd is back, or the host was paused).
     pub fn renew_session(&self) -> Result<(), FleetError> {
-        let session = Session::open(&self.etcd, &self.keys, &self.node, self.ttl)?;
+        let session = Session::open(&self.etcd, &self.keys, &self.node, self.ttl, &self.instance)?;
         tracing::info!(node = %self.node, lease = session.lease(), "rejoined the fleet with a new lease");
         *self.session.write() = Some(Arc::new(session));
         Ok(())
@@ -229,6 +233,21 @@ impl Fleet {
                 c.txn(txn).await
             })?;
         Ok(())
+    }
+
+    /// Forgets this host's claims of `services` (etcd gives them to another host, or to
+    /// none): it no longer answers for them.
+    pub fn forget(&self, services: &[String]) {
+        let mut claims = self.claims.lock();
+        for service in services {
+            claims.remove(service);
+        }
+    }
+
+    /// Puts this host's node key back under its lease, if it is gone (deleted by hand).
+    pub fn register_again(&self) -> Result<(), FleetError> {
+        let session = self.session().ok_or(FleetError::NoSession)?;
+        session.register(&self.etcd, &self.keys, &self.node, &self.instance)
     }
 
     /// Whether this host owns `service` now: it claimed it, and its lease is certainly

@@ -61,6 +61,17 @@ pub struct NodeRecord {
     pub pid: u32,
     /// When it joined (Unix seconds).
     pub since: u64,
+    /// A random token of the host (`Fleet`) that wrote it: tells this host's own earlier
+    /// lease from another host's.
+    #[serde(default)]
+    pub instance: String,
+}
+
+/// A new token for a host's records (see [`NodeRecord::instance`]).
+pub(crate) fn new_instance() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the operating system's random source failed");
+    hex::encode(bytes)
 }
 
 impl Session {
@@ -71,6 +82,7 @@ impl Session {
         keys: &Keys,
         node: &str,
         ttl: Duration,
+        instance: &str,
     ) -> Result<Session, FleetError> {
         let seconds = i64::try_from(ttl.as_secs().max(1)).unwrap_or(i64::MAX);
         let sent = Instant::now();
@@ -84,49 +96,14 @@ impl Session {
             ended: AtomicBool::new(false),
             renewals: AtomicU64::new(0),
         });
-        let record = NodeRecord {
-            node: node.to_owned(),
-            pid: std::process::id(),
-            since: unix_now(),
-        };
-        let key = keys.node(node);
-        let value = serde_json::to_vec(&record).expect("a node record serializes");
-        let txn = Txn::new()
-            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(
-                key.clone(),
-                value,
-                Some(PutOptions::new().with_lease(lease)),
-            )])
-            .or_else([TxnOp::get(key, None)]);
-        let registered = etcd.call("registering the node", move |mut c| async move {
-            c.txn(txn).await
-        });
         let session = Session {
             lease,
             ttl,
             validity,
         };
-        match registered {
-            Ok(response) if response.succeeded() => {}
-            Ok(response) => {
-                let holder = response.op_responses().into_iter().find_map(|op| match op {
-                    TxnOpResponse::Get(get) => get
-                        .kvs()
-                        .first()
-                        .and_then(|kv| serde_json::from_slice::<NodeRecord>(kv.value()).ok()),
-                    _ => None,
-                });
-                session.revoke(etcd);
-                return Err(FleetError::NodeInUse {
-                    node: node.to_owned(),
-                    pid: holder.map(|h| h.pid),
-                });
-            }
-            Err(error) => {
-                session.revoke(etcd);
-                return Err(error);
-            }
+        if let Err(error) = session.register(etcd, keys, node, instance) {
+            session.revoke(etcd);
+            return Err(error);
         }
         etcd.spawn(keep_alive(
             etcd.client(),
@@ -135,6 +112,63 @@ impl Session {
             session.validity.clone(),
         ));
         Ok(session)
+    }
+
+    /// Puts the node key under this lease, unless a key is there: refused when another
+    /// live host has the name (or this host's own earlier lease still holds it).
+    pub(crate) fn register(
+        &self,
+        etcd: &Etcd,
+        keys: &Keys,
+        node: &str,
+        instance: &str,
+    ) -> Result<(), FleetError> {
+        let record = NodeRecord {
+            node: node.to_owned(),
+            pid: std::process::id(),
+            since: unix_now(),
+            instance: instance.to_owned(),
+        };
+        let key = keys.node(node);
+        let value = serde_json::to_vec(&record).expect("a node record serializes");
+        let lease = self.lease;
+        let txn = Txn::new()
+            .when([Compare::version(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )])
+            .or_else([TxnOp::get(key, None)]);
+        let response = etcd.call("registering the node", move |mut c| async move {
+            c.txn(txn).await
+        })?;
+        if response.succeeded() {
+            return Ok(());
+        }
+        let held = response.op_responses().into_iter().find_map(|op| match op {
+            TxnOpResponse::Get(get) => get.kvs().first().map(|kv| {
+                (
+                    kv.lease(),
+                    serde_json::from_slice::<NodeRecord>(kv.value()).ok(),
+                )
+            }),
+            _ => None,
+        });
+        match held {
+            // Already this lease's.
+            Some((holder, _)) if holder == lease => Ok(()),
+            Some((_, record)) => Err(FleetError::NodeInUse {
+                node: node.to_owned(),
+                pid: record.as_ref().map(|r| r.pid),
+                mine: record.is_some_and(|r| r.instance == instance),
+            }),
+            None => Err(FleetError::NodeInUse {
+                node: node.to_owned(),
+                pid: None,
+                mine: false,
+            }),
+        }
     }
 
     /// The lease's id.
