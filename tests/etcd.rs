@@ -29,6 +29,26 @@ impl EtcdServer {
         self.etcd.endpoints()
     }
 
+    /// Runs `etcdctl ARGS` against it, as an operator would, and returns what it printed;
+    /// panics, with what it said, when it fails.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = std::process::Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!(
+                "--endpoints={}",
+                self.url().replace("etcd://", "http://")
+            ))
+            .args(args)
+            .output()
+            .expect("etcdctl runs (Debian's etcd-client: `.ci/run` installs it)");
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Kills it (SIGKILL); its data stays for [`EtcdServer::restart`].
     pub fn kill(&mut self) {
         self.etcd.kill();

@@ -1127,7 +1127,7 @@ fn an_operation_right_behind_a_hung_request_is_done_within_the_operation_timeout
     let dir = plugin_dir(&["fixture-faulty"]);
     let persisted = Persisted::new();
     let config = KernelConfig {
-        operation_timeout: Duration::from_secs(2),
+        operation_timeout: Duration::from_secs(5),
         ..isolated_config(&persisted, &["faulty"], &Isolation::default())
     };
     let (kernel, report) = persisted.kernel_with(dir.path(), config);

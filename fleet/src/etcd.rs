@@ -204,18 +204,7 @@ impl Etcd {
         let options = endpoints.options()?;
         let urls = endpoints.urls();
         let connect = async move { Client::connect(urls, Some(options)).await };
-        let client = wait(&runtime, timeout, connect).map_err(|error| match error {
-            Waited::Failed(source) => FleetError::Etcd {
-                endpoints: endpoints.describe(),
-                op: "connecting",
-                source,
-            },
-            Waited::TimedOut => FleetError::TimedOut {
-                endpoints: endpoints.describe(),
-                op: "connecting",
-                timeout,
-            },
-        })?;
+        let client = wait(&runtime, endpoints, "connecting", timeout, connect)?;
         Ok(Etcd {
             runtime,
             client,
@@ -227,11 +216,6 @@ impl Etcd {
     /// The members, for messages.
     pub fn endpoints(&self) -> String {
         self.endpoints.describe()
-    }
-
-    /// The timeout of each call.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
     }
 
     /// A handle on the client, for a call or a task.
@@ -250,18 +234,7 @@ impl Etcd {
         F: Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let future = call(self.client.clone());
-        wait(&self.runtime, self.timeout, future).map_err(|error| match error {
-            Waited::Failed(source) => FleetError::Etcd {
-                endpoints: self.endpoints(),
-                op,
-                source,
-            },
-            Waited::TimedOut => FleetError::TimedOut {
-                endpoints: self.endpoints(),
-                op,
-                timeout: self.timeout,
-            },
-        })
+        wait(&self.runtime, &self.endpoints, op, self.timeout, future)
     }
 
     /// Runs `task` on the runtime, detached (the lease's keepalive).
@@ -270,16 +243,15 @@ impl Etcd {
     }
 }
 
-enum Waited {
-    Failed(etcd_client::Error),
-    TimedOut,
-}
-
+/// Runs `future` on `runtime` and waits for it, at most `timeout`; its failure named after
+/// `endpoints` and `op`.
 fn wait<T: Send + 'static>(
     runtime: &tokio::runtime::Runtime,
+    endpoints: &Endpoints,
+    op: &'static str,
     timeout: Duration,
     future: impl Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
-) -> Result<T, Waited> {
+) -> Result<T, FleetError> {
     let (tx, rx) = mpsc::sync_channel(1);
     runtime.spawn(async move {
         let outcome = tokio::time::timeout(timeout, future).await;
@@ -287,8 +259,16 @@ fn wait<T: Send + 'static>(
     });
     match rx.recv() {
         Ok(Ok(Ok(value))) => Ok(value),
-        Ok(Ok(Err(error))) => Err(Waited::Failed(error)),
+        Ok(Ok(Err(source))) => Err(FleetError::Etcd {
+            endpoints: endpoints.describe(),
+            op,
+            source,
+        }),
         // Timed out, or the runtime is shutting down (the task was dropped).
-        Ok(Err(_)) | Err(_) => Err(Waited::TimedOut),
+        Ok(Err(_)) | Err(_) => Err(FleetError::TimedOut {
+            endpoints: endpoints.describe(),
+            op,
+            timeout,
+        }),
     }
 }

@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `P/nodes/NODE` | the node's record (JSON) | the node's |
 //! | `P/owner/SERVICE` | the owning node's name | the owner's |
-//! | `P/state/SERVICE/current` | the state's pointer (JSON): generation, chunks, length, SHA-256 | none |
+//! | `P/state/SERVICE/current` | the state's pointer (a JSON line: generation, chunks, length), then the sealed state when it is held inline | none |
 //! | `P/state/SERVICE/gen/GEN/NNNNNN` | a chunk of the sealed state, in order | none |
 //! | `P/state/SERVICE/bad-SECONDS` | a pointer set aside (a state that would not open) | none |
 

@@ -30,5 +30,5 @@ pub use error::FleetError;
 pub use etcd::{Endpoints, Etcd};
 pub use keys::Keys;
 pub use member::Member;
-pub use owner::{check_node_name, Fleet, FleetConfig, MIN_LEASE_TTL};
+pub use owner::{check_lease_ttl, check_node_name, Fleet, FleetConfig, MIN_LEASE_TTL};
 pub use session::{NodeRecord, Session};

@@ -43,7 +43,7 @@ impl Member {
             let mut placer = Placer {
                 fleet,
                 kernel,
-                refused: HashMap::new(),
+                held_back: HashMap::new(),
                 told_no_etcd: false,
                 failing_since: None,
                 last_owners: BTreeMap::new(),
@@ -77,8 +77,8 @@ struct Placer {
     fleet: Arc<Fleet>,
     kernel: Arc<Kernel>,
     /// Groups this host leaves to others until then: those it could not start, and those
-    /// whose owner still lives (see `step`).
-    refused: HashMap<Vec<String>, Instant>,
+    /// whose owner still lives (see [`Placer::wait_for_live_owners`]).
+    held_back: HashMap<Vec<String>, Instant>,
     /// Whether the log already says etcd fails this host (said once, until it answers).
     told_no_etcd: bool,
     /// Since when etcd has failed this host's reads (refused them, or not answered).
@@ -90,8 +90,13 @@ struct Placer {
 }
 
 impl Placer {
+    /// How often the owners are read: a quarter of the TTL, at most 500 ms.
+    fn tick(&self) -> Duration {
+        (self.fleet.ttl() / 4).min(Duration::from_millis(500))
+    }
+
     fn run(&mut self, stopped: &Receiver<()>) {
-        let tick = (self.fleet.ttl() / 4).min(Duration::from_millis(500));
+        let tick = self.tick();
         loop {
             self.step();
             // Woken when the lease may end, if that comes before the next tick: a host
@@ -165,30 +170,14 @@ impl Placer {
             .filter(|group| group.iter().all(|s| owners.get(s) == Some(&node)))
             .count();
         let now = Instant::now();
-        self.refused.retain(|_, until| *until > now);
-        // A group whose owner key went while its owner still lives (deleted by hand, or
-        // given up): that host stops it at its next read of the owners, a tick at most;
-        // the group is taken only after that, so that no two hosts serve it.
-        let tick = (self.fleet.ttl() / 4).min(Duration::from_millis(500));
-        for group in &groups {
-            let previous = group.iter().find_map(|s| self.last_owners.get(s));
-            if let Some(previous) = previous {
-                let gone = group.iter().all(|s| !owners.contains_key(s));
-                // Alive now, or at the last read (its node key may have gone with it).
-                let alive = live.contains(previous) || self.last_live.contains(previous);
-                if gone && *previous != node && alive {
-                    self.refused
-                        .entry(group.clone())
-                        .or_insert(now + tick * 2 + self.fleet.guard());
-                }
-            }
-        }
+        self.held_back.retain(|_, until| *until > now);
+        self.wait_for_live_owners(&groups, &owners, &live, now);
         self.last_owners = owners.clone();
         self.last_live = live.clone();
         let mut free: Vec<&Vec<String>> = groups
             .iter()
             .filter(|group| group.iter().all(|s| !owners.contains_key(s)))
-            .filter(|group| !self.refused.contains_key(*group))
+            .filter(|group| !self.held_back.contains_key(*group))
             .collect();
         // Each node tries the free groups in an order of its own, so that hosts starting
         // together do not all race for the same group first.
@@ -205,6 +194,31 @@ impl Placer {
                 }
                 Ok(false) => {}
                 Err(error) => return self.no_etcd(&error),
+            }
+        }
+    }
+
+    /// A group whose owner key went while its owner still lives (deleted by hand, or given
+    /// up): that host stops it at its next read of the owners, a tick at most; the group is
+    /// taken only after that, so that no two hosts serve it. The owner counts as alive when
+    /// its node key is there now or was at the last read (it may have gone with it).
+    fn wait_for_live_owners(
+        &mut self,
+        groups: &[Vec<String>],
+        owners: &BTreeMap<String, String>,
+        live: &BTreeSet<String>,
+        now: Instant,
+    ) {
+        let node = self.fleet.node();
+        let until = now + self.tick() * 2 + self.fleet.guard();
+        for group in groups {
+            let Some(previous) = group.iter().find_map(|s| self.last_owners.get(s)) else {
+                continue;
+            };
+            let gone = group.iter().all(|s| !owners.contains_key(s));
+            let alive = live.contains(previous) || self.last_live.contains(previous);
+            if gone && previous != node && alive {
+                self.held_back.entry(group.clone()).or_insert(until);
             }
         }
     }
@@ -229,7 +243,7 @@ impl Placer {
         if let Err(error) = self.fleet.release(group) {
             tracing::warn!(error = %host::error_chain(&error), "releasing the services failed: they are free again when this host's lease ends");
         }
-        self.refused
+        self.held_back
             .insert(group.to_vec(), Instant::now() + self.fleet.ttl() * 10);
         false
     }

@@ -62,19 +62,14 @@ pub struct Fleet {
 impl Fleet {
     /// Connects to etcd and joins as `config.node`, sealing states with `keyring`.
     pub fn join(config: &FleetConfig, keyring: KeyRing) -> Result<Arc<Fleet>, FleetError> {
-        if config.lease_ttl < MIN_LEASE_TTL || config.lease_ttl.subsec_nanos() != 0 {
-            return Err(FleetError::Config(format!(
-                "the lease TTL must be whole seconds, at least {MIN_LEASE_TTL:?} (got {:?})",
-                config.lease_ttl
-            )));
-        }
+        check_lease_ttl(config.lease_ttl).map_err(FleetError::Config)?;
         check_node_name(&config.node).map_err(FleetError::Config)?;
         // Every call must end well within the lease: a renewal waits for none of them, but
         // a claim or a write that took longer than the lease would be fenced anyway.
         let timeout = (config.lease_ttl / 2).min(Duration::from_secs(5));
         let etcd = Etcd::connect(&config.endpoints, timeout)?;
         let keys = Keys::new(&config.prefix);
-        let instance = crate::session::new_instance();
+        let instance = crate::session::random_token();
         let session = Session::open(&etcd, &keys, &config.node, config.lease_ttl, &instance)?;
         tracing::info!(
             node = %config.node,
@@ -131,7 +126,11 @@ impl Fleet {
 
     /// Whether this host's lease is certainly valid now (with the guard to spare).
     pub fn is_live(&self) -> bool {
-        self.session().is_some_and(|s| s.is_valid(self.guard()))
+        // Asked for every request in a fleet: no clone of the session.
+        self.session
+            .read()
+            .as_ref()
+            .is_some_and(|s| s.is_valid(self.guard()))
     }
 
     /// Ends a session that is no longer valid, forgetting every claim: returns the
@@ -199,9 +198,13 @@ impl Fleet {
         let revision = response.header().map_or(0, |h| h.revision());
         let mut claims = self.claims.lock();
         let mut owners = self.owners.write();
+        let mut generations = self.generations.lock();
         for service in services {
             claims.insert(service.clone(), revision);
             owners.insert(service.clone(), self.node.clone());
+            // Another host may have written since this one last did: its generation is
+            // read from the pointer again before the next write replaces it.
+            generations.remove(service);
         }
         Ok(true)
     }
@@ -355,6 +358,17 @@ impl host::kernel::Placement for Fleet {
             owned: self.claimed().len(),
         }
     }
+}
+
+/// Whether etcd keeps a lease of `ttl`: whole seconds (it counts in seconds), at least
+/// [`MIN_LEASE_TTL`]; why not.
+pub fn check_lease_ttl(ttl: Duration) -> Result<(), String> {
+    if ttl < MIN_LEASE_TTL || ttl.subsec_nanos() != 0 {
+        return Err(format!(
+            "the lease TTL must be whole seconds, at least {MIN_LEASE_TTL:?} (etcd keeps leases by the second): got {ttl:?}"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `name` can name a node: 1 to 64 letters, digits, `-`, `_`, `.`; why not.

@@ -67,8 +67,9 @@ pub struct NodeRecord {
     pub instance: String,
 }
 
-/// A new token for a host's records (see [`NodeRecord::instance`]).
-pub(crate) fn new_instance() -> String {
+/// A random token: a host's in its node records (see [`NodeRecord::instance`]), a state's
+/// generation.
+pub(crate) fn random_token() -> String {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the operating system's random source failed");
     hex::encode(bytes)

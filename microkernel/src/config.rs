@@ -315,13 +315,7 @@ pub fn fleet_config(args: &RunArgs) -> Result<Option<fleet::FleetConfig>, String
         );
     }
     let lease_ttl = cluster.lease_ttl.unwrap_or(DEFAULT_LEASE_TTL);
-    if lease_ttl < fleet::MIN_LEASE_TTL || lease_ttl.subsec_nanos() != 0 {
-        return Err(format!(
-            "`lease-ttl` must be whole seconds, at least {:?} (etcd keeps leases by the second): got {}",
-            fleet::MIN_LEASE_TTL,
-            humantime::format_duration(lease_ttl)
-        ));
-    }
+    fleet::check_lease_ttl(lease_ttl).map_err(|e| format!("`lease-ttl`: {e}"))?;
     let mut endpoints = fleet::Endpoints::parse(url).map_err(|e| format!("`cluster`: {e}"))?;
     endpoints.ca_file = cluster.etcd_ca_file.clone();
     endpoints.cert_file = cluster.etcd_cert_file.clone();

@@ -115,7 +115,7 @@ impl Mailbox {
 
     /// Handles a request on the caller's thread through the serving instance's lane, if
     /// there is one and nothing else is going on: nothing queued, the executor idle, no
-    /// other lane call. `None` when not, or when the lane refused: post it then.
+    /// other lane call. [`Laned::Refused`] when not, or when the lane refused: post it then.
     ///
     /// A message posted before this call is in the mailbox or being handled, so the
     /// request never overtakes it; the executor, which takes the gate's lock to take a
@@ -127,24 +127,25 @@ impl Mailbox {
         request: Message<'_>,
         chain: &[Arc<str>],
         deadline: Instant,
-    ) -> Option<Result<Reply, ()>> {
+    ) -> Laned {
         // Another lane call going on: the mailbox, rather than a wait on a lock.
-        let gate = self.gate.try_lock()?;
-        if gate.busy || !self.rx.is_empty() {
-            return None;
-        }
-        let (lane, metrics) = gate.lane.as_ref()?;
+        let Some(gate) = self.gate.try_lock() else {
+            return Laned::Refused;
+        };
+        let Some((lane, metrics)) = gate
+            .lane
+            .as_ref()
+            .filter(|_| !gate.busy && self.rx.is_empty())
+        else {
+            return Laned::Refused;
+        };
         let sent = Instant::now();
         let to = Arc::<str>::from(request.to);
         let laned = super::with_chain(chain, &to, || lane.handle(request, deadline));
-        match laned {
-            Laned::Replied(reply) => {
-                metrics.reply(reply.code, sent.elapsed());
-                Some(Ok(reply))
-            }
-            Laned::TimedOut => Some(Err(())),
-            Laned::Refused => None,
+        if let Laned::Replied(reply) = &laned {
+            metrics.reply(reply.code, sent.elapsed());
         }
+        laned
     }
 
     /// Opens the gate to `lane` (an executor starts serving), counting replies in

@@ -106,16 +106,13 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     if let Some((version, bytes)) = &state {
         let imported = doing.call(Call::ImportState, || instance.import_state(version, bytes));
         if let Err(e) = imported {
-            let error = if instance.lost_to_the_host() {
-                InstanceError::Unavailable(e)
-            } else if instance.timed_out() {
-                InstanceError::Timeout {
-                    call: Call::ImportState,
-                    timeout,
-                }
-            } else {
-                InstanceError::Import(e)
-            };
+            let error = blame(
+                &*instance,
+                Call::ImportState,
+                timeout,
+                e,
+                InstanceError::Import,
+            );
             return failed(error, instance, &waits.stages);
         }
     }
@@ -127,16 +124,7 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
         return drop_it(instance);
     }
     if let Err(e) = doing.call(Call::Start, || instance.start()) {
-        let error = if instance.lost_to_the_host() {
-            InstanceError::Unavailable(e)
-        } else if instance.timed_out() {
-            InstanceError::Timeout {
-                call: Call::Start,
-                timeout,
-            }
-        } else {
-            InstanceError::Start(e)
-        };
+        let error = blame(&*instance, Call::Start, timeout, e, InstanceError::Start);
         return failed(error, instance, &waits.started);
     }
     if waits.started.send(Ok(())).is_err() {
@@ -147,6 +135,24 @@ pub(super) fn run(launch: Launch, waits: Waits, me: Me) {
     }
     set_chain(&[], None);
     drop_it(instance);
+}
+
+/// Whose doing a failed `call` of `instance` was: the host's (what ran it was lost to the
+/// host), a timeout (what ran it was killed for not answering), or the plugin's (`plugin`).
+fn blame(
+    instance: &dyn ServiceInstance,
+    call: Call,
+    timeout: Duration,
+    message: String,
+    plugin: fn(String) -> InstanceError,
+) -> InstanceError {
+    if instance.lost_to_the_host() {
+        InstanceError::Unavailable(message)
+    } else if instance.timed_out() {
+        InstanceError::Timeout { call, timeout }
+    } else {
+        plugin(message)
+    }
 }
 
 impl Me {

@@ -91,13 +91,22 @@ impl KernelInner {
             .is_none_or(|placement| placement.owns(service))
     }
 
-    /// The node that runs `service` when another host of the fleet does.
-    pub(crate) fn runs_elsewhere(&self, service: &str) -> Option<String> {
-        let placement = self.config.placement.as_ref()?;
-        if placement.owns(service) {
-            return None;
+    /// Refuses `service` when this host is one of a fleet and does not own it, naming the
+    /// node that does, if one is known.
+    pub(crate) fn require_owner(&self, service: &str) -> Result<(), KernelError> {
+        if self.may_run(service) {
+            return Ok(());
         }
-        placement.owner_of(service)
+        Err(KernelError::NotOwner {
+            service: service.to_owned(),
+            owner: self.owner_of(service),
+        })
+    }
+
+    /// The node of the fleet that owns `service`, as last known (never this host unless it
+    /// owns it now).
+    pub(crate) fn owner_of(&self, service: &str) -> Option<String> {
+        self.config.placement.as_ref()?.owner_of(service)
     }
 
     /// A deadline one operation timeout from now.
@@ -226,14 +235,7 @@ impl KernelInner {
         let slot = self
             .slot(service)
             .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
-        if let Some(placement) = self.config.placement.as_ref() {
-            if !placement.owns(service) {
-                return Err(KernelError::NotOwner {
-                    service: service.to_owned(),
-                    owner: placement.owner_of(service),
-                });
-            }
-        }
+        self.require_owner(service)?;
         if slot.gave_up() {
             // An isolated service whose worker crashed too often serves nothing: it is
             // stopped (its state is the last checkpoint, already on disk) and started anew.
@@ -349,17 +351,24 @@ impl KernelInner {
             .collect()
     }
 
-    pub(super) fn stop_with_dependents(&self, service: &str) -> Result<(), KernelError> {
+    /// Stops the service and, first, the running services that depend on it; saves their
+    /// states when `keep_state` (not when another host of the fleet owns them now: their
+    /// state is its to write).
+    pub(super) fn stop_with_dependents(
+        &self,
+        service: &str,
+        keep_state: bool,
+    ) -> Result<(), KernelError> {
         let slot = self
             .slot(service)
             .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
         for dependent in self.running_dependents(service).into_iter().rev() {
             if let Some(dependent) = self.slot(&dependent) {
                 tracing::info!(service = %dependent.name, because = service, "stopping a dependent first");
-                self.stop_one(&dependent, self.deadline())?;
+                self.stop_one_keeping(&dependent, self.deadline(), keep_state)?;
             }
         }
-        self.stop_one(&slot, self.deadline())
+        self.stop_one_keeping(&slot, self.deadline(), keep_state)
     }
 
     /// Stops every running service by `deadline`, dependents first: services are stopped in
@@ -450,20 +459,6 @@ impl KernelInner {
         deadline: Instant,
     ) -> Result<(), KernelError> {
         self.stop_one_keeping(slot, deadline, true)
-    }
-
-    /// Stops the service and the running services that depend on it, saving nothing:
-    /// another host owns them now, and their state is its to write.
-    pub(super) fn relinquish(&self, service: &str) -> Result<(), KernelError> {
-        let slot = self
-            .slot(service)
-            .ok_or_else(|| KernelError::UnknownService(service.to_owned()))?;
-        for dependent in self.running_dependents(service).into_iter().rev() {
-            if let Some(dependent) = self.slot(&dependent) {
-                self.stop_one_keeping(&dependent, self.deadline(), false)?;
-            }
-        }
-        self.stop_one_keeping(&slot, self.deadline(), false)
     }
 
     /// Stops one service; saves its state when `keep_state`.
@@ -587,12 +582,12 @@ impl KernelInner {
             .into_iter()
             .filter(|slot| slot.status() == Status::Running && !slot.gave_up())
             .collect();
-        if let [slot] = &slots[..] {
-            // One service: no thread to start for it.
-            return vec![(slot.name.clone(), self.checkpoint(slot))];
-        }
+        let Some((first, others)) = slots.split_first() else {
+            return Vec::new();
+        };
+        // Side by side; the first on this thread (one service starts no thread at all).
         std::thread::scope(|scope| {
-            let checkpoints: Vec<_> = slots
+            let checkpoints: Vec<_> = others
                 .iter()
                 .map(|slot| {
                     scope.spawn(move || {
@@ -601,10 +596,13 @@ impl KernelInner {
                     })
                 })
                 .collect();
-            checkpoints
-                .into_iter()
-                .filter_map(|checkpoint| checkpoint.join().ok())
-                .collect()
+            let mut all = vec![(first.name.clone(), self.checkpoint(first))];
+            all.extend(
+                checkpoints
+                    .into_iter()
+                    .filter_map(|checkpoint| checkpoint.join().ok()),
+            );
+            all
         })
     }
 

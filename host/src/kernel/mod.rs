@@ -783,21 +783,16 @@ impl Kernel {
     /// Stops one service, saving its state; running services that depend on it are stopped
     /// first.
     pub fn stop(&self, service: &str) -> Result<(), KernelError> {
-        // In a fleet, a service another host runs is not this host's to stop.
-        if let Some(owner) = self.inner.runs_elsewhere(service) {
-            return Err(KernelError::NotOwner {
-                service: service.to_owned(),
-                owner: Some(owner),
-            });
-        }
-        self.inner.stop_with_dependents(service)
+        // In a fleet, a service another host runs (or none) is not this host's to stop.
+        self.inner.require_owner(service)?;
+        self.inner.stop_with_dependents(service, true)
     }
 
     /// Stops the service, and the running services that depend on it, without saving their
     /// state: for a host of a fleet that no longer owns them (another host does, and their
     /// state is its to write).
     pub fn relinquish(&self, service: &str) -> Result<(), KernelError> {
-        self.inner.relinquish(service)
+        self.inner.stop_with_dependents(service, false)
     }
 
     /// Stops every running service, dependents before their dependencies, saving each

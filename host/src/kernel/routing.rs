@@ -13,7 +13,7 @@ use super::{KernelInner, ServiceInfo, Status};
 use crate::{
     executor::{self, Envelope, Letter},
     instance::HostServices,
-    instance::{Message, ProcessEvent, ProcessStatus},
+    instance::{Laned, Message, ProcessEvent, ProcessStatus},
 };
 
 /// A request posted to a service's mailbox, whose reply has yet to come.
@@ -50,7 +50,7 @@ impl KernelInner {
     /// The reply to a request for a service this host of a fleet does not own: `421`
     /// naming the owner; `503` while no host owns it (a failover under way).
     fn not_here(&self, to: &str) -> Reply {
-        match self.runs_elsewhere(to) {
+        match self.owner_of(to) {
             Some(owner) => Reply::error(
                 codes::MISDIRECTED,
                 format!("service `{to}` runs on node `{owner}` of the fleet, not on this host"),
@@ -237,10 +237,11 @@ impl KernelInner {
         };
         let reply = match slot
             .mailbox
-            .through_lane(request, chain, Instant::now() + timeout)?
+            .through_lane(request, chain, Instant::now() + timeout)
         {
-            Ok(reply) => reply,
-            Err(()) => timed_out(to, kind, timeout),
+            Laned::Replied(reply) => reply,
+            Laned::TimedOut => timed_out(to, kind, timeout),
+            Laned::Refused => return None,
         };
         // Handled while this host's ownership lapsed: not answered from a state another
         // host has taken over.

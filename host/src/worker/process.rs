@@ -24,6 +24,7 @@ use crate::{
 /// What a call came to.
 #[derive(Debug)]
 pub(super) enum Outcome {
+    Created(Result<(), String>),
     Done(Result<(), String>),
     Replied(Reply),
     Exported(Result<Vec<u8>, String>),
@@ -250,6 +251,9 @@ impl Worker {
         loop {
             let received = self.call.recv::<FromWorker>(spin, Some(deadline))?;
             let callback = match received {
+                FromWorker::Created(created) => {
+                    return Ok(Outcome::Created(created.map_err(str::to_owned)));
+                }
                 FromWorker::Done(done) => {
                     return Ok(Outcome::Done(done.map_err(str::to_owned)));
                 }
@@ -283,25 +287,12 @@ impl Worker {
         spin: Duration,
         deadline: Instant,
     ) -> Result<Result<(), String>, WireError> {
-        self.call
-            .send(&ToWorker::Create { config }, Some(deadline))?;
-        loop {
-            let received = self.call.recv::<FromWorker>(spin, Some(deadline))?;
-            let callback = match received {
-                FromWorker::Created(created) => return Ok(created.map_err(str::to_owned)),
-                other @ (FromWorker::Log { .. }
-                | FromWorker::Request { .. }
-                | FromWorker::Emit { .. }) => serve_callback(other, services),
-                other => {
-                    return Err(WireError::Malformed(format!(
-                        "sent {} instead of creating its instance",
-                        name_of(&other)
-                    )))
-                }
-            };
-            if let Some(answer) = callback {
-                answer.send(&mut self.call, Some(deadline))?;
-            }
+        self.send(&ToWorker::Create { config }, deadline)?;
+        match self.outcome(services, spin, deadline)? {
+            Outcome::Created(created) => Ok(created),
+            other => Err(WireError::Malformed(format!(
+                "answered {other:?} instead of creating its instance"
+            ))),
         }
     }
 
