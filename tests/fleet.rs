@@ -365,6 +365,18 @@ impl Hosts {
             .success()
     }
 
+    /// Waits for `name`'s log to hold `text`. A host refuses requests on its own clock as
+    /// soon as its lease may have ended; the placer's log line about it follows at its next
+    /// step, so a test that saw the refusal waits for the line rather than reading at once.
+    fn logged(&self, name: &str, text: &str) -> String {
+        self.wait(
+            Duration::from_secs(20),
+            &format!("`{text}` in {name}'s log"),
+            |hosts| hosts.host(name).log().contains(text),
+        );
+        self.host(name).log()
+    }
+
     fn logs(&self) -> String {
         self.hosts
             .iter()
@@ -477,18 +489,23 @@ fn a_paused_owner_stops_serving_and_never_overwrites_the_new_owners_state() -> T
             stderr(&out).contains(&format!("runs on node `{new}`"))
         },
     );
-    let log = hosts.host(&old).log();
-    assert!(
-        log.contains("lease may have ended"),
-        "the old owner did not say it stopped serving:\n{log}"
-    );
-    let fleet: serde_json::Value =
-        serde_json::from_slice(&hosts.host(&old).ctl(&["fleet", "--json"]).stdout)?;
-    let refused = fleet["refused_writes"].as_u64().ok_or("refused_writes")?;
-    assert_eq!(
-        refused,
-        log.matches("state write refused").count() as u64,
-        "every refused write is in the log"
+    hosts.logged(&old, "lease may have ended");
+    // A write refused is counted, then logged: the two agree once no write is under way.
+    hosts.wait(
+        Duration::from_secs(20),
+        "every refused write to be in the log",
+        |hosts| {
+            let out = hosts.host(&old).ctl(&["fleet", "--json"]);
+            let fleet: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            fleet["refused_writes"].as_u64()
+                == Some(
+                    hosts
+                        .host(&old)
+                        .log()
+                        .matches("state write refused")
+                        .count() as u64,
+                )
+        },
     );
     // The new owner's state was never overwritten: once it is gone, the old host takes
     // kv back from etcd with the new owner's checkpoint.
@@ -516,7 +533,7 @@ fn etcd_down_longer_than_the_lease_stops_the_services_and_they_come_back_with_it
         "kv to stop on its own clock",
         |hosts| !hosts.answers(&owner, "kv", r#"{"op":"get","key":"n"}"#),
     );
-    assert!(hosts.host(&owner).log().contains("lease may have ended"));
+    hosts.logged(&owner, "lease may have ended");
     etcd.restart();
     hosts.wait(
         TTL * 2 + Duration::from_secs(20),
@@ -943,11 +960,7 @@ fn a_host_etcd_refuses_gives_its_lease_up_and_its_services_come_back_after() -> 
     hosts.wait(TTL * 3 + Duration::from_secs(10), "a to stop kv", |hosts| {
         !hosts.answers("a", "kv", r#"{"op":"get","key":"n"}"#)
     });
-    assert!(
-        hosts.host("a").log().contains("gives its lease up"),
-        "{}",
-        hosts.host("a").log()
-    );
+    hosts.logged("a", "gives its lease up");
     etcdctl(&["--user", "root:rootpw", "auth", "disable"]);
     hosts.wait(TTL * 3 + Duration::from_secs(20), "kv back on a", |hosts| {
         hosts.answers("a", "kv", r#"{"op":"get","key":"n"}"#)
