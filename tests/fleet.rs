@@ -201,7 +201,8 @@ fn an_etcd_restart_within_the_lease_interrupts_nothing() -> TestResult {
     let mut etcd = EtcdServer::start();
     let a = Fleet::join(
         &FleetConfig {
-            lease_ttl: Duration::from_secs(3),
+            // Well over what etcd takes to restart on a slow, loaded machine.
+            lease_ttl: Duration::from_secs(10),
             ..config(&etcd, "a")
         },
         keyring(),
@@ -210,8 +211,8 @@ fn an_etcd_restart_within_the_lease_interrupts_nothing() -> TestResult {
     a.save("kv", "1", b"before")?;
     etcd.restart();
     let renewals = a.session().ok_or("a session")?.renewals();
-    // Two TTLs: without renewals over a new stream the lease would lapse in one.
-    let until = std::time::Instant::now() + Duration::from_secs(6);
+    // Past a TTL: without renewals over a new stream the lease would lapse in one.
+    let until = std::time::Instant::now() + Duration::from_secs(12);
     while std::time::Instant::now() < until {
         assert!(a.owns("kv"), "a lost kv to an etcd restart");
         std::thread::sleep(Duration::from_millis(50));
@@ -259,6 +260,42 @@ impl Hosts {
         root
     }
 
+    /// Starts hosts `names` on `etcd` together: each with its plugins directory empty
+    /// until every one of them sees all the others alive, then given its plugins
+    /// (`ctl reload`). So none places a service before the others have joined, as a host
+    /// started alone would take every service (a host takes a fair share of what is free
+    /// among the live nodes it sees).
+    fn start_together(&mut self, names: &[&str], etcd: &EtcdServer) {
+        for name in names {
+            let root = self.prepare(name);
+            fs::rename(root.join("plugins"), root.join("plugins.later")).unwrap();
+            fs::create_dir(root.join("plugins")).unwrap();
+            self.start(name, etcd, &[]);
+        }
+        self.wait(
+            Duration::from_secs(30),
+            "every host to see the others",
+            |hosts| {
+                names.iter().all(|name| {
+                    let out = hosts.host(name).ctl(&["fleet", "--json"]);
+                    let fleet: serde_json::Value =
+                        serde_json::from_slice(&out.stdout).unwrap_or_default();
+                    fleet["nodes"].as_array().map_or(0, Vec::len) == names.len()
+                })
+            },
+        );
+        for name in names {
+            let root = self.root.path().join(name);
+            for file in fs::read_dir(root.join("plugins.later")).unwrap() {
+                let file = file.unwrap();
+                fs::rename(file.path(), root.join("plugins").join(file.file_name())).unwrap();
+            }
+            fs::remove_dir(root.join("plugins.later")).unwrap();
+            let reload = self.host(name).ctl(&["reload"]);
+            assert!(reload.status.success(), "{name}: {}", stderr(&reload));
+        }
+    }
+
     /// Starts host `name` on `etcd`, with `extra` options.
     fn start(&mut self, name: &str, etcd: &EtcdServer, extra: &[&str]) {
         let root = self.prepare(name);
@@ -293,6 +330,16 @@ impl Hosts {
         host.child.wait().unwrap();
     }
 
+    /// Whether `service` runs on host `name`.
+    fn runs(&self, name: &str, service: &str) -> bool {
+        let services = self.host(name).services();
+        services
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|s| s["name"] == service && s["status"] == "running")
+    }
+
     /// The owner of every service, as host `name` sees them (`None` for a service no node
     /// owns).
     fn owners(&self, name: &str) -> BTreeMap<String, Option<String>> {
@@ -324,7 +371,8 @@ impl Hosts {
         start.elapsed()
     }
 
-    /// The owner of `service` once every live host agrees on one that is live.
+    /// The owner of `service` once every live host agrees on one that is live, and it runs
+    /// there (an owner claims a service, then starts it from its state in etcd).
     fn owner(&self, service: &str) -> String {
         self.wait(
             Duration::from_secs(30),
@@ -337,7 +385,8 @@ impl Hosts {
                     .collect();
                 matches!(seen.first(), Some(Some(first))
                     if hosts.hosts.contains_key(first)
-                        && seen.iter().all(|s| s.as_ref() == Some(first)))
+                        && seen.iter().all(|s| s.as_ref() == Some(first))
+                        && hosts.runs(first, service))
             },
         );
         let first = self.hosts.keys().next().unwrap();
@@ -630,8 +679,7 @@ fn hosts_take_fair_shares_of_the_services_and_a_joining_host_takes_what_is_free(
     let etcd = EtcdServer::start();
     // Four groups: echo with logger (which depends on it), kv, relay, faulty.
     let mut hosts = Hosts::new(&["echo", "logger", "kv", "fixture-relay", "fixture-faulty"]);
-    hosts.start("a", &etcd, &[]);
-    hosts.start("b", &etcd, &[]);
+    hosts.start_together(&["a", "b"], &etcd);
     let placed = |hosts: &Hosts| -> BTreeMap<String, Vec<String>> {
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (service, owner) in hosts.owners(hosts.hosts.keys().next().unwrap()) {
@@ -979,8 +1027,7 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
     // Three groups on two hosts: the host with one is below its share, and takes what is
     // free as soon as it sees it.
     let mut hosts = Hosts::new(&["kv", "echo", "fixture-relay"]);
-    hosts.start("a", &etcd, &[]);
-    hosts.start("b", &etcd, &[]);
+    hosts.start_together(&["a", "b"], &etcd);
     for round in 0..6 {
         for service in ["kv", "echo", "relay"] {
             hosts.owner(service);

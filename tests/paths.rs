@@ -52,10 +52,10 @@ fn a_fifo_in_place_of_the_plugin_record_is_reported_and_every_service_starts() {
     mkfifo(&root.path().join("state/plugins.json"), 0o600);
     let daemon = Daemon::start(root.path());
     daemon.wait_for(|d| status_of(d, "echo").0 == "running", "echo to run");
-    assert!(
-        daemon.log().contains("plugins.json") && daemon.log().contains("a FIFO"),
-        "{}",
-        daemon.log()
+    // The log is written by a thread of its own: the line may come after the answer.
+    daemon.wait_for(
+        |d| d.log().contains("plugins.json") && d.log().contains("a FIFO"),
+        "the FIFO to be named in the log",
     );
 }
 
@@ -365,10 +365,9 @@ fn a_service_whose_plugin_file_is_gone_is_reported_at_every_rescan_in_list_and_a
         table.contains("kv.state") && table.contains("it does not run"),
         "{table}"
     );
-    assert!(
-        daemon.log().contains("service `kv` has no plugin file"),
-        "{}",
-        daemon.log()
+    daemon.wait_for(
+        |d| d.log().contains("service `kv` has no plugin file"),
+        "kv to be named in the log",
     );
     let reload = daemon.ctl(&["reload"]);
     assert_eq!(reload.status.code(), Some(1), "{}", stdout(&reload));

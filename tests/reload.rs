@@ -495,11 +495,8 @@ fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_ve
     let mut config = persisted.config(host::BadStatePolicy::Refuse);
     config.operation_timeout = Duration::from_millis(100);
     let (kernel, _) = persisted.kernel_with(plugins.path(), config);
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            adopt();
-            kernel.request("echo", "sleep", b"800", None)
-        });
+    {
+        let sleeper = busy_for(&kernel, "echo", 2000);
         wait_until_busy(&kernel, "echo");
         let checkpoint = kernel.checkpoint();
         assert!(
@@ -522,7 +519,8 @@ fn a_stuck_service_fails_the_replace_and_the_checkpoint_in_time_and_keeps_its_ve
             ),
             "{error}"
         );
-    });
+        assert!(sleeper.join().unwrap().is_ok());
+    }
     // Once the sleep is over, the same instance serves: nothing was held or stopped.
     assert_eq!(json(&kernel.request("echo", "echo", b"", None))["count"], 1);
     assert_eq!(kernel.info("echo").unwrap().swaps, 0);

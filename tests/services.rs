@@ -215,12 +215,9 @@ fn a_full_mailbox_makes_requesters_wait_and_emitters_fail() -> TestResult {
     })?;
     load_into(&kernel, &fixture("fixture-echo-faulty"), None)?;
     assert!(kernel.start_all().is_empty());
-    std::thread::scope(|s| {
+    {
         // Keeps the executor busy...
-        let busy = s.spawn(|| {
-            adopt();
-            kernel.request("echo", "sleep", b"1000", None)
-        });
+        let busy = busy_for(&kernel, "echo", 2000);
         wait_until_busy(&kernel, "echo");
         // ...so the one slot of the mailbox fills up (it may hold the probe already)...
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -238,7 +235,7 @@ fn a_full_mailbox_makes_requesters_wait_and_emitters_fail() -> TestResult {
         let waited = kernel.request("echo", "echo", b"", Some(Duration::from_millis(50)));
         assert_eq!(waited.code, codes::TIMEOUT, "{waited}");
         assert!(busy.join().unwrap().is_ok());
-    });
+    }
     // Once drained, everything flows again.
     assert!(kernel.request("echo", "echo", b"", None).is_ok());
     Ok(())
@@ -252,11 +249,8 @@ fn a_service_stuck_in_plugin_code_is_reported_at_stop_and_restartable_once_free(
     })?;
     load_into(&kernel, &fixture("fixture-echo-faulty"), None)?;
     assert!(kernel.start_all().is_empty());
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            adopt();
-            kernel.request("echo", "sleep", b"600", None)
-        });
+    {
+        let _sleeper = busy_for(&kernel, "echo", 2000);
         wait_until_busy(&kernel, "echo");
         let error = kernel.stop("echo").unwrap_err();
         assert!(
@@ -272,7 +266,7 @@ fn a_service_stuck_in_plugin_code_is_reported_at_stop_and_restartable_once_free(
         assert_eq!(kernel.info("echo").unwrap().status, Status::Failed);
         let refused = kernel.start("echo").unwrap_err();
         assert!(matches!(&refused, KernelError::Stuck { .. }), "{refused}");
-    });
+    }
     // The sleep is over and the old instance stops by itself: then a fresh start works.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while let Err(error) = kernel.start("echo") {

@@ -373,8 +373,32 @@ pub fn echo_count(kernel: &Kernel) -> u64 {
         .unwrap()
 }
 
-/// Blocks until `service` (an echo-faulty fixture) is busy in a request it was sent on
-/// another thread: a probe that does nothing times out. Panics after 10 seconds.
+/// Keeps `service` (a fixture with a `sleep` request) busy for `ms`: the request is queued
+/// before this returns, so whatever is sent or posted to the service afterwards is behind
+/// it, however slow the machine. The reply comes on the returned thread.
+pub fn busy_for(
+    kernel: &Kernel,
+    service: &str,
+    ms: u64,
+) -> std::thread::JoinHandle<plugin_api::Reply> {
+    let pending = kernel
+        .post_request(
+            service,
+            "sleep",
+            ms.to_string().as_bytes(),
+            Some(std::time::Duration::from_secs(20)),
+            std::time::Duration::from_secs(5),
+        )
+        .unwrap_or_else(|refused| panic!("the sleep was not queued: {refused}"));
+    std::thread::spawn(move || {
+        adopt();
+        let got = pending.rx.recv_deadline(pending.deadline);
+        pending.reply(got)
+    })
+}
+
+/// Blocks until `service` (an echo-faulty fixture) is busy in a request queued before
+/// (see [`busy_for`]): a probe that does nothing times out. Panics after 10 seconds.
 pub fn wait_until_busy(kernel: &Kernel, service: &str) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {

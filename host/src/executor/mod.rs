@@ -244,9 +244,17 @@ pub(crate) struct Stuck {
     late_state: Receiver<Result<Vec<u8>, OperationError>>,
     /// What was waited for.
     waited_for: &'static str,
+    /// The plugin function it was in when it was given up.
+    given_up_in: Call,
 }
 
 impl Stuck {
+    /// Whether it has come out of the plugin function it was given up in: it is then
+    /// handing its state over (exporting, stopping its instance) and ending.
+    pub fn coming_out(&self) -> bool {
+        self.call() != self.given_up_in
+    }
+
     /// The plugin function it is in now.
     pub fn call(&self) -> Call {
         self.doing.get()
@@ -311,6 +319,7 @@ impl Executor {
     pub fn stuck(self, waited_for: &'static str) -> Stuck {
         self.given_up.store(true, Ordering::Release);
         Stuck {
+            given_up_in: self.doing.get(),
             thread: self.thread,
             doing: self.doing,
             late_state: self.late_state,

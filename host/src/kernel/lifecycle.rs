@@ -272,7 +272,7 @@ impl KernelInner {
         ops: &mut SlotOps,
     ) -> Result<(), KernelError> {
         let _span = tracing::info_span!("start", service = %slot.name).entered();
-        if let Some(late) = ops.run.reap() {
+        if let Some(late) = ops.run.reap_until(self.deadline()) {
             // The instance given up at its stop came out later and handed its state over:
             // newer than the file, so it is what the new instance starts from.
             let version = ops.loaded.manifest().version.to_string();

@@ -421,6 +421,18 @@ impl Run {
         }
     }
 
+    /// Like [`Run::reap`], but a stuck thread that has come out of plugin code since (it is
+    /// handing its state over, and ending) is waited for, at most until `deadline`: its
+    /// state is newer than the file. One still in the call it was given up in is not.
+    fn reap_until(&mut self, deadline: Instant) -> Option<Vec<u8>> {
+        if let Run::Stuck(stuck) = self {
+            if stuck.coming_out() {
+                stuck.end_until(deadline);
+            }
+        }
+        self.reap()
+    }
+
     /// A stuck thread that has ended since is forgotten (the service is then failed);
     /// returns the state it handed over when it came out of plugin code, if any.
     fn reap(&mut self) -> Option<Vec<u8>> {

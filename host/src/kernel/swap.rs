@@ -274,7 +274,7 @@ impl KernelInner {
     ) -> Result<SwapReport, KernelError> {
         // A state handed over by an instance that came out late is newer than the file: saved
         // (as the old version's) for the new version to import.
-        if let Some(late) = ops.run.reap() {
+        if let Some(late) = ops.run.reap_until(self.deadline()) {
             self.save(slot, &mut ops, &from, &late)?;
         }
         let status = ops.run.status();
