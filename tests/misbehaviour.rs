@@ -602,7 +602,22 @@ fn a_busy_service_holds_back_neither_the_checkpoints_nor_the_rescans_of_the_othe
         ])
         .stdout(std::process::Stdio::null())
         .spawn()?;
-    std::thread::sleep(Duration::from_millis(300));
+    // Busy once a request that does nothing waits behind the sleep.
+    daemon.wait_for(
+        |d| {
+            let probe = d.ctl(&[
+                "send",
+                "faulty",
+                "0",
+                "--kind",
+                "sleep",
+                "--timeout",
+                "200ms",
+            ]);
+            stderr(&probe).contains("did not reply")
+        },
+        "faulty to be busy",
+    );
     daemon.send("kv", r#"{"op":"put","key":"during","value":1}"#);
     // kv's checkpoint reaches the disk, and a rescan adds a service, while faulty is busy.
     daemon.wait_for(|d| kv_holds(&d.root, "during"), "kv's checkpoint");
