@@ -265,12 +265,12 @@ impl Hosts {
     /// (`ctl reload`). So none places a service before the others have joined, as a host
     /// started alone would take every service (a host takes a fair share of what is free
     /// among the live nodes it sees).
-    fn start_together(&mut self, names: &[&str], etcd: &EtcdServer) {
+    fn start_together(&mut self, names: &[&str], etcd: &EtcdServer, extra: &[&str]) {
         for name in names {
             let root = self.prepare(name);
             fs::rename(root.join("plugins"), root.join("plugins.later")).unwrap();
             fs::create_dir(root.join("plugins")).unwrap();
-            self.start(name, etcd, &[]);
+            self.start(name, etcd, extra);
         }
         self.wait(
             Duration::from_secs(30),
@@ -497,6 +497,13 @@ fn an_owner_killed_outright_is_replaced_by_another_host_with_its_last_checkpoint
     eprintln!("kv served again {took:?} after its owner was killed (lease TTL {TTL:?})");
     let serving = hosts.serving("kv", r#"{"op":"get","key":"kept"}"#);
     assert_eq!(serving.len(), 1, "two hosts serve kv: {serving:?}");
+    // A dead owner's lease is gone from etcd with its keys: its services are taken at once,
+    // not left to it as those of an owner that lives (whose key was deleted by hand).
+    assert!(
+        !hosts.logs().contains("gone while its owner lives"),
+        "a dead owner's services were held back for it:\n{}",
+        hosts.logs()
+    );
     assert_eq!(serving[0].1["value"], 1);
     let new_owner = &serving[0].0;
     let lost = hosts
@@ -679,7 +686,7 @@ fn hosts_take_fair_shares_of_the_services_and_a_joining_host_takes_what_is_free(
     let etcd = EtcdServer::start();
     // Four groups: echo with logger (which depends on it), kv, relay, faulty.
     let mut hosts = Hosts::new(&["echo", "logger", "kv", "fixture-relay", "fixture-faulty"]);
-    hosts.start_together(&["a", "b"], &etcd);
+    hosts.start_together(&["a", "b"], &etcd, &[]);
     let placed = |hosts: &Hosts| -> BTreeMap<String, Vec<String>> {
         let mut by_node: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for (service, owner) in hosts.owners(hosts.hosts.keys().next().unwrap()) {
@@ -1027,7 +1034,7 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
     // Three groups on two hosts: the host with one is below its share, and takes what is
     // free as soon as it sees it.
     let mut hosts = Hosts::new(&["kv", "echo", "fixture-relay"]);
-    hosts.start_together(&["a", "b"], &etcd);
+    hosts.start_together(&["a", "b"], &etcd, &[]);
     for round in 0..6 {
         for service in ["kv", "echo", "relay"] {
             hosts.owner(service);
@@ -1090,6 +1097,31 @@ fn an_owner_key_deleted_by_hand_never_leaves_two_hosts_serving() -> TestResult {
             serde_json::from_slice(&hosts.host("a").ctl(&["fleet", "--json"]).stdout)
                 .unwrap_or_default();
         fleet["nodes"].as_array().map(Vec::len) == Some(2)
+    });
+    Ok(())
+}
+
+/// An owner key deleted while its owner lives (here paused, well within its 10 s lease):
+/// the other host leaves the service to that owner to stop first, and says so. (A dead
+/// owner's services are taken at once: see the test of an owner killed outright.)
+#[test]
+fn an_owner_key_deleted_while_its_owner_lives_is_left_to_that_owner_first() -> TestResult {
+    let etcd = EtcdServer::start();
+    let mut hosts = Hosts::new(&["kv"]);
+    hosts.start_together(&["a", "b"], &etcd, &["--lease-ttl", "10s"]);
+    let owner = hosts.owner("kv");
+    let other = if owner == "a" { "b" } else { "a" }.to_owned();
+    put(hosts.host(&owner), "n", 1);
+    checkpoint(hosts.host(&owner));
+    signal::kill(hosts.pid(&owner), signal::Signal::SIGSTOP)?;
+    etcd.etcdctl(&["del", "/microkernel/owner/kv"]);
+    hosts.logged(&other, "gone while its owner lives");
+    signal::kill(hosts.pid(&owner), signal::Signal::SIGCONT)?;
+    // Then one host serves kv, with its checkpoint (the owner stopped it, and the service
+    // went to whichever host claimed it first).
+    hosts.wait(Duration::from_secs(20), "one host to serve kv", |hosts| {
+        let serving = hosts.serving("kv", r#"{"op":"get","key":"n"}"#);
+        serving.len() == 1 && serving[0].1["value"] == 1
     });
     Ok(())
 }

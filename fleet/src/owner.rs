@@ -305,6 +305,17 @@ impl Fleet {
             .collect())
     }
 
+    /// Whether etcd still has `lease` (a node's): a lease that ended is gone from etcd
+    /// (revoked, or expired and revoked by etcd) before the keys it held are.
+    pub fn lease_lives(&self, lease: i64) -> Result<bool, FleetError> {
+        let got = self.etcd.call(
+            "asking etcd whether a node's lease lives",
+            move |mut c| async move { c.lease_time_to_live(lease, None).await },
+        )?;
+        // etcd answers -1 for a lease it does not have.
+        Ok(got.ttl() >= 0)
+    }
+
     /// How many state writes etcd refused because this host no longer owned the service.
     pub fn refused_writes(&self) -> u64 {
         self.refused.load(Ordering::Relaxed)
