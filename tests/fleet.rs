@@ -70,9 +70,19 @@ fn a_host_whose_lease_ended_cannot_write_over_the_new_owners_state() -> TestResu
     // And in the metrics of a kernel placed by a.
     let kernel = host::Kernel::new(host::KernelConfig {
         placement: Some(a.clone() as Arc<dyn host::kernel::Placement>),
+        state_backend: Some(a.clone() as Arc<dyn StateBackend>),
         ..host::KernelConfig::default()
     })?;
     let metrics = kernel.metrics_text();
+    // What a wrote to etcd (its one accepted write, sealed) is counted.
+    let written = StateBackend::bytes_written(&*a);
+    assert!(written > b"written by a".len() as u64);
+    assert!(
+        metrics.contains(&format!(
+            "microkernel_state_written_bytes_total {written}\n"
+        )),
+        "{metrics}"
+    );
     assert!(
         metrics.contains("microkernel_fleet_refused_writes_total 1"),
         "{metrics}"

@@ -53,6 +53,8 @@ pub struct Fleet {
     owners: RwLock<BTreeMap<String, String>>,
     /// State writes etcd refused because this host no longer owned the service.
     pub(crate) refused: AtomicU64,
+    /// Bytes of sealed state this host wrote to etcd (chunks and inline states).
+    pub(crate) written: AtomicU64,
     /// The generation of each service's state this host last wrote or read.
     pub(crate) generations: Mutex<HashMap<String, String>>,
     /// This host's token in its node records (tells its own earlier lease from others').
@@ -88,6 +90,7 @@ impl Fleet {
             claims: Mutex::default(),
             owners: RwLock::default(),
             refused: AtomicU64::new(0),
+            written: AtomicU64::new(0),
             generations: Mutex::default(),
             instance,
         }))

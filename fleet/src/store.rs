@@ -183,6 +183,8 @@ impl StateBackend for Fleet {
                 self.generations
                     .lock()
                     .insert(service.to_owned(), generation);
+                self.written
+                    .fetch_add(sealed.len() as u64, std::sync::atomic::Ordering::Relaxed);
                 Ok(())
             }
             Ok(response) => {
@@ -284,6 +286,10 @@ impl StateBackend for Fleet {
 
     fn location(&self, service: &str) -> PathBuf {
         PathBuf::from(format!("etcd:{}", self.keys.current(service)))
+    }
+
+    fn bytes_written(&self) -> u64 {
+        self.written.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -871,11 +871,17 @@ impl Kernel {
             .iter()
             .map(|(name, slot)| (name.clone(), slot.mailbox.tx.len()))
             .collect();
+        // The state directory's records, and the states wherever they are kept.
         let written = inner
             .config
             .state
             .as_ref()
-            .map_or(0, StateStore::bytes_written);
+            .map_or(0, StateStore::bytes_written)
+            + inner
+                .config
+                .state_backend
+                .as_ref()
+                .map_or(0, |backend| backend.bytes_written());
         let fleet = inner
             .config
             .placement

@@ -20,6 +20,8 @@ pub trait StateBackend: Send + Sync + std::fmt::Debug {
     fn quarantine(&self, service: &str) -> Result<PathBuf, StateError>;
     /// Where the service's state is, for messages: a path, or a key of the shared store.
     fn location(&self, service: &str) -> PathBuf;
+    /// Bytes of sealed states (and records) written durably since it was opened.
+    fn bytes_written(&self) -> u64;
 }
 
 impl StateBackend for StateStore {
@@ -37,5 +39,9 @@ impl StateBackend for StateStore {
 
     fn location(&self, service: &str) -> PathBuf {
         self.path(service)
+    }
+
+    fn bytes_written(&self) -> u64 {
+        StateStore::bytes_written(self)
     }
 }
