@@ -870,6 +870,58 @@ fn a_new_version_replacing_a_given_up_instance_imports_the_state_it_handed_over(
     Ok(())
 }
 
+/// The old instance comes out of `handle`, hands its state over, then hangs in `stop` for
+/// good: the state it handed over is saved at the first start (refused: the thread is still
+/// there), and a new version imports it.
+#[test]
+fn a_state_handed_over_by_an_instance_then_stuck_in_stop_is_saved_and_imported() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins, sleeper) = given_up_while_busy(&persisted, r#"{"stop":"hang"}"#, 5);
+    assert!(sleeper.join().unwrap().is_ok());
+    for _ in 0..2 {
+        assert!(matches!(
+            kernel.start("faulty"),
+            Err(KernelError::Stuck { .. })
+        ));
+    }
+    let v2 = load(kernel.loader(), &fixture("fixture-faulty-v2"))?;
+    kernel.replace(v2, Some("{}".into()))?;
+    let reply = json(&kernel.request("faulty", "count", b"", None));
+    assert_eq!(
+        (reply["version"].as_str(), reply["count"].as_u64()),
+        (Some("2.0.0"), Some(6))
+    );
+    Ok(())
+}
+
+/// An instance stopped without saving (as a host of a fleet stops a service another host
+/// owns now) and given up in `handle`: the state it hands over when it comes out is thrown
+/// away, never saved over what the service's owner may have written since.
+#[test]
+fn the_state_an_instance_stopped_without_saving_hands_over_late_is_thrown_away() -> TestResult {
+    let persisted = Persisted::new();
+    let (kernel, _plugins) = faulty_kernel(&persisted, "{}", &[], |c| {
+        c.operation_timeout = Duration::from_secs(1);
+    });
+    for _ in 0..5 {
+        count(&kernel, "faulty");
+    }
+    let sleeper = busy_for(&kernel, "faulty", 3000);
+    wait_until_busy(&kernel, "faulty");
+    assert!(matches!(
+        kernel.relinquish("faulty"),
+        Err(KernelError::Stuck { .. })
+    ));
+    assert!(sleeper.join().unwrap().is_ok());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(error) = kernel.start("faulty") {
+        assert!(Instant::now() < deadline, "{error}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count(&kernel, "faulty"), 1, "the late state was saved");
+    Ok(())
+}
+
 #[test]
 fn a_shutdown_waits_for_a_given_up_instance_and_saves_the_state_it_hands_over() -> TestResult {
     let persisted = Persisted::new();

@@ -246,13 +246,33 @@ pub(crate) struct Stuck {
     waited_for: &'static str,
     /// The plugin function it was in when it was given up.
     given_up_in: Call,
+    /// Whether a start or a replace has waited for its hand-over already (once at most).
+    waited: bool,
+    /// Whether its late state is to be thrown away (it was stopped without saving).
+    discard: bool,
 }
 
 impl Stuck {
-    /// Whether it has come out of the plugin function it was given up in: it is then
-    /// handing its state over (exporting, stopping its instance) and ending.
-    pub fn coming_out(&self) -> bool {
-        self.call() != self.given_up_in
+    /// Its late state is thrown away, never saved: it was stopped without saving (in a
+    /// fleet, another host owns the service now).
+    pub fn discard_late(&mut self) {
+        self.discard = true;
+    }
+
+    /// Like [`Stuck::late_state`]; but once it has come out of the plugin function it was
+    /// given up in (it is exporting its state to hand it over), waits for that state until
+    /// `deadline`, the first time only: a thread stuck for good costs one wait, not one per
+    /// start.
+    pub fn handed_over_until(&mut self, deadline: Instant) -> Option<Vec<u8>> {
+        let coming_out = self.given_up_in != Call::Nothing && self.call() != self.given_up_in;
+        if !coming_out || self.waited || self.discard {
+            return self.late_state();
+        }
+        self.waited = true;
+        self.late_state
+            .recv_deadline(deadline)
+            .ok()
+            .and_then(Result::ok)
     }
 
     /// The plugin function it is in now.
@@ -270,9 +290,11 @@ impl Stuck {
         self.thread.join_until(deadline)
     }
 
-    /// The state it exported when it came out of plugin code, once it has.
+    /// The state it exported when it came out of plugin code, once it has (never after
+    /// [`Stuck::discard_late`]).
     pub fn late_state(&self) -> Option<Vec<u8>> {
-        self.late_state.try_recv().ok().and_then(Result::ok)
+        let late = self.late_state.try_recv().ok().and_then(Result::ok);
+        late.filter(|_| !self.discard)
     }
 }
 
@@ -320,6 +342,8 @@ impl Executor {
         self.given_up.store(true, Ordering::Release);
         Stuck {
             given_up_in: self.doing.get(),
+            waited: false,
+            discard: false,
             thread: self.thread,
             doing: self.doing,
             late_state: self.late_state,

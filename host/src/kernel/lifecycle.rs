@@ -493,7 +493,14 @@ impl KernelInner {
         match stuck {
             None => slot.mailbox.drain(&slot.name),
             // It still reads the mailbox until it gets to the Stop (if that was posted).
-            Some(stuck) => ops.run = Run::Stuck(stuck),
+            Some(mut stuck) => {
+                // Stopped without saving: what it hands over later is not this host's to
+                // save (in a fleet, another host may own the service by then).
+                if !keep_state {
+                    stuck.discard_late();
+                }
+                ops.run = Run::Stuck(stuck)
+            }
         }
         // A state exported in time is saved, even if `stop` or `drop` then hung.
         if let Some(state) = state {

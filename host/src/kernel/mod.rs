@@ -421,16 +421,19 @@ impl Run {
         }
     }
 
-    /// Like [`Run::reap`], but a stuck thread that has come out of plugin code since (it is
-    /// handing its state over, and ending) is waited for, at most until `deadline`: its
-    /// state is newer than the file. One still in the call it was given up in is not.
+    /// Like [`Run::reap`], but the state a stuck thread hands over is returned as soon as
+    /// it has (the thread may still be stopping its instance), and one that has come out of
+    /// the call it was given up in is waited for, at most until `deadline` and once at most
+    /// (see [`crate::executor::Stuck::handed_over_until`]): its state is newer than the file.
     fn reap_until(&mut self, deadline: Instant) -> Option<Vec<u8>> {
-        if let Run::Stuck(stuck) = self {
-            if stuck.coming_out() {
-                stuck.end_until(deadline);
-            }
+        let Run::Stuck(stuck) = self else {
+            return None;
+        };
+        let late = stuck.handed_over_until(deadline);
+        if stuck.ended() {
+            *self = Run::Idle(Idle::Failed);
         }
-        self.reap()
+        late
     }
 
     /// A stuck thread that has ended since is forgotten (the service is then failed);
