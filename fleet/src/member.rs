@@ -47,7 +47,6 @@ impl Member {
                 told_no_etcd: false,
                 failing_since: None,
                 last_owners: BTreeMap::new(),
-                last_live: BTreeMap::new(),
             };
             placer.run(&stopped);
         })?;
@@ -83,10 +82,8 @@ struct Placer {
     told_no_etcd: bool,
     /// Since when etcd has failed this host's reads (refused them, or not answered).
     failing_since: Option<Instant>,
-    /// The owners read at the last step.
-    last_owners: BTreeMap<String, String>,
-    /// The live nodes read at the last step, with their leases.
-    last_live: BTreeMap<String, i64>,
+    /// The owners read at the last step, with the lease each owner key was held under.
+    last_owners: BTreeMap<String, (String, i64)>,
 }
 
 impl Placer {
@@ -126,18 +123,18 @@ impl Placer {
                 return;
             }
         }
-        let owners = match self.fleet.read_owners() {
-            Ok(owners) => owners,
+        let owner_keys = match self.fleet.read_owner_keys() {
+            Ok(keys) => keys,
             Err(error) => return self.no_etcd(&error),
         };
-        let leases: BTreeMap<String, i64> = match self.fleet.read_nodes() {
-            Ok(nodes) => nodes
-                .into_iter()
-                .map(|(record, lease)| (record.node, lease))
-                .collect(),
+        let owners: BTreeMap<String, String> = owner_keys
+            .iter()
+            .map(|(service, (node, _))| (service.clone(), node.clone()))
+            .collect();
+        let live: BTreeSet<String> = match self.fleet.read_nodes() {
+            Ok(nodes) => nodes.into_iter().map(|(record, _)| record.node).collect(),
             Err(error) => return self.no_etcd(&error),
         };
-        let live: BTreeSet<String> = leases.keys().cloned().collect();
         let nodes = live.len().max(1);
         if self.told_no_etcd {
             tracing::info!(etcd = %self.fleet.endpoints(), "etcd answers again");
@@ -176,8 +173,7 @@ impl Placer {
         let now = Instant::now();
         self.held_back.retain(|_, until| *until > now);
         self.wait_for_live_owners(&groups, &owners, &live, now);
-        self.last_owners = owners.clone();
-        self.last_live = leases;
+        self.last_owners = owner_keys;
         let mut free: Vec<&Vec<String>> = groups
             .iter()
             .filter(|group| group.iter().all(|s| !owners.contains_key(s)))
@@ -204,10 +200,10 @@ impl Placer {
 
     /// A group whose owner key went while its owner still lives (deleted by hand, or given
     /// up): that host stops it at its next read of the owners, a tick at most; the group is
-    /// taken only after that, so that no two hosts serve it. The owner counts as alive when
-    /// its node key is there now, or was at the last read (it may have been deleted with
-    /// the owner key) and etcd still has the lease it was under. A dead owner's lease is
-    /// gone from etcd before its keys are: its groups are taken at once.
+    /// taken only after that, so that no two hosts serve it. The owner lives when its node
+    /// key is there, or when etcd still has the lease its owner key was held under (its node
+    /// key may have been deleted by hand too). A dead owner's lease is gone from etcd before
+    /// its keys are: its groups are taken at once.
     fn wait_for_live_owners(
         &mut self,
         groups: &[Vec<String>],
@@ -219,27 +215,28 @@ impl Placer {
         let until = now + self.tick() * 2 + self.fleet.guard();
         let mut lease_alive: BTreeMap<i64, bool> = BTreeMap::new();
         for group in groups {
-            let Some(previous) = group.iter().find_map(|s| self.last_owners.get(s)) else {
+            let Some((previous, lease)) = group.iter().find_map(|s| self.last_owners.get(s)) else {
                 continue;
             };
+            // Owned at the last read, gone now: once per disappearance.
             let gone = group.iter().all(|s| !owners.contains_key(s));
-            if !gone || previous == node || self.held_back.contains_key(group) {
+            if !gone || previous == node {
                 continue;
             }
+            // Not known (etcd failed the call): taken for alive, which costs two ticks,
+            // never two owners.
             let alive = live.contains(previous)
-                || self.last_live.get(previous).is_some_and(|lease| {
-                    // Not known: taken for alive, which costs two ticks, never two owners.
-                    *lease_alive
-                        .entry(*lease)
-                        .or_insert_with(|| self.fleet.lease_lives(*lease).unwrap_or(true))
-                });
+                || *lease_alive
+                    .entry(*lease)
+                    .or_insert_with(|| self.fleet.lease_lives(*lease).unwrap_or(true));
             if alive {
                 tracing::info!(
                     services = %group.join(", "),
                     owner = %previous,
                     "the owner key is gone while its owner lives: left to that host to stop first (two ticks of placement)"
                 );
-                self.held_back.insert(group.clone(), until);
+                let held = self.held_back.entry(group.clone()).or_insert(until);
+                *held = (*held).max(until);
             }
         }
     }

@@ -276,21 +276,35 @@ impl Fleet {
 
     /// Reads every service's owner from etcd (and remembers them).
     pub fn read_owners(&self) -> Result<BTreeMap<String, String>, FleetError> {
+        Ok(self
+            .read_owner_keys()?
+            .into_iter()
+            .map(|(service, (node, _))| (service, node))
+            .collect())
+    }
+
+    /// Reads every service's owner from etcd (and remembers them), with the lease each
+    /// owner key is held under.
+    pub fn read_owner_keys(&self) -> Result<BTreeMap<String, (String, i64)>, FleetError> {
         let prefix = self.keys.owners();
         let got = self.etcd.call("reading the owners", {
             let prefix = prefix.clone();
             move |mut c| async move { c.get(prefix, Some(GetOptions::new().with_prefix())).await }
         })?;
-        let owners: BTreeMap<String, String> = got
+        let keys: BTreeMap<String, (String, i64)> = got
             .kvs()
             .iter()
             .filter_map(|kv| {
                 let service = kv.key_str().ok()?.strip_prefix(&prefix)?.to_owned();
-                Some((service, kv.value_str().ok()?.to_owned()))
+                Some((service, (kv.value_str().ok()?.to_owned(), kv.lease())))
             })
             .collect();
-        *self.owners.write() = owners.clone();
-        Ok(owners)
+        let owners: BTreeMap<String, String> = keys
+            .iter()
+            .map(|(service, (node, _))| (service.clone(), node.clone()))
+            .collect();
+        *self.owners.write() = owners;
+        Ok(keys)
     }
 
     /// The live nodes (those whose lease holds their key), with their lease's id.
